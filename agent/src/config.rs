@@ -1,0 +1,223 @@
+//! The agent's configuration: one TOML file, overridden by `INFERWATCH_*` environment variables,
+//! then by flags.
+//!
+//! Each component owns its `XxxConfig` (serde, `deny_unknown_fields`, `Default`); this module
+//! only composes them and resolves the three layers. Environment variables name a key as
+//! `INFERWATCH_<SECTION>__<KEY>` (double underscore between levels), and their values are read
+//! as TOML values where they parse as one (`INFERWATCH_KERNEL__WATCH_PORTS=[8000,8001]`), as a
+//! string otherwise.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cli::CommonArgs;
+use crate::sources::kernel::KernelConfig;
+
+/// Prefix of the environment variables that override config keys.
+pub const ENV_PREFIX: &str = "INFERWATCH_";
+
+/// The whole agent configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// The kernel (eBPF) source: watched ports and request-head parsing.
+    pub kernel: KernelConfig,
+}
+
+/// Errors while loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("parsing config file {path}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// The merged file and environment do not fit the config schema.
+    #[error("invalid configuration (file {path:?} plus INFERWATCH_* variables)")]
+    Schema {
+        /// The file, if any.
+        path: Option<PathBuf>,
+        /// The cause.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// An environment variable names a key in a way that cannot be merged.
+    #[error("environment variable {var}: {reason}")]
+    Env {
+        /// The variable.
+        var: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl AgentConfig {
+    /// Loads the config file (if any), applies `INFERWATCH_*` variables from `env`, then the
+    /// flags in `args`.
+    pub fn resolve(
+        args: &CommonArgs,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table = match &args.config {
+            Some(path) => read_table(path)?,
+            None => toml::Table::new(),
+        };
+        apply_env(&mut table, env)?;
+        let mut config: AgentConfig =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|source| ConfigError::Schema {
+                    path: args.config.clone(),
+                    source,
+                })?;
+        for port in &args.watch_ports {
+            if !config.kernel.watch_ports.contains(port) {
+                config.kernel.watch_ports.push(*port);
+            }
+        }
+        Ok(config)
+    }
+}
+
+fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    text.parse::<toml::Table>()
+        .map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// Merges `INFERWATCH_SECTION__KEY=value` variables into `table`. `INFERWATCH_CONFIG` names the
+/// file and is not a key.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    for (var, value) in env {
+        let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        if rest == "CONFIG" || rest == "LOG" {
+            continue;
+        }
+        let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+        if path.iter().any(|p| p.is_empty()) {
+            return Err(ConfigError::Env {
+                var,
+                reason: "empty key segment".into(),
+            });
+        }
+        let parsed = parse_env_value(&value);
+        let (last, parents) = path.split_last().ok_or_else(|| ConfigError::Env {
+            var: var.clone(),
+            reason: "no key".into(),
+        })?;
+        let mut cursor = &mut *table;
+        for part in parents {
+            let entry = cursor
+                .entry(part.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            cursor = match entry {
+                toml::Value::Table(t) => t,
+                _ => {
+                    return Err(ConfigError::Env {
+                        var,
+                        reason: format!("`{part}` is not a section"),
+                    });
+                }
+            };
+        }
+        cursor.insert(last.clone(), parsed);
+    }
+    Ok(())
+}
+
+/// Reads a variable's value as a TOML value (number, bool, array, quoted string), falling back
+/// to a plain string.
+fn parse_env_value(value: &str) -> toml::Value {
+    format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_without_file_or_env() {
+        let config = AgentConfig::resolve(&CommonArgs::default(), env(&[])).expect("resolves");
+        assert_eq!(config, AgentConfig::default());
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        let dir = std::env::temp_dir().join(format!("iw-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("agent.toml");
+        std::fs::write(&file, "[kernel]\nwatch_ports = [8000]\ntenant_header = \"x-org\"\n")
+            .expect("write");
+        let args = CommonArgs {
+            config: Some(file),
+            watch_ports: vec![9000, 8000],
+        };
+        let config = AgentConfig::resolve(
+            &args,
+            env(&[
+                ("INFERWATCH_KERNEL__CONVERSATION_HEADER", "x-thread"),
+                ("UNRELATED", "1"),
+            ]),
+        )
+        .expect("resolves");
+        assert_eq!(config.kernel.watch_ports, vec![8000, 9000]);
+        assert_eq!(config.kernel.tenant_header, "x-org");
+        assert_eq!(config.kernel.conversation_header, "x-thread");
+    }
+
+    #[test]
+    fn env_array_values_parse_as_toml() {
+        let config = AgentConfig::resolve(
+            &CommonArgs::default(),
+            env(&[("INFERWATCH_KERNEL__WATCH_PORTS", "[1, 2]")]),
+        )
+        .expect("resolves");
+        assert_eq!(config.kernel.watch_ports, vec![1, 2]);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = AgentConfig::resolve(
+            &CommonArgs::default(),
+            env(&[("INFERWATCH_KERNEL__NO_SUCH_KEY", "1")]),
+        )
+        .expect_err("unknown key");
+        assert!(matches!(err, ConfigError::Schema { .. }), "{err:?}");
+    }
+}

@@ -1,0 +1,10 @@
+//! inferwatch: a node agent for GPU inference fleets.
+//!
+//! Sources (`sources::kernel`, `sources::otlp`, ...) turn what they observe into the timestamped
+//! values of [`model`]; the sans-IO correlator joins them per request and returns findings; sinks
+//! publish spans and metrics. `main.rs` only parses, builds and runs.
+
+pub mod cli;
+pub mod config;
+pub mod model;
+pub mod sources;

@@ -1,0 +1,242 @@
+//! The timestamped events that sources hand to the correlator.
+//!
+//! Sources (kernel, OTLP, NVML, procfs) turn what they observe into these plain values; the
+//! correlator (`crate::correlator`) consumes them without doing any I/O. Every timestamp is
+//! wall-clock unix nanoseconds, converted once at the source.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// Wall-clock time in nanoseconds since the unix epoch.
+pub type UnixNanos = u64;
+
+/// A connection key: the kernel address of the `struct sock`.
+///
+/// The key is the socket, not the pid: the peer-side transitions (FIN, RST) run in softirq
+/// context where the current task is unrelated to the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ConnId(pub u64);
+
+impl fmt::Display for ConnId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}", self.0)
+    }
+}
+
+/// How the peer left a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloseHow {
+    /// The peer sent FIN: the server socket entered CLOSE_WAIT.
+    Fin,
+    /// The peer sent RST.
+    Rst,
+}
+
+impl CloseHow {
+    /// The label used in metrics and span attributes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseHow::Fin => "fin",
+            CloseHow::Rst => "rst",
+        }
+    }
+}
+
+/// A W3C `traceparent` header value, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TraceParent {
+    /// The 16-byte trace id.
+    pub trace_id: [u8; 16],
+    /// The 8-byte parent span id.
+    pub parent_id: [u8; 8],
+    /// The trace flags byte.
+    pub flags: u8,
+}
+
+/// The parsed part of an HTTP/1.1 request head: the request line and the allow-listed
+/// headers. Nothing else of the request ever leaves the kernel source.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestHead {
+    /// The request method (`POST`).
+    pub method: String,
+    /// The request target without the query string (`/v1/chat/completions`).
+    pub path: String,
+    /// `x-request-id`.
+    pub request_id: Option<String>,
+    /// `traceparent`, when it parsed.
+    pub traceparent: Option<TraceParent>,
+    /// The configured tenant header (default `x-tenant-id`).
+    pub tenant: Option<String>,
+    /// The configured conversation header (default `x-conversation-id`).
+    pub conversation: Option<String>,
+}
+
+/// One event from the kernel source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelEvent {
+    /// When the kernel saw it.
+    pub ts: UnixNanos,
+    /// The process of the current task, when the event ran in process context.
+    pub pid: Option<u32>,
+    /// What happened.
+    pub kind: KernelEventKind,
+}
+
+/// The kinds of kernel events (SPEC §1.1).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum KernelEventKind {
+    /// A process started listening on a watched port: a runtime became ready to accept.
+    Listen {
+        /// The listening socket.
+        conn: ConnId,
+        /// The local port.
+        port: u16,
+    },
+    /// A watched server accepted a connection.
+    Accepted {
+        /// The connection.
+        conn: ConnId,
+        /// The server's file descriptor for it.
+        fd: i32,
+        /// The server's address.
+        local: SocketAddr,
+        /// The client's address.
+        peer: SocketAddr,
+    },
+    /// The first read of an HTTP/1.1 request on a watched connection.
+    RequestHead {
+        /// The connection.
+        conn: ConnId,
+        /// The server's file descriptor.
+        fd: i32,
+        /// The parsed request line and allow-listed headers.
+        head: RequestHead,
+    },
+    /// The peer left (FIN or RST) while the connection was open.
+    PeerClosed {
+        /// The connection.
+        conn: ConnId,
+        /// FIN or RST.
+        how: CloseHow,
+    },
+    /// The server wrote to a connection after its peer had left.
+    WriteAfterPeerClose {
+        /// The connection.
+        conn: ConnId,
+        /// Bytes the write accepted (0 when it failed).
+        bytes: u64,
+        /// The write's errno (0 when it succeeded).
+        errno: i32,
+    },
+    /// The server closed its file descriptor of the connection.
+    LocalClosed {
+        /// The connection.
+        conn: ConnId,
+    },
+    /// The socket reached TCP_CLOSE.
+    Closed {
+        /// The connection.
+        conn: ConnId,
+    },
+}
+
+impl KernelEventKind {
+    /// The connection this event is about.
+    pub fn conn(&self) -> ConnId {
+        match self {
+            KernelEventKind::Listen { conn, .. }
+            | KernelEventKind::Accepted { conn, .. }
+            | KernelEventKind::RequestHead { conn, .. }
+            | KernelEventKind::PeerClosed { conn, .. }
+            | KernelEventKind::WriteAfterPeerClose { conn, .. }
+            | KernelEventKind::LocalClosed { conn }
+            | KernelEventKind::Closed { conn } => *conn,
+        }
+    }
+}
+
+/// Which runtime (or convention) a request span came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeKind {
+    /// vLLM's `llm_request` span.
+    Vllm,
+    /// SGLang's `Req <rid>` span tree.
+    Sglang,
+    /// Text Generation Inference's `generate_stream` / `generate` spans.
+    Tgi,
+    /// Any span that follows the OTel GenAI semantic conventions.
+    GenAi,
+}
+
+impl RuntimeKind {
+    /// The label used in metrics and attributes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeKind::Vllm => "vllm",
+            RuntimeKind::Sglang => "sglang",
+            RuntimeKind::Tgi => "tgi",
+            RuntimeKind::GenAi => "gen_ai",
+        }
+    }
+}
+
+/// The identity of the process that exported a span (its OTel resource).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceIdentity {
+    /// `service.name`.
+    pub service_name: Option<String>,
+    /// `service.instance.id`.
+    pub service_instance_id: Option<String>,
+    /// `process.pid`.
+    pub pid: Option<u32>,
+    /// `host.name`.
+    pub host_name: Option<String>,
+}
+
+/// One inference request as the runtime reported it, whatever the runtime (SPEC §1.2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RuntimeRequest {
+    /// Which adapter produced it.
+    pub runtime: RuntimeKind,
+    /// The span's trace id.
+    pub trace_id: [u8; 16],
+    /// The span's id.
+    pub span_id: [u8; 8],
+    /// The span's parent id (the client's span when `traceparent` was propagated).
+    pub parent_span_id: Option<[u8; 8]>,
+    /// The runtime's request id (`gen_ai.request.id`; vLLM derives it from `x-request-id`).
+    pub request_id: Option<String>,
+    /// `gen_ai.request.model` / `gen_ai.response.model`.
+    pub model: Option<String>,
+    /// The tenant (`tenant.id` by default).
+    pub tenant: Option<String>,
+    /// The conversation (`gen_ai.conversation.id`).
+    pub conversation: Option<String>,
+    /// `client.address` / `client.port`, when the runtime recorded them.
+    pub client: Option<SocketAddr>,
+    /// The exporting process.
+    pub instance: InstanceIdentity,
+    /// Arrival: the span's start.
+    pub arrival: UnixNanos,
+    /// Time spent waiting in the scheduler's queue, in nanoseconds.
+    pub queue_ns: Option<u64>,
+    /// When the first output token was produced.
+    pub first_token: Option<UnixNanos>,
+    /// The span's end: the runtime stopped working on the request.
+    pub end: UnixNanos,
+    /// Prompt (input) tokens.
+    pub prompt_tokens: Option<u64>,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: Option<u64>,
+    /// Output tokens generated (and billed).
+    pub output_tokens: Option<u64>,
+    /// Why generation stopped (`stop`, `length`, `abort`, ...).
+    pub finish_reason: Option<String>,
+    /// Per-token times, when the runtime exported one span event per token.
+    pub token_times: Vec<UnixNanos>,
+}

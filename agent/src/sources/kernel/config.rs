@@ -1,0 +1,60 @@
+//! Configuration of the kernel source.
+
+use serde::{Deserialize, Serialize};
+
+/// Ports where the known runtimes listen by default (vLLM / TGI 8000 and 3000 / 8080, SGLang
+/// 30000). Watched in addition to `watch_ports` when `watch_runtime_ports` is on.
+pub const RUNTIME_DEFAULT_PORTS: &[u16] = &[8000, 8080, 3000, 30000];
+
+/// The kernel (eBPF) source.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KernelConfig {
+    /// Turn the source on. When off (or when the kernel refuses the programs) the agent runs on
+    /// its other sources.
+    pub enabled: bool,
+    /// Local TCP ports to watch (the runtimes' HTTP ports). `--watch-port` adds to this list.
+    pub watch_ports: Vec<u16>,
+    /// Also watch the default ports of vLLM, SGLang and TGI (8000, 8080, 3000, 30000).
+    pub watch_runtime_ports: bool,
+    /// The request header that names the tenant (lower case).
+    pub tenant_header: String,
+    /// The request header that names the conversation (lower case).
+    pub conversation_header: String,
+    /// Size of the ring buffer between the kernel and the agent, in bytes (a power of two,
+    /// multiple of the page size).
+    pub ring_buffer_bytes: u32,
+    /// Capacity of the bounded channel from the ring-buffer reader to the pipeline, in events.
+    pub channel_capacity: usize,
+    /// Mount tracefs at /sys/kernel/tracing when it is missing (needs CAP_SYS_ADMIN).
+    pub mount_tracefs: bool,
+}
+
+impl Default for KernelConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            watch_ports: Vec::new(),
+            watch_runtime_ports: false,
+            tenant_header: "x-tenant-id".into(),
+            conversation_header: "x-conversation-id".into(),
+            ring_buffer_bytes: 8 * 1024 * 1024,
+            channel_capacity: 65_536,
+            mount_tracefs: true,
+        }
+    }
+}
+
+impl KernelConfig {
+    /// The ports to watch: the configured ones plus, when asked, the runtimes' defaults;
+    /// sorted, without duplicates.
+    pub fn ports(&self) -> Vec<u16> {
+        let mut ports = self.watch_ports.clone();
+        if self.watch_runtime_ports {
+            ports.extend_from_slice(RUNTIME_DEFAULT_PORTS);
+        }
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+}

@@ -1,0 +1,4 @@
+//! Sources: each observes one boundary and produces timestamped events. Each can be absent
+//! without taking the agent down.
+
+pub mod kernel;

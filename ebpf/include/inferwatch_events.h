@@ -1,0 +1,119 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
+/*
+ * The one definition of every event the kernel programs send to the agent.
+ *
+ * Rules (see shared/STYLE.md, rule 5):
+ *   - every event starts with `struct iw_event_header`;
+ *   - fixed-width fields only, explicit padding, no `bool`;
+ *   - type ids live in ranges per concern and are never reused:
+ *       100..=199  TCP socket lifecycle (from sock / tcp tracepoints and accept/close syscalls)
+ *       200..=299  HTTP payload on a watched connection (read / write syscalls)
+ *   - the agent reads this file through bindgen (agent/build.rs) and asserts sizes and offsets,
+ *     so a change here that the Rust side does not follow fails the build.
+ *
+ * This header is included both by the BPF programs (with vmlinux.h types) and by bindgen
+ * (with the host's <linux/types.h>), so it only uses the __u8..__u64 / __s32 types.
+ */
+#ifndef INFERWATCH_EVENTS_H
+#define INFERWATCH_EVENTS_H
+
+/* Bytes of the first read of an HTTP request copied to userspace. The agent parses only the
+ * request line and allow-listed headers out of them and drops the rest. Power of two: the
+ * BPF side masks the length with IW_HEAD_MAX - 1 to keep the verifier happy. */
+#define IW_HEAD_MAX 2048
+
+/* Upper bound on watched local ports (map size). */
+#define IW_MAX_WATCHED_PORTS 64
+
+enum iw_event_type {
+	IW_EVENT_LISTEN = 100,
+	IW_EVENT_ACCEPTED = 101,
+	IW_EVENT_PEER_CLOSED = 102,
+	IW_EVENT_LOCAL_CLOSED = 103,
+	IW_EVENT_CLOSED = 104,
+
+	IW_EVENT_REQUEST_HEAD = 200,
+	IW_EVENT_WRITE_AFTER_PEER_CLOSE = 201,
+};
+
+/* How the peer left. */
+enum iw_close_how {
+	IW_CLOSE_FIN = 1,
+	IW_CLOSE_RST = 2,
+};
+
+/* Index of the per-CPU counters in the `iw_counters` map. */
+enum iw_counter {
+	IW_COUNTER_RINGBUF_DROPS = 0,   /* bpf_ringbuf_reserve failed: ring buffer full */
+	IW_COUNTER_CONN_TABLE_FULL = 1, /* a watched connection could not be tracked */
+	IW_COUNTER_MAX = 2,
+};
+
+struct iw_event_header {
+	__u16 type;   /* enum iw_event_type */
+	__u16 size;   /* size of the whole event in bytes, header included */
+	__u32 tgid;   /* process id of the current task; 0 in softirq context (peer-side events) */
+	__u64 ts_ns;  /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	__u64 conn;   /* kernel address of the struct sock: the connection key */
+};
+
+/* A socket started listening on a watched port (process context: the listen() caller). */
+struct iw_listen_event {
+	struct iw_event_header hdr;
+	__u16 family; /* AF_INET or AF_INET6 */
+	__u16 port;   /* host byte order */
+	__u32 _pad;
+};
+
+/* A watched server accepted a connection: emitted at the exit of accept()/accept4(), when the
+ * (tgid, fd) -> socket binding is known. Addresses are as the tracepoint gives them (network
+ * order bytes); IPv4 uses the first 4 bytes of the 16. */
+struct iw_accepted_event {
+	struct iw_event_header hdr;
+	__s32 fd;
+	__u16 family;
+	__u16 local_port; /* host byte order */
+	__u16 peer_port;  /* host byte order */
+	__u16 _pad[3];
+	__u8 local_addr[16];
+	__u8 peer_addr[16];
+};
+
+/* The first read of an HTTP/1.1 request on a watched connection (also the second and later
+ * requests of a keep-alive connection: the flag re-arms after the server writes). */
+struct iw_request_head_event {
+	struct iw_event_header hdr;
+	__s32 fd;
+	__u32 len;      /* bytes valid in data[] */
+	__u64 read_len; /* what the read syscall returned */
+	__u8 data[IW_HEAD_MAX];
+};
+
+/* The peer sent FIN (socket entered CLOSE_WAIT) or RST while the connection was open. */
+struct iw_peer_closed_event {
+	struct iw_event_header hdr;
+	__u32 how; /* enum iw_close_how */
+	__u32 _pad;
+};
+
+/* The server wrote to a connection whose peer had already left. */
+struct iw_write_after_peer_close_event {
+	struct iw_event_header hdr;
+	__s32 fd;
+	__s32 err;   /* errno of the write (positive), 0 when the write succeeded */
+	__u64 bytes; /* bytes the write accepted (0 when it failed) */
+};
+
+/* The server closed its fd of a watched connection (close() in process context). */
+struct iw_local_closed_event {
+	struct iw_event_header hdr;
+	__s32 fd;
+	__u32 _pad;
+};
+
+/* The socket reached TCP_CLOSE: the kernel forgets the connection. */
+struct iw_closed_event {
+	struct iw_event_header hdr;
+};
+
+#endif /* INFERWATCH_EVENTS_H */
