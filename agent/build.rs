@@ -15,15 +15,22 @@ const INSTALL_HINT: &str =
     "apt-get install -y --no-install-recommends clang-19 libbpf-dev (or run `cargo xtask setup`)";
 
 fn main() {
-    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let ebpf_dir = manifest.join("../ebpf");
     let include = ebpf_dir.join("include");
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
 
     println!("cargo:rerun-if-env-changed=INFERWATCH_EBPF_STUB");
     println!("cargo:rerun-if-env-changed=CLANG");
-    println!("cargo:rerun-if-changed={}", include.join("inferwatch_events.h").display());
-    println!("cargo:rerun-if-changed={}", include.join("vmlinux.h").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        include.join("inferwatch_events.h").display()
+    );
+    println!(
+        "cargo:rerun-if-changed={}",
+        include.join("vmlinux.h").display()
+    );
 
     let stub = env::var("INFERWATCH_EBPF_STUB").is_ok_and(|v| v == "1");
     let clang = find_clang();
@@ -35,9 +42,13 @@ fn main() {
             (Some(clang), _) => compile(clang, &src, &include, &obj),
             (None, true) => {
                 std::fs::write(&obj, b"").expect("write stub object");
-                println!("cargo:warning=INFERWATCH_EBPF_STUB=1: {name}.bpf.o is empty; the kernel source will not load");
+                println!(
+                    "cargo:warning=INFERWATCH_EBPF_STUB=1: {name}.bpf.o is empty; the kernel source will not load"
+                );
             }
-            (None, false) => panic!("clang not found (tried $CLANG and {CLANG_CANDIDATES:?}); install it: {INSTALL_HINT}"),
+            (None, false) => panic!(
+                "clang not found (tried $CLANG and {CLANG_CANDIDATES:?}); install it: {INSTALL_HINT}"
+            ),
         }
     }
 
@@ -55,7 +66,9 @@ fn main() {
         .derive_copy(true)
         .layout_tests(true)
         .generate()
-        .unwrap_or_else(|e| panic!("bindgen over inferwatch_events.h failed: {e} (needs libclang: {INSTALL_HINT})"));
+        .unwrap_or_else(|e| {
+            panic!("bindgen over inferwatch_events.h failed: {e} (needs libclang: {INSTALL_HINT})")
+        });
     bindings
         .write_to_file(out.join("events_bindings.rs"))
         .expect("write events_bindings.rs");
@@ -66,12 +79,26 @@ fn find_clang() -> Option<String> {
     from_env
         .into_iter()
         .chain(CLANG_CANDIDATES.iter().map(|s| s.to_string()))
-        .find(|c| Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()))
+        .find(|c| {
+            Command::new(c)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
 }
 
 fn compile(clang: &str, src: &Path, include: &Path, obj: &Path) {
     let status = Command::new(clang)
-        .args(["-g", "-O2", "-target", "bpf", "-D__TARGET_ARCH_x86", "-Wall", "-Wextra", "-Werror"])
+        .args([
+            "-g",
+            "-O2",
+            "-target",
+            "bpf",
+            "-D__TARGET_ARCH_x86",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+        ])
         .arg(format!("-I{}", include.display()))
         .arg("-c")
         .arg(src)
@@ -80,6 +107,9 @@ fn compile(clang: &str, src: &Path, include: &Path, obj: &Path) {
         .status()
         .unwrap_or_else(|e| panic!("running {clang}: {e}"));
     if !status.success() {
-        panic!("{clang} failed to compile {} ({status}); headers come from: {INSTALL_HINT}", src.display());
+        panic!(
+            "{clang} failed to compile {} ({status}); headers come from: {INSTALL_HINT}",
+            src.display()
+        );
     }
 }

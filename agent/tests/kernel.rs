@@ -33,9 +33,13 @@ fn kernel_tests_enabled(name: &str) -> bool {
         return true;
     }
     if std::env::var("INFERWATCH_REQUIRE_KERNEL_TESTS").is_ok_and(|v| v == "1") {
-        panic!("{name}: kernel tests are required (INFERWATCH_REQUIRE_KERNEL_TESTS=1) but not running as root");
+        panic!(
+            "{name}: kernel tests are required (INFERWATCH_REQUIRE_KERNEL_TESTS=1) but not running as root"
+        );
     }
-    eprintln!("\n*** SKIPPED {name}: kernel tests need root (CAP_BPF, CAP_PERFMON); run `sudo cargo xtask test` ***\n");
+    eprintln!(
+        "\n*** SKIPPED {name}: kernel tests need root (CAP_BPF, CAP_PERFMON); run `sudo cargo xtask test` ***\n"
+    );
     false
 }
 
@@ -53,7 +57,11 @@ fn sys_read(stream: &mut TcpStream, io: Io, buf: &mut [u8]) -> std::io::Result<u
         Io::ReadWrite => {
             // SAFETY: buf is a valid writable buffer of buf.len() bytes; the fd is open.
             let n = unsafe { libc::read(stream.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            if n < 0 { Err(std::io::Error::last_os_error()) } else { Ok(n as usize) }
+            if n < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
         }
     }
 }
@@ -64,7 +72,11 @@ fn sys_write(stream: &mut TcpStream, io: Io, buf: &[u8]) -> std::io::Result<usiz
         Io::ReadWrite => {
             // SAFETY: buf is a valid readable buffer; the fd is open.
             let n = unsafe { libc::write(stream.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
-            if n < 0 { Err(std::io::Error::last_os_error()) } else { Ok(n as usize) }
+            if n < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
         }
     }
 }
@@ -95,7 +107,9 @@ fn serve_conn(mut stream: TcpStream, io: Io, log: ServerLog) {
             Ok(n) => n,
         };
         let head = String::from_utf8_lossy(&buf[..n]).to_string();
-        let Some(line) = head.lines().next() else { return };
+        let Some(line) = head.lines().next() else {
+            return;
+        };
         let target = line.split(' ').nth(1).unwrap_or("/");
         let request_id = head
             .lines()
@@ -155,7 +169,10 @@ fn request(id: &str, target: &str) -> String {
 
 /// SO_LINGER with a zero timeout: close() then sends RST instead of FIN.
 fn set_linger_zero(stream: &TcpStream) {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     // SAFETY: a valid linger struct of the size passed.
     let rc = unsafe {
         libc::setsockopt(
@@ -166,7 +183,12 @@ fn set_linger_zero(stream: &TcpStream) {
             std::mem::size_of::<libc::linger>() as libc::socklen_t,
         )
     };
-    assert_eq!(rc, 0, "setsockopt(SO_LINGER): {}", std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "setsockopt(SO_LINGER): {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// Reads one whole chunked response (until the terminating chunk).
@@ -236,7 +258,10 @@ impl Capture {
             if done(&events) {
                 return events;
             }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}; got {events:#?}");
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; got {events:#?}"
+            );
             thread::sleep(Duration::from_millis(20));
         }
     }
@@ -312,14 +337,17 @@ fn lifecycle(loopback: &str, io: Io) {
     // 1. Completes normally.
     let mut complete = TcpStream::connect(watched_addr).expect("connect");
     let complete_addr = complete.local_addr().expect("addr");
-    complete.write_all(request("complete-1", "/stream").as_bytes()).expect("send");
+    complete
+        .write_all(request("complete-1", "/stream").as_bytes())
+        .expect("send");
     read_response(&mut complete);
     drop(complete);
 
     // 2. Leaves mid-stream with FIN.
     let mut fin = TcpStream::connect(watched_addr).expect("connect");
     let fin_addr = fin.local_addr().expect("addr");
-    fin.write_all(request("fin-1", "/stream?close_after=3").as_bytes()).expect("send");
+    fin.write_all(request("fin-1", "/stream?close_after=3").as_bytes())
+        .expect("send");
     read_chunks(&mut fin, 3);
     fin.shutdown(Shutdown::Both).expect("shutdown");
     drop(fin);
@@ -327,7 +355,8 @@ fn lifecycle(loopback: &str, io: Io) {
     // 3. Leaves mid-stream with RST (SO_LINGER 0).
     let mut rst = TcpStream::connect(watched_addr).expect("connect");
     let rst_addr = rst.local_addr().expect("addr");
-    rst.write_all(request("rst-1", "/stream?close_after=3").as_bytes()).expect("send");
+    rst.write_all(request("rst-1", "/stream?close_after=3").as_bytes())
+        .expect("send");
     read_chunks(&mut rst, 3);
     set_linger_zero(&rst);
     drop(rst);
@@ -335,15 +364,19 @@ fn lifecycle(loopback: &str, io: Io) {
     // 4. Two requests on one keep-alive connection.
     let mut ka = TcpStream::connect(watched_addr).expect("connect");
     let ka_addr = ka.local_addr().expect("addr");
-    ka.write_all(request("ka-1", "/stream").as_bytes()).expect("send");
+    ka.write_all(request("ka-1", "/stream").as_bytes())
+        .expect("send");
     read_response(&mut ka);
-    ka.write_all(request("ka-2", "/stream").as_bytes()).expect("send");
+    ka.write_all(request("ka-2", "/stream").as_bytes())
+        .expect("send");
     read_response(&mut ka);
     drop(ka);
 
     // 5. The unwatched port.
     let mut other = TcpStream::connect(unwatched_addr).expect("connect");
-    other.write_all(request("unwatched-1", "/stream").as_bytes()).expect("send");
+    other
+        .write_all(request("unwatched-1", "/stream").as_bytes())
+        .expect("send");
     read_response(&mut other);
     drop(other);
 
@@ -364,7 +397,9 @@ fn lifecycle(loopback: &str, io: Io) {
     for client in clients {
         let evs = seq(client);
         match &evs[0].kind {
-            KernelEventKind::Accepted { local, peer, fd, .. } => {
+            KernelEventKind::Accepted {
+                local, peer, fd, ..
+            } => {
                 assert_eq!(*local, watched_addr, "{evs:#?}");
                 assert_eq!(*peer, client);
                 assert!(*fd >= 0);
@@ -380,8 +415,13 @@ fn lifecycle(loopback: &str, io: Io) {
             .expect("clock")
             .as_nanos() as u64;
         for e in &evs {
-            assert!(now.abs_diff(e.ts) < 60_000_000_000, "wall-clock conversion is off: {e:?}");
-            if let KernelEventKind::RequestHead { .. } | KernelEventKind::LocalClosed { .. } = e.kind {
+            assert!(
+                now.abs_diff(e.ts) < 60_000_000_000,
+                "wall-clock conversion is off: {e:?}"
+            );
+            if let KernelEventKind::RequestHead { .. } | KernelEventKind::LocalClosed { .. } =
+                e.kind
+            {
                 assert_eq!(e.pid, Some(me));
             }
         }
@@ -390,7 +430,13 @@ fn lifecycle(loopback: &str, io: Io) {
     let complete_seq = seq(complete_addr);
     assert_eq!(
         shapes(&complete_seq),
-        ["accepted", "head:complete-1", "peer_closed:fin", "local_closed", "closed"],
+        [
+            "accepted",
+            "head:complete-1",
+            "peer_closed:fin",
+            "local_closed",
+            "closed"
+        ],
         "{complete_seq:#?}"
     );
     let KernelEventKind::RequestHead { head, .. } = &complete_seq[1].kind else {
@@ -409,38 +455,71 @@ fn lifecycle(loopback: &str, io: Io) {
             .count()
     };
     let server = log.lock().expect("log").clone();
-    for (client, id, how) in [(fin_addr, "fin-1", CloseHow::Fin), (rst_addr, "rst-1", CloseHow::Rst)] {
+    for (client, id, how) in [
+        (fin_addr, "fin-1", CloseHow::Fin),
+        (rst_addr, "rst-1", CloseHow::Rst),
+    ] {
         let evs = seq(client);
         let s = shapes(&evs);
         assert_eq!(s[1], format!("head:{id}"), "{s:?}");
         assert_eq!(s[2], format!("peer_closed:{}", how.as_str()), "{s:?}");
         let expected = server[id];
         assert!(expected >= 1, "the server wrote after {id}'s client left");
-        assert_eq!(writes_after(&evs), expected, "writes after the peer left on {id}: {s:?}");
+        assert_eq!(
+            writes_after(&evs),
+            expected,
+            "writes after the peer left on {id}: {s:?}"
+        );
         // Writes after the peer left come after PeerClosed and before the close.
-        let first_write = s.iter().position(|x| x == "write_after").expect("a write after");
+        let first_write = s
+            .iter()
+            .position(|x| x == "write_after")
+            .expect("a write after");
         assert!(first_write > 2);
-        assert!(s.contains(&"closed".to_string()) && s.contains(&"local_closed".to_string()), "{s:?}");
+        assert!(
+            s.contains(&"closed".to_string()) && s.contains(&"local_closed".to_string()),
+            "{s:?}"
+        );
         // Writes to the dead socket (EPIPE after the RST) still count, until the server
         // closes its fd.
-        let last_write = s.iter().rposition(|x| x == "write_after").expect("a write after");
-        let local_closed_at = s.iter().position(|x| x == "local_closed").expect("local_closed");
+        let last_write = s
+            .iter()
+            .rposition(|x| x == "write_after")
+            .expect("a write after");
+        let local_closed_at = s
+            .iter()
+            .position(|x| x == "local_closed")
+            .expect("local_closed");
         assert!(last_write < local_closed_at, "{s:?}");
-        assert_eq!(s.iter().filter(|x| x.starts_with("peer_closed")).count(), 1, "{s:?}");
+        assert_eq!(
+            s.iter().filter(|x| x.starts_with("peer_closed")).count(),
+            1,
+            "{s:?}"
+        );
         if how == CloseHow::Rst {
             // After a RST the very first write fails.
             let errno = evs.iter().find_map(|e| match e.kind {
                 KernelEventKind::WriteAfterPeerClose { errno, .. } => Some(errno),
                 _ => None,
             });
-            assert!(matches!(errno, Some(libc::EPIPE) | Some(libc::ECONNRESET)), "{errno:?}");
+            assert!(
+                matches!(errno, Some(libc::EPIPE) | Some(libc::ECONNRESET)),
+                "{errno:?}"
+            );
         }
     }
 
     let ka_seq = seq(ka_addr);
     assert_eq!(
         shapes(&ka_seq),
-        ["accepted", "head:ka-1", "head:ka-2", "peer_closed:fin", "local_closed", "closed"],
+        [
+            "accepted",
+            "head:ka-1",
+            "head:ka-2",
+            "peer_closed:fin",
+            "local_closed",
+            "closed"
+        ],
         "{ka_seq:#?}"
     );
 
@@ -476,7 +555,11 @@ fn listen_on_a_watched_port_is_reported() {
         return;
     }
     // Pick a free port, then watch it before listening on it.
-    let port = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
     let capture = start_capture(vec![port]);
     let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind watched");
     let events = capture.wait_for("Listen", |evs| {

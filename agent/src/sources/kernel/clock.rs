@@ -66,6 +66,9 @@ mod tests {
         let mono = clock_ns(libc::CLOCK_MONOTONIC) as u64;
         let wall = clock_ns(libc::CLOCK_REALTIME) as u64;
         let converted = clock.to_unix(mono);
-        assert!(converted.abs_diff(wall) < 5_000_000, "{converted} vs {wall}");
+        assert!(
+            converted.abs_diff(wall) < 5_000_000,
+            "{converted} vs {wall}"
+        );
     }
 }

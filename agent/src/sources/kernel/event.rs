@@ -325,7 +325,13 @@ mod tests {
         ev.data[..5].copy_from_slice(b"GET /");
         let bytes = bytes_of(&ev);
         let decoded = decode(&bytes).expect("decodes");
-        assert_eq!(decoded.body, RawBody::RequestHead { fd: 3, data: b"GET /" });
+        assert_eq!(
+            decoded.body,
+            RawBody::RequestHead {
+                fd: 3,
+                data: b"GET /"
+            }
+        );
 
         ev.len = IW_HEAD_MAX + 1;
         assert!(matches!(
@@ -336,7 +342,10 @@ mod tests {
 
     #[test]
     fn short_unknown_and_invalid_records_are_errors_not_panics() {
-        assert!(matches!(decode(&[0u8; 3]), Err(DecodeError::TooShort { .. })));
+        assert!(matches!(
+            decode(&[0u8; 3]),
+            Err(DecodeError::TooShort { .. })
+        ));
         let unknown = bytes_of(&header(9999, 24));
         assert_eq!(decode(&unknown), Err(DecodeError::UnknownType(9999)));
         // A peer-closed header without its body.
@@ -363,7 +372,10 @@ mod tests {
         }
         assert_eq!(
             decode(&full).expect("full").body,
-            RawBody::WriteAfterPeerClose { bytes: 0, errno: 32 }
+            RawBody::WriteAfterPeerClose {
+                bytes: 0,
+                errno: 32
+            }
         );
     }
 }

@@ -97,7 +97,12 @@ pub fn parse_traceparent(value: &str) -> Option<TraceParent> {
     let trace = parts.next()?;
     let parent = parts.next()?;
     let flags = parts.next()?;
-    if version.len() != 2 || version == "ff" || trace.len() != 32 || parent.len() != 16 || flags.len() != 2 {
+    if version.len() != 2
+        || version == "ff"
+        || trace.len() != 32
+        || parent.len() != 16
+        || flags.len() != 2
+    {
         return None;
     }
     let mut trace_id = [0u8; 16];
@@ -166,9 +171,15 @@ mod tests {
     #[test]
     fn traceparent_validation() {
         assert!(parse_traceparent(TP).is_some());
-        assert!(parse_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01").is_none());
-        assert!(parse_traceparent("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").is_none());
-        assert!(parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01").is_none());
+        assert!(
+            parse_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01").is_none()
+        );
+        assert!(
+            parse_traceparent("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").is_none()
+        );
+        assert!(
+            parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01").is_none()
+        );
         assert!(parse_traceparent("garbage").is_none());
     }
 }

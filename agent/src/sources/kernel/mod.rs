@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use clock::MonotonicToWall;
 pub use config::{KernelConfig, RUNTIME_DEFAULT_PORTS};
-pub use probes::{KernelCounters, KernelProbes, PROGRAMS, TRACEFS};
+pub use probes::{CounterMap, KernelCounters, KernelProbes, PROGRAMS, TRACEFS};
 
 use crate::model::{CloseHow, ConnId, KernelEvent, KernelEventKind};
 use event::{RawBody, RawEvent, RawHow};
@@ -34,7 +34,9 @@ use http::HeadParser;
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
     /// The agent was built with `INFERWATCH_EBPF_STUB=1`: no programs to load.
-    #[error("the eBPF object is a build stub (built with INFERWATCH_EBPF_STUB=1); rebuild with clang")]
+    #[error(
+        "the eBPF object is a build stub (built with INFERWATCH_EBPF_STUB=1); rebuild with clang"
+    )]
     StubObject,
     /// More watched ports than the kernel map holds.
     #[error("{count} watched ports, the kernel map holds {max}")]
@@ -53,7 +55,9 @@ pub enum KernelError {
         reason: String,
     },
     /// Parsing the object or creating its maps failed (BPF_MAP_CREATE, BTF).
-    #[error("loading the eBPF object (BPF_MAP_CREATE / BTF); needs CAP_BPF and CAP_PERFMON or root")]
+    #[error(
+        "loading the eBPF object (BPF_MAP_CREATE / BTF); needs CAP_BPF and CAP_PERFMON or root"
+    )]
     Load {
         /// The cause.
         #[source]
@@ -176,13 +180,16 @@ impl EventConverter {
 pub struct KernelSource {
     probes: KernelProbes,
     ring: RingBuf<MapData>,
+    counters: Arc<CounterMap>,
     converter: EventConverter,
     stats: Arc<KernelStats>,
 }
 
 impl std::fmt::Debug for KernelSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KernelSource").field("probes", &self.probes).finish_non_exhaustive()
+        f.debug_struct("KernelSource")
+            .field("probes", &self.probes)
+            .finish_non_exhaustive()
     }
 }
 
@@ -192,11 +199,17 @@ impl KernelSource {
     /// # Errors
     /// See [`KernelError`]; the caller logs it once and runs without this source.
     pub fn build(config: &KernelConfig) -> Result<Self, KernelError> {
-        let mut probes = KernelProbes::load(&config.ports(), config.ring_buffer_bytes, config.mount_tracefs)?;
+        let mut probes = KernelProbes::load(
+            &config.ports(),
+            config.ring_buffer_bytes,
+            config.mount_tracefs,
+        )?;
         let ring = probes.take_ring_buf()?;
+        let counters = Arc::new(probes.take_counters()?);
         Ok(Self {
             probes,
             ring,
+            counters,
             converter: EventConverter::new(MonotonicToWall::sample(), config),
             stats: Arc::new(KernelStats::default()),
         })
@@ -207,9 +220,9 @@ impl KernelSource {
         Arc::clone(&self.stats)
     }
 
-    /// The probes, to read the per-CPU counters or add ports.
-    pub fn probes(&self) -> &KernelProbes {
-        &self.probes
+    /// The programs' per-CPU counters, readable while the source runs.
+    pub fn counters(&self) -> Arc<CounterMap> {
+        Arc::clone(&self.counters)
     }
 
     /// Reads the ring buffer until `shutdown`, sending events on `tx` (dropping and counting
@@ -225,12 +238,14 @@ impl KernelSource {
             ring,
             converter,
             stats,
+            ..
         } = self;
         tracing::debug!(fd = ring.as_raw_fd(), "kernel ring buffer reader started");
         // SAFETY: the ring buffer's fd stays open for as long as `ring` (owned by the AsyncFd)
         // lives, and nothing else registers it with the reactor.
-        let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-            .map_err(|e| KernelError::Poll(e.into_parts().1))?;
+        let mut ring =
+            unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+                .map_err(|e| KernelError::Poll(e.into_parts().1))?;
         loop {
             let mut guard = tokio::select! {
                 _ = shutdown.cancelled() => break,

@@ -8,11 +8,14 @@ use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
 
 use super::KernelError;
-use super::event::raw::{IW_COUNTER_CONN_TABLE_FULL, IW_COUNTER_RINGBUF_DROPS, IW_MAX_WATCHED_PORTS};
+use super::event::raw::{
+    IW_COUNTER_CONN_TABLE_FULL, IW_COUNTER_RINGBUF_DROPS, IW_MAX_WATCHED_PORTS,
+};
 
 /// The compiled object of `ebpf/tcp_lifecycle.bpf.c` (empty when built with
 /// `INFERWATCH_EBPF_STUB=1`).
-static TCP_LIFECYCLE: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcp_lifecycle.bpf.o"));
+static TCP_LIFECYCLE: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcp_lifecycle.bpf.o"));
 
 /// Every program with the tracepoint it attaches to (category, name).
 pub const PROGRAMS: &[(&str, &str, &str)] = &[
@@ -70,7 +73,11 @@ impl KernelProbes {
     /// kernel refusing a program (verifier, capabilities) or an attach.
     ///
     /// Minimum kernel: 5.8 (BPF ring buffer), with BTF.
-    pub fn load(ports: &[u16], ring_buffer_bytes: u32, mount_tracefs: bool) -> Result<Self, KernelError> {
+    pub fn load(
+        ports: &[u16],
+        ring_buffer_bytes: u32,
+        mount_tracefs: bool,
+    ) -> Result<Self, KernelError> {
         if TCP_LIFECYCLE.is_empty() {
             return Err(KernelError::StubObject);
         }
@@ -85,7 +92,9 @@ impl KernelProbes {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("events", ring_buffer_bytes)
             .load(TCP_LIFECYCLE)
-            .map_err(|source| KernelError::Load { source: Box::new(source) })?;
+            .map_err(|source| KernelError::Load {
+                source: Box::new(source),
+            })?;
         for (name, category, tracepoint) in PROGRAMS {
             let program: &mut TracePoint = ebpf
                 .program_mut(name)
@@ -112,29 +121,69 @@ impl KernelProbes {
 
     /// Adds a local port to the watched set (in the kernel map).
     pub fn watch_port(&mut self, port: u16) -> Result<(), KernelError> {
-        let map = self.ebpf.map_mut("watched_ports").ok_or(KernelError::MissingMap("watched_ports"))?;
+        let map = self
+            .ebpf
+            .map_mut("watched_ports")
+            .ok_or(KernelError::MissingMap("watched_ports"))?;
         let mut ports: BpfHashMap<&mut MapData, u16, u8> =
-            BpfHashMap::try_from(map).map_err(|source| KernelError::Map { name: "watched_ports", source })?;
-        ports
-            .insert(port, 1, 0)
-            .map_err(|source| KernelError::Map { name: "watched_ports", source })
+            BpfHashMap::try_from(map).map_err(|source| KernelError::Map {
+                name: "watched_ports",
+                source,
+            })?;
+        ports.insert(port, 1, 0).map_err(|source| KernelError::Map {
+            name: "watched_ports",
+            source,
+        })
     }
 
     /// Takes the ring buffer out of the object, for the reader task.
     pub fn take_ring_buf(&mut self) -> Result<RingBuf<MapData>, KernelError> {
-        let map = self.ebpf.take_map("events").ok_or(KernelError::MissingMap("events"))?;
-        RingBuf::try_from(map).map_err(|source| KernelError::Map { name: "events", source })
+        let map = self
+            .ebpf
+            .take_map("events")
+            .ok_or(KernelError::MissingMap("events"))?;
+        RingBuf::try_from(map).map_err(|source| KernelError::Map {
+            name: "events",
+            source,
+        })
     }
 
-    /// Reads the per-CPU counters.
-    pub fn counters(&self) -> Result<KernelCounters, KernelError> {
-        let map = self.ebpf.map("counters").ok_or(KernelError::MissingMap("counters"))?;
-        let counters: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(map).map_err(|source| KernelError::Map { name: "counters", source })?;
+    /// Takes the per-CPU counters map out of the object, for the metrics.
+    pub fn take_counters(&mut self) -> Result<CounterMap, KernelError> {
+        let map = self
+            .ebpf
+            .take_map("counters")
+            .ok_or(KernelError::MissingMap("counters"))?;
+        let array = PerCpuArray::try_from(map).map_err(|source| KernelError::Map {
+            name: "counters",
+            source,
+        })?;
+        Ok(CounterMap { array })
+    }
+}
+
+/// The programs' per-CPU counters (ring-buffer drops, connection table full).
+pub struct CounterMap {
+    array: PerCpuArray<MapData, u64>,
+}
+
+impl std::fmt::Debug for CounterMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CounterMap").finish_non_exhaustive()
+    }
+}
+
+impl CounterMap {
+    /// Reads every counter, per CPU.
+    pub fn read(&self) -> Result<KernelCounters, KernelError> {
         let read = |index: u32| -> Result<Vec<u64>, KernelError> {
-            let values = counters
+            let values = self
+                .array
                 .get(&index, 0)
-                .map_err(|source| KernelError::Map { name: "counters", source })?;
+                .map_err(|source| KernelError::Map {
+                    name: "counters",
+                    source,
+                })?;
             Ok(values.iter().copied().collect())
         };
         Ok(KernelCounters {
@@ -147,16 +196,30 @@ impl KernelProbes {
 /// Mounts tracefs at [`TRACEFS`] when no tracefs is reachable and `mount` allows it.
 fn ensure_tracefs(mount: bool) -> Result<(), KernelError> {
     let candidates = [TRACEFS, "/sys/kernel/debug/tracing"];
-    if candidates.iter().any(|p| Path::new(p).join("events").is_dir()) {
+    if candidates
+        .iter()
+        .any(|p| Path::new(p).join("events").is_dir())
+    {
         return Ok(());
     }
     if !mount {
-        return Err(KernelError::NoTracefs { mounted: false, reason: "mount_tracefs is off".into() });
+        return Err(KernelError::NoTracefs {
+            mounted: false,
+            reason: "mount_tracefs is off".into(),
+        });
     }
     let source = c"tracefs";
     let target = c"/sys/kernel/tracing";
     // SAFETY: valid NUL-terminated strings and a null data pointer, as mount(2) allows.
-    let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), source.as_ptr(), 0, std::ptr::null()) };
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            source.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
     if rc != 0 {
         let err = std::io::Error::last_os_error();
         return Err(KernelError::NoTracefs {
