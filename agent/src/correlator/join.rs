@@ -94,15 +94,6 @@ pub struct JoinedRequest {
     pub settled_early: bool,
 }
 
-/// Whether a header `x-request-id` names the runtime request `runtime_id`: equal, or equal
-/// once one of `prefixes` is removed from the runtime's id.
-pub(crate) fn request_id_matches(runtime_id: &str, header: &str, prefixes: &[String]) -> bool {
-    runtime_id == header
-        || prefixes
-            .iter()
-            .any(|p| runtime_id.strip_prefix(p.as_str()) == Some(header))
-}
-
 /// The header values a runtime request id can come from: itself and itself without each known
 /// prefix (the keys of the request-id index).
 pub(crate) fn request_id_keys<'a>(runtime_id: &'a str, prefixes: &'a [String]) -> Vec<&'a str> {
@@ -123,22 +114,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn request_ids_match_exactly_or_after_a_prefix() {
+    fn request_id_keys_are_the_id_and_the_id_without_a_known_prefix() {
         let prefixes = vec!["chatcmpl-".to_string(), "cmpl-".to_string()];
-        assert!(request_id_matches("abc", "abc", &prefixes));
-        assert!(request_id_matches("chatcmpl-abc", "abc", &prefixes));
-        assert!(request_id_matches("cmpl-abc", "abc", &prefixes));
-        assert!(!request_id_matches("chatcmpl-abcd", "abc", &prefixes));
-        assert!(!request_id_matches("xcmpl-abc", "abc", &prefixes));
-        assert!(request_id_matches(
-            "chatcmpl-abc",
-            "chatcmpl-abc",
-            &prefixes
-        ));
+        assert_eq!(request_id_keys("abc", &prefixes), vec!["abc"]);
+        assert_eq!(
+            request_id_keys("cmpl-abc", &prefixes),
+            vec!["cmpl-abc", "abc"]
+        );
         assert_eq!(
             request_id_keys("chatcmpl-abc", &prefixes),
             vec!["chatcmpl-abc", "abc"]
         );
+        assert_eq!(request_id_keys("xcmpl-abc", &prefixes), vec!["xcmpl-abc"]);
         assert_eq!(request_id_keys("cmpl-", &prefixes), vec!["cmpl-"]);
     }
 }

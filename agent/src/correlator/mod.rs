@@ -24,6 +24,8 @@
 //! connections accepted by that pid or on one of its listening ports are candidates; when the
 //! pid is unknown to the kernel side (no pid in the span, or a pid namespace the kernel does not
 //! see), every head on the node is a candidate, which is right on a node with one runtime.
+//! Client-address and temporal joins never take a head whose identifiers contradict the span
+//! (another propagated trace, or another vLLM request id).
 
 mod abort;
 mod config;
@@ -41,13 +43,19 @@ pub use config::CorrelatorConfig;
 pub use join::{ConnectionFacts, JoinRule, JoinedRequest, PeerClose};
 pub use stats::{CorrelatorStats, EvictionCounts, FindingCounts, JoinCounts, StateSizes};
 
-use crate::model::{ConnId, KernelEvent, KernelEventKind, RequestHead, RuntimeRequest, UnixNanos};
+use crate::model::{
+    ConnId, KernelEvent, KernelEventKind, RequestHead, RuntimeKind, RuntimeRequest, UnixNanos,
+};
 use abort::KernelAbortFacts;
 
 /// One input to the correlator, from any source.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "each input is moved once into the correlator; boxing would allocate per event"
+)]
 pub enum Input {
     /// An event from the kernel source.
     Kernel(KernelEvent),
@@ -59,6 +67,10 @@ pub enum Input {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "output", rename_all = "snake_case")]
 #[non_exhaustive]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "each output is moved once to the exporter; boxing would allocate per span"
+)]
 pub enum Output {
     /// A runtime span settled, joined or not; exactly one per span received.
     Joined(JoinedRequest),
@@ -580,7 +592,11 @@ impl Correlator {
                         .filter(|(_, h)| h.is_some())
                         .map(move |(ts, _)| (*ts, *ck))
                 })
-                .filter(usable);
+                .filter(usable)
+                .filter(|hk| {
+                    self.head_ref(*hk)
+                        .is_some_and(|(_, head)| !self.contradicts(span, &head.head))
+                });
             if let Some(hk) = closest(span.arrival, candidates) {
                 return Some((JoinRule::ClientAddr, hk));
             }
@@ -612,6 +628,10 @@ impl Correlator {
             .range(lo..=hi)
             .copied()
             .filter(|hk| !reserved.contains_key(hk) && hk.0 <= span.end)
+            .filter(|hk| {
+                self.head_ref(*hk)
+                    .is_some_and(|(_, head)| !self.contradicts(span, &head.head))
+            })
             .filter(|hk| match (&instance_ports, self.conns.get(&hk.1)) {
                 (None, _) => true,
                 (Some(ports), Some(conn)) => {
@@ -621,6 +641,26 @@ impl Correlator {
                 (Some(_), None) => false,
             });
         closest(span.arrival, candidates)
+    }
+
+    /// Whether a head's identifiers rule out `span`, so that a guess never goes against
+    /// evidence: the span continues a propagated trace (it has a parent) that is not the
+    /// head's `traceparent`, or vLLM (which derives its id from `x-request-id`) reports an id
+    /// the header does not give.
+    fn contradicts(&self, span: &RuntimeRequest, head: &RequestHead) -> bool {
+        let other_trace = span.parent_span_id.is_some()
+            && head
+                .traceparent
+                .is_some_and(|tp| tp.trace_id != span.trace_id);
+        let other_id = span.runtime == RuntimeKind::Vllm
+            && match (&span.request_id, &head.request_id) {
+                (Some(id), Some(header)) => {
+                    !join::request_id_keys(id, &self.config.request_id_prefixes)
+                        .contains(&header.as_str())
+                }
+                _ => false,
+            };
+        other_trace || other_id
     }
 
     fn finish_span(
