@@ -494,22 +494,28 @@ impl Correlator {
             self.stats.evictions.heads += 1;
             self.take_head(oldest);
         }
+        let hk = (ts, key);
+        // The same head twice (a replayed event): the later one replaces the earlier.
+        let previous = self
+            .conns
+            .get_mut(&key)
+            .and_then(|c| c.requests.get_mut(&ts))
+            .and_then(Option::take);
+        if let Some(previous) = previous {
+            self.unindex_head(hk, &previous);
+        }
         let Some(conn) = self.conns.get_mut(&key) else {
             return;
         };
         conn.pid = conn.pid.or(pid);
-        let hk = (ts, key);
         if let Some(tp) = head.traceparent {
             self.by_trace.entry(tp.trace_id).or_default().insert(hk);
         }
         if let Some(id) = &head.request_id {
             self.by_request_id.entry(id.clone()).or_default().insert(hk);
         }
+        conn.requests.insert(ts, Some(Head { pid, head }));
         self.heads.insert(hk);
-        if let Some(Some(previous)) = conn.requests.insert(ts, Some(Head { pid, head })) {
-            // The same head twice (a replayed event): keep one.
-            let _ = previous;
-        }
     }
 
     fn unindex_head(&mut self, hk: HeadKey, head: &Head) {

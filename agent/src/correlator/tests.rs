@@ -145,3 +145,20 @@ fn duplicate_span_is_dropped() {
     assert_eq!(c.stats().duplicate_spans, 1);
     assert_eq!(c.on_tick(T0 + 10_000 * MS).len(), 1);
 }
+
+#[test]
+fn replayed_head_replaces_the_first_and_leaves_no_stale_index() {
+    let mut c = Correlator::new(CorrelatorConfig::default());
+    c.on_event(accepted(T0, 1, 5000));
+    c.on_event(head(T0 + MS, 1, None, Some("first")));
+    c.on_event(head(T0 + MS, 1, None, Some("second")));
+    assert_eq!(c.state_sizes().pending_heads, 1);
+    assert!(!c.by_request_id.contains_key("first"));
+    c.on_event(kernel(
+        T0 + 2 * MS,
+        KernelEventKind::Closed { conn: ConnId(1) },
+    ));
+    c.on_tick(T0 + 60_000 * MS);
+    assert_eq!(c.stats().unjoined_heads, 1);
+    assert!(c.by_request_id.is_empty() && c.heads.is_empty() && c.conns.is_empty());
+}
