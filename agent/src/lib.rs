@@ -7,6 +7,7 @@
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod correlator;
 pub mod model;
 pub mod pipeline;
 pub mod sources;
