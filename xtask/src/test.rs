@@ -1,6 +1,6 @@
 //! `cargo xtask test`: setup, format, lints, unit tests, kernel tests.
 
-use crate::util::{cargo, is_root, run};
+use crate::util::{cargo, is_root, run, run_tests};
 
 pub fn task() -> anyhow::Result<()> {
     crate::setup::task()?;
@@ -14,7 +14,7 @@ pub fn task() -> anyhow::Result<()> {
         "warnings",
     ]))?;
     let mut tests = cargo();
-    tests.args(["test", "--workspace"]);
+    tests.args(["test", "--workspace", "--no-fail-fast"]);
     if is_root() {
         // As root the kernel tests must run: a skip would hide a broken kernel source.
         tests.env("INFERWATCH_REQUIRE_KERNEL_TESTS", "1");
@@ -23,5 +23,10 @@ pub fn task() -> anyhow::Result<()> {
             "*** not root: the kernel tests will be SKIPPED (run `sudo cargo xtask test`) ***"
         );
     }
-    run(&mut tests)
+    let totals = run_tests(&mut tests)?;
+    println!("tests: {} passed, {} failed", totals.passed, totals.failed);
+    if totals.failed > 0 || !totals.ok {
+        anyhow::bail!("{} test(s) failed", totals.failed.max(1));
+    }
+    Ok(())
 }

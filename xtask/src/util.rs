@@ -1,7 +1,8 @@
 //! Running commands: print each one, fail with its name.
 
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
 
@@ -56,4 +57,51 @@ fn show(cmd: &Command) -> String {
 /// A `cargo` command.
 pub fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// Totals of the `test result:` lines of a cargo test run.
+#[derive(Debug, Default)]
+pub struct TestTotals {
+    pub passed: u64,
+    pub failed: u64,
+    /// Whether cargo itself exited 0.
+    pub ok: bool,
+}
+
+/// Runs a `cargo test` command, echoing its output, and adds up its `test result:` lines so
+/// that the run ends with one summary line for the whole workspace.
+pub fn run_tests(cmd: &mut Command) -> anyhow::Result<TestTotals> {
+    if cmd.get_current_dir().is_none() {
+        cmd.current_dir(root());
+    }
+    let shown = show(cmd);
+    eprintln!("$ {shown}");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting `{shown}`"))?;
+    let mut totals = TestTotals::default();
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines() {
+            let line = line.with_context(|| format!("reading the output of `{shown}`"))?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                totals.passed += count_before(rest, " passed");
+                totals.failed += count_before(rest, " failed");
+            }
+        }
+    }
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for `{shown}`"))?;
+    totals.ok = status.success();
+    Ok(totals)
+}
+
+/// The number just before `label` in `text` (`ok. 3 passed; 0 failed; ...`).
+fn count_before(text: &str, label: &str) -> u64 {
+    text.find(label)
+        .and_then(|end| text[..end].rsplit(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
