@@ -9,6 +9,7 @@
 
 mod clock;
 mod config;
+pub mod discovery;
 pub mod event;
 pub mod http;
 mod probes;
