@@ -9,3 +9,7 @@ pub mod engine;
 pub mod kv;
 pub mod tokens;
 pub mod truth;
+pub mod otel;
+pub mod server;
+pub mod runtime;
+pub mod traffic;
