@@ -11,7 +11,9 @@ use tokio::sync::{Notify, mpsc};
 use crate::config::RuntimeConfig;
 use crate::kv::{self, Allocation, BLOCK_SIZE, KvCache, Owner};
 use crate::tokens;
-use crate::truth::{ColdStartTruth, ContentionTruth, EvictionTruth, JsonlWriter, TruthRecord, now_ns};
+use crate::truth::{
+    ColdStartTruth, ContentionTruth, EvictionTruth, JsonlWriter, TruthRecord, now_ns,
+};
 
 /// What the runtime does when the client disconnects mid-request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -343,7 +345,11 @@ impl Engine {
         let State {
             waiting, running, ..
         } = &mut *st;
-        if let Some(s) = waiting.iter_mut().chain(running.iter_mut()).find(|s| s.id == id) {
+        if let Some(s) = waiting
+            .iter_mut()
+            .chain(running.iter_mut())
+            .find(|s| s.id == id)
+        {
             s.abort_at = Some(s.abort_at.map_or(at, |a| a.min(at)));
         }
         drop(st);
@@ -403,7 +409,9 @@ impl Engine {
             else {
                 break;
             };
-            let Some(mut seq) = st.waiting.pop_front() else { break };
+            let Some(mut seq) = st.waiting.pop_front() else {
+                break;
+            };
             if !evicted.is_empty() {
                 self.write_evictions(&seq.req, evicted, now);
             }
@@ -471,7 +479,8 @@ impl Engine {
         }
         let batch = st.running.len() as f64;
         let factor = Self::contention_factor(&st, now);
-        let decode = self.cfg.decode_ns * (1.0 + self.cfg.decode_batch_growth * (batch - 1.0)) * factor;
+        let decode =
+            self.cfg.decode_ns * (1.0 + self.cfg.decode_batch_growth * (batch - 1.0)) * factor;
         let ns = prefill as f64 * self.cfg.prefill_ns_per_token + decode;
         Some(Duration::from_nanos(ns.max(0.0) as u64))
     }
@@ -598,7 +607,10 @@ mod tests {
         );
         assert!(Policy::parse("delayed:x").is_err());
         assert_eq!(Policy::Never.deadline(5), None);
-        assert_eq!(Policy::Delayed(Duration::from_millis(1)).deadline(5), Some(1_000_005));
+        assert_eq!(
+            Policy::Delayed(Duration::from_millis(1)).deadline(5),
+            Some(1_000_005)
+        );
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -607,7 +619,10 @@ mod tests {
         let e = Engine::new(cfg(Policy::Immediate), truth);
         let task = tokio::spawn(e.clone().run());
         let mut subs: Vec<_> = (0..3)
-            .map(|i| e.submit(req(&format!("r{i}"), (0..40).collect(), 5)).unwrap())
+            .map(|i| {
+                e.submit(req(&format!("r{i}"), (0..40).collect(), 5))
+                    .unwrap()
+            })
             .collect();
         tokio::time::sleep(Duration::from_millis(1)).await;
         let (running, waiting) = e.load();

@@ -7,9 +7,9 @@
 pub mod config;
 pub mod engine;
 pub mod kv;
-pub mod tokens;
-pub mod truth;
 pub mod otel;
-pub mod server;
 pub mod runtime;
+pub mod server;
+pub mod tokens;
 pub mod traffic;
+pub mod truth;

@@ -97,7 +97,9 @@ fn target_addr(t: &str) -> String {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 async fn wait_signal() {
@@ -275,4 +277,3 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
         }
     }
 }
-

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry::trace::{Span, SpanKind, TraceContextExt, Tracer, TracerProvider};
+use opentelemetry::trace::{Span, SpanKind, Tracer, TracerProvider};
 use opentelemetry::{Array, KeyValue, StringValue, Value};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
@@ -172,7 +172,10 @@ impl SpanSink {
             KeyValue::new("gen_ai.usage.prompt_tokens", f.prompt_tokens),
             KeyValue::new("gen_ai.usage.completion_tokens", f.completion_tokens),
             KeyValue::new("gen_ai.latency.time_in_queue", secs(f.arrival_ns, sched)),
-            KeyValue::new("gen_ai.latency.time_to_first_token", secs(f.arrival_ns, first)),
+            KeyValue::new(
+                "gen_ai.latency.time_to_first_token",
+                secs(f.arrival_ns, first),
+            ),
             KeyValue::new("gen_ai.latency.e2e", secs(f.arrival_ns, f.stop_ns)),
             KeyValue::new("gen_ai.latency.time_in_scheduler", 0.0f64),
             // vLLM v0 reports forward time in milliseconds.
@@ -210,7 +213,10 @@ impl SpanSink {
             attrs.push(KeyValue::new("gen_ai.request.n", f.n));
         }
         if !f.conversation.is_empty() {
-            attrs.push(KeyValue::new("gen_ai.conversation.id", f.conversation.clone()));
+            attrs.push(KeyValue::new(
+                "gen_ai.conversation.id",
+                f.conversation.clone(),
+            ));
         }
         if !f.tenant.is_empty() {
             attrs.push(KeyValue::new("tenant.id", f.tenant.clone()));
@@ -243,10 +249,4 @@ impl SpanSink {
             tracing::debug!(error = %e, "span exporter shutdown");
         }
     }
-}
-
-/// Unused import guard: `TraceContextExt` is needed for `span_context` on some versions.
-#[allow(dead_code)]
-fn _ctx_ext(c: &opentelemetry::Context) -> bool {
-    c.has_active_span()
 }

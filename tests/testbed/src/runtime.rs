@@ -89,10 +89,16 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Running> {
     let engine = Engine::new(cfg, truth.clone());
 
     let cuda_init_start_ns = now_ns();
-    tokio::time::sleep(Duration::from_secs_f64(opts.runtime.cuda_init_ms * scale / 1e3)).await;
+    tokio::time::sleep(Duration::from_secs_f64(
+        opts.runtime.cuda_init_ms * scale / 1e3,
+    ))
+    .await;
     let weights_start_ns = now_ns();
     tracing::info!("loading weights");
-    tokio::time::sleep(Duration::from_secs_f64(opts.runtime.load_weights_ms * scale / 1e3)).await;
+    tokio::time::sleep(Duration::from_secs_f64(
+        opts.runtime.load_weights_ms * scale / 1e3,
+    ))
+    .await;
     let weights_done_ns = now_ns();
     let listener = TcpListener::bind(opts.listen).await?;
     let listen_ns = now_ns();

@@ -208,7 +208,10 @@ impl Server {
                 }
             };
             let keep = head.keep_alive;
-            let keep = match (head.method.as_str(), head.path.split('?').next().unwrap_or("")) {
+            let keep = match (
+                head.method.as_str(),
+                head.path.split('?').next().unwrap_or(""),
+            ) {
                 ("GET", "/health") => {
                     wr.write_all(&response("200 OK", "application/json", "", b"", keep))
                         .await?;
@@ -259,7 +262,15 @@ impl Server {
         rd: &mut OwnedReadHalf,
         wr: &mut OwnedWriteHalf,
     ) -> std::io::Result<bool> {
-        let bad = |msg: String| response("400 Bad Request", "application/json", "", &error_body(&msg, 400), head.keep_alive);
+        let bad = |msg: String| {
+            response(
+                "400 Bad Request",
+                "application/json",
+                "",
+                &error_body(&msg, 400),
+                head.keep_alive,
+            )
+        };
         let body: Value = match serde_json::from_slice(&head.body) {
             Ok(v) => v,
             Err(e) => {
@@ -313,7 +324,10 @@ impl Server {
             .pointer("/stream_options/include_usage")
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        let temperature = body.get("temperature").and_then(Value::as_f64).unwrap_or(1.0);
+        let temperature = body
+            .get("temperature")
+            .and_then(Value::as_f64)
+            .unwrap_or(1.0);
         let top_p = body.get("top_p").and_then(Value::as_f64).unwrap_or(1.0);
         let n = body.get("n").and_then(Value::as_i64).unwrap_or(1);
         let xrid = head
@@ -353,7 +367,11 @@ impl Server {
         };
         let mut rx = sub.rx;
         let created = head.arrival_ns / 1_000_000_000;
-        let object = if chat { "chat.completion.chunk" } else { "text_completion" };
+        let object = if chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
         let extra = format!("x-request-id: {xrid}\r\n");
         let mut gone = Departure::default();
         let mut watch_read = true;
@@ -383,7 +401,11 @@ impl Server {
                 }
             };
             match ev {
-                Some(SeqEvent::Token { index, text: word, time_ns }) => {
+                Some(SeqEvent::Token {
+                    index,
+                    text: word,
+                    time_ns,
+                }) => {
                     token_times.push(time_ns);
                     let piece = format!(" {word}");
                     if stream {
@@ -401,7 +423,9 @@ impl Server {
                         // After a failed write the socket is dead for good under `immediate`;
                         // under `never` / `delayed` keep writing, as those runtimes do, so the
                         // kernel sees every write after the peer left.
-                        if !(write_failed && matches!(self.engine.policy(), crate::engine::Policy::Immediate)) {
+                        if !(write_failed
+                            && matches!(self.engine.policy(), crate::engine::Policy::Immediate))
+                        {
                             match wr.write_all(&sse_chunk(&data.to_string())).await {
                                 Ok(()) => written += 1,
                                 Err(e) => {
@@ -420,7 +444,11 @@ impl Server {
                 }
             }
         };
-        let finish = if summary.finish_reason == "abort" { "abort" } else { "length" };
+        let finish = if summary.finish_reason == "abort" {
+            "abort"
+        } else {
+            "length"
+        };
         let usage = json!({
             "prompt_tokens": summary.prompt_tokens,
             "completion_tokens": summary.output_tokens,
@@ -460,7 +488,13 @@ impl Server {
                     "usage": usage})
             };
             match wr
-                .write_all(&response("200 OK", "application/json", &extra, body.to_string().as_bytes(), head.keep_alive))
+                .write_all(&response(
+                    "200 OK",
+                    "application/json",
+                    &extra,
+                    body.to_string().as_bytes(),
+                    head.keep_alive,
+                ))
                 .await
             {
                 Ok(()) => written = summary.output_tokens,
@@ -469,7 +503,8 @@ impl Server {
         }
 
         let abort_ns = gone.at.map(|(t, _)| t);
-        let tokens_after_abort = abort_ns.map_or(0, |a| token_times.iter().filter(|&&t| t > a).count() as u64);
+        let tokens_after_abort =
+            abort_ns.map_or(0, |a| token_times.iter().filter(|&&t| t > a).count() as u64);
         let (trace_id, span_id) = self.spans.emit(&SpanFacts {
             traceparent,
             model: self.model.clone(),
@@ -490,7 +525,11 @@ impl Server {
             execute_ns: summary.execute_ns,
             conversation: conversation.clone(),
             tenant: tenant.clone(),
-            token_times: if self.token_events { token_times } else { Vec::new() },
+            token_times: if self.token_events {
+                token_times
+            } else {
+                Vec::new()
+            },
         });
         self.truth.write(&TruthRecord::Request(RequestTruth {
             request_id: xrid,
@@ -548,7 +587,9 @@ async fn read_probe(rd: &mut OwnedReadHalf) -> Option<CloseHow> {
         match rd.read(&mut b).await {
             Ok(0) => return Some(CloseHow::Fin),
             Ok(_) => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Some(CloseHow::Rst),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Some(CloseHow::Rst);
+            }
             Err(_) => return Some(CloseHow::Rst),
         }
     }

@@ -70,7 +70,10 @@ pub fn chat_prompt<'a>(messages: impl Iterator<Item = (&'a str, &'a str)>) -> (V
 /// The `i`-th output word of a sequence whose prompt hashes to `seed`: deterministic, so
 /// the same conversation replays to the same text.
 pub fn output_word(seed: u64, i: u32) -> String {
-    format!("o{:06x}", mix(seed ^ u64::from(i).wrapping_mul(0x1000_0000_01b3)) & 0xff_ffff)
+    format!(
+        "o{:06x}",
+        mix(seed ^ u64::from(i).wrapping_mul(0x1000_0000_01b3)) & 0xff_ffff
+    )
 }
 
 /// Hash of a token sequence (seeds the output words).
@@ -87,7 +90,10 @@ pub fn filler_words(seed: u64, n: usize) -> String {
         if i > 0 {
             s.push(' ');
         }
-        s.push_str(&format!("w{:06x}", mix(seed.wrapping_add(i as u64)) & 0xff_ffff));
+        s.push_str(&format!(
+            "w{:06x}",
+            mix(seed.wrapping_add(i as u64)) & 0xff_ffff
+        ));
     }
     s
 }

@@ -144,7 +144,11 @@ pub fn plan(s: &Scenario) -> anyhow::Result<Vec<PlannedConversation>> {
                     max_tokens: range(&mut rng, t.max_tokens).max(1),
                     stream,
                     abort,
-                    think_ms: if ti == 0 { 0 } else { u64::from(range(&mut rng, t.think_ms)) },
+                    think_ms: if ti == 0 {
+                        0
+                    } else {
+                        u64::from(range(&mut rng, t.think_ms))
+                    },
                     trace_id,
                     span_id,
                 });
@@ -196,7 +200,11 @@ fn replay_plan(
         "azure" => {
             for (i, line) in text.lines().enumerate() {
                 let cols: Vec<&str> = line.split(',').map(str::trim).collect();
-                if i == 0 && cols.first().is_some_and(|c| c.eq_ignore_ascii_case("TIMESTAMP")) {
+                if i == 0
+                    && cols
+                        .first()
+                        .is_some_and(|c| c.eq_ignore_ascii_case("TIMESTAMP"))
+                {
                     continue;
                 }
                 if cols.len() < 3 {
@@ -222,7 +230,10 @@ fn replay_plan(
                     .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))?;
                 let ts = v.get("timestamp").and_then(Value::as_f64).unwrap_or(0.0) / 1e3;
                 let input = v.get("input_length").and_then(Value::as_f64).unwrap_or(1.0);
-                let output = v.get("output_length").and_then(Value::as_f64).unwrap_or(1.0);
+                let output = v
+                    .get("output_length")
+                    .and_then(Value::as_f64)
+                    .unwrap_or(1.0);
                 // Each hash id stands for a block of `hash_block_tokens` identical tokens
                 // across requests: equal ids give equal text, so prefixes are shared.
                 let block = scale_tok(f64::from(r.hash_block_tokens));
@@ -385,7 +396,10 @@ async fn connect(target: &str, timeout: Duration) -> std::io::Result<TcpStream> 
     loop {
         match TcpStream::connect(target).await {
             Ok(s) => return Ok(s),
-            Err(e) if Instant::now() < deadline && e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            Err(e)
+                if Instant::now() < deadline
+                    && e.kind() == std::io::ErrorKind::ConnectionRefused =>
+            {
                 // The runtime may still be loading weights (cold start): retry like a gateway.
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -404,6 +418,10 @@ struct Chunked {
 impl Chunked {
     /// Feed bytes, return decoded payload bytes.
     fn feed(&mut self, data: &[u8]) -> Result<Vec<u8>, &'static str> {
+        if self.done {
+            // Trailer / final CRLF after the last chunk: nothing more to decode.
+            return Ok(Vec::new());
+        }
         self.buf.extend_from_slice(data);
         let mut out = Vec::new();
         loop {
@@ -490,12 +508,20 @@ async fn drive(
         .map_err(|e| format!("connect: {e}"))?;
     let _ = sock.set_nodelay(true);
     rec.local_port = sock.local_addr().map(|a| a.port()).unwrap_or(0);
-    let path = if conv.completions { "/v1/completions" } else { "/v1/chat/completions" };
+    let path = if conv.completions {
+        "/v1/completions"
+    } else {
+        "/v1/chat/completions"
+    };
     let body = body.to_string();
     let req = format!(
         "POST {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\naccept: {}\r\nx-request-id: {}\r\ntraceparent: 00-{:032x}-{:016x}-01\r\nx-tenant-id: {}\r\nx-conversation-id: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         opts.target,
-        if turn.stream { "text/event-stream" } else { "application/json" },
+        if turn.stream {
+            "text/event-stream"
+        } else {
+            "application/json"
+        },
         turn.request_id,
         turn.trace_id,
         turn.span_id,
@@ -503,14 +529,19 @@ async fn drive(
         conv.id,
         body.len()
     );
-    sock.write_all(req.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
+    sock.write_all(req.as_bytes())
+        .await
+        .map_err(|e| format!("write: {e}"))?;
     rec.sent_ns = now_ns();
 
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 16384];
     // Response head.
     let (status, chunked, body_start, content_len) = loop {
-        let n = sock.read(&mut chunk).await.map_err(|e| format!("read: {e}"))?;
+        let n = sock
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
         if n == 0 {
             return Err("connection closed before the response head".into());
         }
@@ -539,7 +570,10 @@ async fn drive(
         let mut body = rest;
         let want = content_len.unwrap_or(usize::MAX);
         while body.len() < want {
-            let n = sock.read(&mut chunk).await.map_err(|e| format!("read: {e}"))?;
+            let n = sock
+                .read(&mut chunk)
+                .await
+                .map_err(|e| format!("read: {e}"))?;
             if n == 0 {
                 break;
             }
@@ -573,14 +607,18 @@ async fn drive(
         while let Some(p) = events.windows(2).position(|w| w == b"\n\n") {
             let ev: Vec<u8> = events.drain(..p + 2).collect();
             let line = String::from_utf8_lossy(&ev);
-            let Some(payload) = line.trim().strip_prefix("data:") else { continue };
+            let Some(payload) = line.trim().strip_prefix("data:") else {
+                continue;
+            };
             let payload = payload.trim();
             if payload == "[DONE]" {
                 rec.close_ns = now_ns();
                 rec.close = "complete".into();
                 return Ok(());
             }
-            let Ok(v) = serde_json::from_str::<Value>(payload) else { continue };
+            let Ok(v) = serde_json::from_str::<Value>(payload) else {
+                continue;
+            };
             take_usage(rec, &v);
             let piece = v
                 .pointer("/choices/0/delta/content")
@@ -596,8 +634,9 @@ async fn drive(
                 if let Some((after, how)) = turn.abort
                     && rec.tokens_received >= after
                 {
-                    close_abruptly(sock, how).await;
+                    // Stamped just before the close syscall, so the server can only see it later.
                     rec.close_ns = now_ns();
+                    close_abruptly(sock, how).await;
                     rec.close = match how {
                         AbortHow::Fin => "fin".into(),
                         AbortHow::Rst => "rst".into(),
@@ -611,7 +650,10 @@ async fn drive(
             rec.close = "complete".into();
             return Ok(());
         }
-        let n = sock.read(&mut chunk).await.map_err(|e| format!("read: {e}"))?;
+        let n = sock
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
         if n == 0 {
             return Err("connection closed mid-stream".into());
         }

@@ -26,6 +26,8 @@ pub enum CloseHow {
 /// One server-side record; the `kind` field names the variant.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+// Records are built once and written; boxing would only complicate the readers' matching.
+#[allow(clippy::large_enum_variant)]
 pub enum TruthRecord {
     /// A finished (completed or aborted) request.
     Request(RequestTruth),

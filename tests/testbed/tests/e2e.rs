@@ -70,7 +70,11 @@ fn check_consistency(truth: &[TruthRecord], client: &[ClientTruth]) {
             _ => None,
         })
         .collect();
-    assert_eq!(reqs.len(), client.len(), "one server record per client request");
+    assert_eq!(
+        reqs.len(),
+        client.len(),
+        "one server record per client request"
+    );
     let by_id: HashMap<&str, &ClientTruth> =
         client.iter().map(|c| (c.request_id.as_str(), c)).collect();
     for q in &reqs {
@@ -100,7 +104,10 @@ fn check_consistency(truth: &[TruthRecord], client: &[ClientTruth]) {
             }
             "fin" | "rst" => {
                 let seen = q.client_abort_ns.expect("server saw the abort");
-                assert!(seen >= c.close_ns, "server saw the close after the client did it");
+                assert!(
+                    seen >= c.close_ns,
+                    "server saw the close after the client did it"
+                );
                 assert_eq!(Some(c.tokens_received), c.abort_after_tokens);
             }
             other => panic!("unexpected close {other}"),
@@ -197,5 +204,46 @@ async fn immediate_policy_stops_soon_after_abort() {
             assert_eq!(q.finish_reason, "abort");
             assert!(q.tokens_after_abort <= 1, "{q:?}");
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn trace_replay_runs_and_shares_prefixes() {
+    let s = scenario("trace-replay");
+    let plan = traffic::plan(&s).unwrap();
+    assert_eq!(plan.len(), 8 + 6);
+    let (truth, client) = drive(&s, 1.0, "replay").await;
+    assert_eq!(client.len(), 14);
+    assert!(client.iter().all(|c| c.close == "complete"));
+    // Mooncake rows 1 and 4 carry the same hash_ids [0, 1, 2]: the later one hits the cache.
+    let hit = truth.iter().any(|r| {
+        matches!(r, TruthRecord::Request(q) if q.tenant == "mooncake" && q.cached_tokens >= 1024)
+    });
+    assert!(hit);
+}
+
+#[test]
+fn plans_are_reproducible() {
+    let s = scenario("noisy-tenant");
+    let a = traffic::plan(&s).unwrap();
+    let b = traffic::plan(&s).unwrap();
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.id, y.id);
+        assert_eq!(x.turns.len(), y.turns.len());
+        assert_eq!(x.turns[0].user_text, y.turns[0].user_text);
+        assert_eq!(x.turns[0].trace_id, y.turns[0].trace_id);
+    }
+    for name in [
+        "abort-storm",
+        "noisy-tenant",
+        "cold-start",
+        "gpu-contention",
+        "benign",
+    ] {
+        assert!(
+            !traffic::plan(&scenario(name)).unwrap().is_empty(),
+            "{name}"
+        );
     }
 }
