@@ -4,7 +4,10 @@
 //! values of [`model`]; the sans-IO correlator joins them per request and returns findings; sinks
 //! publish spans and metrics. `main.rs` only parses, builds and runs.
 
+pub mod check;
 pub mod cli;
 pub mod config;
+pub mod correlator;
 pub mod model;
+pub mod pipeline;
 pub mod sources;

@@ -1,6 +1,83 @@
-use clap::Parser;
+//! The `inferwatch` binary: parse, resolve the config, build every stage, run.
 
-fn main() -> anyhow::Result<()> {
-    let _cli = inferwatch::cli::Cli::parse();
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use inferwatch::cli::{Cli, Command};
+use inferwatch::config::AgentConfig;
+use inferwatch::pipeline::{Pipeline, RunOptions};
+use tokio_util::sync::CancellationToken;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("inferwatch: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("INFERWATCH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Check(args) => {
+            let config = AgentConfig::resolve(&args, std::env::vars())
+                .context("loading the configuration")?;
+            let items = inferwatch::check::kernel_checks(&config);
+            print!("{}", inferwatch::check::render(&items));
+            Ok(if items.iter().all(|i| i.ok) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Run(args) => {
+            let config = AgentConfig::resolve(&args.common, std::env::vars())
+                .context("loading the configuration")?;
+            let options = RunOptions {
+                print_events: args.print_events,
+                duration: args.duration.map(Duration::from_secs_f64),
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the tokio runtime")?;
+            runtime.block_on(async {
+                let shutdown = CancellationToken::new();
+                spawn_signal_handler(shutdown.clone())?;
+                let pipeline = Pipeline::build(config, options);
+                pipeline.run(shutdown).await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Cancels `shutdown` on SIGTERM or SIGINT.
+fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        shutdown.cancel();
+    });
     Ok(())
 }

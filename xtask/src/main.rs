@@ -1,1 +1,49 @@
-fn main() {}
+//! Project tasks: `cargo xtask <setup|build|test|bench|demo|gpu-check>`.
+//!
+//! One file per subcommand; every external command goes through `util::run`, which prints it
+//! and names it when it fails.
+
+mod bench;
+mod build;
+mod setup;
+mod test;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "xtask", about = "inferwatch project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install what the build and the tests need (apt, pip venv) when root; else print the commands.
+    Setup,
+    /// Build the agent (debug unless --release).
+    Build {
+        /// Build with optimisations.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Setup, then fmt --check, clippy -D warnings, unit tests and the kernel tests (as root).
+    Test,
+    /// Benchmarks: `kernel` (overhead of the attached programs, reader throughput).
+    Bench {
+        /// Which benchmark.
+        #[arg(value_enum)]
+        which: bench::Which,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Task::Setup => setup::task(),
+        Task::Build { release } => build::task(release),
+        Task::Test => test::task(),
+        Task::Bench { which } => bench::task(which),
+    }
+}

@@ -1,6 +1,288 @@
 //! The kernel source: eBPF programs on TCP tracepoints and socket syscalls that report the
-//! lifecycle of each HTTP request on a watched port.
+//! lifecycle of each HTTP request on a watched port (SPEC §1.1).
+//!
+//! `KernelProbes` loads and attaches the programs; `KernelSource` reads their ring buffer,
+//! decodes each record (`event::decode`), converts kernel time to wall-clock time, parses
+//! request heads down to the allow-listed headers (`http::HeadParser`) and sends typed
+//! [`KernelEvent`]s on a bounded channel. A full channel drops the event and counts it; the
+//! reader never blocks the ring.
 
+mod clock;
 mod config;
+pub mod event;
+pub mod http;
+mod probes;
 
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use aya::maps::{MapData, RingBuf};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use clock::MonotonicToWall;
 pub use config::{KernelConfig, RUNTIME_DEFAULT_PORTS};
+pub use probes::{CounterMap, KernelCounters, KernelProbes, PROGRAMS, TRACEFS};
+
+use crate::model::{CloseHow, ConnId, KernelEvent, KernelEventKind};
+use event::{RawBody, RawEvent, RawHow};
+use http::HeadParser;
+
+/// Errors of the kernel source, each naming the operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// The agent was built with `INFERWATCH_EBPF_STUB=1`: no programs to load.
+    #[error(
+        "the eBPF object is a build stub (built with INFERWATCH_EBPF_STUB=1); rebuild with clang"
+    )]
+    StubObject,
+    /// More watched ports than the kernel map holds.
+    #[error("{count} watched ports, the kernel map holds {max}")]
+    TooManyPorts {
+        /// Ports asked for.
+        count: usize,
+        /// Map capacity.
+        max: usize,
+    },
+    /// tracefs is not mounted and could not be mounted.
+    #[error("tracefs is not available ({reason}); tracepoint programs cannot attach")]
+    NoTracefs {
+        /// Whether an existing mount was found.
+        mounted: bool,
+        /// Why not.
+        reason: String,
+    },
+    /// Parsing the object or creating its maps failed (BPF_MAP_CREATE, BTF).
+    #[error(
+        "loading the eBPF object (BPF_MAP_CREATE / BTF); needs CAP_BPF and CAP_PERFMON or root"
+    )]
+    Load {
+        /// The cause.
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    /// A program named in `PROGRAMS` is not in the object.
+    #[error("program {0} missing from the eBPF object")]
+    MissingProgram(&'static str),
+    /// A map the agent needs is not in the object.
+    #[error("map {0} missing from the eBPF object")]
+    MissingMap(&'static str),
+    /// BPF_PROG_LOAD failed (verifier, capabilities).
+    #[error("BPF_PROG_LOAD of {name} failed (verifier or missing CAP_BPF / CAP_PERFMON)")]
+    Program {
+        /// The program.
+        name: &'static str,
+        /// The cause.
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    /// perf_event_open / attach of a tracepoint failed.
+    #[error("attaching {name} to tracepoint {tracepoint} (perf_event_open)")]
+    Attach {
+        /// The program.
+        name: &'static str,
+        /// `category/name`.
+        tracepoint: String,
+        /// The cause.
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    /// A map operation failed.
+    #[error("BPF map operation on {name}")]
+    Map {
+        /// The map.
+        name: &'static str,
+        /// The cause.
+        #[source]
+        source: aya::maps::MapError,
+    },
+    /// Registering the ring buffer fd with the tokio reactor failed.
+    #[error("registering the ring buffer fd with epoll")]
+    Poll(#[source] std::io::Error),
+}
+
+/// Counters of the kernel source, shared with the metrics sink.
+#[derive(Debug, Default)]
+pub struct KernelStats {
+    /// Records read from the ring buffer.
+    pub records: AtomicU64,
+    /// Events sent to the pipeline.
+    pub events: AtomicU64,
+    /// Records that did not decode (truncated, invalid field).
+    pub decode_errors: AtomicU64,
+    /// Records of a type this agent does not know, skipped.
+    pub unknown_types: AtomicU64,
+    /// Request heads that were not HTTP/1.x requests after all.
+    pub unparsed_heads: AtomicU64,
+    /// Events dropped because the pipeline's channel was full.
+    pub channel_full: AtomicU64,
+}
+
+/// Turns decoded kernel records into model events: wall-clock time and parsed heads.
+#[derive(Debug, Clone)]
+pub struct EventConverter {
+    clock: MonotonicToWall,
+    heads: HeadParser,
+}
+
+impl EventConverter {
+    /// A converter with the given clock and header names.
+    pub fn new(clock: MonotonicToWall, config: &KernelConfig) -> Self {
+        Self {
+            clock,
+            heads: HeadParser::new(&config.tenant_header, &config.conversation_header),
+        }
+    }
+
+    /// The model event for a decoded record; `None` for a request head that is not an HTTP/1.x
+    /// request.
+    pub fn convert(&self, raw: &RawEvent<'_>) -> Option<KernelEvent> {
+        let conn = ConnId(raw.conn);
+        let kind = match &raw.body {
+            RawBody::Listen { port } => KernelEventKind::Listen { conn, port: *port },
+            RawBody::Accepted { fd, local, peer } => KernelEventKind::Accepted {
+                conn,
+                fd: *fd,
+                local: *local,
+                peer: *peer,
+            },
+            RawBody::RequestHead { fd, data } => KernelEventKind::RequestHead {
+                conn,
+                fd: *fd,
+                head: self.heads.parse(data)?,
+            },
+            RawBody::PeerClosed { how } => KernelEventKind::PeerClosed {
+                conn,
+                how: match how {
+                    RawHow::Fin => CloseHow::Fin,
+                    RawHow::Rst => CloseHow::Rst,
+                },
+            },
+            RawBody::WriteAfterPeerClose { bytes, errno } => KernelEventKind::WriteAfterPeerClose {
+                conn,
+                bytes: *bytes,
+                errno: *errno,
+            },
+            RawBody::LocalClosed { .. } => KernelEventKind::LocalClosed { conn },
+            RawBody::Closed => KernelEventKind::Closed { conn },
+        };
+        Some(KernelEvent {
+            ts: self.clock.to_unix(raw.mono_ns),
+            pid: (raw.tgid != 0).then_some(raw.tgid),
+            kind,
+        })
+    }
+}
+
+/// The running kernel source: the attached probes and the ring-buffer reader.
+pub struct KernelSource {
+    probes: KernelProbes,
+    ring: RingBuf<MapData>,
+    counters: Arc<CounterMap>,
+    converter: EventConverter,
+    stats: Arc<KernelStats>,
+}
+
+impl std::fmt::Debug for KernelSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelSource")
+            .field("probes", &self.probes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KernelSource {
+    /// Loads and attaches the programs for the configured ports.
+    ///
+    /// # Errors
+    /// See [`KernelError`]; the caller logs it once and runs without this source.
+    pub fn build(config: &KernelConfig) -> Result<Self, KernelError> {
+        let mut probes = KernelProbes::load(
+            &config.ports(),
+            config.ring_buffer_bytes,
+            config.mount_tracefs,
+        )?;
+        let ring = probes.take_ring_buf()?;
+        let counters = Arc::new(probes.take_counters()?);
+        Ok(Self {
+            probes,
+            ring,
+            counters,
+            converter: EventConverter::new(MonotonicToWall::sample(), config),
+            stats: Arc::new(KernelStats::default()),
+        })
+    }
+
+    /// The source's counters.
+    pub fn stats(&self) -> Arc<KernelStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// The programs' per-CPU counters, readable while the source runs.
+    pub fn counters(&self) -> Arc<CounterMap> {
+        Arc::clone(&self.counters)
+    }
+
+    /// Reads the ring buffer until `shutdown`, sending events on `tx` (dropping and counting
+    /// when it is full). Returns the probes so that the caller decides when to detach; dropping
+    /// them detaches every program.
+    pub async fn run(
+        self,
+        tx: mpsc::Sender<KernelEvent>,
+        shutdown: CancellationToken,
+    ) -> Result<KernelProbes, KernelError> {
+        let Self {
+            probes,
+            ring,
+            converter,
+            stats,
+            ..
+        } = self;
+        tracing::debug!(fd = ring.as_raw_fd(), "kernel ring buffer reader started");
+        // SAFETY: the ring buffer's fd stays open for as long as `ring` (owned by the AsyncFd)
+        // lives, and nothing else registers it with the reactor.
+        let mut ring =
+            unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+                .map_err(|e| KernelError::Poll(e.into_parts().1))?;
+        loop {
+            let mut guard = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                ready = ring.readable_mut() => ready.map_err(KernelError::Poll)?,
+            };
+            let rb = guard.get_inner_mut();
+            while let Some(item) = rb.next() {
+                stats.records.fetch_add(1, Ordering::Relaxed);
+                let raw = match event::decode(&item) {
+                    Ok(raw) => raw,
+                    Err(event::DecodeError::UnknownType(_)) => {
+                        stats.unknown_types.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    Err(err) => {
+                        stats.decode_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%err, "undecodable kernel record");
+                        continue;
+                    }
+                };
+                let Some(event) = converter.convert(&raw) else {
+                    stats.unparsed_heads.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                drop(item);
+                match tx.try_send(event) {
+                    Ok(()) => {
+                        stats.events.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        stats.channel_full.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => return Ok(probes),
+                }
+            }
+            guard.clear_ready();
+        }
+        Ok(probes)
+    }
+}

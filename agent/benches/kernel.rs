@@ -1,0 +1,246 @@
+//! `cargo xtask bench kernel` (root): what the kernel programs cost a server, and how fast the
+//! userspace reader drains their ring buffer.
+//!
+//! 1. Overhead: a loopback request loop (connect, request, 20 streamed chunks, close) with the
+//!    programs attached vs detached, alternated in rounds within the same run; the median
+//!    throughput of each and their ratio.
+//! 2. Reader: a server thread writing as fast as it can to a connection whose peer has left
+//!    (each write is a `WriteAfterPeerClose` event) while the agent's reader drains the ring;
+//!    events per second received, and the drops the kernel counted.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use inferwatch::sources::kernel::{KernelConfig, KernelSource};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+const ROUNDS: usize = 6;
+const ROUND: Duration = Duration::from_millis(1500);
+const CHUNKS: usize = 20;
+
+fn serve(listener: TcpListener) {
+    let mut buf = [0u8; 4096];
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { return };
+        if !matches!(stream.read(&mut buf), Ok(n) if n > 0) {
+            continue;
+        }
+        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n");
+        for i in 0..CHUNKS {
+            let _ = stream.write_all(format!("data: {{\"token\": {i}}}\n\n").as_bytes());
+        }
+    }
+}
+
+fn client_loop(addr: std::net::SocketAddr, stop: &AtomicBool, done: &AtomicU64) {
+    let mut buf = [0u8; 8192];
+    let request = b"POST /v1/completions HTTP/1.1\r\nhost: b\r\nx-request-id: bench\r\ncontent-length: 2\r\n\r\n{}";
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(mut s) = TcpStream::connect(addr) else {
+            continue;
+        };
+        if s.write_all(request).is_err() {
+            continue;
+        }
+        while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+        done.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Requests per second over one round.
+fn measure(addr: std::net::SocketAddr) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let (s, d) = (Arc::clone(&stop), Arc::clone(&done));
+    let client = thread::spawn(move || client_loop(addr, &s, &d));
+    let start = Instant::now();
+    thread::sleep(ROUND);
+    stop.store(true, Ordering::Relaxed);
+    let _ = client.join();
+    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+struct Attached {
+    runtime: tokio::runtime::Runtime,
+    shutdown: CancellationToken,
+    received: Arc<AtomicU64>,
+}
+
+fn attach(port: u16) -> Attached {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let config = KernelConfig {
+        watch_ports: vec![port],
+        ..KernelConfig::default()
+    };
+    let source = runtime
+        .block_on(async { KernelSource::build(&config) })
+        .unwrap_or_else(|e| panic!("kernel source (run as root): {e:#?}"));
+    let (tx, mut rx) = mpsc::channel(config.channel_capacity);
+    let shutdown = CancellationToken::new();
+    let received = Arc::new(AtomicU64::new(0));
+    let token = shutdown.clone();
+    runtime.spawn(async move {
+        let _probes = source.run(tx, token).await;
+    });
+    let counter = Arc::clone(&received);
+    runtime.spawn(async move {
+        while rx.recv().await.is_some() {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    Attached {
+        runtime,
+        shutdown,
+        received,
+    }
+}
+
+impl Attached {
+    fn detach(self) {
+        self.shutdown.cancel();
+        self.runtime.shutdown_timeout(Duration::from_secs(2));
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn overhead() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    thread::spawn(move || serve(listener));
+    let _ = measure(addr); // warm-up
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    let mut events = 0;
+    for _ in 0..ROUNDS {
+        off.push(measure(addr));
+        let attached = attach(addr.port());
+        on.push(measure(addr));
+        events += attached.received.load(Ordering::Relaxed);
+        attached.detach();
+    }
+    let (m_off, m_on) = (median(&mut off), median(&mut on));
+    println!(
+        "kernel overhead: loopback request loop (connect, request, {CHUNKS} chunks, close), {ROUNDS} alternated rounds of {ROUND:?}"
+    );
+    println!("  detached  median {m_off:>9.0} req/s   rounds {off:.0?}");
+    println!("  attached  median {m_on:>9.0} req/s   rounds {on:.0?}");
+    println!(
+        "  ratio attached/detached = {:.3} (throughput loss {:.1}%), {events} events received",
+        m_on / m_off,
+        (1.0 - m_on / m_off) * 100.0
+    );
+}
+
+/// Fills the ring with `WriteAfterPeerClose` events while no reader runs, then starts the
+/// agent's reader and times the drain: the reader's own ceiling on one core, independent of how
+/// fast one producer thread can make events on a 2-core machine.
+fn reader() {
+    const EVENTS: u64 = 600_000;
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let config = KernelConfig {
+        watch_ports: vec![addr.port()],
+        // 64 MiB holds ~1.4M 48-byte records (40-byte event + ring header).
+        ring_buffer_bytes: 64 * 1024 * 1024,
+        channel_capacity: 1 << 20,
+        ..KernelConfig::default()
+    };
+    let source = runtime
+        .block_on(async { KernelSource::build(&config) })
+        .unwrap_or_else(|e| panic!("kernel source (run as root): {e:#?}"));
+    let counters = source.counters();
+    let stats = source.stats();
+    let client = TcpStream::connect(addr).expect("connect");
+    let (mut server, _) = listener.accept().expect("accept");
+    // The client resets: from now on every server write is a write after the peer left.
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid linger struct and size.
+    unsafe {
+        libc::setsockopt(
+            client.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as u32,
+        );
+    }
+    drop(client);
+    thread::sleep(Duration::from_millis(100));
+    let produce = Instant::now();
+    for _ in 0..EVENTS {
+        let _ = server.write(b"x");
+    }
+    let produce_secs = produce.elapsed().as_secs_f64();
+    let ring_drops_before: u64 = counters
+        .read()
+        .map(|c| c.ringbuf_drops.iter().sum())
+        .unwrap_or(0);
+
+    let (tx, mut rx) = mpsc::channel(config.channel_capacity);
+    let shutdown = CancellationToken::new();
+    let (received, drain_secs) = runtime.block_on(async {
+        let reader = tokio::spawn(source.run(tx, shutdown.clone()));
+        let start = Instant::now();
+        let mut received = 0u64;
+        // The first events of the connection (Accepted, PeerClosed, Closed) come too.
+        while received < EVENTS {
+            match tokio::time::timeout(Duration::from_secs(2), rx.recv()).await {
+                Ok(Some(_)) => received += 1,
+                _ => break,
+            }
+        }
+        let secs = start.elapsed().as_secs_f64();
+        shutdown.cancel();
+        let _ = reader.await;
+        (received, secs)
+    });
+    println!(
+        "reader: {EVENTS} WriteAfterPeerClose events queued in the ring in {produce_secs:.2} s ({:.0}/s from one producer thread), ring drops {ring_drops_before}",
+        EVENTS as f64 / produce_secs
+    );
+    println!(
+        "  drained {received} events in {drain_secs:.3} s = {:.0} events/s (decode, convert, send on the channel; one core), channel drops {}",
+        received as f64 / drain_secs,
+        stats.channel_full.load(Ordering::Relaxed)
+    );
+}
+
+fn main() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("the kernel benchmark needs root (it loads eBPF programs)");
+        std::process::exit(2);
+    }
+    if std::env::args().any(|a| a == "--bench" || a == "--test")
+        && std::env::args().any(|a| a == "--test")
+    {
+        return;
+    }
+    overhead();
+    reader();
+}

@@ -1,0 +1,183 @@
+//! `inferwatch check`: what works on this node, per source, and why not.
+
+use std::path::Path;
+
+use crate::config::AgentConfig;
+use crate::sources::kernel::{KernelProbes, TRACEFS};
+
+/// One line of the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckItem {
+    /// The source the item belongs to.
+    pub source: &'static str,
+    /// What was checked.
+    pub what: String,
+    /// Whether it works.
+    pub ok: bool,
+    /// Why (or why not).
+    pub detail: String,
+}
+
+/// Linux capabilities the kernel source may need, by number (linux/capability.h).
+const CAPS: &[(u32, &str)] = &[
+    (21, "CAP_SYS_ADMIN"),
+    (24, "CAP_SYS_RESOURCE"),
+    (38, "CAP_PERFMON"),
+    (39, "CAP_BPF"),
+];
+
+/// The effective capability set of this process, from /proc/self/status.
+pub fn effective_caps() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))?
+        .trim();
+    u64::from_str_radix(hex, 16).ok()
+}
+
+fn has_cap(caps: u64, cap: u32) -> bool {
+    caps & (1u64 << cap) != 0
+}
+
+/// Runs every check of the kernel source, including a real load and attach of the programs.
+pub fn kernel_checks(config: &AgentConfig) -> Vec<CheckItem> {
+    let item = |what: &str, ok: bool, detail: String| CheckItem {
+        source: "kernel",
+        what: what.to_owned(),
+        ok,
+        detail,
+    };
+    let mut items = Vec::new();
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|e| format!("unknown ({e})"));
+    let version_ok = kernel_at_least(&release, 5, 8);
+    items.push(item(
+        "kernel version",
+        version_ok,
+        format!("{release} (needs >= 5.8 for the BPF ring buffer)"),
+    ));
+    let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
+    items.push(item(
+        "BTF",
+        btf,
+        if btf {
+            "/sys/kernel/btf/vmlinux present (CO-RE relocations)".into()
+        } else {
+            "/sys/kernel/btf/vmlinux missing: the kernel lacks CONFIG_DEBUG_INFO_BTF".into()
+        },
+    ));
+    let tracefs = [TRACEFS, "/sys/kernel/debug/tracing"]
+        .iter()
+        .find(|p| Path::new(p).join("events").is_dir());
+    items.push(item(
+        "tracefs",
+        tracefs.is_some() || config.kernel.mount_tracefs,
+        match tracefs {
+            Some(p) => format!("mounted at {p}"),
+            None if config.kernel.mount_tracefs => {
+                format!("not mounted; the agent mounts it at {TRACEFS} (needs CAP_SYS_ADMIN)")
+            }
+            None => "not mounted and mount_tracefs is off".into(),
+        },
+    ));
+    match effective_caps() {
+        Some(caps) => {
+            let have_bpf = has_cap(caps, 39) || has_cap(caps, 21);
+            let have_perfmon = has_cap(caps, 38) || has_cap(caps, 21);
+            let names: Vec<&str> = CAPS
+                .iter()
+                .filter(|(n, _)| has_cap(caps, *n))
+                .map(|(_, name)| *name)
+                .collect();
+            items.push(item(
+                "capabilities",
+                have_bpf && have_perfmon,
+                format!(
+                    "effective: {} (needs CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN)",
+                    if names.is_empty() {
+                        "none of them".to_owned()
+                    } else {
+                        names.join(", ")
+                    }
+                ),
+            ));
+        }
+        None => items.push(item(
+            "capabilities",
+            false,
+            "cannot read /proc/self/status".into(),
+        )),
+    }
+    let ports = config.kernel.ports();
+    match KernelProbes::load(
+        &ports,
+        config.kernel.ring_buffer_bytes,
+        config.kernel.mount_tracefs,
+    ) {
+        Ok(probes) => {
+            drop(probes);
+            items.push(item(
+                "load and attach",
+                true,
+                format!(
+                    "{} tracepoint programs loaded and attached, then detached; watched ports {ports:?}",
+                    crate::sources::kernel::PROGRAMS.len()
+                ),
+            ));
+        }
+        Err(err) => items.push(item("load and attach", false, error_chain(&err))),
+    }
+    items
+}
+
+/// `err` and its causes on one line.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
+fn kernel_at_least(release: &str, major: u32, minor: u32) -> bool {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let maj = parts.next().and_then(|p| p.parse::<u32>().ok());
+    let min = parts.next().and_then(|p| p.parse::<u32>().ok());
+    match (maj, min) {
+        (Some(a), Some(b)) => (a, b) >= (major, minor),
+        _ => false,
+    }
+}
+
+/// Formats the report as aligned lines.
+pub fn render(items: &[CheckItem]) -> String {
+    let mut out = String::new();
+    for i in items {
+        out.push_str(&format!(
+            "{:<8} {:<18} {:<4} {}\n",
+            i.source,
+            i.what,
+            if i.ok { "ok" } else { "FAIL" },
+            i.detail
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_versions() {
+        assert!(kernel_at_least("6.18.44-fc-v595", 5, 8));
+        assert!(kernel_at_least("5.8.0", 5, 8));
+        assert!(!kernel_at_least("5.4.0-100-generic", 5, 8));
+        assert!(!kernel_at_least("garbage", 5, 8));
+    }
+}

@@ -1,0 +1,110 @@
+//! Configuration of the correlator: the join window and the bounds of every table it keeps.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::UnixNanos;
+
+const NANOS_PER_MILLI: u64 = 1_000_000;
+
+/// The correlator's settings (SPEC §2, §3.1, §6): join window, settle delays, and the caps and
+/// time-outs that keep its memory bounded whatever the traffic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorrelatorConfig {
+    /// Temporal join window, in milliseconds: a span with no exact match joins the unclaimed
+    /// request head on its instance closest to the span's arrival, if that head was read within
+    /// this distance of the arrival.
+    pub temporal_window_ms: u64,
+    /// How long after a span becomes joinable (its end, and its arrival plus the temporal
+    /// window) the correlator waits before settling it, in milliseconds. Covers kernel events
+    /// still in the ring buffer or the pipeline's queue.
+    pub settle_delay_ms: u64,
+    /// How long a request seen by the kernel waits for its runtime span once the kernel saw it
+    /// end (next request on the connection, close, or the last write after the peer left), in
+    /// milliseconds. Must exceed the runtime's export delay (the OTLP batch exporter adds up to
+    /// 5 s). When it runs out the request settles without a span: an abort is then reported from
+    /// the kernel's writes alone (method `kernel_writes`).
+    pub span_wait_ms: u64,
+    /// Longest time a request head is kept while the kernel has not seen it end, in
+    /// milliseconds (a generation that streams for longer is dropped and counted).
+    pub max_request_age_ms: u64,
+    /// A connection with no pending request and no event for this long is forgotten, in
+    /// milliseconds.
+    pub connection_idle_ms: u64,
+    /// Most connections tracked at once; beyond it the connection seen first is evicted (and
+    /// counted) together with its pending requests.
+    pub max_connections: usize,
+    /// Most request heads waiting for their span at once, all connections together; beyond it
+    /// the oldest head is evicted and counted.
+    pub max_pending_heads: usize,
+    /// Most requests remembered per connection (a keep-alive connection carries several);
+    /// beyond it the oldest is evicted and counted.
+    pub max_heads_per_connection: usize,
+    /// Most runtime spans waiting to settle at once; beyond it the span due first is settled
+    /// at once with whatever the kernel has seen so far (counted as an eviction).
+    pub max_pending_spans: usize,
+    /// Most listening ports remembered (used to place connections on runtime instances).
+    pub max_listeners: usize,
+    /// Prefixes a runtime puts before the `x-request-id` header to form its own request id
+    /// (vLLM: `chatcmpl-<id>` for chat completions, `cmpl-<id>` for completions, `embd-<id>`
+    /// for embeddings). A span's request id matches a header when it equals it, or equals it
+    /// after one of these prefixes is removed.
+    pub request_id_prefixes: Vec<String>,
+    /// Sizes, in bytes, of writes after the peer left that are framing rather than a token
+    /// chunk. The default, 14, is the OpenAI-compatible stream terminator `data: [DONE]\n\n`.
+    pub framing_write_bytes: Vec<u64>,
+}
+
+impl Default for CorrelatorConfig {
+    fn default() -> Self {
+        Self {
+            temporal_window_ms: 500,
+            settle_delay_ms: 250,
+            span_wait_ms: 30_000,
+            max_request_age_ms: 15 * 60 * 1000,
+            connection_idle_ms: 15 * 60 * 1000,
+            max_connections: 65_536,
+            max_pending_heads: 65_536,
+            max_heads_per_connection: 256,
+            max_pending_spans: 16_384,
+            max_listeners: 1024,
+            request_id_prefixes: vec!["chatcmpl-".into(), "cmpl-".into(), "embd-".into()],
+            framing_write_bytes: vec![b"data: [DONE]\n\n".len() as u64],
+        }
+    }
+}
+
+impl CorrelatorConfig {
+    pub(crate) fn temporal_window(&self) -> UnixNanos {
+        self.temporal_window_ms.saturating_mul(NANOS_PER_MILLI)
+    }
+    pub(crate) fn settle_delay(&self) -> UnixNanos {
+        self.settle_delay_ms.saturating_mul(NANOS_PER_MILLI)
+    }
+    pub(crate) fn span_wait(&self) -> UnixNanos {
+        self.span_wait_ms.saturating_mul(NANOS_PER_MILLI)
+    }
+    pub(crate) fn max_request_age(&self) -> UnixNanos {
+        self.max_request_age_ms.saturating_mul(NANOS_PER_MILLI)
+    }
+    pub(crate) fn connection_idle(&self) -> UnixNanos {
+        self.connection_idle_ms.saturating_mul(NANOS_PER_MILLI)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_round_trips_and_rejects_unknown_keys() {
+        let text = toml::to_string(&CorrelatorConfig::default()).expect("serialize default");
+        let back: CorrelatorConfig = toml::from_str(&text).expect("parse default back");
+        assert_eq!(back, CorrelatorConfig::default());
+        let err = toml::from_str::<CorrelatorConfig>("temporal_window = 3");
+        assert!(err.is_err(), "unknown key must be rejected");
+        let partial: CorrelatorConfig = toml::from_str("span_wait_ms = 7").expect("partial config");
+        assert_eq!(partial.span_wait_ms, 7);
+        assert_eq!(partial.temporal_window_ms, 500);
+    }
+}

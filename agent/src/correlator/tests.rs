@@ -1,0 +1,164 @@
+//! Unit tests of the correlator's decisions; the scripted streams live in `tests/replay/`.
+
+use super::*;
+use crate::model::{CloseHow, InstanceIdentity, RuntimeKind, TraceParent};
+
+const MS: u64 = 1_000_000;
+const T0: u64 = 1_700_000_000_000_000_000;
+
+fn kernel(ts: u64, kind: KernelEventKind) -> Input {
+    Input::Kernel(KernelEvent {
+        ts,
+        pid: Some(42),
+        kind,
+    })
+}
+
+fn accepted(ts: u64, conn: u64, peer_port: u16) -> Input {
+    kernel(
+        ts,
+        KernelEventKind::Accepted {
+            conn: ConnId(conn),
+            fd: 9,
+            local: "10.0.0.1:8000".parse().expect("addr"),
+            peer: SocketAddr::from(([10, 0, 0, 2], peer_port)),
+        },
+    )
+}
+
+fn head(ts: u64, conn: u64, trace: Option<u8>, request_id: Option<&str>) -> Input {
+    kernel(
+        ts,
+        KernelEventKind::RequestHead {
+            conn: ConnId(conn),
+            fd: 9,
+            head: RequestHead {
+                method: "POST".into(),
+                path: "/v1/chat/completions".into(),
+                request_id: request_id.map(str::to_string),
+                traceparent: trace.map(|t| TraceParent {
+                    trace_id: [t; 16],
+                    parent_id: [t; 8],
+                    flags: 1,
+                }),
+                tenant: Some("acme".into()),
+                conversation: None,
+            },
+        },
+    )
+}
+
+fn span(trace: u8, arrival: u64, first: u64, end: u64, tokens: u64) -> RuntimeRequest {
+    RuntimeRequest {
+        runtime: RuntimeKind::Vllm,
+        trace_id: [trace; 16],
+        span_id: [trace.wrapping_add(100); 8],
+        parent_span_id: None,
+        request_id: None,
+        model: Some("m".into()),
+        tenant: None,
+        conversation: None,
+        client: None,
+        instance: InstanceIdentity::default(),
+        arrival,
+        queue_ns: None,
+        first_token: Some(first),
+        end,
+        prompt_tokens: Some(10),
+        cached_tokens: None,
+        output_tokens: Some(tokens),
+        finish_reason: Some("abort".into()),
+        token_times: Vec::new(),
+    }
+}
+
+fn aborts(out: &[Output]) -> Vec<&AbortFinding> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Abort(a) => Some(a),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn traceparent_join_with_interpolated_abort() {
+    let mut c = Correlator::new(CorrelatorConfig::default());
+    let mut out = Vec::new();
+    out.extend(c.on_event(accepted(T0, 1, 5000)));
+    out.extend(c.on_event(head(T0 + MS, 1, Some(7), None)));
+    out.extend(c.on_event(kernel(
+        T0 + 600 * MS,
+        KernelEventKind::PeerClosed {
+            conn: ConnId(1),
+            how: CloseHow::Rst,
+        },
+    )));
+    // 100 tokens decoded from +100 ms to +1100 ms; the client left at +600 ms.
+    out.extend(c.on_event(Input::Runtime(span(
+        7,
+        T0 + 2 * MS,
+        T0 + 100 * MS,
+        T0 + 1100 * MS,
+        100,
+    ))));
+    assert!(out.is_empty(), "nothing settles before a tick: {out:?}");
+    out.extend(c.on_tick(T0 + 1000 * MS));
+    assert!(out.is_empty(), "span not due yet: {out:?}");
+    out.extend(c.on_tick(T0 + 2000 * MS));
+    let found = aborts(&out);
+    assert_eq!(found.len(), 1, "one finding: {out:?}");
+    assert_eq!(found[0].tokens_after, 50);
+    assert_eq!(found[0].method, TokenCountMethod::Interpolated);
+    assert_eq!(found[0].how, CloseHow::Rst);
+    assert_eq!(found[0].lag_ns, 500 * MS);
+    assert_eq!(found[0].tenant.as_deref(), Some("acme"));
+    assert_eq!(c.stats().joins.traceparent, 1);
+    assert_eq!(c.state_sizes().pending_heads, 0);
+}
+
+#[test]
+fn span_table_at_cap_settles_early_and_stays_bounded() {
+    let config = CorrelatorConfig {
+        max_pending_spans: 4,
+        ..CorrelatorConfig::default()
+    };
+    let mut c = Correlator::new(config);
+    let mut joined = 0;
+    for i in 0..20u8 {
+        let out = c.on_event(Input::Runtime(span(i, T0, T0, T0 + 10 * MS, 1)));
+        joined += out.len();
+        assert!(c.state_sizes().pending_spans <= 4);
+    }
+    assert_eq!(joined, 16);
+    assert_eq!(c.stats().evictions.spans, 16);
+    let out = c.on_tick(T0 + 10_000 * MS);
+    assert_eq!(out.len(), 4);
+    assert_eq!(c.stats().joins.unjoined, 20);
+}
+
+#[test]
+fn duplicate_span_is_dropped() {
+    let mut c = Correlator::new(CorrelatorConfig::default());
+    c.on_event(Input::Runtime(span(1, T0, T0, T0 + MS, 1)));
+    c.on_event(Input::Runtime(span(1, T0, T0, T0 + MS, 1)));
+    assert_eq!(c.stats().duplicate_spans, 1);
+    assert_eq!(c.on_tick(T0 + 10_000 * MS).len(), 1);
+}
+
+#[test]
+fn replayed_head_replaces_the_first_and_leaves_no_stale_index() {
+    let mut c = Correlator::new(CorrelatorConfig::default());
+    c.on_event(accepted(T0, 1, 5000));
+    c.on_event(head(T0 + MS, 1, None, Some("first")));
+    c.on_event(head(T0 + MS, 1, None, Some("second")));
+    assert_eq!(c.state_sizes().pending_heads, 1);
+    assert!(!c.by_request_id.contains_key("first"));
+    c.on_event(kernel(
+        T0 + 2 * MS,
+        KernelEventKind::Closed { conn: ConnId(1) },
+    ));
+    c.on_tick(T0 + 60_000 * MS);
+    assert_eq!(c.stats().unjoined_heads, 1);
+    assert!(c.by_request_id.is_empty() && c.heads.is_empty() && c.conns.is_empty());
+}

@@ -1,0 +1,185 @@
+//! Parsing of the request bytes the kernel captured: the request line and the allow-listed
+//! headers only. Every other header, and the body, is dropped here and never stored.
+
+use crate::model::{RequestHead, TraceParent};
+
+/// Most headers a request head may carry for us to look at; more are ignored (the request is
+/// still reported, with what was found before the limit).
+const MAX_HEADERS: usize = 64;
+
+/// Longest header value kept (ids and tenant names are short; anything longer is not an id).
+const MAX_VALUE_LEN: usize = 256;
+
+/// Parses request heads with the configured tenant and conversation header names.
+#[derive(Debug, Clone)]
+pub struct HeadParser {
+    tenant_header: String,
+    conversation_header: String,
+}
+
+impl HeadParser {
+    /// A parser that reads `tenant_header` and `conversation_header` (case-insensitive) in
+    /// addition to `x-request-id` and `traceparent`.
+    pub fn new(tenant_header: &str, conversation_header: &str) -> Self {
+        Self {
+            tenant_header: tenant_header.to_ascii_lowercase(),
+            conversation_header: conversation_header.to_ascii_lowercase(),
+        }
+    }
+
+    /// Parses the first bytes of an HTTP/1.x request. The capture may end mid-header (the kernel
+    /// copies a bounded prefix): the complete header lines are used and the cut one is dropped.
+    /// Returns `None` when the bytes are not an HTTP/1.x request.
+    pub fn parse(&self, bytes: &[u8]) -> Option<RequestHead> {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(bytes) {
+            Ok(httparse::Status::Complete(_)) => return self.extract(&req),
+            Ok(httparse::Status::Partial) => {}
+            Err(_) => return None,
+        }
+        // Cut capture: keep the complete lines and end the head there.
+        let end = last_line_end(bytes)?;
+        let mut cut = bytes[..end].to_vec();
+        cut.extend_from_slice(b"\r\n");
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&cut) {
+            Ok(httparse::Status::Complete(_)) => self.extract(&req),
+            _ => None,
+        }
+    }
+
+    fn extract(&self, req: &httparse::Request<'_, '_>) -> Option<RequestHead> {
+        let method = req.method?.to_owned();
+        let target = req.path?;
+        let path = target.split('?').next().unwrap_or(target).to_owned();
+        let mut head = RequestHead {
+            method,
+            path,
+            ..RequestHead::default()
+        };
+        for h in req.headers.iter() {
+            let Some(value) = header_value(h.value) else {
+                continue;
+            };
+            if h.name.eq_ignore_ascii_case("x-request-id") {
+                head.request_id = Some(value);
+            } else if h.name.eq_ignore_ascii_case("traceparent") {
+                head.traceparent = parse_traceparent(&value);
+            } else if h.name.eq_ignore_ascii_case(&self.tenant_header) {
+                head.tenant = Some(value);
+            } else if h.name.eq_ignore_ascii_case(&self.conversation_header) {
+                head.conversation = Some(value);
+            }
+        }
+        Some(head)
+    }
+}
+
+/// End of the last complete header line (just after its `\r\n`), past the request line.
+fn last_line_end(bytes: &[u8]) -> Option<usize> {
+    let first = bytes.windows(2).position(|w| w == b"\r\n")? + 2;
+    let last = bytes.windows(2).rposition(|w| w == b"\r\n")? + 2;
+    (last >= first).then_some(last)
+}
+
+fn header_value(raw: &[u8]) -> Option<String> {
+    let s = std::str::from_utf8(raw).ok()?.trim();
+    (!s.is_empty() && s.len() <= MAX_VALUE_LEN).then(|| s.to_owned())
+}
+
+/// Parses a W3C trace-context `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`). All-zero ids are
+/// invalid per the spec.
+pub fn parse_traceparent(value: &str) -> Option<TraceParent> {
+    let mut parts = value.trim().split('-');
+    let version = parts.next()?;
+    let trace = parts.next()?;
+    let parent = parts.next()?;
+    let flags = parts.next()?;
+    if version.len() != 2
+        || version == "ff"
+        || trace.len() != 32
+        || parent.len() != 16
+        || flags.len() != 2
+    {
+        return None;
+    }
+    let mut trace_id = [0u8; 16];
+    let mut parent_id = [0u8; 8];
+    let mut flag = [0u8; 1];
+    hex::decode_to_slice(trace, &mut trace_id).ok()?;
+    hex::decode_to_slice(parent, &mut parent_id).ok()?;
+    hex::decode_to_slice(flags, &mut flag).ok()?;
+    if trace_id == [0; 16] || parent_id == [0; 8] {
+        return None;
+    }
+    Some(TraceParent {
+        trace_id,
+        parent_id,
+        flags: flag[0],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parser() -> HeadParser {
+        HeadParser::new("X-Tenant-Id", "x-conversation-id")
+    }
+
+    const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn keeps_only_allow_listed_headers() {
+        let req = format!(
+            "POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer sk-secret\r\n\
+             X-Request-Id: req-1\r\ntraceparent: {TP}\r\nx-tenant-id: acme\r\n\
+             X-Conversation-Id: conv-9\r\nContent-Length: 2\r\n\r\n{{}}"
+        );
+        let head = parser().parse(req.as_bytes()).expect("parses");
+        assert_eq!(head.method, "POST");
+        assert_eq!(head.path, "/v1/chat/completions");
+        assert_eq!(head.request_id.as_deref(), Some("req-1"));
+        assert_eq!(head.tenant.as_deref(), Some("acme"));
+        assert_eq!(head.conversation.as_deref(), Some("conv-9"));
+        let tp = head.traceparent.expect("traceparent");
+        assert_eq!(hex::encode(tp.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(hex::encode(tp.parent_id), "00f067aa0ba902b7");
+        assert_eq!(tp.flags, 1);
+        // Nothing else survives: the debug form holds no secret.
+        assert!(!format!("{head:?}").contains("sk-secret"));
+    }
+
+    #[test]
+    fn truncated_capture_keeps_complete_lines() {
+        let req = b"GET /health HTTP/1.1\r\nx-request-id: abc\r\nx-tenant-id: tru";
+        let head = parser().parse(req).expect("parses");
+        assert_eq!(head.request_id.as_deref(), Some("abc"));
+        assert_eq!(head.tenant, None, "a cut header is dropped, not guessed");
+    }
+
+    #[test]
+    fn rejects_what_is_not_a_request() {
+        assert_eq!(parser().parse(b"{\"model\": \"x\"}"), None);
+        assert_eq!(parser().parse(b"HTTP/1.1 200 OK\r\n\r\n"), None);
+        assert_eq!(parser().parse(b""), None);
+        assert_eq!(parser().parse(&[0xff, 0xfe, 0x00]), None);
+    }
+
+    #[test]
+    fn traceparent_validation() {
+        assert!(parse_traceparent(TP).is_some());
+        assert!(
+            parse_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01").is_none()
+        );
+        assert!(
+            parse_traceparent("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").is_none()
+        );
+        assert!(
+            parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01").is_none()
+        );
+        assert!(parse_traceparent("garbage").is_none());
+    }
+}

@@ -1,0 +1,249 @@
+//! Loading and attaching the eBPF programs. `KernelProbes` owns the `Ebpf` object and with it
+//! every link: dropping it detaches all programs.
+
+use std::path::Path;
+
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::TracePoint;
+use aya::{Ebpf, EbpfLoader};
+
+use super::KernelError;
+use super::event::raw::{
+    IW_COUNTER_CONN_TABLE_FULL, IW_COUNTER_RINGBUF_DROPS, IW_MAX_WATCHED_PORTS,
+};
+
+/// The compiled object of `ebpf/tcp_lifecycle.bpf.c` (empty when built with
+/// `INFERWATCH_EBPF_STUB=1`).
+static TCP_LIFECYCLE: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcp_lifecycle.bpf.o"));
+
+/// Every program with the tracepoint it attaches to (category, name).
+pub const PROGRAMS: &[(&str, &str, &str)] = &[
+    ("iw_inet_sock_set_state", "sock", "inet_sock_set_state"),
+    ("iw_tcp_receive_reset", "tcp", "tcp_receive_reset"),
+    ("iw_sys_exit_accept", "syscalls", "sys_exit_accept"),
+    ("iw_sys_exit_accept4", "syscalls", "sys_exit_accept4"),
+    ("iw_sys_enter_read", "syscalls", "sys_enter_read"),
+    ("iw_sys_exit_read", "syscalls", "sys_exit_read"),
+    ("iw_sys_enter_recvfrom", "syscalls", "sys_enter_recvfrom"),
+    ("iw_sys_exit_recvfrom", "syscalls", "sys_exit_recvfrom"),
+    ("iw_sys_enter_readv", "syscalls", "sys_enter_readv"),
+    ("iw_sys_exit_readv", "syscalls", "sys_exit_readv"),
+    ("iw_sys_enter_recvmsg", "syscalls", "sys_enter_recvmsg"),
+    ("iw_sys_exit_recvmsg", "syscalls", "sys_exit_recvmsg"),
+    ("iw_sys_enter_write", "syscalls", "sys_enter_write"),
+    ("iw_sys_exit_write", "syscalls", "sys_exit_write"),
+    ("iw_sys_enter_sendto", "syscalls", "sys_enter_sendto"),
+    ("iw_sys_exit_sendto", "syscalls", "sys_exit_sendto"),
+    ("iw_sys_enter_writev", "syscalls", "sys_enter_writev"),
+    ("iw_sys_exit_writev", "syscalls", "sys_exit_writev"),
+    ("iw_sys_enter_sendmsg", "syscalls", "sys_enter_sendmsg"),
+    ("iw_sys_exit_sendmsg", "syscalls", "sys_exit_sendmsg"),
+    ("iw_sys_enter_close", "syscalls", "sys_enter_close"),
+];
+
+/// Where tracefs is expected; aya looks here and under debugfs.
+pub const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// Counters the programs keep per CPU.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelCounters {
+    /// Events lost because the ring buffer was full, per CPU.
+    pub ringbuf_drops: Vec<u64>,
+    /// Connections that could not be tracked (map full), per CPU.
+    pub conn_table_full: Vec<u64>,
+}
+
+/// The loaded and attached programs. Dropping it detaches them.
+pub struct KernelProbes {
+    ebpf: Ebpf,
+}
+
+impl std::fmt::Debug for KernelProbes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelProbes").finish_non_exhaustive()
+    }
+}
+
+impl KernelProbes {
+    /// Loads the programs, attaches them all and fills the watched-port map.
+    ///
+    /// # Errors
+    /// [`KernelError`] naming the step that failed: tracefs missing, the object not built, the
+    /// kernel refusing a program (verifier, capabilities) or an attach.
+    ///
+    /// Minimum kernel: 5.8 (BPF ring buffer), with BTF.
+    pub fn load(
+        ports: &[u16],
+        ring_buffer_bytes: u32,
+        mount_tracefs: bool,
+    ) -> Result<Self, KernelError> {
+        if TCP_LIFECYCLE.is_empty() {
+            return Err(KernelError::StubObject);
+        }
+        if ports.len() > IW_MAX_WATCHED_PORTS as usize {
+            return Err(KernelError::TooManyPorts {
+                count: ports.len(),
+                max: IW_MAX_WATCHED_PORTS as usize,
+            });
+        }
+        ensure_tracefs(mount_tracefs)?;
+        raise_memlock_rlimit();
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("events", ring_buffer_bytes)
+            .load(TCP_LIFECYCLE)
+            .map_err(|source| KernelError::Load {
+                source: Box::new(source),
+            })?;
+        for (name, category, tracepoint) in PROGRAMS {
+            let program: &mut TracePoint = ebpf
+                .program_mut(name)
+                .ok_or(KernelError::MissingProgram(name))?
+                .try_into()
+                .map_err(|source| KernelError::Program { name, source })?;
+            program
+                .load()
+                .map_err(|source| KernelError::Program { name, source })?;
+            program
+                .attach(category, tracepoint)
+                .map_err(|source| KernelError::Attach {
+                    name,
+                    tracepoint: format!("{category}/{tracepoint}"),
+                    source,
+                })?;
+        }
+        let mut probes = Self { ebpf };
+        for port in ports {
+            probes.watch_port(*port)?;
+        }
+        Ok(probes)
+    }
+
+    /// Adds a local port to the watched set (in the kernel map).
+    pub fn watch_port(&mut self, port: u16) -> Result<(), KernelError> {
+        let map = self
+            .ebpf
+            .map_mut("watched_ports")
+            .ok_or(KernelError::MissingMap("watched_ports"))?;
+        let mut ports: BpfHashMap<&mut MapData, u16, u8> =
+            BpfHashMap::try_from(map).map_err(|source| KernelError::Map {
+                name: "watched_ports",
+                source,
+            })?;
+        ports.insert(port, 1, 0).map_err(|source| KernelError::Map {
+            name: "watched_ports",
+            source,
+        })
+    }
+
+    /// Takes the ring buffer out of the object, for the reader task.
+    pub fn take_ring_buf(&mut self) -> Result<RingBuf<MapData>, KernelError> {
+        let map = self
+            .ebpf
+            .take_map("events")
+            .ok_or(KernelError::MissingMap("events"))?;
+        RingBuf::try_from(map).map_err(|source| KernelError::Map {
+            name: "events",
+            source,
+        })
+    }
+
+    /// Takes the per-CPU counters map out of the object, for the metrics.
+    pub fn take_counters(&mut self) -> Result<CounterMap, KernelError> {
+        let map = self
+            .ebpf
+            .take_map("counters")
+            .ok_or(KernelError::MissingMap("counters"))?;
+        let array = PerCpuArray::try_from(map).map_err(|source| KernelError::Map {
+            name: "counters",
+            source,
+        })?;
+        Ok(CounterMap { array })
+    }
+}
+
+/// The programs' per-CPU counters (ring-buffer drops, connection table full).
+pub struct CounterMap {
+    array: PerCpuArray<MapData, u64>,
+}
+
+impl std::fmt::Debug for CounterMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CounterMap").finish_non_exhaustive()
+    }
+}
+
+impl CounterMap {
+    /// Reads every counter, per CPU.
+    pub fn read(&self) -> Result<KernelCounters, KernelError> {
+        let read = |index: u32| -> Result<Vec<u64>, KernelError> {
+            let values = self
+                .array
+                .get(&index, 0)
+                .map_err(|source| KernelError::Map {
+                    name: "counters",
+                    source,
+                })?;
+            Ok(values.iter().copied().collect())
+        };
+        Ok(KernelCounters {
+            ringbuf_drops: read(IW_COUNTER_RINGBUF_DROPS)?,
+            conn_table_full: read(IW_COUNTER_CONN_TABLE_FULL)?,
+        })
+    }
+}
+
+/// Mounts tracefs at [`TRACEFS`] when no tracefs is reachable and `mount` allows it.
+fn ensure_tracefs(mount: bool) -> Result<(), KernelError> {
+    let candidates = [TRACEFS, "/sys/kernel/debug/tracing"];
+    if candidates
+        .iter()
+        .any(|p| Path::new(p).join("events").is_dir())
+    {
+        return Ok(());
+    }
+    if !mount {
+        return Err(KernelError::NoTracefs {
+            mounted: false,
+            reason: "mount_tracefs is off".into(),
+        });
+    }
+    let source = c"tracefs";
+    let target = c"/sys/kernel/tracing";
+    // SAFETY: valid NUL-terminated strings and a null data pointer, as mount(2) allows.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            source.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        return Err(KernelError::NoTracefs {
+            mounted: false,
+            reason: format!("mount -t tracefs tracefs {TRACEFS}: {err} (needs CAP_SYS_ADMIN)"),
+        });
+    }
+    tracing::info!(path = TRACEFS, "mounted tracefs");
+    Ok(())
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones use memcg accounting and
+/// ignore it. Raising it can fail without CAP_SYS_RESOURCE: warn, never fail.
+fn raise_memlock_rlimit() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: a valid rlimit struct.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+    if rc != 0 {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            "setrlimit(RLIMIT_MEMLOCK) failed; harmless on kernels >= 5.11"
+        );
+    }
+}
