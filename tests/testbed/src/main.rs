@@ -1,0 +1,279 @@
+//! `iw-testbed`: the simulated vLLM-compatible runtime (`serve`), the traffic generator
+//! (`traffic`), and both together for a scenario (`run`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use inferwatch_testbed::config::Scenario;
+use inferwatch_testbed::runtime::{self, ServeOptions};
+use inferwatch_testbed::traffic::{self, TrafficOptions};
+use inferwatch_testbed::truth::JsonlWriter;
+
+#[derive(Parser, Debug)]
+#[command(name = "iw-testbed", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the simulated runtime (runtime settings from the scenario's `[runtime]`).
+    Serve {
+        /// Scenario file (only `[runtime]` is used); defaults apply without one.
+        #[arg(long)]
+        scenario: Option<PathBuf>,
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Listen port.
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// Ground-truth JSONL output.
+        #[arg(long)]
+        truth: Option<PathBuf>,
+        /// OTLP/gRPC endpoint for `llm_request` spans, e.g. http://127.0.0.1:4317.
+        #[arg(long, env = "IW_TESTBED_OTLP_ENDPOINT")]
+        otlp_endpoint: Option<String>,
+        /// Override the disconnect policy (immediate | delayed:<ms> | never).
+        #[arg(long)]
+        policy: Option<String>,
+        /// Multiply every duration.
+        #[arg(long, default_value_t = 1.0)]
+        duration_scale: f64,
+    },
+    /// Send a scenario's traffic to a running runtime.
+    Traffic {
+        /// Scenario file.
+        #[arg(long)]
+        scenario: PathBuf,
+        /// Target, e.g. http://127.0.0.1:8000.
+        #[arg(long)]
+        target: String,
+        /// Client-side truth JSONL output.
+        #[arg(long)]
+        client_truth: Option<PathBuf>,
+        /// Multiply arrival offsets and think times.
+        #[arg(long, default_value_t = 1.0)]
+        duration_scale: f64,
+        /// Override the seed.
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+    /// Start the runtime and the traffic of a scenario; exit when the traffic is done.
+    Run {
+        /// Scenario file.
+        #[arg(long)]
+        scenario: PathBuf,
+        /// Runtime port (0: pick a free one).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// Server-side truth JSONL output.
+        #[arg(long)]
+        truth: Option<PathBuf>,
+        /// Client-side truth JSONL output.
+        #[arg(long)]
+        client_truth: Option<PathBuf>,
+        /// OTLP/gRPC endpoint for the runtime's spans.
+        #[arg(long, env = "IW_TESTBED_OTLP_ENDPOINT")]
+        otlp_endpoint: Option<String>,
+        /// Multiply every duration.
+        #[arg(long, default_value_t = 1.0)]
+        duration_scale: f64,
+        /// Override the seed.
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+}
+
+fn target_addr(t: &str) -> String {
+    t.trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string()
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+async fn wait_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    // Multi-thread: the OTLP batch exporter blocks on a current-thread runtime.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async_main(cli))
+}
+
+async fn async_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Serve {
+            scenario,
+            host,
+            port,
+            truth,
+            otlp_endpoint,
+            policy,
+            duration_scale,
+        } => {
+            let mut rt = match scenario {
+                Some(p) => Scenario::load(&p)?.runtime,
+                None => Default::default(),
+            };
+            if let Some(p) = policy {
+                rt.disconnect_policy = p;
+            }
+            let listen: SocketAddr = format!("{host}:{port}")
+                .parse()
+                .with_context(|| format!("bad listen address {host}:{port}"))?;
+            let running = runtime::start(ServeOptions {
+                listen,
+                runtime: rt,
+                duration_scale,
+                truth,
+                otlp_endpoint,
+            })
+            .await?;
+            wait_signal().await;
+            tracing::info!("shutting down");
+            running.shutdown().await;
+            Ok(())
+        }
+        Cmd::Traffic {
+            scenario,
+            target,
+            client_truth,
+            duration_scale,
+            seed,
+        } => {
+            let mut s = Scenario::load(&scenario)?;
+            if let Some(seed) = seed {
+                s.seed = seed;
+            }
+            let plan = traffic::plan(&s)?;
+            let writer = Arc::new(JsonlWriter::create(client_truth.as_deref())?);
+            let sum = traffic::run(
+                plan,
+                TrafficOptions {
+                    target: target_addr(&target),
+                    model: s.runtime.model.clone(),
+                    duration_scale,
+                    connect_timeout: Duration::from_secs(120),
+                },
+                writer,
+            )
+            .await;
+            tracing::info!(?sum, "traffic done");
+            Ok(())
+        }
+        Cmd::Run {
+            scenario,
+            port,
+            truth,
+            client_truth,
+            otlp_endpoint,
+            duration_scale,
+            seed,
+        } => {
+            let mut s = Scenario::load(&scenario)?;
+            if let Some(seed) = seed {
+                s.seed = seed;
+            }
+            let port = if port == 0 { free_port()? } else { port };
+            let addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], port));
+            let plan = traffic::plan(&s)?;
+            let writer = Arc::new(JsonlWriter::create(client_truth.as_deref())?);
+            let opts = TrafficOptions {
+                target: addr.to_string(),
+                model: s.runtime.model.clone(),
+                duration_scale,
+                connect_timeout: Duration::from_secs(120),
+            };
+            if s.runtime.separate_process {
+                // A real new process: the agent sees exec, the load phase and listen().
+                let exe = std::env::current_exe()?;
+                let mut cmd = tokio::process::Command::new(exe);
+                cmd.arg("serve")
+                    .arg("--scenario")
+                    .arg(&scenario)
+                    .arg("--port")
+                    .arg(port.to_string())
+                    .arg("--duration-scale")
+                    .arg(duration_scale.to_string())
+                    .kill_on_drop(true);
+                if let Some(t) = &truth {
+                    cmd.arg("--truth").arg(t);
+                }
+                if let Some(e) = &otlp_endpoint {
+                    cmd.arg("--otlp-endpoint").arg(e);
+                }
+                let mut child = cmd.spawn().context("spawning iw-testbed serve")?;
+                let sum = traffic::run(plan, opts, writer).await;
+                tracing::info!(?sum, "traffic done");
+                if let Some(pid) = child.id() {
+                    // SIGTERM so the child flushes its spans.
+                    // SAFETY: kill(2) on our own child's pid has no memory effects.
+                    unsafe {
+                        libc::kill(pid as libc::pid_t, libc::SIGTERM);
+                    }
+                }
+                if tokio::time::timeout(Duration::from_secs(10), child.wait())
+                    .await
+                    .is_err()
+                {
+                    child.start_kill()?;
+                }
+                Ok(())
+            } else {
+                let rt = s.runtime.clone();
+                let server = tokio::spawn(runtime::start(ServeOptions {
+                    listen: addr,
+                    runtime: rt,
+                    duration_scale,
+                    truth,
+                    otlp_endpoint,
+                }));
+                let sum = traffic::run(plan, opts, writer).await;
+                tracing::info!(?sum, "traffic done");
+                let running = server.await??;
+                // Let the engine finish requests that `never` keeps generating.
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+                while running.engine.load() != (0, 0) && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                running.shutdown().await;
+                Ok(())
+            }
+        }
+    }
+}
