@@ -6,5 +6,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod internal_events;
 pub mod model;
+pub mod sinks;
 pub mod sources;
