@@ -194,8 +194,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("iw-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let file = dir.join("agent.toml");
-        std::fs::write(&file, "[kernel]\nwatch_ports = [8000]\ntenant_header = \"x-org\"\n")
-            .expect("write");
+        std::fs::write(
+            &file,
+            "[kernel]\nwatch_ports = [8000]\ntenant_header = \"x-org\"\n",
+        )
+        .expect("write");
         let args = CommonArgs {
             config: Some(file),
             watch_ports: vec![9000, 8000],

@@ -252,9 +252,20 @@ mod tests {
     #[test]
     fn enrichment_adds_attributes_and_findings() {
         let mut b = batch();
-        assert!(b.add_attributes(&[1; 16], &[2; 8], [kv_str("inferwatch.join", "traceparent")]));
+        assert!(b.add_attributes(
+            &[1; 16],
+            &[2; 8],
+            [kv_str("inferwatch.join", "traceparent")]
+        ));
         assert!(!b.add_attributes(&[9; 16], &[2; 8], [kv_bool("x", true)]));
-        b.push_finding(finding_span("inferwatch.abort", [1; 16], [2; 8], 10, 5, vec![]));
+        b.push_finding(finding_span(
+            "inferwatch.abort",
+            [1; 16],
+            [2; 8],
+            10,
+            5,
+            vec![],
+        ));
         assert_eq!(b.span_count(), 2);
         let req = b.into_request(&agent_resource(None));
         assert_eq!(req.resource_spans.len(), 2);

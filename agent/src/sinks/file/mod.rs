@@ -56,10 +56,10 @@ pub struct FileSink {
 }
 
 impl FileSinkConfig {
-    /// Creates the sink's bounded queue (`file_sink`).
+    /// Creates the sink's bounded queue (named `file`).
     pub fn queue(&self, metrics: Arc<AgentMetrics>) -> (SinkSender, SinkReceiver) {
         sink_queue(
-            "file_sink",
+            SINK_NAME,
             self.queue_max_batches,
             self.queue_max_spans,
             metrics,

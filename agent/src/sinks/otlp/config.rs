@@ -172,7 +172,10 @@ impl ExportConfig {
             return Ok(None);
         };
         let mut headers: BTreeMap<String, String> = BTreeMap::new();
-        for name in ["OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"] {
+        for name in [
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+        ] {
             if let Some(v) = env.get(name) {
                 for pair in v.split(',').filter(|p| !p.trim().is_empty()) {
                     let Some((k, v)) = pair.split_once('=') else {

@@ -154,10 +154,10 @@ impl std::fmt::Debug for OtlpExporter {
 }
 
 impl ExportConfig {
-    /// Creates the exporter's bounded queue (`otlp_export`) with the configured bounds.
+    /// Creates the exporter's bounded queue (named `otlp`) with the configured bounds.
     pub fn queue(&self, metrics: Arc<AgentMetrics>) -> (SinkSender, SinkReceiver) {
         sink_queue(
-            "otlp_export",
+            SINK_NAME,
             self.queue_max_batches,
             self.queue_max_spans,
             metrics,
@@ -181,7 +181,9 @@ impl OtlpExporter {
             endpoint: endpoint.clone(),
             reason: reason.to_owned(),
         };
-        let uri: http::Uri = endpoint.parse().map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
+        let uri: http::Uri = endpoint
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
         if uri.scheme_str() != Some("http") {
             return Err(bad("only http:// endpoints are supported (no TLS yet)"));
         }

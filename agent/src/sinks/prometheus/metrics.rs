@@ -159,7 +159,9 @@ impl AgentMetrics {
 
     /// A value of `spans_exported`.
     pub fn exported(&self, sink: &'static str) -> u64 {
-        self.spans_exported.get_or_create(&SinkLabels { sink }).get()
+        self.spans_exported
+            .get_or_create(&SinkLabels { sink })
+            .get()
     }
 
     /// A value of `export_errors`.

@@ -44,21 +44,37 @@ impl TraceService for GrpcReceiver {
     }
 }
 
-/// tonic answers an oversized message with OUT_OF_RANGE; OTLP (and the OTel Collector) use
-/// RESOURCE_EXHAUSTED, which is what exporters expect. The framing error is a trailers-only
-/// response, so the status is in the response headers and can be rewritten here.
-fn oversize_to_resource_exhausted(
+/// Rewrites two of tonic's framing-level status codes into the ones OTLP specifies, which is
+/// what exporters act on:
+/// - an oversized message: tonic says OUT_OF_RANGE, OTLP (and the OTel Collector) say
+///   RESOURCE_EXHAUSTED;
+/// - a body that does not decode: tonic-prost says INTERNAL, OTLP says INVALID_ARGUMENT (the
+///   client must not retry it).
+///
+/// Both errors happen before our handler runs and come back as trailers-only responses, so the
+/// status is in the response headers and can be rewritten here.
+fn otlp_status_codes(
     mut response: http::Response<tonic::body::Body>,
 ) -> http::Response<tonic::body::Body> {
     let headers = response.headers_mut();
-    let out_of_range = headers
-        .get("grpc-status")
-        .is_some_and(|v| v.as_bytes() == b"11");
-    let too_large = headers
+    let status = headers.get("grpc-status").map(|v| v.as_bytes().to_vec());
+    let message = headers
         .get("grpc-message")
-        .is_some_and(|v| v.as_bytes().windows(9).any(|w| w == b"too%20lar" || w == b"too large"));
-    if out_of_range && too_large {
-        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+        .map(|v| v.as_bytes().to_vec())
+        .unwrap_or_default();
+    let contains = |needle: &[u8]| message.windows(needle.len()).any(|w| w == needle);
+    let rewrite = match status.as_deref() {
+        Some(b"11") if contains(b"too%20large") || contains(b"too large") => Some("8"),
+        Some(b"13")
+            if message.starts_with(b"failed%20to%20decode")
+                || message.starts_with(b"failed to decode") =>
+        {
+            Some("3")
+        }
+        _ => None,
+    };
+    if let Some(code) = rewrite {
+        headers.insert("grpc-status", http::HeaderValue::from_static(code));
     }
     response
 }
@@ -74,9 +90,7 @@ pub(super) async fn serve(
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Zstd);
     tonic::transport::Server::builder()
-        .layer(tower::util::MapResponseLayer::new(
-            oversize_to_resource_exhausted,
-        ))
+        .layer(tower::util::MapResponseLayer::new(otlp_status_codes))
         .add_service(service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())
         .await

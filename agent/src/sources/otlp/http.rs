@@ -56,14 +56,25 @@ pub(super) async fn serve(
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
-    (status, [(header::CONTENT_TYPE, "text/plain")], message.to_owned()).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain")],
+        message.to_owned(),
+    )
+        .into_response()
 }
 
 async fn export(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Response {
     let format = match headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
         .as_deref()
     {
         Some("application/x-protobuf") | Some("application/protobuf") => Format::Protobuf,
@@ -137,7 +148,10 @@ async fn export(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bod
         Ok(r) => r,
         Err(detail) => {
             shared.reject(protocol, RejectReason::Malformed, &detail);
-            return error(StatusCode::BAD_REQUEST, "request body does not decode as OTLP");
+            return error(
+                StatusCode::BAD_REQUEST,
+                "request body does not decode as OTLP",
+            );
         }
     };
     match shared.accept(protocol, request) {

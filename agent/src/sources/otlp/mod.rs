@@ -15,6 +15,7 @@ pub mod adapters;
 pub mod config;
 mod grpc;
 mod http;
+pub mod sample;
 #[cfg(test)]
 mod tests;
 
@@ -101,7 +102,11 @@ pub(crate) enum Accepted {
 
 impl Shared {
     /// Validates a decoded request and queues it for the pipeline.
-    pub(crate) fn accept(&self, protocol: Protocol, request: ExportTraceServiceRequest) -> Accepted {
+    pub(crate) fn accept(
+        &self,
+        protocol: Protocol,
+        request: ExportTraceServiceRequest,
+    ) -> Accepted {
         if let Err(e) = validate(&request, &self.config) {
             self.reject(protocol, RejectReason::LimitExceeded, &e.to_string());
             return Accepted::Invalid(e);

@@ -160,7 +160,10 @@ fn base(
 /// The exporting process's identity from its resource.
 pub fn instance(resource: Option<&Resource>) -> InstanceIdentity {
     let mut id = InstanceIdentity::default();
-    for kv in resource.map(|r| r.attributes.as_slice()).unwrap_or_default() {
+    for kv in resource
+        .map(|r| r.attributes.as_slice())
+        .unwrap_or_default()
+    {
         match kv.key.as_str() {
             "service.name" => id.service_name = str_of(kv).map(str::to_owned),
             "service.instance.id" => id.service_instance_id = str_of(kv).map(str::to_owned),

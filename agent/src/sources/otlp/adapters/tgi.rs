@@ -12,7 +12,12 @@ use super::Fields;
 use crate::model::RuntimeRequest;
 
 /// Span names of TGI's request handlers.
-pub const SPAN_NAMES: &[&str] = &["generate_stream", "generate", "chat_completions", "completions"];
+pub const SPAN_NAMES: &[&str] = &[
+    "generate_stream",
+    "generate",
+    "chat_completions",
+    "completions",
+];
 
 pub(super) fn fill(request: &mut RuntimeRequest, fields: &Fields<'_>) {
     request.queue_ns = fields.tgi_queue_time.and_then(parse_debug_duration);
