@@ -56,6 +56,19 @@ impl SpanBatch {
         })
     }
 
+    /// Calls `f` on every received span with its resource, in one pass: the cheap way to
+    /// adapt and enrich a whole batch (see [`SpanBatch::add_attributes`] for single spans).
+    pub fn for_each_span_mut(&mut self, mut f: impl FnMut(Option<&Resource>, &mut Span)) {
+        for rs in &mut self.resource_spans {
+            let resource = rs.resource.as_ref();
+            for ss in &mut rs.scope_spans {
+                for span in &mut ss.spans {
+                    f(resource, span);
+                }
+            }
+        }
+    }
+
     /// The received span with this trace and span id, to be mutated before export.
     pub fn find_span_mut(&mut self, trace_id: &[u8; 16], span_id: &[u8; 8]) -> Option<&mut Span> {
         self.resource_spans

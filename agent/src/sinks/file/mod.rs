@@ -147,3 +147,42 @@ impl FileSink {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+
+    use super::*;
+    use crate::sources::otlp::sample::vllm_request;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn writes_one_otlp_json_line_per_batch() {
+        let dir = std::env::temp_dir().join(format!("iw-file-sink-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let config = FileSinkConfig {
+            enabled: true,
+            path: dir.join("spans.jsonl"),
+            ..Default::default()
+        };
+        let _ = std::fs::remove_file(&config.path);
+        let metrics = Arc::new(AgentMetrics::default());
+        let sink = FileSink::build(&config, metrics.clone())
+            .await
+            .expect("opens");
+        let (tx, rx) = config.queue(metrics.clone());
+        let shutdown = CancellationToken::new();
+        assert!(tx.send(SpanBatch::from(vllm_request(0, 2))));
+        assert!(tx.send(SpanBatch::from(vllm_request(2, 3))));
+        shutdown.cancel();
+        sink.run(rx, shutdown).await;
+        let text = std::fs::read_to_string(&config.path).expect("read");
+        let lines: Vec<_> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        let first: ExportTraceServiceRequest = serde_json::from_str(lines[0]).expect("OTLP JSON");
+        assert_eq!(first, vllm_request(0, 2));
+        assert!(lines[1].contains(&hex::encode(
+            &vllm_request(2, 1).resource_spans[0].scope_spans[0].spans[0].span_id
+        )));
+        assert_eq!(metrics.exported(SINK_NAME), 5);
+    }
+}

@@ -128,7 +128,9 @@ enum Transport {
         metadata: MetadataMap,
     },
     Http {
-        client: Client<HttpConnector, Full<Bytes>>,
+        // Boxed: the hyper client is much larger than the gRPC variant, and the transport is
+        // built once, so the indirection costs nothing.
+        client: Box<Client<HttpConnector, Full<Bytes>>>,
         uri: http::Uri,
         headers: http::HeaderMap,
         gzip: bool,
@@ -219,7 +221,7 @@ impl OtlpExporter {
                     headers.insert(name, value);
                 }
                 Transport::Http {
-                    client: Client::builder(TokioExecutor::new()).build_http(),
+                    client: Box::new(Client::builder(TokioExecutor::new()).build_http()),
                     uri,
                     headers,
                     gzip,

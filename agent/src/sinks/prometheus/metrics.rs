@@ -3,14 +3,16 @@
 //! Everything here is updated by the `emit()` of an internal event
 //! (`crate::internal_events`) or by a queue's fill gauge; the scrape handler only encodes.
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use std::fmt::Write;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 /// The OTLP transport a request came in on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Protocol {
     /// OTLP/gRPC.
     Grpc,
@@ -21,7 +23,7 @@ pub enum Protocol {
 }
 
 /// Why the receiver refused a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RejectReason {
     /// The body did not decode.
     Malformed,
@@ -38,7 +40,7 @@ pub enum RejectReason {
 }
 
 /// Where spans were dropped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DropStage {
     /// The receiver -> pipeline queue was full.
     ReceiverQueue,
@@ -49,6 +51,40 @@ pub enum DropStage {
     /// Shutdown came before the spans could be flushed.
     Shutdown,
 }
+
+macro_rules! snake_label {
+    ($ty:ty { $($variant:ident => $name:literal),* $(,)? }) => {
+        impl $ty {
+            /// The label value.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $name),*
+                }
+            }
+        }
+        impl EncodeLabelValue for $ty {
+            fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+                encoder.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+snake_label!(Protocol { Grpc => "grpc", HttpProtobuf => "http_protobuf", HttpJson => "http_json" });
+snake_label!(RejectReason {
+    Malformed => "malformed",
+    TooLarge => "too_large",
+    UnsupportedMediaType => "unsupported_media_type",
+    LimitExceeded => "limit_exceeded",
+    Unauthenticated => "unauthenticated",
+    QueueFull => "queue_full",
+});
+snake_label!(DropStage {
+    ReceiverQueue => "receiver_queue",
+    SinkQueue => "sink_queue",
+    Rejected => "rejected",
+    Shutdown => "shutdown",
+});
 
 /// Label set `{protocol}`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]

@@ -141,3 +141,74 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
         (StatusCode::SERVICE_UNAVAILABLE, "starting").into_response()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::metrics::{AgentMetrics, DropStage, Protocol};
+    use super::*;
+    use crate::internal_events::{OtlpSpansReceived, SpansDropped};
+
+    async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("read");
+        let status = out
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .expect("status line");
+        (status, out)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn serves_metrics_health_and_readiness() {
+        let mut registry = Registry::default();
+        let metrics = AgentMetrics::register(&mut registry);
+        OtlpSpansReceived {
+            protocol: Protocol::Grpc,
+            count: 7,
+        }
+        .emit(&metrics);
+        SpansDropped {
+            sink: "otlp",
+            stage: DropStage::SinkQueue,
+            count: 2,
+        }
+        .emit(&metrics);
+        let readiness = Readiness::default();
+        let config = PrometheusConfig {
+            bind_address: std::net::Ipv4Addr::LOCALHOST.into(),
+            port: 0,
+            ..Default::default()
+        };
+        let sink = PrometheusSink::build(&config, registry, readiness.clone())
+            .await
+            .expect("binds");
+        let addr = sink.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(sink.run(shutdown.clone()));
+
+        let (status, body) = get(addr, "/metrics").await;
+        assert_eq!(status, 200);
+        assert!(
+            body.contains("inferwatch_otlp_spans_received_total{protocol=\"grpc\"} 7"),
+            "{body}"
+        );
+        assert!(
+            body.contains("inferwatch_spans_dropped_total{sink=\"otlp\",stage=\"sink_queue\"} 2"),
+            "{body}"
+        );
+        assert_eq!(get(addr, "/healthz").await.0, 200);
+        assert_eq!(get(addr, "/readyz").await.0, 503);
+        readiness.set(true);
+        assert_eq!(get(addr, "/readyz").await.0, 200);
+        shutdown.cancel();
+        task.await.expect("join").expect("clean shutdown");
+    }
+}

@@ -622,7 +622,14 @@ fn json_request() -> Vec<u8> {
 async fn http_bad_input_gets_protocol_errors_and_receiver_stays_up() {
     let agent = start_agent(ephemeral(), None).await;
     let bomb = gzip(&vec![0u8; 20 * 1024 * 1024]);
-    let cases: Vec<(&str, Option<&str>, Vec<(&str, &str)>, Vec<u8>, u16)> = vec![
+    type Case<'a> = (
+        &'a str,
+        Option<&'a str>,
+        Vec<(&'a str, &'a str)>,
+        Vec<u8>,
+        u16,
+    );
+    let cases: Vec<Case<'_>> = vec![
         ("garbage protobuf", PB, vec![], garbage(), 400),
         ("truncated protobuf", PB, vec![], truncated(), 400),
         (

@@ -12,6 +12,8 @@
 
 pub mod genai;
 pub mod sglang;
+#[cfg(test)]
+mod tests;
 pub mod tgi;
 pub mod vllm;
 
