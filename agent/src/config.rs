@@ -12,7 +12,11 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::cli::CommonArgs;
+use crate::sinks::file::FileSinkConfig;
+use crate::sinks::otlp::ExportConfig;
+use crate::sinks::prometheus::PrometheusConfig;
 use crate::sources::kernel::KernelConfig;
+use crate::sources::otlp::OtlpReceiverConfig;
 
 /// Prefix of the environment variables that override config keys.
 pub const ENV_PREFIX: &str = "INFERWATCH_";
@@ -23,6 +27,14 @@ pub const ENV_PREFIX: &str = "INFERWATCH_";
 pub struct AgentConfig {
     /// The kernel (eBPF) source: watched ports and request-head parsing.
     pub kernel: KernelConfig,
+    /// The OTLP trace receiver (runtime spans in).
+    pub otlp: OtlpReceiverConfig,
+    /// The OTLP trace exporter (spans out to a backend).
+    pub export: ExportConfig,
+    /// The OTLP JSON lines file sink.
+    pub file: FileSinkConfig,
+    /// The Prometheus metrics endpoint.
+    pub prometheus: PrometheusConfig,
 }
 
 /// Errors while loading the configuration.
