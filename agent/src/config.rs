@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::cli::CommonArgs;
+use crate::correlator::CorrelatorConfig;
 use crate::sinks::file::FileSinkConfig;
 use crate::sinks::otlp::ExportConfig;
 use crate::sinks::prometheus::PrometheusConfig;
@@ -35,6 +36,8 @@ pub struct AgentConfig {
     pub file: FileSinkConfig,
     /// The Prometheus metrics endpoint.
     pub prometheus: PrometheusConfig,
+    /// The correlator: join windows, time-outs and the caps on its state.
+    pub correlator: CorrelatorConfig,
 }
 
 /// Errors while loading the configuration.

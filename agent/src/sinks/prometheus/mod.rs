@@ -5,6 +5,7 @@
 //! encodes the registry.
 
 pub mod config;
+pub mod findings;
 pub mod metrics;
 
 use std::net::SocketAddr;
