@@ -183,6 +183,10 @@ pub struct TenantConfig {
     pub abort_after_tokens: [u32; 2],
     /// Share of aborts done by RST (the rest by FIN).
     pub rst_share: f64,
+    /// Share of non-streaming requests whose client gives up after a timeout (FIN).
+    pub timeout_share: f64,
+    /// Client timeout range for those, in ms.
+    pub timeout_ms: [u32; 2],
     /// Use `/v1/completions` instead of chat.
     pub completions: bool,
 }
@@ -207,6 +211,8 @@ impl Default for TenantConfig {
             abort_share: 0.0,
             abort_after_tokens: [2, 10],
             rst_share: 0.5,
+            timeout_share: 0.0,
+            timeout_ms: [100, 500],
             completions: false,
         }
     }
