@@ -3,3 +3,5 @@
 
 pub mod kernel;
 pub mod otlp;
+pub mod nvml;
+pub mod procfs;

@@ -1,0 +1,1 @@
+//! Process identity (SPEC §1.4).
