@@ -309,4 +309,7 @@ pub struct ProcessIdentity {
     pub pod_uid: Option<String>,
     /// When the process started (its `t_exec`).
     pub start_time: Option<UnixNanos>,
+    /// The parent process: a runtime's GPU worker (vLLM's engine core, a tensor-parallel
+    /// rank) is the child of the process that listens and exports spans.
+    pub parent_pid: Option<u32>,
 }

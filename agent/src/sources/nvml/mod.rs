@@ -406,7 +406,9 @@ impl NvmlSource {
             self.last_seen_us
                 .insert(index, newest.max(last.unwrap_or(0)));
         }
-        sample.processes.extend(merge_processes(&uuid, &procs, &utils));
+        sample
+            .processes
+            .extend(merge_processes(&uuid, &procs, &utils));
         sample.gpus.push(stat);
         for (call, e) in failures {
             self.report(index, call, &e);
@@ -452,7 +454,10 @@ impl NvmlSource {
                     self.counters.samples_sent.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    let dropped = self.counters.samples_dropped.fetch_add(1, Ordering::Relaxed);
+                    let dropped = self
+                        .counters
+                        .samples_dropped
+                        .fetch_add(1, Ordering::Relaxed);
                     if dropped == 0 {
                         tracing::warn!(
                             queue = "nvml_samples",

@@ -43,11 +43,22 @@ fn merge_joins_memory_and_mean_utilisation_per_pid() {
     ];
     let merged = merge_processes("GPU-a", &procs, &utils);
     let pids: Vec<u32> = merged.iter().map(|p| p.pid).collect();
-    assert_eq!(pids, vec![10, 20, 30], "one entry per pid, sorted, pid 0 ignored");
-    assert_eq!(merged[0].used_memory, Some(1024), "MIG entries of a pid add up");
+    assert_eq!(
+        pids,
+        vec![10, 20, 30],
+        "one entry per pid, sorted, pid 0 ignored"
+    );
+    assert_eq!(
+        merged[0].used_memory,
+        Some(1024),
+        "MIG entries of a pid add up"
+    );
     assert_eq!(merged[0].sm_util, Some(31), "mean of 20 and 41, rounded");
     assert_eq!(merged[0].mem_util, Some(5));
-    assert_eq!(merged[1].used_memory, None, "unavailable memory stays unknown");
+    assert_eq!(
+        merged[1].used_memory, None,
+        "unavailable memory stays unknown"
+    );
     assert_eq!(merged[1].sm_util, None, "no utilisation sample");
     assert_eq!(merged[2].used_memory, None, "utilisation-only process");
     assert_eq!(merged[2].sm_util, Some(100), "shares are capped at 100");
@@ -119,7 +130,10 @@ fn build_rejects_bad_config_and_missing_library() {
     };
     match NvmlSource::build(&missing) {
         Err(NvmlError::Init { library, .. }) => {
-            assert!(library.contains("nonexistent"), "names the library: {library}")
+            assert!(
+                library.contains("nonexistent"),
+                "names the library: {library}"
+            )
         }
         other => panic!("expected Init error, got {other:?}"),
     }
@@ -223,9 +237,14 @@ fn fake_nvml_through_nvml_wrapper_with_ramps_and_injected_errors() {
         assert_eq!(first.gpus.len(), 2, "both GPUs answer: {first:?}");
         let g0 = &first.gpus[0];
         assert_eq!(g0.uuid, "GPU-11111111-2222-3333-4444-555555555555");
-        assert_eq!(g0.sm_util, None, "the injected utilisation error empties only that");
+        assert_eq!(
+            g0.sm_util, None,
+            "the injected utilisation error empties only that"
+        );
         assert_eq!(g0.memory_total, Some(80 * GIB));
-        let used = g0.memory_used.expect("memory works despite the injected error");
+        let used = g0
+            .memory_used
+            .expect("memory works despite the injected error");
         assert!(
             (22 * GIB..=23 * GIB).contains(&used),
             "0.5 GiB base + ~20 GiB runtime + 2 GiB neighbour, got {used}"
@@ -284,12 +303,13 @@ fn fake_nvml_through_nvml_wrapper_with_ramps_and_injected_errors() {
 
 #[test]
 fn no_gpu_is_a_typed_error() {
-    with_script(&serde_json::json!({"gpus": []}), |config| {
-        match NvmlSource::build(&config) {
+    with_script(
+        &serde_json::json!({"gpus": []}),
+        |config| match NvmlSource::build(&config) {
             Err(NvmlError::NoGpu { library }) => assert!(library.ends_with("libnvidia_ml.so")),
             other => panic!("expected NoGpu, got {other:?}"),
-        }
-    });
+        },
+    );
 }
 
 #[test]

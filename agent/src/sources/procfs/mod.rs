@@ -154,6 +154,12 @@ pub fn parse_stat_start_ticks(stat: &str) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// The parent pid from `/proc/<pid>/stat` (field 4).
+pub fn parse_stat_parent(stat: &str) -> Option<u32> {
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// The boot time (`btime`, unix seconds) from `/proc/stat`.
 pub fn parse_boot_time(proc_stat: &str) -> Option<u64> {
     proc_stat
@@ -263,6 +269,7 @@ impl ProcReader {
             start_time: self
                 .boot_time_s
                 .map(|b| start_time_nanos(b, ticks, self.ticks_per_s)),
+            parent_pid: parse_stat_parent(&stat).filter(|p| *p != 0),
         };
         if self.cache.insert(pid, (ticks, identity.clone())).is_none() {
             self.order.push_back(pid);

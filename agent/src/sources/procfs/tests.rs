@@ -150,9 +150,13 @@ fn stat_start_time_survives_odd_command_names() {
     let stat = "4242 (python3 (vllm) x) S 1 4242 4242 0 -1 4194560 1000 0 0 0 50 10 0 0 20 0 \
                 12 0 987654 123456789 3000 18446744073709551615";
     assert_eq!(parse_stat_start_ticks(stat), Some(987_654));
+    assert_eq!(parse_stat_parent(stat), Some(1));
     assert_eq!(parse_stat_start_ticks("1 (x) S 1 2"), None, "truncated");
     assert_eq!(parse_stat_start_ticks("no parenthesis"), None);
-    assert_eq!(parse_boot_time("cpu 1 2\nbtime 1700000000\n"), Some(1_700_000_000));
+    assert_eq!(
+        parse_boot_time("cpu 1 2\nbtime 1700000000\n"),
+        Some(1_700_000_000)
+    );
     assert_eq!(parse_boot_time("cpu 1 2\n"), None);
     assert_eq!(
         start_time_nanos(1_700_000_000, 250, 100),
