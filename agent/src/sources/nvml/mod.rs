@@ -16,6 +16,7 @@ mod config;
 #[cfg(test)]
 mod tests;
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::sync::Arc;
@@ -351,22 +352,21 @@ impl NvmlSource {
                 return;
             }
         };
-        if !self.names.contains_key(&index) {
+        if let Entry::Vacant(slot) = self.names.entry(index) {
             match (device.uuid(), device.name()) {
                 (Ok(uuid), Ok(name)) => {
-                    self.names.insert(index, (uuid, name));
+                    slot.insert((uuid, name));
                 }
                 (Err(e), _) => failures.push((NvmlCall::Uuid, e)),
                 (Ok(uuid), Err(e)) => {
                     // A name is nice to have; the uuid is the key.
                     failures.push((NvmlCall::Name, e));
-                    self.names.insert(index, (uuid, String::new()));
+                    slot.insert((uuid, String::new()));
                 }
             }
         }
         let Some((uuid, name)) = self.names.get(&index).cloned() else {
             // Without a uuid nothing of this GPU can be keyed.
-            drop(device);
             for (call, e) in failures {
                 self.report(index, call, &e);
             }
@@ -401,7 +401,6 @@ impl NvmlSource {
             failures.push((NvmlCall::ProcessUtilization, e));
             Vec::new()
         });
-        drop(device);
         if let Some(newest) = utils.iter().map(|s| s.timestamp).max() {
             self.last_seen_us
                 .insert(index, newest.max(last.unwrap_or(0)));
