@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::contention::GpuDetectionConfig;
 use crate::model::UnixNanos;
 
 const NANOS_PER_MILLI: u64 = 1_000_000;
@@ -53,6 +54,8 @@ pub struct CorrelatorConfig {
     /// Sizes, in bytes, of writes after the peer left that are framing rather than a token
     /// chunk. The default, 14, is the OpenAI-compatible stream terminator `data: [DONE]\n\n`.
     pub framing_write_bytes: Vec<u64>,
+    /// GPU contention and cold-start detection: thresholds and the bounds of their state.
+    pub gpu: GpuDetectionConfig,
 }
 
 impl Default for CorrelatorConfig {
@@ -70,6 +73,7 @@ impl Default for CorrelatorConfig {
             max_listeners: 1024,
             request_id_prefixes: vec!["chatcmpl-".into(), "cmpl-".into(), "embd-".into()],
             framing_write_bytes: vec![b"data: [DONE]\n\n".len() as u64],
+            gpu: GpuDetectionConfig::default(),
         }
     }
 }

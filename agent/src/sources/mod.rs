@@ -2,4 +2,6 @@
 //! without taking the agent down.
 
 pub mod kernel;
+pub mod nvml;
 pub mod otlp;
+pub mod procfs;
