@@ -21,7 +21,7 @@ pub enum Command {
     /// Run the agent.
     Run(RunArgs),
     /// Print, per source, whether it works on this node and why not.
-    Check(CommonArgs),
+    Check(CheckArgs),
 }
 
 /// Options shared by every subcommand.
@@ -33,6 +33,18 @@ pub struct CommonArgs {
     /// A local TCP port to watch (repeatable); added to the config file's ports.
     #[arg(long = "watch-port", value_name = "PORT")]
     pub watch_ports: Vec<u16>,
+}
+
+/// Options of `inferwatch check`.
+#[derive(Debug, Args, Clone, Default)]
+pub struct CheckArgs {
+    /// Options shared with `run`.
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Exit non-zero when any check fails (by default only an invalid configuration does: the
+    /// agent runs on whatever sources work).
+    #[arg(long)]
+    pub strict: bool,
 }
 
 /// Options of `inferwatch run`.

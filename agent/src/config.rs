@@ -17,6 +17,7 @@ use crate::sinks::file::FileSinkConfig;
 use crate::sinks::otlp::ExportConfig;
 use crate::sinks::prometheus::PrometheusConfig;
 use crate::sources::kernel::KernelConfig;
+use crate::sources::nvml::NvmlConfig;
 use crate::sources::otlp::OtlpReceiverConfig;
 
 /// Prefix of the environment variables that override config keys.
@@ -38,6 +39,8 @@ pub struct AgentConfig {
     pub prometheus: PrometheusConfig,
     /// The correlator: join windows, time-outs and the caps on its state.
     pub correlator: CorrelatorConfig,
+    /// The NVML (GPU) source.
+    pub nvml: NvmlConfig,
 }
 
 /// Errors while loading the configuration.

@@ -34,14 +34,21 @@ fn init_logging() {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Check(args) => {
-            let config = AgentConfig::resolve(&args, std::env::vars())
+            let config = AgentConfig::resolve(&args.common, std::env::vars())
                 .context("loading the configuration")?;
-            let items = inferwatch::check::kernel_checks(&config);
+            let mut items = inferwatch::check::kernel_checks(&config);
+            items.extend(inferwatch::check::nvml_checks(&config.nvml));
             print!("{}", inferwatch::check::render(&items));
-            Ok(if items.iter().all(|i| i.ok) {
-                ExitCode::SUCCESS
-            } else {
+            let failed = items.iter().filter(|i| !i.ok).count();
+            println!(
+                "configuration ok; {} of {} checks pass",
+                items.len() - failed,
+                items.len()
+            );
+            Ok(if args.strict && failed > 0 {
                 ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
             })
         }
         Command::Run(args) => {

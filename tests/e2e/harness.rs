@@ -11,14 +11,21 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use inferwatch::config::AgentConfig;
 use inferwatch::pipeline::{Pipeline, RunOptions};
 use inferwatch_testbed::truth::{ClientTruth, TruthRecord, read_jsonl};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use tokio_util::sync::CancellationToken;
 
 pub fn now_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 /// Whether the kernel-backed tests can run; panics when they must and cannot.
@@ -30,14 +37,17 @@ pub fn kernel_tests_enabled(name: &str) -> bool {
     if std::env::var("INFERWATCH_REQUIRE_KERNEL_TESTS").is_ok_and(|v| v == "1") {
         panic!("{name}: end-to-end tests are required but not running as root");
     }
-    eprintln!("\n*** SKIPPED {name}: end-to-end tests need root (eBPF); run `sudo cargo xtask test` ***\n");
+    eprintln!(
+        "\n*** SKIPPED {name}: end-to-end tests need root (eBPF); run `sudo cargo xtask test` ***\n"
+    );
     false
 }
 
 /// One end-to-end run at a time: they load kernel programs and time things on a 2-core box.
-pub fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: OnceLock<Mutex<()>> = OnceLock::new();
-    LOCK.get_or_init(|| Mutex::new(())).lock().unwrap_or_else(|p| p.into_inner())
+/// (A tokio mutex: the guard is held across the run's awaits.)
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
 }
 
 /// A span as the collector received it.
@@ -64,7 +74,10 @@ impl TraceService for Collector {
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         let at = now_ns();
-        let mut spans = self.spans.lock().map_err(|_| tonic::Status::internal("lock"))?;
+        let mut spans = self
+            .spans
+            .lock()
+            .map_err(|_| tonic::Status::internal("lock"))?;
         for rs in request.into_inner().resource_spans {
             let service = rs
                 .resource
@@ -78,23 +91,34 @@ impl TraceService for Collector {
                 .unwrap_or_default();
             for ss in rs.scope_spans {
                 for span in ss.spans {
-                    spans.push(Received { at, service: service.clone(), span });
+                    spans.push(Received {
+                        at,
+                        service: service.clone(),
+                        span,
+                    });
                 }
             }
         }
-        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
     }
 }
 
 impl Collector {
     /// Serves on 127.0.0.1:0; returns the address.
     pub async fn start(&self) -> SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind collector");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind collector");
         let addr = listener.local_addr().expect("collector addr");
         let service = TraceServiceServer::new(self.clone());
         tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-            let _ = tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming).await;
+            let _ = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(incoming)
+                .await;
         });
         addr
     }
@@ -124,7 +148,9 @@ impl Agent {
         config.prometheus.port = 0;
         config.prometheus.bind_address = "127.0.0.1".parse().expect("ip");
         config.export.endpoint = Some(format!("http://{export}"));
-        let pipeline = Pipeline::build(config, RunOptions::default()).await.expect("agent builds");
+        let pipeline = Pipeline::build(config, RunOptions::default())
+            .await
+            .expect("agent builds");
         let endpoints = pipeline.endpoints().clone();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(pipeline.run(shutdown.clone()));
@@ -138,7 +164,9 @@ impl Agent {
 
     /// The Prometheus text the agent serves.
     pub async fn scrape(&self) -> String {
-        let mut stream = tokio::net::TcpStream::connect(self.metrics).await.expect("connect metrics");
+        let mut stream = tokio::net::TcpStream::connect(self.metrics)
+            .await
+            .expect("connect metrics");
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         stream
             .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
@@ -174,12 +202,21 @@ pub fn testbed_bin() -> PathBuf {
     BIN.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
-            .args(["build", "--quiet", "-p", "inferwatch-testbed", "--bin", "iw-testbed"])
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "inferwatch-testbed",
+                "--bin",
+                "iw-testbed",
+            ])
             .current_dir(workspace())
             .status()
             .expect("run cargo build for the testbed");
         assert!(status.success(), "building iw-testbed failed");
-        let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace().join("target"));
+        let target = std::env::var("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| workspace().join("target"));
         let bin = target.join("debug/iw-testbed");
         assert!(bin.exists(), "no testbed binary at {}", bin.display());
         bin
@@ -194,7 +231,13 @@ pub struct Truth {
 }
 
 /// Runs `iw-testbed run` for a scenario on `port`, exporting spans to `otlp`; waits for it.
-pub async fn run_testbed(scenario: &str, port: u16, otlp: SocketAddr, extra: &[&str], dir: &Path) -> Truth {
+pub async fn run_testbed(
+    scenario: &str,
+    port: u16,
+    otlp: SocketAddr,
+    extra: &[&str],
+    dir: &Path,
+) -> Truth {
     let truth = dir.join("truth.jsonl");
     let client = dir.join("client.jsonl");
     let status = tokio::process::Command::new(testbed_bin())
@@ -233,7 +276,14 @@ pub fn scratch(name: &str) -> PathBuf {
 
 /// A span attribute as a string (ints and doubles formatted).
 pub fn attr(span: &Span, key: &str) -> Option<String> {
-    let value = span.attributes.iter().find(|kv| kv.key == key)?.value.as_ref()?.value.as_ref()?;
+    let value = span
+        .attributes
+        .iter()
+        .find(|kv| kv.key == key)?
+        .value
+        .as_ref()?
+        .value
+        .as_ref()?;
     Some(match value {
         Value::StringValue(s) => s.clone(),
         Value::IntValue(i) => i.to_string(),

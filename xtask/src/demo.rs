@@ -48,8 +48,15 @@ fn attr_str(span: &Value, key: &str) -> Option<String> {
     v.get("stringValue")
         .and_then(Value::as_str)
         .map(str::to_owned)
-        .or_else(|| v.get("intValue").map(|i| i.to_string().trim_matches('"').to_owned()))
-        .or_else(|| v.get("doubleValue").and_then(Value::as_f64).map(|d| format!("{d:.1}")))
+        .or_else(|| {
+            v.get("intValue")
+                .map(|i| i.to_string().trim_matches('"').to_owned())
+        })
+        .or_else(|| {
+            v.get("doubleValue")
+                .and_then(Value::as_f64)
+                .map(|d| format!("{d:.1}"))
+        })
 }
 
 fn attr_u64(span: &Value, key: &str) -> Option<u64> {
@@ -70,8 +77,18 @@ impl Tally {
             return;
         };
         for rs in resource_spans {
-            for ss in rs.get("scopeSpans").and_then(Value::as_array).into_iter().flatten() {
-                for span in ss.get("spans").and_then(Value::as_array).into_iter().flatten() {
+            for ss in rs
+                .get("scopeSpans")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                for span in ss
+                    .get("spans")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
                     self.add_span(span);
                 }
             }
@@ -97,7 +114,10 @@ impl Tally {
             "inferwatch.abort" => {
                 let after = attr_u64(span, "inferwatch.abort.tokens_after").unwrap_or(0);
                 self.billed_after_abort += after;
-                self.aborts.insert(attr_str(span, "gen_ai.request.id").unwrap_or_default(), after);
+                self.aborts.insert(
+                    attr_str(span, "gen_ai.request.id").unwrap_or_default(),
+                    after,
+                );
                 let method = attr_str(span, "inferwatch.abort.method").unwrap_or_default();
                 *self.abort_methods.entry(method.clone()).or_default() += 1;
                 format!(
@@ -110,7 +130,13 @@ impl Tally {
                     attr_str(span, "inferwatch.abort.lag_ms").unwrap_or_default(),
                 )
             }
-            other => format!("{other:<10} {}", attr_str(span, "inferwatch.noisy_neighbour.tenant").or_else(|| attr_str(span, "inferwatch.noisy_neighbour.executable")).map(|n| format!("noisy neighbour {n}")).unwrap_or_default()),
+            other => format!(
+                "{other:<10} {}",
+                attr_str(span, "inferwatch.noisy_neighbour.tenant")
+                    .or_else(|| attr_str(span, "inferwatch.noisy_neighbour.executable"))
+                    .map(|n| format!("noisy neighbour {n}"))
+                    .unwrap_or_default()
+            ),
         };
         self.fresh.push(line.clone());
         self.last.push(line);
@@ -121,17 +147,28 @@ impl Tally {
 
     fn render(&self, elapsed: Duration) -> String {
         let mut out = String::new();
-        out.push_str(&format!("inferwatch demo — {:>4.1} s\n", elapsed.as_secs_f64()));
+        out.push_str(&format!(
+            "inferwatch demo — {:>4.1} s\n",
+            elapsed.as_secs_f64()
+        ));
         out.push_str(&format!(
             "  runtime requests forwarded {:>5}   joined by {}\n",
             self.runtime_spans,
             if self.joins.is_empty() {
                 "-".to_owned()
             } else {
-                self.joins.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+                self.joins
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             }
         ));
-        let share = if self.output_tokens == 0 { 0.0 } else { self.billed_after_abort as f64 * 100.0 / self.output_tokens as f64 };
+        let share = if self.output_tokens == 0 {
+            0.0
+        } else {
+            self.billed_after_abort as f64 * 100.0 / self.output_tokens as f64
+        };
         out.push_str(&format!(
             "  billed after abort   {:>5} findings   {:>6} tokens = {share:.1}% of {} output tokens\n",
             self.findings.get("inferwatch.abort").copied().unwrap_or(0),
@@ -143,7 +180,10 @@ impl Tally {
             ("inferwatch.kv_eviction", "KV eviction"),
             ("inferwatch.gpu_contention", "GPU contention"),
         ] {
-            out.push_str(&format!("  {label:<20} {:>5} findings\n", self.findings.get(name).copied().unwrap_or(0)));
+            out.push_str(&format!(
+                "  {label:<20} {:>5} findings\n",
+                self.findings.get(name).copied().unwrap_or(0)
+            ));
         }
         out.push_str("  latest:\n");
         for line in &self.last {
@@ -154,7 +194,9 @@ impl Tally {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn ready(metrics_port: u16) -> bool {
@@ -221,20 +263,41 @@ fn score(truth: &Path, client: &Path, tally: &Tally) -> String {
     let known: Vec<(&str, &str)> = requests
         .iter()
         .filter(|r| r.get("kind").and_then(Value::as_str) == Some("request"))
-        .filter_map(|r| Some((r.get("request_id")?.as_str()?, r.get("runtime_request_id")?.as_str()?)))
+        .filter_map(|r| {
+            Some((
+                r.get("request_id")?.as_str()?,
+                r.get("runtime_request_id")?.as_str()?,
+            ))
+        })
         .collect();
     let (mut aborted, mut truth_tokens, mut found, mut found_tokens) = (0, 0, 0, 0);
-    for r in requests.iter().filter(|r| r.get("kind").and_then(Value::as_str) == Some("request")) {
+    for r in requests
+        .iter()
+        .filter(|r| r.get("kind").and_then(Value::as_str) == Some("request"))
+    {
         let id = r.get("request_id").and_then(Value::as_str).unwrap_or("");
-        let runtime_id = r.get("runtime_request_id").and_then(Value::as_str).unwrap_or("");
+        let runtime_id = r
+            .get("runtime_request_id")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         let stop = r.get("stop_ns").and_then(Value::as_u64).unwrap_or(0);
         let Some(c) = clients.get(id) else { continue };
         let how = c.get("close").and_then(Value::as_str).unwrap_or("");
-        let close = c.get("close_ns").and_then(Value::as_u64).unwrap_or(u64::MAX);
+        let close = c
+            .get("close_ns")
+            .and_then(Value::as_u64)
+            .unwrap_or(u64::MAX);
         if matches!(how, "fin" | "rst") && close < stop {
             aborted += 1;
-            truth_tokens += r.get("tokens_after_abort").and_then(Value::as_u64).unwrap_or(0);
-            if let Some(t) = tally.aborts.get(runtime_id).or_else(|| tally.aborts.get(id)) {
+            truth_tokens += r
+                .get("tokens_after_abort")
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            if let Some(t) = tally
+                .aborts
+                .get(runtime_id)
+                .or_else(|| tally.aborts.get(id))
+            {
                 found += 1;
                 found_tokens += t;
             }
@@ -258,7 +321,9 @@ fn score(truth: &Path, client: &Path, tally: &Tally) -> String {
 
 pub fn task(scenario: &str) -> anyhow::Result<()> {
     run(cargo().args(["build", "-p", "inferwatch", "-p", "inferwatch-testbed"]))?;
-    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root().join("target"));
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root().join("target"));
     let out = target.join("demo");
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let traces = out.join("traces.jsonl");
@@ -267,14 +332,19 @@ pub fn task(scenario: &str) -> anyhow::Result<()> {
     for f in [&traces, &truth, &client] {
         let _ = std::fs::remove_file(f);
     }
-    let scenario_path = root().join("tests/scenarios").join(format!("{scenario}.toml"));
+    let scenario_path = root()
+        .join("tests/scenarios")
+        .join(format!("{scenario}.toml"));
     if !scenario_path.exists() {
         bail!("no scenario {}", scenario_path.display());
     }
     if !is_root() {
-        eprintln!("note: not root, so the kernel (eBPF) source cannot load; the agent runs on the runtime's spans only (run `sudo cargo xtask demo` for the full picture)");
+        eprintln!(
+            "note: not root, so the kernel (eBPF) source cannot load; the agent runs on the runtime's spans only (run `sudo cargo xtask demo` for the full picture)"
+        );
     }
-    let (runtime_port, grpc, http, metrics) = (free_port()?, free_port()?, free_port()?, free_port()?);
+    let (runtime_port, grpc, http, metrics) =
+        (free_port()?, free_port()?, free_port()?, free_port()?);
     let agent_log = std::fs::File::create(out.join("agent.log")).context("creating agent.log")?;
     let mut agent = Command::new(target.join("debug/inferwatch"))
         .args(["run", "--watch-port", &runtime_port.to_string()])
@@ -291,11 +361,17 @@ pub fn task(scenario: &str) -> anyhow::Result<()> {
     let start = Instant::now();
     while !ready(metrics) {
         if let Ok(Some(status)) = agent.try_wait() {
-            bail!("the agent exited ({status}); see {}", out.join("agent.log").display());
+            bail!(
+                "the agent exited ({status}); see {}",
+                out.join("agent.log").display()
+            );
         }
         if start.elapsed() > Duration::from_secs(20) {
             stop(&mut agent);
-            bail!("the agent did not become ready; see {}", out.join("agent.log").display());
+            bail!(
+                "the agent did not become ready; see {}",
+                out.join("agent.log").display()
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -359,6 +435,10 @@ pub fn task(scenario: &str) -> anyhow::Result<()> {
     }
     println!("{}", tally.render(start.elapsed()));
     println!("{}", score(&truth, &client, &tally));
-    println!("traces: {} (OTLP JSON lines); agent log: {}", traces.display(), out.join("agent.log").display());
+    println!(
+        "traces: {} (OTLP JSON lines); agent log: {}",
+        traces.display(),
+        out.join("agent.log").display()
+    );
     Ok(())
 }

@@ -2,8 +2,9 @@
 //! each runtime span until the correlator has joined it, then forwards it enriched, together
 //! with the finding spans, to the span sinks; updates the finding metrics.
 //!
-//! The stage does no I/O of its own (sending on a sink queue never waits), so it is driven
-//! directly by tests; `pipeline::run` owns the loop, the clock and the channels.
+//! The stage's only I/O is the identity resolver it is given (procfs reads, cached per pid);
+//! sending on a sink queue never waits. Tests drive it directly with a canned resolver;
+//! `pipeline::run` owns the loop, the clock and the channels.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,11 +13,15 @@ use opentelemetry_proto::tonic::common::v1::{InstrumentationScope, KeyValue};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 
-use crate::correlator::{AbortFinding, Correlator, Input, JoinedRequest, Output};
-use crate::model::{KernelEvent, UnixNanos};
+use crate::correlator::{
+    AbortFinding, ColdStartFinding, Correlator, GpuContentionFinding, Input, JoinedRequest,
+    NoisyNeighbour, Output, RequestGpuFacts,
+};
+use crate::model::{GpuSample, KernelEvent, ProcessIdentity, UnixNanos};
 use crate::sinks::batch::{kv_f64, kv_i64, kv_str};
 use crate::sinks::prometheus::findings::{
-    AbortLabels, FindingMetrics, JoinLabels, TableLabels, advance_to,
+    AbortLabels, ContentionLabels, FindingMetrics, GpuLabels, GpuProcessLabels, JoinLabels,
+    StartLabels, TableLabels, advance_to,
 };
 use crate::sinks::{SinkSender, SpanBatch, finding_span};
 use crate::sources::otlp::adapters::{AdapterOptions, adapt};
@@ -41,17 +46,28 @@ struct Held {
 pub enum FindingSummary {
     /// Tokens billed after the client left.
     Abort(AbortFinding),
+    /// Another process on the GPU slowed the runtime's decode.
+    GpuContention(GpuContentionFinding),
+    /// A runtime instance's cold-start floor.
+    ColdStart(ColdStartFinding),
 }
+
+/// Looks up a process's identity, once per pid (`None` when already known or unreadable).
+pub type IdentityResolver = Box<dyn FnMut(u32) -> Option<ProcessIdentity> + Send>;
 
 /// The correlate stage.
 pub struct CorrelateStage {
     correlator: Correlator,
+    identities: IdentityResolver,
     adapter: AdapterOptions,
     held: HashMap<([u8; 16], [u8; 8]), Held>,
     max_held: usize,
     sinks: Vec<SinkSender>,
     metrics: Arc<FindingMetrics>,
     outgoing: Vec<Held>,
+    /// Position in `outgoing` by (trace id, span id): the GPU facts of a request follow its
+    /// join and are added to the same span before it leaves.
+    outgoing_index: HashMap<([u8; 16], [u8; 8]), usize>,
     findings: Vec<Span>,
     /// Spans forwarded without enrichment because the held table was full or a duplicate.
     pub held_overflow: u64,
@@ -77,6 +93,7 @@ impl CorrelateStage {
     /// A stage around `correlator`, sending to `sinks`.
     pub fn new(
         correlator: Correlator,
+        identities: IdentityResolver,
         adapter: AdapterOptions,
         sinks: Vec<SinkSender>,
         metrics: Arc<FindingMetrics>,
@@ -86,12 +103,14 @@ impl CorrelateStage {
         let max_held = correlator.config().max_pending_spans + 1024;
         Self {
             correlator,
+            identities,
             adapter,
             held: HashMap::new(),
             max_held,
             sinks,
             metrics,
             outgoing: Vec::new(),
+            outgoing_index: HashMap::new(),
             findings: Vec::new(),
             held_overflow: 0,
             summaries: Vec::new(),
@@ -110,8 +129,36 @@ impl CorrelateStage {
 
     /// A kernel event.
     pub fn on_kernel(&mut self, event: KernelEvent) {
+        if let (crate::model::KernelEventKind::Listen { .. }, Some(pid)) = (&event.kind, event.pid)
+        {
+            self.identify(pid);
+        }
         let outputs = self.correlator.on_event(Input::Kernel(event));
         self.handle(outputs);
+    }
+
+    /// One NVML poll.
+    pub fn on_gpu(&mut self, sample: GpuSample) {
+        let pids: Vec<u32> = sample.processes.iter().map(|p| p.pid).collect();
+        for pid in pids {
+            self.identify(pid);
+        }
+        let outputs = self.correlator.on_event(Input::Gpu(sample));
+        self.handle(outputs);
+    }
+
+    /// The identity of a process named by a later input.
+    pub fn on_process(&mut self, identity: ProcessIdentity) {
+        let outputs = self.correlator.on_event(Input::Process(identity));
+        self.handle(outputs);
+    }
+
+    /// Sends a process's identity to the correlator the first time its pid is named.
+    fn identify(&mut self, pid: u32) {
+        if let Some(identity) = (self.identities)(pid) {
+            let outputs = self.correlator.on_event(Input::Process(identity));
+            self.handle(outputs);
+        }
     }
 
     /// A batch of received spans: runtime request spans are held for their join, everything
@@ -145,6 +192,11 @@ impl CorrelateStage {
                         })
                         .clone();
                     self.held.insert(key, Held { group, span });
+                    if let Some(pid) = request.instance.pid
+                        && let Some(identity) = (self.identities)(pid)
+                    {
+                        outputs.extend(self.correlator.on_event(Input::Process(identity)));
+                    }
                     outputs.extend(self.correlator.on_event(Input::Runtime(request)));
                 }
             }
@@ -182,8 +234,9 @@ impl CorrelateStage {
             match output {
                 Output::Joined(joined) => self.on_joined(joined),
                 Output::Abort(finding) => self.on_abort(finding),
-                #[allow(unreachable_patterns)]
-                _ => {}
+                Output::RequestGpu(facts) => self.on_request_gpu(facts),
+                Output::GpuContention(finding) => self.on_contention(finding),
+                Output::ColdStart(finding) => self.on_cold_start(finding),
             }
         }
     }
@@ -207,7 +260,143 @@ impl CorrelateStage {
             &mut held.span,
             [kv_str("inferwatch.join", joined.join.as_str())],
         );
+        self.outgoing_index
+            .insert((request.trace_id, request.span_id), self.outgoing.len());
         self.outgoing.push(held);
+    }
+
+    fn on_request_gpu(&mut self, facts: RequestGpuFacts) {
+        if let Some(ttft) = facts.ttft_ns {
+            self.metrics
+                .ttft
+                .get_or_create(&StartLabels {
+                    start: facts.start.as_str().to_owned(),
+                })
+                .observe(ttft as f64 / 1e9);
+        }
+        let Some(&at) = self.outgoing_index.get(&(facts.trace_id, facts.span_id)) else {
+            return;
+        };
+        let Some(held) = self.outgoing.get_mut(at) else {
+            return;
+        };
+        let mut attributes = vec![kv_str("inferwatch.start", facts.start.as_str())];
+        if let Some(gpu) = facts.gpus.first() {
+            attributes.push(kv_str("inferwatch.gpu.uuid", &gpu.uuid));
+            if let Some(sm) = gpu.sm_util {
+                attributes.push(kv_f64("inferwatch.gpu.sm_util", sm));
+            }
+        }
+        if let Some(n) = &facts.neighbour {
+            attributes.extend(neighbour_attributes(n));
+        }
+        add(&mut held.span, attributes);
+    }
+
+    fn on_contention(&mut self, finding: GpuContentionFinding) {
+        self.metrics
+            .gpu_contention_seconds
+            .get_or_create(&ContentionLabels {
+                gpu: finding.gpu_uuid.clone(),
+                neighbour: finding.neighbour.label(),
+            })
+            .inc_by(finding.seconds());
+        let mut attributes = vec![
+            kv_str("inferwatch.gpu.uuid", &finding.gpu_uuid),
+            kv_f64("inferwatch.contention.tpot_inflation", finding.inflation),
+            kv_f64(
+                "inferwatch.contention.tpot_baseline_ms",
+                finding.tpot_baseline_ns as f64 / 1e6,
+            ),
+            kv_f64(
+                "inferwatch.contention.tpot_ms",
+                finding.tpot_ns as f64 / 1e6,
+            ),
+            kv_f64("inferwatch.contention.others_sm_pct", finding.others_sm_pct),
+            kv_i64("process.pid", i64::from(finding.runtime_pid)),
+        ];
+        attributes.extend(neighbour_attributes(&finding.neighbour));
+        // One span in each affected request's trace, so the backend shows it inside the
+        // request (SPEC §4.1); the list is bounded by the correlator.
+        for affected in &finding.affected {
+            self.findings.push(finding_span(
+                "inferwatch.gpu_contention",
+                affected.trace_id,
+                affected.span_id,
+                finding.start,
+                finding.end,
+                attributes.clone(),
+            ));
+        }
+        if finding.affected.is_empty() {
+            let mut span = finding_span(
+                "inferwatch.gpu_contention",
+                new_trace_id(),
+                [0; 8],
+                finding.start,
+                finding.end,
+                attributes,
+            );
+            span.parent_span_id.clear();
+            self.findings.push(span);
+        }
+        self.summaries.push(FindingSummary::GpuContention(finding));
+    }
+
+    fn on_cold_start(&mut self, finding: ColdStartFinding) {
+        self.metrics
+            .cold_start_floor
+            .observe(finding.floor_seconds());
+        let mut attributes = vec![
+            kv_f64(
+                "inferwatch.cold_start.floor_ms",
+                finding.floor_ns as f64 / 1e6,
+            ),
+            kv_str("inferwatch.cold_start.floor_from", &finding.floor_from),
+            kv_i64("process.pid", i64::from(finding.pid)),
+        ];
+        if let Some(exe) = &finding.executable {
+            attributes.push(kv_str("process.executable.name", exe));
+        }
+        if let Some(id) = &finding.container_id {
+            attributes.push(kv_str("container.id", id));
+        }
+        if let Some(uid) = &finding.pod_uid {
+            attributes.push(kv_str("k8s.pod.uid", uid));
+        }
+        if let Some(uuid) = finding.gpu_uuids.first() {
+            attributes.push(kv_str("inferwatch.gpu.uuid", uuid));
+        }
+        if let Some(bytes) = finding.weights_bytes {
+            attributes.push(kv_i64("inferwatch.cold_start.weights_bytes", bytes as i64));
+        }
+        let start = finding
+            .t_exec
+            .unwrap_or(finding.t_first_token.saturating_sub(finding.floor_ns));
+        let root = finding_span(
+            "inferwatch.cold_start",
+            finding.trace_id,
+            finding.span_id,
+            start,
+            finding.t_first_token,
+            attributes,
+        );
+        let root_id: [u8; 8] = root.span_id.as_slice().try_into().unwrap_or([0; 8]);
+        for phase in &finding.phases {
+            self.findings.push(finding_span(
+                &format!("inferwatch.cold_start.{}", phase.name),
+                finding.trace_id,
+                root_id,
+                phase.start,
+                phase.end,
+                vec![kv_f64(
+                    "inferwatch.cold_start.phase_ms",
+                    phase.end.saturating_sub(phase.start) as f64 / 1e6,
+                )],
+            ));
+        }
+        self.findings.push(root);
+        self.summaries.push(FindingSummary::ColdStart(finding));
     }
 
     fn on_abort(&mut self, finding: AbortFinding) {
@@ -264,6 +453,47 @@ impl CorrelateStage {
         self.summaries.push(FindingSummary::Abort(finding));
     }
 
+    /// Copies the GPU gauges (latest NVML sample) into the metrics; the process gauges are
+    /// rebuilt so that processes that left the GPU disappear.
+    pub fn sync_gpu_metrics(&self) {
+        let gpu = self.correlator.gpu_metrics();
+        let m = &self.metrics;
+        for g in &gpu.gpus {
+            let labels = GpuLabels {
+                gpu: g.uuid.clone(),
+            };
+            if let Some(sm) = g.sm_util {
+                m.gpu_sm_util.get_or_create(&labels).set(i64::from(sm));
+            }
+            if let Some(used) = g.memory_used {
+                m.gpu_memory_used.get_or_create(&labels).set(used as i64);
+            }
+            if let Some(total) = g.memory_total {
+                m.gpu_memory_total.get_or_create(&labels).set(total as i64);
+            }
+        }
+        m.gpu_process_sm_util.clear();
+        m.gpu_process_memory.clear();
+        for (p, identity) in &gpu.processes {
+            let labels = GpuProcessLabels {
+                gpu: p.gpu_uuid.clone(),
+                pid: p.pid.to_string(),
+                executable: identity
+                    .as_ref()
+                    .and_then(|i| i.executable.clone())
+                    .unwrap_or_default(),
+            };
+            if let Some(sm) = p.sm_util {
+                m.gpu_process_sm_util
+                    .get_or_create(&labels)
+                    .set(i64::from(sm));
+            }
+            if let Some(mem) = p.used_memory {
+                m.gpu_process_memory.get_or_create(&labels).set(mem as i64);
+            }
+        }
+    }
+
     fn sync_stats(&self) {
         let stats = self.correlator.stats();
         let m = &self.metrics;
@@ -287,6 +517,7 @@ impl CorrelateStage {
         if self.outgoing.is_empty() && self.findings.is_empty() {
             return;
         }
+        self.outgoing_index.clear();
         let mut batch = SpanBatch::default();
         // Rebuild one ResourceSpans per received group.
         let mut by_group: Vec<(Arc<Group>, Vec<Span>)> = Vec::new();
@@ -327,6 +558,24 @@ impl CorrelateStage {
             }
         }
     }
+}
+
+/// `inferwatch.noisy_neighbour.*` for a process neighbour.
+fn neighbour_attributes(n: &NoisyNeighbour) -> Vec<KeyValue> {
+    let mut out = vec![
+        kv_i64("inferwatch.noisy_neighbour.pid", i64::from(n.pid)),
+        kv_f64("inferwatch.noisy_neighbour.share", n.sm_share),
+    ];
+    if let Some(exe) = &n.executable {
+        out.push(kv_str("inferwatch.noisy_neighbour.executable", exe));
+    }
+    if let Some(id) = &n.container_id {
+        out.push(kv_str("inferwatch.noisy_neighbour.container_id", id));
+    }
+    if let Some(uid) = &n.pod_uid {
+        out.push(kv_str("inferwatch.noisy_neighbour.pod_uid", uid));
+    }
+    out
 }
 
 /// A random, non-zero trace id for findings that have no trace of their own.

@@ -25,7 +25,7 @@ pub use correlate::{CorrelateStage, FindingSummary};
 use crate::check::error_chain;
 use crate::config::AgentConfig;
 use crate::correlator::Correlator;
-use crate::model::{KernelEvent, UnixNanos};
+use crate::model::{GpuSample, KernelEvent, UnixNanos};
 use crate::sinks::file::FileSink;
 use crate::sinks::otlp::OtlpExporter;
 use crate::sinks::prometheus::findings::{
@@ -35,8 +35,10 @@ use crate::sinks::prometheus::metrics::AgentMetrics;
 use crate::sinks::prometheus::{PrometheusSink, Readiness};
 use crate::sinks::{SinkReceiver, SinkSender, SpanBatch};
 use crate::sources::kernel::{CounterMap, KernelSource, KernelStats};
+use crate::sources::nvml::{NvmlCounters, NvmlSource};
 use crate::sources::otlp::OtlpReceiver;
 use crate::sources::otlp::adapters::AdapterOptions;
+use crate::sources::procfs::ProcReader;
 
 /// How often the correlator's clock advances (and settled spans are forwarded).
 const TICK: Duration = Duration::from_millis(100);
@@ -74,6 +76,8 @@ pub struct Pipeline {
     options: RunOptions,
     kernel: Option<KernelParts>,
     kernel_capacity: usize,
+    nvml: Option<NvmlSource>,
+    nvml_capacity: usize,
     otlp: Option<(OtlpReceiver, mpsc::Receiver<SpanBatch>)>,
     exporter: Option<(OtlpExporter, SinkReceiver)>,
     file: Option<(FileSink, SinkReceiver)>,
@@ -172,6 +176,25 @@ impl Pipeline {
             }
         };
 
+        let nvml = if config.nvml.enabled {
+            match NvmlSource::build(&config.nvml) {
+                Ok(source) => {
+                    tracing::info!(
+                        library = source.library(),
+                        period_ms = config.nvml.period_ms,
+                        "NVML source started"
+                    );
+                    Some(source)
+                }
+                Err(err) => {
+                    tracing::warn!(error = %error_chain(&err), "NVML source unavailable; running without GPU data");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+
         let otlp = if config.otlp.enabled {
             let (tx, rx) = crate::sources::otlp::channel(&config.otlp);
             match OtlpReceiver::build(&config.otlp, tx, Arc::clone(&metrics)).await {
@@ -201,8 +224,11 @@ impl Pipeline {
             None
         };
 
+        // Identity of the processes the sources name, read once per pid from /proc.
+        let mut procfs = ProcReader::new("/proc", config.correlator.gpu.max_processes.max(1));
         let stage = CorrelateStage::new(
             Correlator::new(config.correlator.clone()),
+            Box::new(move |pid| procfs.identity_if_new(pid)),
             AdapterOptions::from(&config.otlp),
             sinks,
             Arc::clone(&finding_metrics),
@@ -211,6 +237,8 @@ impl Pipeline {
             options,
             kernel,
             kernel_capacity: config.kernel.channel_capacity,
+            nvml,
+            nvml_capacity: config.nvml.channel_capacity,
             otlp,
             exporter,
             file,
@@ -233,6 +261,8 @@ impl Pipeline {
             options,
             kernel,
             kernel_capacity,
+            nvml,
+            nvml_capacity,
             otlp,
             exporter,
             file,
@@ -279,6 +309,20 @@ impl Pipeline {
         } else {
             drop(kernel_tx);
         }
+        let (gpu_tx, mut gpu_rx) = mpsc::channel::<GpuSample>(nvml_capacity.max(1));
+        let mut nvml_counters = None;
+        let mut gpu_open = nvml.is_some();
+        if let Some(source) = nvml {
+            nvml_counters = Some(source.counters());
+            let handle = source.spawn(gpu_tx, sources_stop.clone());
+            sources.spawn(async move {
+                if let Err(err) = handle.await {
+                    tracing::error!(error = %err, "NVML poller stopped");
+                }
+            });
+        } else {
+            drop(gpu_tx);
+        }
         let mut span_rx = match otlp {
             Some((receiver, rx)) => {
                 let token = sources_stop.clone();
@@ -317,6 +361,10 @@ impl Pipeline {
                     }
                     None => kernel_open = false,
                 },
+                sample = gpu_rx.recv(), if gpu_open => match sample {
+                    Some(sample) => stage.on_gpu(sample),
+                    None => gpu_open = false,
+                },
                 batch = recv_spans(&mut span_rx) => match batch {
                     Some(batch) => stage.on_spans(batch),
                     None => span_rx = None,
@@ -329,6 +377,10 @@ impl Pipeline {
                     if let Some((stats, counters)) = &kernel_monitor {
                         update_kernel_metrics(&finding_metrics, stats, counters);
                     }
+                    if let Some(counters) = &nvml_counters {
+                        update_nvml_metrics(&finding_metrics, counters);
+                    }
+                    stage.sync_gpu_metrics();
                 }
             }
         }
@@ -339,6 +391,9 @@ impl Pipeline {
         // Whatever the sources had queued, then a final settle: everything pending becomes due.
         while let Ok(event) = kernel_rx.try_recv() {
             stage.on_kernel(event);
+        }
+        while let Ok(sample) = gpu_rx.try_recv() {
+            stage.on_gpu(sample);
         }
         if let Some(rx) = span_rx.as_mut() {
             while let Ok(batch) = rx.try_recv() {
@@ -365,6 +420,27 @@ async fn recv_spans(rx: &mut Option<mpsc::Receiver<SpanBatch>>) -> Option<SpanBa
 fn log_findings(stage: &mut CorrelateStage) {
     for summary in stage.take_summaries() {
         match summary {
+            FindingSummary::GpuContention(f) => tracing::info!(
+                target: "inferwatch::finding",
+                finding = "gpu_contention",
+                gpu = %f.gpu_uuid,
+                runtime_pid = f.runtime_pid,
+                neighbour_pid = f.neighbour.pid,
+                neighbour = f.neighbour.executable.as_deref().unwrap_or("-"),
+                neighbour_share = f.neighbour.sm_share,
+                tpot_inflation = f.inflation,
+                seconds = f.seconds(),
+                "another process on the GPU slowed the runtime's decode"
+            ),
+            FindingSummary::ColdStart(f) => tracing::info!(
+                target: "inferwatch::finding",
+                finding = "cold_start",
+                pid = f.pid,
+                executable = f.executable.as_deref().unwrap_or("-"),
+                floor_ms = f.floor_ns / 1_000_000,
+                phases = ?f.phases.iter().map(|p| (p.name.as_str(), p.end.saturating_sub(p.start) / 1_000_000)).collect::<Vec<_>>(),
+                "cold-start latency floor"
+            ),
             FindingSummary::Abort(f) => tracing::info!(
                 target: "inferwatch::finding",
                 finding = "abort",
@@ -379,6 +455,29 @@ fn log_findings(stage: &mut CorrelateStage) {
                 "tokens billed after the client left"
             ),
         }
+    }
+}
+
+fn update_nvml_metrics(metrics: &FindingMetrics, counters: &NvmlCounters) {
+    let nvml = SourceLabels {
+        source: "nvml".into(),
+    };
+    advance_to(
+        &metrics.events_received.get_or_create(&nvml),
+        counters.samples_sent.load(Ordering::Relaxed),
+    );
+    for (reason, value) in [
+        (
+            "channel_full",
+            counters.samples_dropped.load(Ordering::Relaxed),
+        ),
+        ("call_error", counters.call_errors.load(Ordering::Relaxed)),
+    ] {
+        let labels = SourceDropLabels {
+            source: "nvml".into(),
+            reason: reason.into(),
+        };
+        advance_to(&metrics.events_dropped.get_or_create(&labels), value);
     }
 }
 

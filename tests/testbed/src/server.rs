@@ -546,7 +546,11 @@ impl Server {
             output_tokens: summary.output_tokens,
             max_tokens: u64::from(max_tokens),
             tokens_after_abort,
-            token_times_ns: if abort_ns.is_some() { token_times } else { Vec::new() },
+            token_times_ns: if abort_ns.is_some() {
+                token_times
+            } else {
+                Vec::new()
+            },
             tokens_written: written,
             finish_reason: finish.to_string(),
             arrival_ns: head.arrival_ns,

@@ -141,11 +141,12 @@ pub fn plan(s: &Scenario) -> anyhow::Result<Vec<PlannedConversation>> {
                     None
                 };
                 // Drawn only when configured, so that other scenarios' plans stay as they were.
-                let timeout_ms = if !stream && t.timeout_share > 0.0 && rng.random::<f64>() < t.timeout_share {
-                    Some(u64::from(range(&mut rng, t.timeout_ms).max(1)))
-                } else {
-                    None
-                };
+                let timeout_ms =
+                    if !stream && t.timeout_share > 0.0 && rng.random::<f64>() < t.timeout_share {
+                        Some(u64::from(range(&mut rng, t.timeout_ms).max(1)))
+                    } else {
+                        None
+                    };
                 let (trace_id, span_id) = ids(&mut rng);
                 turns.push(PlannedTurn {
                     timeout_ms,

@@ -8,8 +8,10 @@ use std::sync::Mutex;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 /// Label value used once a bounded label has used up its distinct values.
 pub const OTHER: &str = "other";
@@ -101,6 +103,40 @@ pub struct TableLabels {
     pub table: String,
 }
 
+/// `{start}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct StartLabels {
+    /// `cold` or `warm`.
+    pub start: String,
+}
+
+/// `{gpu, neighbour}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ContentionLabels {
+    /// The GPU uuid.
+    pub gpu: String,
+    /// The neighbour process (executable, or `pid-N`; bounded).
+    pub neighbour: String,
+}
+
+/// `{gpu}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct GpuLabels {
+    /// The GPU uuid.
+    pub gpu: String,
+}
+
+/// `{gpu, pid, executable}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct GpuProcessLabels {
+    /// The GPU uuid.
+    pub gpu: String,
+    /// The process id.
+    pub pid: String,
+    /// The executable name.
+    pub executable: String,
+}
+
 /// Findings and source-health metrics.
 #[derive(Debug)]
 pub struct FindingMetrics {
@@ -122,8 +158,31 @@ pub struct FindingMetrics {
     pub events_dropped: Family<SourceDropLabels, Counter>,
     /// `inferwatch_kernel_ringbuf_drops_total{cpu}`: records the kernel could not queue.
     pub ringbuf_drops: Family<CpuLabels, Counter>,
+    /// `inferwatch_cold_start_floor_seconds`.
+    pub cold_start_floor: Histogram,
+    /// `inferwatch_ttft_seconds{start}`.
+    pub ttft: Family<StartLabels, Histogram>,
+    /// `inferwatch_gpu_contention_seconds_total{gpu,neighbour}`.
+    pub gpu_contention_seconds: Family<ContentionLabels, Counter<f64, AtomicU64>>,
+    /// `inferwatch_gpu_sm_utilization_percent{gpu}`.
+    pub gpu_sm_util: Family<GpuLabels, Gauge>,
+    /// `inferwatch_gpu_memory_used_bytes{gpu}`.
+    pub gpu_memory_used: Family<GpuLabels, Gauge>,
+    /// `inferwatch_gpu_memory_total_bytes{gpu}`.
+    pub gpu_memory_total: Family<GpuLabels, Gauge>,
+    /// `inferwatch_gpu_process_sm_utilization_percent{gpu,pid,executable}` (latest sample's
+    /// processes only).
+    pub gpu_process_sm_util: Family<GpuProcessLabels, Gauge>,
+    /// `inferwatch_gpu_process_memory_bytes{gpu,pid,executable}`.
+    pub gpu_process_memory: Family<GpuProcessLabels, Gauge>,
     /// Bounds the `model` label.
     pub models: BoundedLabel,
+}
+
+fn ttft_histogram() -> Histogram {
+    Histogram::new([
+        0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ])
 }
 
 fn lag_histogram() -> Histogram {
@@ -145,6 +204,16 @@ impl FindingMetrics {
             events_received: Family::default(),
             events_dropped: Family::default(),
             ringbuf_drops: Family::default(),
+            cold_start_floor: Histogram::new([
+                1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0,
+            ]),
+            ttft: Family::new_with_constructor(ttft_histogram),
+            gpu_contention_seconds: Family::default(),
+            gpu_sm_util: Family::default(),
+            gpu_memory_used: Family::default(),
+            gpu_memory_total: Family::default(),
+            gpu_process_sm_util: Family::default(),
+            gpu_process_memory: Family::default(),
             models: BoundedLabel::new(32),
         };
         registry.register(
@@ -191,6 +260,46 @@ impl FindingMetrics {
             "inferwatch_kernel_ringbuf_drops",
             "Kernel records lost because the ring buffer was full, per CPU",
             metrics.ringbuf_drops.clone(),
+        );
+        registry.register(
+            "inferwatch_cold_start_floor_seconds",
+            "Time from a runtime's process start to its first output token",
+            metrics.cold_start_floor.clone(),
+        );
+        registry.register(
+            "inferwatch_ttft_seconds",
+            "Time to first token of runtime requests, by whether the instance was cold",
+            metrics.ttft.clone(),
+        );
+        registry.register(
+            "inferwatch_gpu_contention_seconds",
+            "Seconds a runtime's decode was slowed by another process on its GPU",
+            metrics.gpu_contention_seconds.clone(),
+        );
+        registry.register(
+            "inferwatch_gpu_sm_utilization_percent",
+            "GPU SM utilisation (NVML)",
+            metrics.gpu_sm_util.clone(),
+        );
+        registry.register(
+            "inferwatch_gpu_memory_used_bytes",
+            "GPU memory used (NVML)",
+            metrics.gpu_memory_used.clone(),
+        );
+        registry.register(
+            "inferwatch_gpu_memory_total_bytes",
+            "GPU memory total (NVML)",
+            metrics.gpu_memory_total.clone(),
+        );
+        registry.register(
+            "inferwatch_gpu_process_sm_utilization_percent",
+            "SM utilisation per process on each GPU (NVML samples)",
+            metrics.gpu_process_sm_util.clone(),
+        );
+        registry.register(
+            "inferwatch_gpu_process_memory_bytes",
+            "GPU memory used per process (NVML)",
+            metrics.gpu_process_memory.clone(),
         );
         metrics
     }
