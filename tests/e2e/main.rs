@@ -6,4 +6,5 @@
 //! `INFERWATCH_REQUIRE_KERNEL_TESTS=1` (set by `cargo xtask test`).
 
 mod abort;
+mod gpu;
 mod harness;

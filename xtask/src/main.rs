@@ -6,6 +6,7 @@
 mod bench;
 mod build;
 mod demo;
+mod gpu_check;
 mod setup;
 mod test;
 mod util;
@@ -37,6 +38,13 @@ enum Task {
         #[arg(long, default_value = "demo")]
         scenario: String,
     },
+    /// The NVML source on a real NVIDIA GPU with PyTorch (tests/gpu-check/gpu_check.sh): builds
+    /// the `nvml_dump` example (release) unless `--bin` names a prebuilt one.
+    GpuCheck {
+        /// A prebuilt `nvml_dump` (carried to the GPU machine) instead of building one.
+        #[arg(long)]
+        bin: Option<std::path::PathBuf>,
+    },
     /// Benchmarks: `kernel` (overhead of the attached programs, reader throughput).
     Bench {
         /// Which benchmark.
@@ -53,5 +61,6 @@ fn main() -> anyhow::Result<()> {
         Task::Test => test::task(),
         Task::Bench { which } => bench::task(which),
         Task::Demo { scenario } => demo::task(&scenario),
+        Task::GpuCheck { bin } => gpu_check::task(bin.as_deref()),
     }
 }

@@ -682,7 +682,8 @@ mod tests {
             compute_instance_id: 0,
         });
         let mut count: c_uint = 8;
-        let handle = 1 as *mut Device;
+        // Handle of GPU index 0 (handles are index + 1).
+        let handle = std::ptr::without_provenance_mut::<Device>(1);
         // SAFETY: `count` and `infos` are valid for 8 entries.
         let rc = unsafe {
             nvmlDeviceGetComputeRunningProcesses_v3(handle, &mut count, infos.as_mut_ptr())
@@ -727,7 +728,10 @@ mod tests {
         assert_eq!(running_pids(), vec![10, 20], "a bad script is ignored");
 
         // A process that ended (its end_s in the past) is gone; the start time is kept.
-        write_script(&path, &gpu(serde_json::json!([{"pid": 20, "end_s": 0.001}])));
+        write_script(
+            &path,
+            &gpu(serde_json::json!([{"pid": 20, "end_s": 0.001}])),
+        );
         std::thread::sleep(std::time::Duration::from_millis(RELOAD_CHECK_MS + 20));
         assert_eq!(running_pids(), Vec::<u32>::new(), "ended and removed");
         assert_eq!(nvmlShutdown(), SUCCESS);

@@ -237,13 +237,16 @@ pub async fn spawn_neighbour(neighbour: &str, max_s: f64) -> anyhow::Result<u32>
         .arg(std::process::id().to_string())
         .arg("--max-s")
         .arg(max_s.to_string())
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::inherit());
+        .stdin(std::process::Stdio::null());
     let out = tokio::process::Command::from(cmd)
         .output()
         .await
         .context("starting the neighbour process")?;
-    anyhow::ensure!(out.status.success(), "iw-testbed hog failed: {}", out.status);
+    anyhow::ensure!(
+        out.status.success(),
+        "iw-testbed hog failed: {}",
+        out.status
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     text.trim()
         .parse::<u32>()
@@ -283,12 +286,15 @@ pub fn hog_main(comm: &str, watch_pid: u32, max_s: f64) -> anyhow::Result<()> {
         println!("{pid}");
         return Ok(());
     }
-    // The detached process: let go of the caller's stdout pipe so its read ends.
+    // The detached process: let go of the caller's pipes (the caller reads stdout, and may
+    // capture stderr, to their end) so its read ends.
     // SAFETY: plain fd calls on descriptors this process owns.
     unsafe {
-        let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY);
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
         if null >= 0 {
+            libc::dup2(null, 0);
             libc::dup2(null, 1);
+            libc::dup2(null, 2);
             libc::close(null);
         }
     }
@@ -338,7 +344,8 @@ mod tests {
         })
         .expect("update");
         for i in 0..40 {
-            s.push_point(7, "sm_util", f64::from(i), 10.0).expect("point");
+            s.push_point(7, "sm_util", f64::from(i), 10.0)
+                .expect("point");
         }
         let back: Value =
             serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");

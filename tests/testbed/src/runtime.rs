@@ -204,11 +204,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Running> {
             // Each interval's truth is written once its neighbour process runs (with its pid).
             engine.schedule_contention(&intervals);
             for c in intervals {
-                tasks.push(tokio::spawn(play_neighbour(
-                    gpu.clone(),
-                    truth.clone(),
-                    c,
-                )));
+                tasks.push(tokio::spawn(play_neighbour(gpu.clone(), truth.clone(), c)));
             }
             tasks.push(tokio::spawn(follow_decode(gpu.clone(), engine.clone())));
         }
