@@ -7,3 +7,4 @@
 
 mod abort;
 mod harness;
+mod openai_client;
