@@ -151,6 +151,32 @@ impl Pipeline {
             );
         }
 
+        // Servers that listened before the agent started: the programs only see later
+        // listen() calls. Known runtimes' ports join the watched set when asked.
+        let listeners = crate::sources::kernel::discovery::listeners(std::path::Path::new("/proc"));
+        let mut config = config;
+        if config.kernel.watch_runtime_ports {
+            for l in listeners.iter().filter(|l| l.runtime.is_some()) {
+                if !config.kernel.watch_ports.contains(&l.port) {
+                    tracing::info!(port = l.port, pid = l.pid, runtime = l.runtime, "watching a runtime found listening");
+                    config.kernel.watch_ports.push(l.port);
+                }
+            }
+        }
+        let watched = config.kernel.ports();
+        let existing: Vec<KernelEvent> = listeners
+            .iter()
+            .filter(|l| watched.contains(&l.port))
+            .map(|l| KernelEvent {
+                ts: now_unix_nanos(),
+                pid: Some(l.pid),
+                kind: crate::model::KernelEventKind::Listen {
+                    conn: crate::model::ConnId(0),
+                    port: l.port,
+                },
+            })
+            .collect();
+
         let kernel = if !config.kernel.enabled {
             tracing::info!("kernel source disabled in the config");
             None
@@ -226,13 +252,16 @@ impl Pipeline {
 
         // Identity of the processes the sources name, read once per pid from /proc.
         let mut procfs = ProcReader::new("/proc", config.correlator.gpu.max_processes.max(1));
-        let stage = CorrelateStage::new(
+        let mut stage = CorrelateStage::new(
             Correlator::new(config.correlator.clone()),
             Box::new(move |pid| procfs.identity_if_new(pid)),
             AdapterOptions::from(&config.otlp),
             sinks,
             Arc::clone(&finding_metrics),
         );
+        for event in existing {
+            stage.on_kernel(event);
+        }
         Ok(Self {
             options,
             kernel,
