@@ -30,6 +30,7 @@
 mod abort;
 mod config;
 mod join;
+mod kv_eviction;
 mod stats;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -41,10 +42,16 @@ use serde::{Deserialize, Serialize};
 pub use abort::{AbortFinding, TokenCountMethod};
 pub use config::CorrelatorConfig;
 pub use join::{ConnectionFacts, JoinRule, JoinedRequest, PeerClose};
+pub use kv_eviction::{
+    ConversationRecord, ConversationTable, KvEvictionConfig, KvEvictionFinding, KvEvictionSizes,
+    KvEvictionStats, KvEvidence, OTHER_TENANT, SELF_TENANT, SpanLink, TenantLabels, TenantShare,
+    conversation_key, instance_key, siphash24,
+};
 pub use stats::{CorrelatorStats, EvictionCounts, FindingCounts, JoinCounts, StateSizes};
 
 use crate::model::{
-    ConnId, KernelEvent, KernelEventKind, RequestHead, RuntimeKind, RuntimeRequest, UnixNanos,
+    ConnId, KernelEvent, KernelEventKind, KvEventBatch, RequestHead, RuntimeKind, RuntimeRequest,
+    UnixNanos,
 };
 use abort::KernelAbortFacts;
 
@@ -61,6 +68,8 @@ pub enum Input {
     Kernel(KernelEvent),
     /// A request span from the OTLP receiver's runtime adapters.
     Runtime(RuntimeRequest),
+    /// A batch of KV-cache events from a runtime's publisher (`sources::kvevents`).
+    KvEvents(KvEventBatch),
 }
 
 /// One output of the correlator.
@@ -76,6 +85,8 @@ pub enum Output {
     Joined(JoinedRequest),
     /// Tokens billed after the client aborted.
     Abort(AbortFinding),
+    /// A conversation's warm prefix was evicted between two turns (SPEC §3.3).
+    KvEviction(KvEvictionFinding),
 }
 
 /// A connection, told apart from an earlier socket at the same kernel address.
@@ -205,12 +216,15 @@ pub struct Correlator {
     span_ids: HashSet<([u8; 16], [u8; 8])>,
     /// Listening port -> the pid that listens.
     listeners: BTreeMap<u16, Option<u32>>,
+    /// Conversations and per-instance request / KV event logs (SPEC §3.3).
+    kv: kv_eviction::KvTracker,
 }
 
 impl Correlator {
     /// A correlator with empty state.
     pub fn new(config: CorrelatorConfig) -> Self {
         Self {
+            kv: kv_eviction::KvTracker::new(config.kv_eviction.clone()),
             config,
             stats: CorrelatorStats::default(),
             conns: HashMap::new(),
@@ -236,6 +250,19 @@ impl Correlator {
         &self.stats
     }
 
+    /// KV evictions found so far by `(victim_tenant, neighbour_tenant)` label pair, with tenant
+    /// labels bounded by [`TenantLabels`] (`metric_tenant_labels` tenants, the rest `other`;
+    /// `self` when the victim's own tenant evicted it, `unknown` when no tenant was known).
+    /// Monotonic: the metrics sink reads it as `inferwatch_kv_evictions_total`.
+    pub fn kv_eviction_counts(&self) -> &BTreeMap<(String, String), u64> {
+        self.kv.counts()
+    }
+
+    /// How full the KV-eviction tables are now.
+    pub fn kv_eviction_sizes(&self) -> KvEvictionSizes {
+        self.kv.sizes()
+    }
+
     /// How full its tables are now.
     pub fn state_sizes(&self) -> StateSizes {
         StateSizes {
@@ -257,6 +284,10 @@ impl Correlator {
                 Vec::new()
             }
             Input::Runtime(request) => self.on_span(request),
+            Input::KvEvents(batch) => {
+                self.kv.on_kv_events(&batch, &mut self.stats.kv_eviction);
+                Vec::new()
+            }
         }
     }
 
@@ -302,6 +333,10 @@ impl Correlator {
 
         self.settle_heads(now, &reserved, &mut out);
         self.expire_connections(now);
+        let mut evictions = Vec::new();
+        self.kv
+            .on_tick(now, &mut self.stats.kv_eviction, &mut evictions);
+        out.extend(evictions.into_iter().map(Output::KvEviction));
         out
     }
 
@@ -685,6 +720,7 @@ impl Correlator {
         });
         let Some((rule, hk, head, facts, local, peer, conn_pid)) = joined else {
             self.stats.joins.record(JoinRule::Unjoined);
+            self.kv.on_request(&span, None, &mut self.stats.kv_eviction);
             out.push(Output::Joined(JoinedRequest {
                 request: span,
                 join: JoinRule::Unjoined,
@@ -734,6 +770,8 @@ impl Correlator {
                 0
             },
         };
+        self.kv
+            .on_request(&span, Some(&connection), &mut self.stats.kv_eviction);
         out.push(Output::Joined(JoinedRequest {
             request: span,
             join: rule,
