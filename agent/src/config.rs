@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cli::CommonArgs;
 use crate::sources::kernel::KernelConfig;
+use crate::sources::kvevents::KvEventsConfig;
 
 /// Prefix of the environment variables that override config keys.
 pub const ENV_PREFIX: &str = "INFERWATCH_";
@@ -23,6 +24,8 @@ pub const ENV_PREFIX: &str = "INFERWATCH_";
 pub struct AgentConfig {
     /// The kernel (eBPF) source: watched ports and request-head parsing.
     pub kernel: KernelConfig,
+    /// The KV event source: runtimes' ZMQ publishers of KV-cache events (optional).
+    pub kv_events: KvEventsConfig,
 }
 
 /// Errors while loading the configuration.

@@ -2,3 +2,4 @@
 //! without taking the agent down.
 
 pub mod kernel;
+pub mod kvevents;
