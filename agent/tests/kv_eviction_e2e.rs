@@ -124,7 +124,8 @@ fn to_request(
 }
 
 fn scenario(name: &str) -> Scenario {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../tests/scenarios/{name}.toml"));
+    let p =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../tests/scenarios/{name}.toml"));
     Scenario::load(&p).unwrap_or_else(|e| panic!("loading scenario {name}: {e}"))
 }
 
@@ -354,7 +355,11 @@ async fn noisy(seeds: &[u64], kv: bool) {
         let ids: HashSet<&str> = truth.keys().map(String::as_str).collect();
         let extra = findings
             .iter()
-            .filter(|f| !f.victim_request_id.as_deref().is_some_and(|id| ids.contains(id)))
+            .filter(|f| {
+                !f.victim_request_id
+                    .as_deref()
+                    .is_some_and(|id| ids.contains(id))
+            })
             .count();
         eprintln!(
             "noisy-tenant seed {seed} kv_events={kv}: {} victim turns, {} found, {} neighbour right, {} findings ({} from KV events, {extra} not in truth), {} KV batches",
@@ -365,7 +370,10 @@ async fn noisy(seeds: &[u64], kv: bool) {
             sc.kv_method,
             run.batches.len()
         );
-        assert!(sc.victims >= 2, "seed {seed}: the scenario evicts several victim turns");
+        assert!(
+            sc.victims >= 2,
+            "seed {seed}: the scenario evicts several victim turns"
+        );
         if kv {
             assert!(!run.batches.is_empty(), "seed {seed}: KV events received");
             assert!(sc.kv_method > 0, "seed {seed}: KV events used");

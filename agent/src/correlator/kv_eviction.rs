@@ -540,18 +540,26 @@ impl LoggedRequest {
 
 #[derive(Debug, Clone)]
 enum KvLogged {
-    Stored { ts: UnixNanos, hashes: Vec<u64> },
-    Removed { ts: UnixNanos, hashes: Vec<u64> },
+    Stored {
+        ts: UnixNanos,
+        hashes: Vec<u64>,
+    },
+    Removed {
+        ts: UnixNanos,
+        hashes: Vec<u64>,
+    },
     /// Everything cleared, or batches lost: block evidence is incomplete around `ts`.
-    Broken { ts: UnixNanos },
+    Broken {
+        ts: UnixNanos,
+    },
 }
 
 impl KvLogged {
     fn ts(&self) -> UnixNanos {
         match self {
-            KvLogged::Stored { ts, .. } | KvLogged::Removed { ts, .. } | KvLogged::Broken { ts } => {
-                *ts
-            }
+            KvLogged::Stored { ts, .. }
+            | KvLogged::Removed { ts, .. }
+            | KvLogged::Broken { ts } => *ts,
         }
     }
     fn blocks(&self) -> usize {
@@ -741,15 +749,7 @@ impl KvTracker {
         let rate = self.logs[instance as usize].prefill_rate;
         if let (Some(conversation), true) = (&conversation, conv != 0) {
             stats.conversation_turns += 1;
-            self.on_turn(
-                req,
-                &logged,
-                conversation,
-                instance,
-                &key,
-                rate,
-                stats,
-            );
+            self.on_turn(req, &logged, conversation, instance, &key, rate, stats);
         }
         let log = &mut self.logs[instance as usize];
         if let Some(first) = req.first_token {
@@ -770,7 +770,10 @@ impl KvTracker {
         }
     }
 
-    #[allow(clippy::too_many_arguments, reason = "one call site, all borrowed from it")]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one call site, all borrowed from it"
+    )]
     fn on_turn(
         &mut self,
         req: &RuntimeRequest,
@@ -797,7 +800,16 @@ impl KvTracker {
             } else if prev.instance != instance {
                 stats.conversations_moved += 1;
             } else {
-                self.check_turn(req, logged, conversation, instance, instance_name, prev, rate, stats);
+                self.check_turn(
+                    req,
+                    logged,
+                    conversation,
+                    instance,
+                    instance_name,
+                    prev,
+                    rate,
+                    stats,
+                );
             }
         }
         let before = self.conversations.dropped();
@@ -814,7 +826,10 @@ impl KvTracker {
         stats.conversations_dropped += self.conversations.dropped() - before;
     }
 
-    #[allow(clippy::too_many_arguments, reason = "one call site, all borrowed from it")]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one call site, all borrowed from it"
+    )]
     fn check_turn(
         &mut self,
         req: &RuntimeRequest,
@@ -847,8 +862,7 @@ impl KvTracker {
         let finding = KvEvictionFinding {
             trace_id: req.trace_id,
             parent_span_id: req.span_id,
-            victim_tenant: Some(self.tenant_name(logged.tenant))
-                .filter(|t| t != UNKNOWN_TENANT),
+            victim_tenant: Some(self.tenant_name(logged.tenant)).filter(|t| t != UNKNOWN_TENANT),
             victim_conversation: conversation.to_string(),
             victim_request_id: req.request_id.clone(),
             instance: instance_name.to_string(),
@@ -866,9 +880,11 @@ impl KvTracker {
             method: KvEvidence::Spans,
             victim_blocks_removed: None,
         };
-        let due = req
-            .end
-            .saturating_add(self.config.attribution_delay_ms.saturating_mul(NANOS_PER_MILLI));
+        let due = req.end.saturating_add(
+            self.config
+                .attribution_delay_ms
+                .saturating_mul(NANOS_PER_MILLI),
+        );
         // Bounded by the request logs: at most one pending finding per logged request.
         let cap = self.config.max_requests_per_instance.max(1) * self.logs.len().max(1);
         if self.pending.len() >= cap {
@@ -1020,7 +1036,10 @@ impl KvTracker {
         let mut stored_in_window = false;
         if kv_usable {
             let block = u64::from(self.config.block_size.max(1));
-            let slack = self.config.kv_store_slack_ms.saturating_mul(NANOS_PER_MILLI);
+            let slack = self
+                .config
+                .kv_store_slack_ms
+                .saturating_mul(NANOS_PER_MILLI);
             let mut attributed: HashMap<usize, f64> = HashMap::new();
             let mut removed: HashSet<u64> = HashSet::new();
             let mut restored: HashSet<u64> = HashSet::new();

@@ -436,10 +436,7 @@ impl Engine {
                     .collect();
                 if !new.is_empty() {
                     events.push(KvCacheEvent::Stored {
-                        parent: alloc
-                            .hit_blocks
-                            .checked_sub(1)
-                            .map(|i| seq.hashes[i]),
+                        parent: alloc.hit_blocks.checked_sub(1).map(|i| seq.hashes[i]),
                         hashes: new,
                     });
                 }

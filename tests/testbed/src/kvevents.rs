@@ -80,7 +80,9 @@ pub fn encode_batch(ts_ns: u64, events: &[KvCacheEvent]) -> Vec<u8> {
 
 /// Bind a PUB socket at `endpoint` (`tcp://127.0.0.1:0` for any port) and start the sending
 /// task; returns the handle and the bound endpoint.
-pub async fn start(endpoint: &str) -> anyhow::Result<(KvEventPublisher, String, tokio::task::JoinHandle<()>)> {
+pub async fn start(
+    endpoint: &str,
+) -> anyhow::Result<(KvEventPublisher, String, tokio::task::JoinHandle<()>)> {
     let mut socket = PubSocket::new();
     let bound = socket.bind(endpoint).await?.to_string();
     let (tx, mut rx) = mpsc::unbounded_channel::<(u64, Vec<KvCacheEvent>)>();

@@ -72,7 +72,11 @@ pub fn listeners(proc_root: &Path) -> Vec<Listener> {
         return Vec::new();
     };
     for entry in procs.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
@@ -127,9 +131,15 @@ mod tests {
 
     #[test]
     fn runtime_markers() {
-        assert_eq!(runtime_of("/usr/bin/python3 -m vllm.entrypoints.openai.api_server --port 8000"), Some("vllm"));
+        assert_eq!(
+            runtime_of("/usr/bin/python3 -m vllm.entrypoints.openai.api_server --port 8000"),
+            Some("vllm")
+        );
         assert_eq!(runtime_of("python -m sglang.launch_server"), Some("sglang"));
-        assert_eq!(runtime_of("text-generation-router --port 3000"), Some("tgi"));
+        assert_eq!(
+            runtime_of("text-generation-router --port 3000"),
+            Some("tgi")
+        );
         assert_eq!(runtime_of("nginx: master process"), None);
     }
 
@@ -138,7 +148,10 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let found = listeners(Path::new("/proc"));
-        let me = found.iter().find(|l| l.port == port).expect("own listener found");
+        let me = found
+            .iter()
+            .find(|l| l.port == port)
+            .expect("own listener found");
         assert_eq!(me.pid, std::process::id());
     }
 }

@@ -261,7 +261,10 @@ async fn subscribe(
     };
     let mut socket = SubSocket::new();
     socket.connect(&ep.endpoint).await.map_err(zmq("connect"))?;
-    socket.subscribe(&ep.topic).await.map_err(zmq("subscribe"))?;
+    socket
+        .subscribe(&ep.topic)
+        .await
+        .map_err(zmq("subscribe"))?;
     tracing::info!(endpoint = %ep.endpoint, instance = %ep.instance, "subscribed to KV events");
     let mut last_seq: Option<u64> = None;
     loop {
@@ -279,7 +282,9 @@ async fn subscribe(
         if let (Some(last), Some(seq)) = (last_seq, batch.seq)
             && seq > last.saturating_add(1)
         {
-            counters.missing.fetch_add(seq - last - 1, Ordering::Relaxed);
+            counters
+                .missing
+                .fetch_add(seq - last - 1, Ordering::Relaxed);
         }
         last_seq = batch.seq.or(last_seq);
         match tx.try_send(batch) {
