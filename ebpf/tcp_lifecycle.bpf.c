@@ -56,6 +56,10 @@ struct conn_state {
 	__u32 accepted;    /* a server fd is bound to it */
 	__u32 fd_closed;   /* the server closed that fd */
 	__u32 sock_closed; /* the socket reached TCP_CLOSE */
+	/* Server writes since the last request head: tells a response that was streaming when
+	 * the peer left (> 0) from one not yet started (0), e.g. a non-streaming request whose
+	 * whole body is one write at the end. Written from syscall context only. */
+	__u32 writes_since_head;
 	__u16 family;
 	__u16 local_port;
 	__u16 peer_port;
@@ -152,15 +156,14 @@ static __always_inline int port_watched(__u16 port)
 	return bpf_map_lookup_elem(&watched_ports, &port) != NULL;
 }
 
-/* Emits an event that carries nothing beyond the header and a 32-bit value. */
-static __always_inline void emit_peer_closed(__u64 sk, __u32 how)
+static __always_inline void emit_peer_closed(__u64 sk, __u32 how, __u32 writes_since_head)
 {
 	struct iw_peer_closed_event *ev = reserve(sizeof(*ev));
 	if (!ev)
 		return;
 	fill_header(&ev->hdr, IW_EVENT_PEER_CLOSED, sizeof(*ev), 0, sk);
 	ev->how = how;
-	ev->_pad = 0;
+	ev->writes_since_head = writes_since_head;
 	bpf_ringbuf_submit(ev, 0);
 }
 
@@ -221,7 +224,7 @@ int iw_inet_sock_set_state(struct trace_event_raw_inet_sock_set_state *ctx)
 		/* The peer's FIN arrived on an established connection. */
 		if (!st->peer_closed) {
 			st->peer_closed = 1;
-			emit_peer_closed(sk, IW_CLOSE_FIN);
+			emit_peer_closed(sk, IW_CLOSE_FIN, st->writes_since_head);
 		}
 		return 0;
 	}
@@ -250,7 +253,7 @@ int iw_tcp_receive_reset(struct trace_event_raw_tcp_event_sk *ctx)
 	if (!st || st->peer_closed)
 		return 0;
 	st->peer_closed = 1;
-	emit_peer_closed(sk, IW_CLOSE_RST);
+	emit_peer_closed(sk, IW_CLOSE_RST, st->writes_since_head);
 	return 0;
 }
 
@@ -407,6 +410,7 @@ static __always_inline int on_read_exit(struct trace_event_raw_sys_exit *ctx)
 		return 0;
 	/* One head per request: re-armed by the server's next write. */
 	st->expect_head = 0;
+	st->writes_since_head = 0;
 
 	__u64 n = (__u64)ret;
 	if (n > io.buf_len)
@@ -457,6 +461,8 @@ static __always_inline int on_write_enter(struct trace_event_raw_sys_enter *ctx)
 	/* The server answers: its next read that starts with a method is a new request. */
 	if (!st->expect_head)
 		st->expect_head = 1;
+	if (st->writes_since_head < 0xffffffff)
+		st->writes_since_head++;
 	if (!st->peer_closed)
 		return 0;
 	struct pending_io p = {};

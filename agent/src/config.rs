@@ -12,8 +12,13 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::cli::CommonArgs;
+use crate::correlator::CorrelatorConfig;
+use crate::sinks::file::FileSinkConfig;
+use crate::sinks::otlp::ExportConfig;
+use crate::sinks::prometheus::PrometheusConfig;
 use crate::sources::kernel::KernelConfig;
 use crate::sources::kvevents::KvEventsConfig;
+use crate::sources::otlp::OtlpReceiverConfig;
 
 /// Prefix of the environment variables that override config keys.
 pub const ENV_PREFIX: &str = "INFERWATCH_";
@@ -24,6 +29,16 @@ pub const ENV_PREFIX: &str = "INFERWATCH_";
 pub struct AgentConfig {
     /// The kernel (eBPF) source: watched ports and request-head parsing.
     pub kernel: KernelConfig,
+    /// The OTLP trace receiver (runtime spans in).
+    pub otlp: OtlpReceiverConfig,
+    /// The OTLP trace exporter (spans out to a backend).
+    pub export: ExportConfig,
+    /// The OTLP JSON lines file sink.
+    pub file: FileSinkConfig,
+    /// The Prometheus metrics endpoint.
+    pub prometheus: PrometheusConfig,
+    /// The correlator: join windows, time-outs and the caps on its state.
+    pub correlator: CorrelatorConfig,
     /// The KV event source: runtimes' ZMQ publishers of KV-cache events (optional).
     pub kv_events: KvEventsConfig,
 }

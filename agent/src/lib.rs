@@ -8,6 +8,8 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod correlator;
+pub mod internal_events;
 pub mod model;
 pub mod pipeline;
+pub mod sinks;
 pub mod sources;

@@ -59,7 +59,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime.block_on(async {
                 let shutdown = CancellationToken::new();
                 spawn_signal_handler(shutdown.clone())?;
-                let pipeline = Pipeline::build(config, options);
+                let pipeline = Pipeline::build(config, options).await?;
                 pipeline.run(shutdown).await
             })?;
             Ok(ExitCode::SUCCESS)

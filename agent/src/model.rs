@@ -122,6 +122,11 @@ pub enum KernelEventKind {
         conn: ConnId,
         /// FIN or RST.
         how: CloseHow,
+        /// Server writes on the connection since the current request's head, when the kernel
+        /// counted them: 0 means the response had not started (a non-streaming request, whose
+        /// body is one write at the end), so writes after the close are not token chunks.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        writes_before: Option<u32>,
     },
     /// The server wrote to a connection after its peer had left.
     WriteAfterPeerClose {

@@ -463,6 +463,18 @@ fn lifecycle(loopback: &str, io: Io) {
         let s = shapes(&evs);
         assert_eq!(s[1], format!("head:{id}"), "{s:?}");
         assert_eq!(s[2], format!("peer_closed:{}", how.as_str()), "{s:?}");
+        // The response was streaming when the client left: the header and 3 chunks.
+        assert!(
+            matches!(
+                evs[2].kind,
+                KernelEventKind::PeerClosed {
+                    writes_before: Some(4),
+                    ..
+                }
+            ),
+            "{:?}",
+            evs[2]
+        );
         let expected = server[id];
         assert!(expected >= 1, "the server wrote after {id}'s client left");
         assert_eq!(

@@ -3,7 +3,8 @@
 //! agent's `kvevents` source); the spans become `RuntimeRequest`s, everything goes through the
 //! correlator, and its KV-eviction findings are scored against the testbed's ground truth.
 //!
-//! No kernel and no agent pipeline: this tests the detection, not the plumbing.
+//! No kernel and no agent pipeline: this tests the detection, not the plumbing. Spans are
+//! mapped by the OTLP source's own adapter (`sources::otlp::adapters::adapt`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -11,8 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use inferwatch::correlator::{Correlator, CorrelatorConfig, Input, KvEvictionFinding, Output};
-use inferwatch::model::{InstanceIdentity, KvEventBatch, RuntimeKind, RuntimeRequest};
+use inferwatch::model::{KvEventBatch, RuntimeRequest};
 use inferwatch::sources::kvevents::{KvEventsConfig, KvEventsEndpoint, KvEventsSource};
+use inferwatch::sources::otlp::adapters::{AdapterOptions, adapt};
 use inferwatch_testbed::config::Scenario;
 use inferwatch_testbed::runtime::{self, ServeOptions};
 use inferwatch_testbed::traffic::{self, TrafficOptions};
@@ -23,10 +25,8 @@ use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
-use opentelemetry_proto::tonic::common::v1::KeyValue;
-use opentelemetry_proto::tonic::common::v1::any_value::Value;
 
-/// Spans received, with their resource's `service.name`.
+/// Spans received, as the OTLP source's runtime adapters map them.
 #[derive(Clone, Default)]
 struct Sink(Arc<Mutex<Vec<RuntimeRequest>>>);
 
@@ -36,91 +36,20 @@ impl TraceService for Sink {
         &self,
         req: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let options = AdapterOptions::default();
         let mut out = Vec::new();
         for rs in req.into_inner().resource_spans {
-            let service = rs
-                .resource
-                .as_ref()
-                .and_then(|r| str_attr(&r.attributes, "service.name"));
-            for ss in rs.scope_spans {
-                for span in ss.spans {
-                    if let Some(r) = to_request(&span, service.clone()) {
-                        out.push(r);
-                    }
-                }
+            for ss in &rs.scope_spans {
+                out.extend(
+                    ss.spans
+                        .iter()
+                        .filter_map(|span| adapt(span, rs.resource.as_ref(), &options)),
+                );
             }
         }
         self.0.lock().expect("sink lock").extend(out);
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
-}
-
-fn attr<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a Value> {
-    attrs
-        .iter()
-        .find(|kv| kv.key == key)
-        .and_then(|kv| kv.value.as_ref())
-        .and_then(|v| v.value.as_ref())
-}
-
-fn str_attr(attrs: &[KeyValue], key: &str) -> Option<String> {
-    match attr(attrs, key) {
-        Some(Value::StringValue(s)) => Some(s.clone()),
-        _ => None,
-    }
-}
-
-fn int_attr(attrs: &[KeyValue], key: &str) -> Option<u64> {
-    match attr(attrs, key) {
-        Some(Value::IntValue(i)) => u64::try_from(*i).ok(),
-        _ => None,
-    }
-}
-
-fn secs_attr(attrs: &[KeyValue], key: &str) -> Option<u64> {
-    match attr(attrs, key) {
-        Some(Value::DoubleValue(d)) if *d >= 0.0 => Some((d * 1e9).round() as u64),
-        _ => None,
-    }
-}
-
-/// A minimal test-local adapter of vLLM's `llm_request` span (the OTLP source's adapter is
-/// another engineer's; this reads only what the KV detection needs).
-fn to_request(
-    span: &opentelemetry_proto::tonic::trace::v1::Span,
-    service: Option<String>,
-) -> Option<RuntimeRequest> {
-    if span.name != "llm_request" {
-        return None;
-    }
-    let a = &span.attributes;
-    let trace_id: [u8; 16] = span.trace_id.as_slice().try_into().ok()?;
-    let span_id: [u8; 8] = span.span_id.as_slice().try_into().ok()?;
-    let arrival = span.start_time_unix_nano;
-    Some(RuntimeRequest {
-        runtime: RuntimeKind::Vllm,
-        trace_id,
-        span_id,
-        parent_span_id: span.parent_span_id.as_slice().try_into().ok(),
-        request_id: str_attr(a, "gen_ai.request.id"),
-        model: str_attr(a, "gen_ai.response.model"),
-        tenant: str_attr(a, "tenant.id"),
-        conversation: str_attr(a, "gen_ai.conversation.id"),
-        client: None,
-        instance: InstanceIdentity {
-            service_name: service,
-            ..InstanceIdentity::default()
-        },
-        arrival,
-        queue_ns: secs_attr(a, "gen_ai.latency.time_in_queue"),
-        first_token: secs_attr(a, "gen_ai.latency.time_to_first_token").map(|t| arrival + t),
-        end: span.end_time_unix_nano,
-        prompt_tokens: int_attr(a, "gen_ai.usage.prompt_tokens"),
-        cached_tokens: int_attr(a, "gen_ai.usage.cache_read.input_tokens"),
-        output_tokens: int_attr(a, "gen_ai.usage.completion_tokens"),
-        finish_reason: None,
-        token_times: Vec::new(),
-    })
 }
 
 fn scenario(name: &str) -> Scenario {

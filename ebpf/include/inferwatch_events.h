@@ -92,8 +92,8 @@ struct iw_request_head_event {
 /* The peer sent FIN (socket entered CLOSE_WAIT) or RST while the connection was open. */
 struct iw_peer_closed_event {
 	struct iw_event_header hdr;
-	__u32 how; /* enum iw_close_how */
-	__u32 _pad;
+	__u32 how;              /* enum iw_close_how */
+	__u32 writes_since_head; /* server writes since the last request head (saturating) */
 };
 
 /* The server wrote to a connection whose peer had already left. */

@@ -94,6 +94,15 @@ impl CorrelatorConfig {
     pub(crate) fn connection_idle(&self) -> UnixNanos {
         self.connection_idle_ms.saturating_mul(NANOS_PER_MILLI)
     }
+
+    /// How far past the last event a tick must reach for everything pending to settle
+    /// (spans, and kernel-side requests still waiting for a span): used for the final tick
+    /// at shutdown.
+    pub fn settle_horizon_ns(&self) -> UnixNanos {
+        self.temporal_window()
+            .saturating_add(self.settle_delay())
+            .saturating_add(self.span_wait())
+    }
 }
 
 #[cfg(test)]

@@ -131,6 +131,9 @@ struct Conn {
     /// entries stay while an older request still needs them as its end.
     requests: BTreeMap<UnixNanos, Option<Head>>,
     peer_closed: Option<PeerClose>,
+    /// `false` when the kernel said the response had not started when the peer left: the
+    /// writes after the close are then a non-streaming body, not one chunk per token.
+    writes_are_tokens: bool,
     token_writes: u64,
     last_write: Option<UnixNanos>,
     closed: Option<UnixNanos>,
@@ -147,6 +150,7 @@ impl Conn {
             pid: None,
             requests: BTreeMap::new(),
             peer_closed: None,
+            writes_are_tokens: true,
             token_writes: 0,
             last_write: None,
             closed: None,
@@ -369,12 +373,17 @@ impl Correlator {
                 let key = self.conn_for(conn, ts);
                 self.insert_head(key, ts, event.pid, head);
             }
-            KernelEventKind::PeerClosed { conn, how } => {
+            KernelEventKind::PeerClosed {
+                conn,
+                how,
+                writes_before,
+            } => {
                 let key = self.conn_for(conn, ts);
                 if let Some(c) = self.conns.get_mut(&key)
                     && c.peer_closed.is_none_or(|first| ts < first.ts)
                 {
                     c.peer_closed = Some(PeerClose { ts, how });
+                    c.writes_are_tokens = writes_before != Some(0);
                 }
             }
             KernelEventKind::WriteAfterPeerClose { conn, bytes, errno } => {
@@ -383,7 +392,7 @@ impl Correlator {
                 if let Some(c) = self.conns.get_mut(&key)
                     && (bytes > 0 || errno != 0)
                 {
-                    if !framing {
+                    if !framing && c.writes_are_tokens {
                         c.token_writes += 1;
                     }
                     c.last_write = Some(c.last_write.map_or(ts, |last| last.max(ts)));

@@ -92,6 +92,7 @@ fn traceparent_join_with_interpolated_abort() {
         KernelEventKind::PeerClosed {
             conn: ConnId(1),
             how: CloseHow::Rst,
+            writes_before: None,
         },
     )));
     // 100 tokens decoded from +100 ms to +1100 ms; the client left at +600 ms.

@@ -124,6 +124,8 @@ pub enum RawBody<'a> {
     PeerClosed {
         /// FIN or RST.
         how: RawHow,
+        /// Server writes since the last request head.
+        writes_since_head: u32,
     },
     /// `IW_EVENT_WRITE_AFTER_PEER_CLOSE`.
     WriteAfterPeerClose {
@@ -228,7 +230,10 @@ pub fn decode(bytes: &[u8]) -> Result<RawEvent<'_>, DecodeError> {
                     });
                 }
             };
-            RawBody::PeerClosed { how }
+            RawBody::PeerClosed {
+                how,
+                writes_since_head: ev.writes_since_head,
+            }
         }
         IW_EVENT_WRITE_AFTER_PEER_CLOSE => {
             let ev: iw_write_after_peer_close_event = read(bytes, ty)?;
@@ -354,7 +359,7 @@ mod tests {
         let bad_how = iw_peer_closed_event {
             hdr: header(IW_EVENT_PEER_CLOSED, 32),
             how: 9,
-            _pad: 0,
+            writes_since_head: 0,
         };
         assert!(matches!(
             decode(&bytes_of(&bad_how)),

@@ -154,12 +154,16 @@ impl EventConverter {
                 fd: *fd,
                 head: self.heads.parse(data)?,
             },
-            RawBody::PeerClosed { how } => KernelEventKind::PeerClosed {
+            RawBody::PeerClosed {
+                how,
+                writes_since_head,
+            } => KernelEventKind::PeerClosed {
                 conn,
                 how: match how {
                     RawHow::Fin => CloseHow::Fin,
                     RawHow::Rst => CloseHow::Rst,
                 },
+                writes_before: Some(*writes_since_head),
             },
             RawBody::WriteAfterPeerClose { bytes, errno } => KernelEventKind::WriteAfterPeerClose {
                 conn,

@@ -1,0 +1,417 @@
+//! Builds every stage, then runs them: sources -> correlate stage -> sinks.
+//!
+//! Every stage is constructed before any starts. A source that cannot be built here (no BTF, no
+//! privileges, a port in use) is logged once and left out: the agent runs on what it has. The
+//! queues between stages are bounded; a full queue drops and counts, it never blocks a source.
+//!
+//! Shutdown order: the sources stop first, the correlate stage settles what it holds and
+//! forwards it, then the sinks flush (each for at most its configured time) and the kernel
+//! programs are detached.
+
+mod correlate;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use prometheus_client::registry::Registry;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use correlate::{CorrelateStage, FindingSummary};
+
+use crate::check::error_chain;
+use crate::config::AgentConfig;
+use crate::correlator::Correlator;
+use crate::model::{KernelEvent, UnixNanos};
+use crate::sinks::file::FileSink;
+use crate::sinks::otlp::OtlpExporter;
+use crate::sinks::prometheus::findings::{
+    CpuLabels, FindingMetrics, SourceDropLabels, SourceLabels, advance_to,
+};
+use crate::sinks::prometheus::metrics::AgentMetrics;
+use crate::sinks::prometheus::{PrometheusSink, Readiness};
+use crate::sinks::{SinkReceiver, SinkSender, SpanBatch};
+use crate::sources::kernel::{CounterMap, KernelSource, KernelStats};
+use crate::sources::otlp::OtlpReceiver;
+use crate::sources::otlp::adapters::AdapterOptions;
+
+/// How often the correlator's clock advances (and settled spans are forwarded).
+const TICK: Duration = Duration::from_millis(100);
+/// How often source counters are copied into the metrics.
+const MONITOR: Duration = Duration::from_secs(1);
+
+/// Options of a run that are not configuration.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Print each kernel event as a JSON line on stdout.
+    pub print_events: bool,
+    /// Stop after this long.
+    pub duration: Option<Duration>,
+}
+
+/// Addresses the running pipeline listens on (ephemeral ports resolved), for tests and logs.
+#[derive(Debug, Clone, Default)]
+pub struct Endpoints {
+    /// OTLP/gRPC receiver.
+    pub otlp_grpc: Option<SocketAddr>,
+    /// OTLP/HTTP receiver.
+    pub otlp_http: Option<SocketAddr>,
+    /// Prometheus `/metrics`.
+    pub metrics: Option<SocketAddr>,
+}
+
+struct KernelParts {
+    source: KernelSource,
+    stats: Arc<KernelStats>,
+    counters: Arc<CounterMap>,
+}
+
+/// The built pipeline.
+pub struct Pipeline {
+    options: RunOptions,
+    kernel: Option<KernelParts>,
+    kernel_capacity: usize,
+    otlp: Option<(OtlpReceiver, mpsc::Receiver<SpanBatch>)>,
+    exporter: Option<(OtlpExporter, SinkReceiver)>,
+    file: Option<(FileSink, SinkReceiver)>,
+    prometheus: Option<PrometheusSink>,
+    readiness: Readiness,
+    stage: CorrelateStage,
+    finding_metrics: Arc<FindingMetrics>,
+    endpoints: Endpoints,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("kernel", &self.kernel.is_some())
+            .field("otlp", &self.otlp.is_some())
+            .field("exporter", &self.exporter.is_some())
+            .field("file", &self.file.is_some())
+            .field("endpoints", &self.endpoints)
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_unix_nanos() -> UnixNanos {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+impl Pipeline {
+    /// Builds every stage. Sources that cannot run here are logged and left out; a sink that
+    /// is configured but cannot be built is an error (its output would be lost silently).
+    pub async fn build(config: AgentConfig, options: RunOptions) -> anyhow::Result<Self> {
+        let mut registry = Registry::default();
+        let metrics = Arc::new(AgentMetrics::register(&mut registry));
+        let finding_metrics = Arc::new(FindingMetrics::register(&mut registry));
+        let mut endpoints = Endpoints::default();
+
+        // Sinks first: the sources' output needs somewhere to go.
+        let mut sinks: Vec<SinkSender> = Vec::new();
+        let exporter = match config
+            .export
+            .resolve(std::env::vars())
+            .context("resolving the OTLP export settings")?
+        {
+            Some(resolved) => {
+                let endpoint = resolved.endpoint.clone();
+                let exporter = OtlpExporter::build(&config.export, resolved, Arc::clone(&metrics))
+                    .with_context(|| format!("building the OTLP exporter to {endpoint}"))?;
+                let (tx, rx) = config.export.queue(Arc::clone(&metrics));
+                sinks.push(tx);
+                tracing::info!(%endpoint, "exporting spans over OTLP");
+                Some((exporter, rx))
+            }
+            None => None,
+        };
+        let file = if config.file.enabled {
+            let sink = FileSink::build(&config.file, Arc::clone(&metrics))
+                .await
+                .with_context(|| format!("opening the file sink {:?}", config.file.path))?;
+            let (tx, rx) = config.file.queue(Arc::clone(&metrics));
+            sinks.push(tx);
+            tracing::info!(path = ?config.file.path, "writing spans as OTLP JSON lines");
+            Some((sink, rx))
+        } else {
+            None
+        };
+        if sinks.is_empty() {
+            tracing::warn!(
+                "no span sink configured (export.endpoint / OTEL_EXPORTER_OTLP_ENDPOINT or [file]); findings go to the log and metrics only"
+            );
+        }
+
+        let kernel = if !config.kernel.enabled {
+            tracing::info!("kernel source disabled in the config");
+            None
+        } else if config.kernel.ports().is_empty() {
+            tracing::warn!(
+                "kernel source: no port to watch (--watch-port or kernel.watch_ports); not started"
+            );
+            None
+        } else {
+            match KernelSource::build(&config.kernel) {
+                Ok(source) => {
+                    tracing::info!(ports = ?config.kernel.ports(), "kernel source attached");
+                    Some(KernelParts {
+                        stats: source.stats(),
+                        counters: source.counters(),
+                        source,
+                    })
+                }
+                Err(err) => {
+                    tracing::error!(error = %error_chain(&err), "kernel source unavailable; running without it");
+                    None
+                }
+            }
+        };
+
+        let otlp = if config.otlp.enabled {
+            let (tx, rx) = crate::sources::otlp::channel(&config.otlp);
+            match OtlpReceiver::build(&config.otlp, tx, Arc::clone(&metrics)).await {
+                Ok(receiver) => {
+                    endpoints.otlp_grpc = Some(receiver.grpc_addr());
+                    endpoints.otlp_http = Some(receiver.http_addr());
+                    tracing::info!(grpc = %receiver.grpc_addr(), http = %receiver.http_addr(), "OTLP receiver listening");
+                    Some((receiver, rx))
+                }
+                Err(err) => {
+                    tracing::error!(error = %error_chain(&err), "OTLP receiver unavailable; running without runtime spans");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+
+        let readiness = Readiness::default();
+        let prometheus = if config.prometheus.enabled {
+            let sink = PrometheusSink::build(&config.prometheus, registry, readiness.clone())
+                .await
+                .context("starting the Prometheus endpoint")?;
+            endpoints.metrics = sink.local_addr();
+            Some(sink)
+        } else {
+            None
+        };
+
+        let stage = CorrelateStage::new(
+            Correlator::new(config.correlator.clone()),
+            AdapterOptions::from(&config.otlp),
+            sinks,
+            Arc::clone(&finding_metrics),
+        );
+        Ok(Self {
+            options,
+            kernel,
+            kernel_capacity: config.kernel.channel_capacity,
+            otlp,
+            exporter,
+            file,
+            prometheus,
+            readiness,
+            stage,
+            finding_metrics,
+            endpoints,
+        })
+    }
+
+    /// Where the pipeline listens.
+    pub fn endpoints(&self) -> &Endpoints {
+        &self.endpoints
+    }
+
+    /// Runs until `shutdown` (SIGTERM / SIGINT) or the configured duration.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Self {
+            options,
+            kernel,
+            kernel_capacity,
+            otlp,
+            exporter,
+            file,
+            prometheus,
+            readiness,
+            mut stage,
+            finding_metrics,
+            ..
+        } = self;
+        let sources_stop = CancellationToken::new();
+        let sinks_stop = CancellationToken::new();
+        let mut sources = tokio::task::JoinSet::new();
+        let mut sinks = tokio::task::JoinSet::new();
+
+        if let Some((exporter, rx)) = exporter {
+            sinks.spawn(exporter.run(rx, sinks_stop.clone()));
+        }
+        if let Some((sink, rx)) = file {
+            sinks.spawn(sink.run(rx, sinks_stop.clone()));
+        }
+        if let Some(prometheus) = prometheus {
+            let token = sinks_stop.clone();
+            sinks.spawn(async move {
+                if let Err(err) = prometheus.run(token).await {
+                    tracing::error!(error = %error_chain(&err), "Prometheus endpoint stopped");
+                }
+            });
+        }
+
+        let (kernel_tx, mut kernel_rx) = mpsc::channel::<KernelEvent>(kernel_capacity.max(1));
+        let mut kernel_monitor = None;
+        if let Some(parts) = kernel {
+            kernel_monitor = Some((Arc::clone(&parts.stats), Arc::clone(&parts.counters)));
+            let token = sources_stop.clone();
+            sources.spawn(async move {
+                match parts.source.run(kernel_tx, token).await {
+                    // Dropping the probes detaches every program.
+                    Ok(probes) => drop(probes),
+                    Err(err) => {
+                        tracing::error!(error = %error_chain(&err), "kernel source stopped")
+                    }
+                }
+            });
+        } else {
+            drop(kernel_tx);
+        }
+        let mut span_rx = match otlp {
+            Some((receiver, rx)) => {
+                let token = sources_stop.clone();
+                sources.spawn(async move {
+                    if let Err(err) = receiver.run(token).await {
+                        tracing::error!(error = %error_chain(&err), "OTLP receiver stopped");
+                    }
+                });
+                Some(rx)
+            }
+            None => None,
+        };
+
+        if let Some(limit) = options.duration {
+            let token = shutdown.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(limit).await;
+                token.cancel();
+            });
+        }
+        readiness.set(true);
+
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut monitor = tokio::time::interval(MONITOR);
+        let mut kernel_open = true;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                event = kernel_rx.recv(), if kernel_open => match event {
+                    Some(event) => {
+                        if options.print_events {
+                            println!("{}", serde_json::to_string(&event)?);
+                        }
+                        stage.on_kernel(event);
+                    }
+                    None => kernel_open = false,
+                },
+                batch = recv_spans(&mut span_rx) => match batch {
+                    Some(batch) => stage.on_spans(batch),
+                    None => span_rx = None,
+                },
+                _ = tick.tick() => {
+                    stage.on_tick(now_unix_nanos());
+                    log_findings(&mut stage);
+                }
+                _ = monitor.tick() => {
+                    if let Some((stats, counters)) = &kernel_monitor {
+                        update_kernel_metrics(&finding_metrics, stats, counters);
+                    }
+                }
+            }
+        }
+
+        readiness.set(false);
+        sources_stop.cancel();
+        while sources.join_next().await.is_some() {}
+        // Whatever the sources had queued, then a final settle: everything pending becomes due.
+        while let Ok(event) = kernel_rx.try_recv() {
+            stage.on_kernel(event);
+        }
+        if let Some(rx) = span_rx.as_mut() {
+            while let Ok(batch) = rx.try_recv() {
+                stage.on_spans(batch);
+            }
+        }
+        stage.on_tick(now_unix_nanos() + stage.correlator().config().settle_horizon_ns());
+        log_findings(&mut stage);
+        stage.drain();
+        drop(stage);
+        sinks_stop.cancel();
+        while sinks.join_next().await.is_some() {}
+        Ok(())
+    }
+}
+
+async fn recv_spans(rx: &mut Option<mpsc::Receiver<SpanBatch>>) -> Option<SpanBatch> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn log_findings(stage: &mut CorrelateStage) {
+    for summary in stage.take_summaries() {
+        match summary {
+            FindingSummary::Abort(f) => tracing::info!(
+                target: "inferwatch::finding",
+                finding = "abort",
+                request_id = f.request_id.as_deref().unwrap_or("-"),
+                tenant = f.tenant.as_deref().unwrap_or("-"),
+                tokens_after = f.tokens_after,
+                tokens_total = ?f.tokens_total,
+                method = f.method.as_str(),
+                lag_ms = f.lag_ns / 1_000_000,
+                how = f.how.as_str(),
+                join = f.join.as_str(),
+                "tokens billed after the client left"
+            ),
+        }
+    }
+}
+
+fn update_kernel_metrics(metrics: &FindingMetrics, stats: &KernelStats, counters: &CounterMap) {
+    let kernel = SourceLabels {
+        source: "kernel".into(),
+    };
+    advance_to(
+        &metrics.events_received.get_or_create(&kernel),
+        stats.events.load(Ordering::Relaxed),
+    );
+    for (reason, value) in [
+        ("channel_full", stats.channel_full.load(Ordering::Relaxed)),
+        ("decode_error", stats.decode_errors.load(Ordering::Relaxed)),
+        ("unknown_type", stats.unknown_types.load(Ordering::Relaxed)),
+    ] {
+        let labels = SourceDropLabels {
+            source: "kernel".into(),
+            reason: reason.into(),
+        };
+        advance_to(&metrics.events_dropped.get_or_create(&labels), value);
+    }
+    match counters.read() {
+        Ok(c) => {
+            for (cpu, drops) in c.ringbuf_drops.iter().enumerate() {
+                advance_to(
+                    &metrics.ringbuf_drops.get_or_create(&CpuLabels {
+                        cpu: cpu.to_string(),
+                    }),
+                    *drops,
+                );
+            }
+        }
+        Err(err) => tracing::debug!(error = %error_chain(&err), "reading the kernel counters"),
+    }
+}

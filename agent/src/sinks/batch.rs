@@ -1,0 +1,301 @@
+//! [`SpanBatch`]: the unit that travels from the OTLP receiver through the pipeline to the
+//! sinks, and the enrichment API the correlator uses on it.
+//!
+//! A batch is the received `ResourceSpans` kept as protobuf values, not converted to SDK spans:
+//! the agent is a pass-through hop, so resource, scope, trace and parent ids and every
+//! attribute must reach the backend exactly as the runtime sent them. The pipeline may mutate
+//! a batch before handing it to the sinks:
+//!
+//! - [`SpanBatch::add_attributes`] appends attributes to one forwarded span (for example
+//!   `inferwatch.join`, `inferwatch.start`);
+//! - [`SpanBatch::push_finding`] adds a new span (a finding such as `inferwatch.abort`, built
+//!   with [`finding_span`]) under the agent's own resource, in the request's trace.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, span};
+
+/// The instrumentation scope name of the spans the agent creates.
+pub const AGENT_SCOPE: &str = "inferwatch";
+
+/// A group of received spans on its way to the sinks, with the agent's additions.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SpanBatch {
+    /// The spans as received, grouped by resource and scope.
+    pub resource_spans: Vec<ResourceSpans>,
+    /// Spans the agent created (findings), exported under the agent's resource.
+    pub findings: Vec<Span>,
+}
+
+impl From<ExportTraceServiceRequest> for SpanBatch {
+    fn from(request: ExportTraceServiceRequest) -> Self {
+        Self {
+            resource_spans: request.resource_spans,
+            findings: Vec::new(),
+        }
+    }
+}
+
+impl SpanBatch {
+    /// The number of spans in the batch, findings included.
+    pub fn span_count(&self) -> usize {
+        count_spans(&self.resource_spans) + self.findings.len()
+    }
+
+    /// Every received span with its resource, for the adapters.
+    pub fn spans(&self) -> impl Iterator<Item = (Option<&Resource>, &Span)> {
+        self.resource_spans.iter().flat_map(|rs| {
+            rs.scope_spans
+                .iter()
+                .flat_map(move |ss| ss.spans.iter().map(move |s| (rs.resource.as_ref(), s)))
+        })
+    }
+
+    /// Calls `f` on every received span with its resource, in one pass: the cheap way to
+    /// adapt and enrich a whole batch (see [`SpanBatch::add_attributes`] for single spans).
+    pub fn for_each_span_mut(&mut self, mut f: impl FnMut(Option<&Resource>, &mut Span)) {
+        for rs in &mut self.resource_spans {
+            let resource = rs.resource.as_ref();
+            for ss in &mut rs.scope_spans {
+                for span in &mut ss.spans {
+                    f(resource, span);
+                }
+            }
+        }
+    }
+
+    /// The received span with this trace and span id, to be mutated before export.
+    pub fn find_span_mut(&mut self, trace_id: &[u8; 16], span_id: &[u8; 8]) -> Option<&mut Span> {
+        self.resource_spans
+            .iter_mut()
+            .flat_map(|rs| rs.scope_spans.iter_mut())
+            .flat_map(|ss| ss.spans.iter_mut())
+            .find(|s| s.trace_id == trace_id && s.span_id == span_id)
+    }
+
+    /// Appends `attributes` to the received span `trace_id`/`span_id`. Returns false when the
+    /// batch does not hold that span (it was in an earlier batch and has already left).
+    pub fn add_attributes(
+        &mut self,
+        trace_id: &[u8; 16],
+        span_id: &[u8; 8],
+        attributes: impl IntoIterator<Item = KeyValue>,
+    ) -> bool {
+        match self.find_span_mut(trace_id, span_id) {
+            Some(span) => {
+                span.attributes.extend(attributes);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Adds a span the agent created (see [`finding_span`]).
+    pub fn push_finding(&mut self, span: Span) {
+        self.findings.push(span);
+    }
+
+    /// The OTLP request to export: the received resource spans unchanged (plus any added
+    /// attributes), then the findings under `agent_resource` and the `inferwatch` scope.
+    pub fn to_request(&self, agent_resource: &Resource) -> ExportTraceServiceRequest {
+        let mut resource_spans = self.resource_spans.clone();
+        if !self.findings.is_empty() {
+            resource_spans.push(findings_resource_spans(
+                agent_resource,
+                self.findings.clone(),
+            ));
+        }
+        ExportTraceServiceRequest { resource_spans }
+    }
+
+    /// Like [`SpanBatch::to_request`], consuming the batch (no copy).
+    pub fn into_request(self, agent_resource: &Resource) -> ExportTraceServiceRequest {
+        let mut resource_spans = self.resource_spans;
+        if !self.findings.is_empty() {
+            resource_spans.push(findings_resource_spans(agent_resource, self.findings));
+        }
+        ExportTraceServiceRequest { resource_spans }
+    }
+
+    /// Appends another batch (the exporter merges queued batches into one request).
+    pub fn append(&mut self, other: SpanBatch) {
+        self.resource_spans.extend(other.resource_spans);
+        self.findings.extend(other.findings);
+    }
+}
+
+fn findings_resource_spans(agent_resource: &Resource, spans: Vec<Span>) -> ResourceSpans {
+    ResourceSpans {
+        resource: Some(agent_resource.clone()),
+        scope_spans: vec![ScopeSpans {
+            scope: Some(InstrumentationScope {
+                name: AGENT_SCOPE.into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                ..Default::default()
+            }),
+            spans,
+            schema_url: String::new(),
+        }],
+        schema_url: String::new(),
+    }
+}
+
+/// Counts the spans in a list of resource spans.
+pub fn count_spans(resource_spans: &[ResourceSpans]) -> usize {
+    resource_spans
+        .iter()
+        .flat_map(|rs| rs.scope_spans.iter())
+        .map(|ss| ss.spans.len())
+        .sum()
+}
+
+/// The resource the agent's own spans carry: `service.name = inferwatch`, plus `host.name`
+/// when given.
+pub fn agent_resource(host_name: Option<&str>) -> Resource {
+    let mut attributes = vec![kv_str("service.name", "inferwatch")];
+    attributes.push(kv_str("service.version", env!("CARGO_PKG_VERSION")));
+    if let Some(host) = host_name {
+        attributes.push(kv_str("host.name", host));
+    }
+    Resource {
+        attributes,
+        ..Default::default()
+    }
+}
+
+/// Builds a finding span (`inferwatch.abort`, `inferwatch.kv_eviction`, ...) inside the
+/// request's trace: same `trace_id`, parent = the runtime's request span, a fresh span id,
+/// kind INTERNAL.
+pub fn finding_span(
+    name: &str,
+    trace_id: [u8; 16],
+    parent_span_id: [u8; 8],
+    start_unix_nanos: u64,
+    end_unix_nanos: u64,
+    attributes: Vec<KeyValue>,
+) -> Span {
+    Span {
+        trace_id: trace_id.to_vec(),
+        span_id: new_span_id().to_vec(),
+        parent_span_id: parent_span_id.to_vec(),
+        name: name.to_owned(),
+        kind: span::SpanKind::Internal as i32,
+        start_time_unix_nano: start_unix_nanos,
+        end_time_unix_nano: end_unix_nanos.max(start_unix_nanos),
+        attributes,
+        ..Default::default()
+    }
+}
+
+/// A random, non-zero span id. Uses std's randomly keyed SipHash over a process-wide counter:
+/// unique within the process and unpredictable across processes, without a `rand` dependency.
+pub fn new_span_id() -> [u8; 8] {
+    static COUNTER: AtomicU64 = AtomicU64::new(1);
+    static STATE: std::sync::OnceLock<RandomState> = std::sync::OnceLock::new();
+    let state = STATE.get_or_init(RandomState::new);
+    loop {
+        let mut hasher = state.build_hasher();
+        hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+        let id = hasher.finish();
+        if id != 0 {
+            return id.to_be_bytes();
+        }
+    }
+}
+
+/// A string attribute.
+pub fn kv_str(key: &str, value: &str) -> KeyValue {
+    kv(key, any_value::Value::StringValue(value.to_owned()))
+}
+
+/// An integer attribute.
+pub fn kv_i64(key: &str, value: i64) -> KeyValue {
+    kv(key, any_value::Value::IntValue(value))
+}
+
+/// A floating-point attribute.
+pub fn kv_f64(key: &str, value: f64) -> KeyValue {
+    kv(key, any_value::Value::DoubleValue(value))
+}
+
+/// A boolean attribute.
+pub fn kv_bool(key: &str, value: bool) -> KeyValue {
+    kv(key, any_value::Value::BoolValue(value))
+}
+
+fn kv(key: &str, value: any_value::Value) -> KeyValue {
+    KeyValue {
+        key: key.to_owned(),
+        value: Some(AnyValue { value: Some(value) }),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch() -> SpanBatch {
+        SpanBatch::from(ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(Resource {
+                    attributes: vec![kv_str("service.name", "vllm")],
+                    ..Default::default()
+                }),
+                scope_spans: vec![ScopeSpans {
+                    spans: vec![Span {
+                        trace_id: vec![1; 16],
+                        span_id: vec![2; 8],
+                        parent_span_id: vec![3; 8],
+                        name: "llm_request".into(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        })
+    }
+
+    #[test]
+    fn enrichment_adds_attributes_and_findings() {
+        let mut b = batch();
+        assert!(b.add_attributes(
+            &[1; 16],
+            &[2; 8],
+            [kv_str("inferwatch.join", "traceparent")]
+        ));
+        assert!(!b.add_attributes(&[9; 16], &[2; 8], [kv_bool("x", true)]));
+        b.push_finding(finding_span(
+            "inferwatch.abort",
+            [1; 16],
+            [2; 8],
+            10,
+            5,
+            vec![],
+        ));
+        assert_eq!(b.span_count(), 2);
+        let req = b.into_request(&agent_resource(None));
+        assert_eq!(req.resource_spans.len(), 2);
+        let forwarded = &req.resource_spans[0].scope_spans[0].spans[0];
+        assert_eq!(forwarded.parent_span_id, vec![3; 8]);
+        assert_eq!(forwarded.attributes.len(), 1);
+        let finding = &req.resource_spans[1].scope_spans[0].spans[0];
+        assert_eq!(finding.trace_id, vec![1; 16]);
+        assert_eq!(finding.parent_span_id, vec![2; 8]);
+        assert_eq!(finding.end_time_unix_nano, 10, "end clamped to start");
+        assert_ne!(finding.span_id, vec![0; 8]);
+    }
+
+    #[test]
+    fn span_ids_are_unique() {
+        let a = new_span_id();
+        let b = new_span_id();
+        assert_ne!(a, b);
+    }
+}

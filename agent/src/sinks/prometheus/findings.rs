@@ -1,0 +1,236 @@
+//! Metrics of the findings (SPEC §4.2) and of the sources' health, registered once at start-up.
+//! They are updated by the correlate stage and the source monitors; the scrape handler only
+//! encodes.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Label value used once a bounded label has used up its distinct values.
+pub const OTHER: &str = "other";
+
+/// Keeps a label's cardinality bounded: the first `max` distinct values are kept, every later
+/// one is reported as `other`.
+#[derive(Debug)]
+pub struct BoundedLabel {
+    max: usize,
+    seen: Mutex<HashMap<String, ()>>,
+}
+
+impl BoundedLabel {
+    /// A label that keeps at most `max` distinct values.
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The label value to use for `value`.
+    pub fn get(&self, value: Option<&str>) -> String {
+        let value = value.unwrap_or("unknown");
+        let Ok(mut seen) = self.seen.lock() else {
+            return OTHER.to_owned();
+        };
+        if seen.contains_key(value) {
+            return value.to_owned();
+        }
+        if seen.len() < self.max {
+            seen.insert(value.to_owned(), ());
+            return value.to_owned();
+        }
+        OTHER.to_owned()
+    }
+}
+
+/// `{model}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ModelLabels {
+    /// The model name (bounded).
+    pub model: String,
+}
+
+/// `{how, model}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct AbortLabels {
+    /// `fin` or `rst`.
+    pub how: String,
+    /// The model name (bounded).
+    pub model: String,
+}
+
+/// `{rule}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct JoinLabels {
+    /// `traceparent | request_id | client_addr | temporal | unjoined`.
+    pub rule: String,
+}
+
+/// `{source}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct SourceLabels {
+    /// `kernel`, `otlp`, `nvml`, ...
+    pub source: String,
+}
+
+/// `{source, reason}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct SourceDropLabels {
+    /// The source.
+    pub source: String,
+    /// Why the events were lost.
+    pub reason: String,
+}
+
+/// `{cpu}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct CpuLabels {
+    /// The CPU index.
+    pub cpu: String,
+}
+
+/// `{table}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TableLabels {
+    /// The correlator table an entry was evicted from.
+    pub table: String,
+}
+
+/// Findings and source-health metrics.
+#[derive(Debug)]
+pub struct FindingMetrics {
+    /// `inferwatch_billed_after_abort_tokens_total{model}`.
+    pub billed_after_abort_tokens: Family<ModelLabels, Counter>,
+    /// `inferwatch_output_tokens_total{model}`.
+    pub output_tokens: Family<ModelLabels, Counter>,
+    /// `inferwatch_aborts_total{how,model}`.
+    pub aborts: Family<AbortLabels, Counter>,
+    /// `inferwatch_abort_lag_seconds{model}`.
+    pub abort_lag: Family<ModelLabels, Histogram>,
+    /// `inferwatch_joins_total{rule}`: how runtime spans were joined to connections.
+    pub joins: Family<JoinLabels, Counter>,
+    /// `inferwatch_correlator_evictions_total{table}`: state dropped at the caps.
+    pub correlator_evictions: Family<TableLabels, Counter>,
+    /// `inferwatch_events_received_total{source}`.
+    pub events_received: Family<SourceLabels, Counter>,
+    /// `inferwatch_events_dropped_total{source,reason}`.
+    pub events_dropped: Family<SourceDropLabels, Counter>,
+    /// `inferwatch_kernel_ringbuf_drops_total{cpu}`: records the kernel could not queue.
+    pub ringbuf_drops: Family<CpuLabels, Counter>,
+    /// Bounds the `model` label.
+    pub models: BoundedLabel,
+}
+
+fn lag_histogram() -> Histogram {
+    Histogram::new([
+        0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+    ])
+}
+
+impl FindingMetrics {
+    /// Registers every family in `registry` (prefix `inferwatch_` added by the names here).
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            billed_after_abort_tokens: Family::default(),
+            output_tokens: Family::default(),
+            aborts: Family::default(),
+            abort_lag: Family::new_with_constructor(lag_histogram),
+            joins: Family::default(),
+            correlator_evictions: Family::default(),
+            events_received: Family::default(),
+            events_dropped: Family::default(),
+            ringbuf_drops: Family::default(),
+            models: BoundedLabel::new(32),
+        };
+        registry.register(
+            "inferwatch_billed_after_abort_tokens",
+            "Output tokens the runtime generated after the client had left",
+            metrics.billed_after_abort_tokens.clone(),
+        );
+        registry.register(
+            "inferwatch_output_tokens",
+            "Output tokens of the runtime requests seen",
+            metrics.output_tokens.clone(),
+        );
+        registry.register(
+            "inferwatch_aborts",
+            "Requests whose client left while the runtime was still working",
+            metrics.aborts.clone(),
+        );
+        registry.register(
+            "inferwatch_abort_lag_seconds",
+            "Time from the client leaving to the runtime stopping",
+            metrics.abort_lag.clone(),
+        );
+        registry.register(
+            "inferwatch_joins",
+            "Runtime spans by the rule that joined them to a connection",
+            metrics.joins.clone(),
+        );
+        registry.register(
+            "inferwatch_correlator_evictions",
+            "Correlator state dropped at its caps",
+            metrics.correlator_evictions.clone(),
+        );
+        registry.register(
+            "inferwatch_events_received",
+            "Events received per source",
+            metrics.events_received.clone(),
+        );
+        registry.register(
+            "inferwatch_events_dropped",
+            "Events lost per source and reason",
+            metrics.events_dropped.clone(),
+        );
+        registry.register(
+            "inferwatch_kernel_ringbuf_drops",
+            "Kernel records lost because the ring buffer was full, per CPU",
+            metrics.ringbuf_drops.clone(),
+        );
+        metrics
+    }
+
+    /// `{model}` labels for a model name, bounded.
+    pub fn model(&self, model: Option<&str>) -> ModelLabels {
+        ModelLabels {
+            model: self.models.get(model),
+        }
+    }
+}
+
+/// Adds to a counter so that it reaches `total` (for sources that keep their own monotonic
+/// totals); never goes back.
+pub fn advance_to(counter: &Counter, total: u64) {
+    let now = counter.get();
+    if total > now {
+        counter.inc_by(total - now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_label_caps_cardinality() {
+        let label = BoundedLabel::new(2);
+        assert_eq!(label.get(Some("a")), "a");
+        assert_eq!(label.get(Some("b")), "b");
+        assert_eq!(label.get(Some("c")), OTHER);
+        assert_eq!(label.get(Some("a")), "a");
+        assert_eq!(label.get(None), OTHER);
+    }
+
+    #[test]
+    fn advance_to_is_monotonic() {
+        let c = Counter::<u64>::default();
+        advance_to(&c, 5);
+        advance_to(&c, 3);
+        assert_eq!(c.get(), 5);
+    }
+}

@@ -1,0 +1,336 @@
+//! The OTLP trace receiver: OTLP/gRPC (`TraceService/Export`) and OTLP/HTTP
+//! (`POST /v1/traces`, protobuf or JSON, optionally gzip), plus the runtime [`adapters`].
+//!
+//! Each accepted request is checked against the configured limits and sent, whole, as one
+//! [`SpanBatch`] onto a bounded channel to the pipeline. The receiver never waits on that
+//! channel: when it is full the request is dropped, counted and answered UNAVAILABLE (gRPC) /
+//! 503 (HTTP), which the OTLP exporters treat as retryable.
+//!
+//! Hostile input is bounded three ways: the request size (`max_request_bytes`, checked before
+//! buffering on HTTP and by tonic's framing on gRPC, and again after decompression); prost's
+//! decoder recursion limit (100 nested messages, so a deeply nested `AnyValue` fails to decode
+//! instead of overflowing the stack); and [`validate`] (attribute counts and `AnyValue` depth).
+
+pub mod adapters;
+pub mod config;
+mod grpc;
+mod http;
+pub mod sample;
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+pub use self::config::OtlpReceiverConfig;
+use crate::internal_events::{OtlpRequestRejected, OtlpSpansReceived, SpansDropped};
+use crate::sinks::SpanBatch;
+use crate::sinks::prometheus::metrics::{AgentMetrics, DropStage, Protocol, RejectReason};
+
+/// Errors of the OTLP receiver.
+#[derive(Debug, thiserror::Error)]
+pub enum OtlpError {
+    /// `bind(2)` failed for one of the listeners.
+    #[error("binding the OTLP {protocol} listener on {addr}")]
+    Bind {
+        /// `grpc` or `http`.
+        protocol: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The gRPC server stopped with an error.
+    #[error("serving OTLP/gRPC")]
+    Grpc(#[source] tonic::transport::Error),
+    /// The HTTP server stopped with an error.
+    #[error("serving OTLP/HTTP")]
+    Http(#[source] std::io::Error),
+}
+
+/// Why a decoded request was refused by [`validate`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    /// Too many attributes in one list.
+    #[error("{count} attributes on one {owner}, the limit is {limit}")]
+    TooManyAttributes {
+        /// span, resource, scope, event or link.
+        owner: &'static str,
+        /// The count found.
+        count: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// An `AnyValue` nested too deeply.
+    #[error("attribute value nested deeper than {limit}")]
+    TooDeep {
+        /// The limit.
+        limit: usize,
+    },
+}
+
+/// The sending side of the receiver -> pipeline channel.
+pub type SpanSender = mpsc::Sender<SpanBatch>;
+
+/// Creates the bounded receiver -> pipeline channel with the configured capacity.
+pub fn channel(config: &OtlpReceiverConfig) -> (SpanSender, mpsc::Receiver<SpanBatch>) {
+    mpsc::channel(config.queue_capacity.max(1))
+}
+
+/// The state both protocol front-ends share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: OtlpReceiverConfig,
+    pub(crate) sender: SpanSender,
+    pub(crate) metrics: Arc<AgentMetrics>,
+}
+
+/// What [`Shared::accept`] decided.
+pub(crate) enum Accepted {
+    Ok,
+    Invalid(LimitError),
+    QueueFull,
+}
+
+impl Shared {
+    /// Validates a decoded request and queues it for the pipeline.
+    pub(crate) fn accept(
+        &self,
+        protocol: Protocol,
+        request: ExportTraceServiceRequest,
+    ) -> Accepted {
+        if let Err(e) = validate(&request, &self.config) {
+            self.reject(protocol, RejectReason::LimitExceeded, &e.to_string());
+            return Accepted::Invalid(e);
+        }
+        let batch = SpanBatch::from(request);
+        let count = batch.span_count();
+        if count == 0 {
+            return Accepted::Ok;
+        }
+        match self.sender.try_send(batch) {
+            Ok(()) => {
+                OtlpSpansReceived { protocol, count }.emit(&self.metrics);
+                Accepted::Ok
+            }
+            Err(_) => {
+                self.reject(protocol, RejectReason::QueueFull, "pipeline queue full");
+                SpansDropped {
+                    sink: "receiver",
+                    stage: DropStage::ReceiverQueue,
+                    count,
+                }
+                .emit(&self.metrics);
+                Accepted::QueueFull
+            }
+        }
+    }
+
+    pub(crate) fn reject(&self, protocol: Protocol, reason: RejectReason, detail: &str) {
+        OtlpRequestRejected {
+            protocol,
+            reason,
+            detail,
+        }
+        .emit(&self.metrics);
+    }
+
+    /// True when no token is configured or `header` is `Bearer <token>`.
+    pub(crate) fn authorized(&self, header: Option<&[u8]>) -> bool {
+        let Some(token) = &self.config.bearer_token else {
+            return true;
+        };
+        let Some(value) = header.and_then(|h| h.strip_prefix(b"Bearer ")) else {
+            return false;
+        };
+        constant_time_eq(value, token.as_bytes())
+    }
+}
+
+/// Compares without an early exit, so that response timing does not leak the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Checks attribute counts and `AnyValue` depth everywhere in the request.
+pub fn validate(
+    request: &ExportTraceServiceRequest,
+    config: &OtlpReceiverConfig,
+) -> Result<(), LimitError> {
+    let limits = (config.max_attributes, config.max_value_depth);
+    for rs in &request.resource_spans {
+        if let Some(resource) = &rs.resource {
+            check_attrs("resource", &resource.attributes, limits)?;
+        }
+        for ss in &rs.scope_spans {
+            if let Some(scope) = &ss.scope {
+                check_attrs("scope", &scope.attributes, limits)?;
+            }
+            for span in &ss.spans {
+                check_attrs("span", &span.attributes, limits)?;
+                for event in &span.events {
+                    check_attrs("event", &event.attributes, limits)?;
+                }
+                for link in &span.links {
+                    check_attrs("link", &link.attributes, limits)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_attrs(
+    owner: &'static str,
+    attrs: &[KeyValue],
+    (max_attrs, max_depth): (usize, usize),
+) -> Result<(), LimitError> {
+    if attrs.len() > max_attrs {
+        return Err(LimitError::TooManyAttributes {
+            owner,
+            count: attrs.len(),
+            limit: max_attrs,
+        });
+    }
+    for kv in attrs {
+        if let Some(v) = &kv.value {
+            check_depth(v, 1, max_depth, max_attrs)?;
+        }
+    }
+    Ok(())
+}
+
+// Recursion is bounded: prost already refused anything nested deeper than 100 messages, and
+// we stop at `max_depth`.
+fn check_depth(
+    value: &AnyValue,
+    depth: usize,
+    max_depth: usize,
+    max_attrs: usize,
+) -> Result<(), LimitError> {
+    if depth > max_depth {
+        return Err(LimitError::TooDeep { limit: max_depth });
+    }
+    match &value.value {
+        Some(any_value::Value::ArrayValue(a)) => {
+            for v in &a.values {
+                check_depth(v, depth + 1, max_depth, max_attrs)?;
+            }
+        }
+        Some(any_value::Value::KvlistValue(l)) => {
+            if l.values.len() > max_attrs {
+                return Err(LimitError::TooManyAttributes {
+                    owner: "key-value list",
+                    count: l.values.len(),
+                    limit: max_attrs,
+                });
+            }
+            for kv in &l.values {
+                if let Some(v) = &kv.value {
+                    check_depth(v, depth + 1, max_depth, max_attrs)?;
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The OTLP receiver, bound and ready to serve.
+#[derive(Debug)]
+pub struct OtlpReceiver {
+    shared: Arc<Shared>,
+    grpc: TcpListener,
+    http: TcpListener,
+}
+
+impl OtlpReceiver {
+    /// Binds both listeners. Spans go to `sender` (see [`channel`]); counters to `metrics`.
+    ///
+    /// # Errors
+    /// [`OtlpError::Bind`] when a port is taken or the address is not local.
+    pub async fn build(
+        config: &OtlpReceiverConfig,
+        sender: SpanSender,
+        metrics: Arc<AgentMetrics>,
+    ) -> Result<Self, OtlpError> {
+        let grpc_addr = SocketAddr::new(config.bind_address, config.grpc_port);
+        let http_addr = SocketAddr::new(config.bind_address, config.http_port);
+        let grpc = TcpListener::bind(grpc_addr)
+            .await
+            .map_err(|source| OtlpError::Bind {
+                protocol: "grpc",
+                addr: grpc_addr,
+                source,
+            })?;
+        let http = TcpListener::bind(http_addr)
+            .await
+            .map_err(|source| OtlpError::Bind {
+                protocol: "http",
+                addr: http_addr,
+                source,
+            })?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                config: config.clone(),
+                sender,
+                metrics,
+            }),
+            grpc,
+            http,
+        })
+    }
+
+    /// The bound gRPC address (useful with port 0).
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::new(self.shared.config.bind_address, 0))
+    }
+
+    /// The bound HTTP address (useful with port 0).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::new(self.shared.config.bind_address, 0))
+    }
+
+    /// Serves both protocols until `shutdown` is cancelled, then stops accepting and finishes
+    /// in-flight requests.
+    ///
+    /// # Errors
+    /// When either server fails; the other is stopped too.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), OtlpError> {
+        info!(grpc = %self.grpc_addr(), http = %self.http_addr(), "OTLP receiver listening");
+        let grpc = grpc::serve(self.shared.clone(), self.grpc, shutdown.clone());
+        let http = http::serve(self.shared, self.http, shutdown.clone());
+        let (g, h) = tokio::join!(
+            async {
+                let r = grpc.await;
+                if r.is_err() {
+                    shutdown.cancel();
+                }
+                r
+            },
+            async {
+                let r = http.await;
+                if r.is_err() {
+                    shutdown.cancel();
+                }
+                r
+            }
+        );
+        g.and(h)
+    }
+}
