@@ -26,10 +26,11 @@
 //!
 //! # Memory
 //! The conversation table ([`ConversationTable`]) keys conversations by a 64-bit SipHash of
-//! `tenant \0 conversation` and keeps a 24-byte record; with the hash table's control bytes
-//! and load factor and the eviction queue, 1,048,576 conversations (the default cap) take at
-//! most about 104 MiB (2^21 buckets x 33 bytes + a queue of at most 2 x 16 bytes per record);
-//! `agent/benches/conversations.rs` measures it. Beyond the cap the least recently updated
+//! `tenant \0 conversation` and keeps a 24-byte record. Budget at the default cap of 1,048,576
+//! conversations: 2^21 hash buckets x 33 bytes (63 MiB) plus the eviction queue (16 bytes per
+//! update, compacted at twice the records: at most 32 MiB), so at most 95 MiB in steady state
+//! and 115 MiB while the table doubles (measured by `agent/benches/conversations.rs`: 82 bytes
+//! per conversation live, 115 MiB peak). Beyond the cap the least recently updated
 //! conversation is dropped and counted. Per instance, a request log (time horizon and cap) and
 //! a KV event log (cap in blocks) are kept; tenants are interned up to `max_tenants`.
 
