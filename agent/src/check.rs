@@ -132,6 +132,46 @@ pub fn kernel_checks(config: &AgentConfig) -> Vec<CheckItem> {
     items
 }
 
+/// Checks the NVML source: loads the library and lists the GPUs it sees. Takes the source's
+/// own config (`library_path`, `period_ms`) so that the check loads what `run` would.
+pub fn nvml_checks(config: &crate::sources::nvml::NvmlConfig) -> Vec<CheckItem> {
+    use crate::sources::nvml::{MIN_PERIOD_MS, NvmlSource};
+    let item = |what: &str, ok: bool, detail: String| CheckItem {
+        source: "nvml",
+        what: what.to_owned(),
+        ok,
+        detail,
+    };
+    let mut items = Vec::new();
+    items.push(item(
+        "period",
+        config.period_ms >= MIN_PERIOD_MS,
+        format!("{} ms (minimum {MIN_PERIOD_MS} ms)", config.period_ms),
+    ));
+    match NvmlSource::check(config) {
+        Ok(check) => {
+            items.push(item(
+                "library",
+                true,
+                format!(
+                    "{} loaded, driver {}",
+                    check.library,
+                    check.driver_version.as_deref().unwrap_or("unknown")
+                ),
+            ));
+            for (index, uuid, name) in &check.gpus {
+                items.push(item(
+                    &format!("gpu {index}"),
+                    true,
+                    format!("{uuid} {name}"),
+                ));
+            }
+        }
+        Err(err) => items.push(item("library", false, error_chain(&err))),
+    }
+    items
+}
+
 /// `err` and its causes on one line.
 pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut out = err.to_string();

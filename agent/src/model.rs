@@ -294,3 +294,71 @@ pub enum KvEvent {
     /// The whole cache was cleared (reset or restart).
     AllBlocksCleared,
 }
+
+/// One GPU as the NVML source saw it at a sample (SPEC §1.3). A field is `None` when its NVML
+/// call failed this time (not supported on this GPU, MIG, a transient error).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuStat {
+    /// The NVML index (not stable across reboots; the uuid is the key).
+    pub index: u32,
+    /// `GPU-...` uuid.
+    pub uuid: String,
+    /// The product name.
+    pub name: String,
+    /// Percent of the last sample period during which a kernel ran on the GPU.
+    pub sm_util: Option<u32>,
+    /// Percent of the last sample period during which device memory was read or written.
+    pub mem_util: Option<u32>,
+    /// Device memory in use, in bytes.
+    pub memory_used: Option<u64>,
+    /// Device memory installed, in bytes.
+    pub memory_total: Option<u64>,
+}
+
+/// One process on one GPU at a sample (SPEC §1.3).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuProcessStat {
+    /// The GPU's uuid.
+    pub gpu_uuid: String,
+    /// The process id, as NVML reports it (the host pid namespace).
+    pub pid: u32,
+    /// Device memory the process holds, in bytes (`None`: listed by the utilisation samples
+    /// only, or the driver does not report it).
+    pub used_memory: Option<u64>,
+    /// Mean SM utilisation share of this process over the samples NVML kept since the last
+    /// poll, in percent (`None`: no sample since the last poll).
+    pub sm_util: Option<u32>,
+    /// Mean memory-controller utilisation share over the same samples, in percent.
+    pub mem_util: Option<u32>,
+}
+
+/// Everything the NVML source saw in one poll.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuSample {
+    /// When the poll started.
+    pub ts: UnixNanos,
+    /// Every GPU that answered.
+    pub gpus: Vec<GpuStat>,
+    /// Every process on those GPUs (compute processes and processes with utilisation samples).
+    pub processes: Vec<GpuProcessStat>,
+}
+
+/// Who a process is (SPEC §1.4), from `/proc/<pid>/comm`, `/proc/<pid>/cgroup` and
+/// `/proc/<pid>/stat`. Exported as `process.pid`, `process.executable.name`, `container.id`,
+/// `k8s.pod.uid`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessIdentity {
+    /// The process id (host namespace).
+    pub pid: u32,
+    /// The executable's name (`comm`, up to 15 bytes, or the `exe` link's file name).
+    pub executable: Option<String>,
+    /// The container id (64 hex digits), when the process runs in a container.
+    pub container_id: Option<String>,
+    /// The Kubernetes pod uid, when the process runs in a pod.
+    pub pod_uid: Option<String>,
+    /// When the process started (its `t_exec`).
+    pub start_time: Option<UnixNanos>,
+    /// The parent process: a runtime's GPU worker (vLLM's engine core, a tensor-parallel
+    /// rank) is the child of the process that listens and exports spans.
+    pub parent_pid: Option<u32>,
+}

@@ -5,6 +5,7 @@
 
 mod bench;
 mod build;
+mod demo;
 mod setup;
 mod test;
 mod util;
@@ -30,6 +31,12 @@ enum Task {
     },
     /// Setup, then fmt --check, clippy -D warnings, unit tests and the kernel tests (as root).
     Test,
+    /// The agent against the bundled testbed: a scenario mixing the four problems, findings live.
+    Demo {
+        /// Scenario name under tests/scenarios/.
+        #[arg(long, default_value = "demo")]
+        scenario: String,
+    },
     /// Benchmarks: `kernel` (overhead of the attached programs, reader throughput).
     Bench {
         /// Which benchmark.
@@ -45,5 +52,6 @@ fn main() -> anyhow::Result<()> {
         Task::Build { release } => build::task(release),
         Task::Test => test::task(),
         Task::Bench { which } => bench::task(which),
+        Task::Demo { scenario } => demo::task(&scenario),
     }
 }

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::contention::GpuDetectionConfig;
 use super::kv_eviction::KvEvictionConfig;
 use crate::model::UnixNanos;
 
@@ -56,6 +57,8 @@ pub struct CorrelatorConfig {
     pub framing_write_bytes: Vec<u64>,
     /// Cross-tenant KV-cache eviction (SPEC §3.3): conversation tracking and its bounds.
     pub kv_eviction: KvEvictionConfig,
+    /// GPU contention and cold-start detection: thresholds and the bounds of their state.
+    pub gpu: GpuDetectionConfig,
 }
 
 impl Default for CorrelatorConfig {
@@ -74,6 +77,7 @@ impl Default for CorrelatorConfig {
             request_id_prefixes: vec!["chatcmpl-".into(), "cmpl-".into(), "embd-".into()],
             framing_write_bytes: vec![b"data: [DONE]\n\n".len() as u64],
             kv_eviction: KvEvictionConfig::default(),
+            gpu: GpuDetectionConfig::default(),
         }
     }
 }

@@ -28,7 +28,9 @@
 //! (another propagated trace, or another vLLM request id).
 
 mod abort;
+mod cold_start;
 mod config;
+mod contention;
 mod join;
 mod kv_eviction;
 mod stats;
@@ -40,7 +42,12 @@ use std::ops::Bound;
 use serde::{Deserialize, Serialize};
 
 pub use abort::{AbortFinding, TokenCountMethod};
+pub use cold_start::{ColdStartFinding, ColdStartPhase, StartKind};
 pub use config::CorrelatorConfig;
+pub use contention::{
+    AffectedRequest, GpuContentionFinding, GpuDetectionConfig, GpuMetrics, NoisyNeighbour,
+    RequestGpu, RequestGpuFacts,
+};
 pub use join::{ConnectionFacts, JoinRule, JoinedRequest, PeerClose};
 pub use kv_eviction::{
     ConversationRecord, ConversationTable, KvEvictionConfig, KvEvictionFinding, KvEvictionSizes,
@@ -50,8 +57,8 @@ pub use kv_eviction::{
 pub use stats::{CorrelatorStats, EvictionCounts, FindingCounts, JoinCounts, StateSizes};
 
 use crate::model::{
-    ConnId, KernelEvent, KernelEventKind, KvEventBatch, RequestHead, RuntimeKind, RuntimeRequest,
-    UnixNanos,
+    ConnId, GpuSample, KernelEvent, KernelEventKind, KvEventBatch, ProcessIdentity, RequestHead,
+    RuntimeKind, RuntimeRequest, UnixNanos,
 };
 use abort::KernelAbortFacts;
 
@@ -70,6 +77,11 @@ pub enum Input {
     Runtime(RuntimeRequest),
     /// A batch of KV-cache events from a runtime's publisher (`sources::kvevents`).
     KvEvents(KvEventBatch),
+    /// One poll of the NVML source.
+    Gpu(GpuSample),
+    /// The identity of a process (a runtime, a GPU process), sent by the pipeline once per
+    /// pid (and again when the pid names a new process) before the inputs that name it.
+    Process(ProcessIdentity),
 }
 
 /// One output of the correlator.
@@ -87,6 +99,15 @@ pub enum Output {
     Abort(AbortFinding),
     /// A conversation's warm prefix was evicted between two turns (SPEC §3.3).
     KvEviction(KvEvictionFinding),
+    /// The GPU side of a settled request: `inferwatch.start`, its GPUs and their SM
+    /// utilisation, and the noisy neighbour when it was decoded during contention. Emitted
+    /// right after the request's `Joined` (same trace and span id), once the correlator has
+    /// received any `Gpu` or `Process` input.
+    RequestGpu(RequestGpuFacts),
+    /// Another process on the runtime's GPU slowed its decode (SPEC §3.4).
+    GpuContention(GpuContentionFinding),
+    /// A runtime instance's cold-start floor and its phases (SPEC §3.2).
+    ColdStart(ColdStartFinding),
 }
 
 /// A connection, told apart from an earlier socket at the same kernel address.
@@ -222,6 +243,8 @@ pub struct Correlator {
     listeners: BTreeMap<u16, Option<u32>>,
     /// Conversations and per-instance request / KV event logs (SPEC §3.3).
     kv: kv_eviction::KvTracker,
+    /// GPU samples, process identities, contention and cold starts.
+    gpu: contention::GpuView,
 }
 
 impl Correlator {
@@ -241,6 +264,7 @@ impl Correlator {
             spans: BTreeMap::new(),
             span_ids: HashSet::new(),
             listeners: BTreeMap::new(),
+            gpu: contention::GpuView::default(),
         }
     }
 
@@ -278,21 +302,83 @@ impl Correlator {
         }
     }
 
+    /// The GPU gauges and counters for the metrics sink.
+    pub fn gpu_metrics(&self) -> GpuMetrics {
+        self.gpu.metrics()
+    }
+
+    /// How full the GPU tables are: (NVML snapshots, identities, runtime instances, open
+    /// contention intervals, cold-start GPU processes, cold-start runtimes).
+    pub fn gpu_state_sizes(&self) -> (usize, usize, usize, usize, usize, usize) {
+        let (snaps, ids, instances, open) = self.gpu.sizes();
+        let (procs, runtimes) = self.gpu.cold.sizes();
+        (snaps, ids, instances, open, procs, runtimes)
+    }
+
     /// Takes one input. Usually returns nothing: decisions wait for [`Correlator::on_tick`] so
     /// that they do not depend on arrival order; a span table at its cap settles its oldest
     /// span at once, and those outputs are returned here.
     pub fn on_event(&mut self, input: Input) -> Vec<Output> {
         match input {
             Input::Kernel(event) => {
+                if let Some(pid) = event.pid {
+                    match event.kind {
+                        KernelEventKind::Listen { .. } => {
+                            self.gpu.on_listen(pid, event.ts, &self.config.gpu)
+                        }
+                        KernelEventKind::RequestHead { .. } => {
+                            self.gpu.on_head(pid, event.ts, &self.config.gpu)
+                        }
+                        _ => {}
+                    }
+                }
                 self.on_kernel(event);
                 Vec::new()
             }
-            Input::Runtime(request) => self.on_span(request),
+            Input::Runtime(request) => {
+                self.gpu
+                    .on_span(request.instance.pid, request.arrival, &self.config.gpu);
+                let out = self.on_span(request);
+                self.gpu_facts(out)
+            }
+            Input::Gpu(sample) => {
+                self.gpu.on_sample(sample, &self.config.gpu);
+                Vec::new()
+            }
+            Input::Process(identity) => {
+                self.gpu.on_process(identity, &self.config.gpu);
+                Vec::new()
+            }
             Input::KvEvents(batch) => {
                 self.kv.on_kv_events(&batch, &mut self.stats.kv_eviction);
                 Vec::new()
             }
         }
+    }
+
+    /// Adds the GPU facts after each settled span, with the findings they complete.
+    fn gpu_facts(&mut self, out: Vec<Output>) -> Vec<Output> {
+        if !self.gpu.active() {
+            return out;
+        }
+        let mut with = Vec::with_capacity(out.len() * 2);
+        for output in out {
+            let mut findings = Vec::new();
+            let facts = match &output {
+                Output::Joined(joined) => Some(self.gpu.on_request(
+                    &joined.request,
+                    &self.config.gpu,
+                    &mut findings,
+                )),
+                _ => None,
+            };
+            with.push(output);
+            if let Some(facts) = facts {
+                with.push(Output::RequestGpu(facts));
+            }
+            with.extend(findings);
+        }
+        with
     }
 
     /// Settles what is due at `now` (unix nanos, the same clock as the events): spans whose
@@ -337,6 +423,8 @@ impl Correlator {
 
         self.settle_heads(now, &reserved, &mut out);
         self.expire_connections(now);
+        let mut out = self.gpu_facts(out);
+        out.extend(self.gpu.on_tick(now, &self.config.gpu));
         let mut evictions = Vec::new();
         self.kv
             .on_tick(now, &mut self.stats.kv_eviction, &mut evictions);
@@ -900,3 +988,6 @@ fn closest(arrival: UnixNanos, candidates: impl Iterator<Item = HeadKey>) -> Opt
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod gpu_tests;

@@ -3,4 +3,6 @@
 
 pub mod kernel;
 pub mod kvevents;
+pub mod nvml;
 pub mod otlp;
+pub mod procfs;

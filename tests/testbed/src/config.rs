@@ -187,6 +187,10 @@ pub struct TenantConfig {
     pub abort_after_tokens: [u32; 2],
     /// Share of aborts done by RST (the rest by FIN).
     pub rst_share: f64,
+    /// Share of non-streaming requests whose client gives up after a timeout (FIN).
+    pub timeout_share: f64,
+    /// Client timeout range for those, in ms.
+    pub timeout_ms: [u32; 2],
     /// Use `/v1/completions` instead of chat.
     pub completions: bool,
     /// Share of the first prompt that is the tenant's system prompt, shared by all its
@@ -214,6 +218,8 @@ impl Default for TenantConfig {
             abort_share: 0.0,
             abort_after_tokens: [2, 10],
             rst_share: 0.5,
+            timeout_share: 0.0,
+            timeout_ms: [100, 500],
             completions: false,
             system_share: 0.75,
         }

@@ -87,6 +87,12 @@ enum Cmd {
         /// Override the seed.
         #[arg(long)]
         seed: Option<u64>,
+        /// Override the disconnect policy (immediate | delayed:<ms> | never).
+        #[arg(long)]
+        policy: Option<String>,
+        /// Override per-token span events (true | false).
+        #[arg(long)]
+        token_events: Option<bool>,
     },
 }
 
@@ -203,10 +209,18 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             otlp_endpoint,
             duration_scale,
             seed,
+            policy,
+            token_events,
         } => {
             let mut s = Scenario::load(&scenario)?;
             if let Some(seed) = seed {
                 s.seed = seed;
+            }
+            if let Some(p) = policy {
+                s.runtime.disconnect_policy = p;
+            }
+            if let Some(t) = token_events {
+                s.runtime.token_events = t;
             }
             let port = if port == 0 { free_port()? } else { port };
             let addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], port));
@@ -236,6 +250,7 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
                 if let Some(e) = &otlp_endpoint {
                     cmd.arg("--otlp-endpoint").arg(e);
                 }
+                cmd.arg("--policy").arg(&s.runtime.disconnect_policy);
                 let mut child = cmd.spawn().context("spawning iw-testbed serve")?;
                 let sum = traffic::run(plan, opts, writer).await;
                 tracing::info!(?sum, "traffic done");

@@ -526,7 +526,7 @@ impl Server {
             conversation: conversation.clone(),
             tenant: tenant.clone(),
             token_times: if self.token_events {
-                token_times
+                token_times.clone()
             } else {
                 Vec::new()
             },
@@ -546,6 +546,7 @@ impl Server {
             output_tokens: summary.output_tokens,
             max_tokens: u64::from(max_tokens),
             tokens_after_abort,
+            token_times_ns: if abort_ns.is_some() { token_times } else { Vec::new() },
             tokens_written: written,
             finish_reason: finish.to_string(),
             arrival_ns: head.arrival_ns,

@@ -38,6 +38,9 @@ pub struct PlannedTurn {
     pub stream: bool,
     /// Abort after this many tokens, and how.
     pub abort: Option<(u64, AbortHow)>,
+    /// Non-streaming: give up (FIN) when no response arrived within this many ms (scaled),
+    /// as a client with a request timeout does.
+    pub timeout_ms: Option<u64>,
     /// Think time before this turn (ms, scaled at run time).
     pub think_ms: u64,
     /// Trace id of the `traceparent`.
@@ -137,8 +140,15 @@ pub fn plan(s: &Scenario) -> anyhow::Result<Vec<PlannedConversation>> {
                 } else {
                     None
                 };
+                // Drawn only when configured, so that other scenarios' plans stay as they were.
+                let timeout_ms = if !stream && t.timeout_share > 0.0 && rng.random::<f64>() < t.timeout_share {
+                    Some(u64::from(range(&mut rng, t.timeout_ms).max(1)))
+                } else {
+                    None
+                };
                 let (trace_id, span_id) = ids(&mut rng);
                 turns.push(PlannedTurn {
+                    timeout_ms,
                     request_id: format!("{id}-t{}", ti + 1),
                     user_text,
                     max_tokens: range(&mut rng, t.max_tokens).max(1),
@@ -274,6 +284,7 @@ fn replay_plan(
                 system: String::new(),
                 completions: true,
                 turns: vec![PlannedTurn {
+                    timeout_ms: None,
                     request_id: format!("{id}-t1"),
                     user_text: prompt,
                     max_tokens: out.min(r.max_output_tokens).max(1),
@@ -533,6 +544,17 @@ async fn drive(
         .await
         .map_err(|e| format!("write: {e}"))?;
     rec.sent_ns = now_ns();
+
+    if let Some(ms) = turn.timeout_ms.filter(|_| !turn.stream) {
+        let limit = Duration::from_secs_f64(ms as f64 / 1000.0 * opts.duration_scale.max(0.0));
+        if tokio::time::timeout(limit, sock.readable()).await.is_err() {
+            // Stamped just before the close syscall, so the server can only see it later.
+            rec.close_ns = now_ns();
+            close_abruptly(sock, AbortHow::Fin).await;
+            rec.close = "fin".into();
+            return Ok(());
+        }
+    }
 
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 16384];

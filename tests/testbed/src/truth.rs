@@ -71,6 +71,11 @@ pub struct RequestTruth {
     pub max_tokens: u64,
     /// Output tokens generated strictly after the server saw the client leave.
     pub tokens_after_abort: u64,
+    /// When each output token was generated, for requests whose client left (empty
+    /// otherwise): lets a scorer place the abort at the client's close instead of at the
+    /// moment the server noticed it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub token_times_ns: Vec<u64>,
     /// Output tokens that reached the socket successfully (write returned Ok).
     pub tokens_written: u64,
     /// `length`, `stop` or `abort`.

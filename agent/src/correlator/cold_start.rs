@@ -1,0 +1,365 @@
+//! The cold-start latency floor (SPEC §3.2) and the `inferwatch.start = cold | warm` tag.
+//!
+//! # Phase times of a runtime instance
+//! - `t_exec`: the process start (`/proc/<pid>/stat`, from `Input::Process`);
+//! - `t_gpu_first`: the first NVML sample listing one of the instance's pids (itself or a
+//!   child); unknown when it was already listed in the first sample the correlator saw;
+//! - `t_weights`: per GPU pid, the first sample from which its GPU memory stays within
+//!   `gpu.plateau_tolerance_pct` percent of its level at the first token, up to the first
+//!   token, moved forward past samples that still rise by more than a quarter of that
+//!   tolerance; the latest over the instance's pids (every rank loaded). A ramp ending at `T`
+//!   is thus placed at the first sample at or after `T`: within one NVML period;
+//! - `t_listen`: the first `Listen` by the instance's pid;
+//! - `t_first_request`: the first request head read by the pid, or the earliest span arrival;
+//! - `t_first_token`: the first token of the first settled span of the instance that has one.
+//!
+//! Floor = `t_first_token - t_exec` (or from the earliest known time when `t_exec` is unknown,
+//! said in `floor_from`). An instance is a cold start only when the correlator saw it start:
+//! `t_exec` after the first input, a pid first listed by NVML after the first sample, or a
+//! `Listen`. A request is cold when it arrived before its (cold-started) instance served its
+//! first token, warm otherwise.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use super::contention::GpuDetectionConfig;
+use crate::model::{GpuSample, ProcessIdentity, RuntimeRequest, UnixNanos};
+
+const MS: u64 = 1_000_000;
+
+/// `inferwatch.start`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartKind {
+    /// The request arrived before its instance served its first token.
+    Cold,
+    /// Any other request.
+    Warm,
+}
+
+impl StartKind {
+    /// The attribute and label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StartKind::Cold => "cold",
+            StartKind::Warm => "warm",
+        }
+    }
+}
+
+/// One phase of a cold start (one child span of `inferwatch.cold_start`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ColdStartPhase {
+    /// `process_start` (to the first GPU sighting: imports, CUDA init), `weights_load` (to
+    /// the memory plateau), `warmup` (to `Listen`: profiling, graph capture, server start),
+    /// `wait_first_request`, `first_token`.
+    pub name: String,
+    /// When it began.
+    pub start: UnixNanos,
+    /// When it ended.
+    pub end: UnixNanos,
+}
+
+impl ColdStartPhase {
+    /// Its length (0 when the boundaries came out of order).
+    pub fn duration_ns(&self) -> u64 {
+        self.end.saturating_sub(self.start)
+    }
+}
+
+/// The cold-start floor of one runtime instance (SPEC §3.2): the `inferwatch.cold_start` span
+/// (in the trace of the request that got the first token) and an observation of
+/// `inferwatch_cold_start_floor_seconds`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ColdStartFinding {
+    /// The instance.
+    pub pid: u32,
+    /// Its executable.
+    pub executable: Option<String>,
+    /// Its container.
+    pub container_id: Option<String>,
+    /// Its pod.
+    pub pod_uid: Option<String>,
+    /// The GPUs it loaded onto.
+    pub gpu_uuids: Vec<String>,
+    /// Process start.
+    pub t_exec: Option<UnixNanos>,
+    /// First NVML sighting.
+    pub t_gpu_first: Option<UnixNanos>,
+    /// GPU memory plateau reached.
+    pub t_weights: Option<UnixNanos>,
+    /// GPU memory at the plateau, bytes (all its pids).
+    pub weights_bytes: Option<u64>,
+    /// Listening.
+    pub t_listen: Option<UnixNanos>,
+    /// First request.
+    pub t_first_request: Option<UnixNanos>,
+    /// First token.
+    pub t_first_token: UnixNanos,
+    /// `t_first_token - t_exec` (or from `floor_from`), nanoseconds.
+    pub floor_ns: u64,
+    /// Which time the floor starts at: `exec`, `gpu_first`, `listen` or `first_request`.
+    pub floor_from: String,
+    /// The phases between consecutive known times.
+    pub phases: Vec<ColdStartPhase>,
+    /// The trace of the request that got the first token.
+    pub trace_id: [u8; 16],
+    /// Its runtime span.
+    pub span_id: [u8; 8],
+}
+
+impl ColdStartFinding {
+    /// The floor in seconds.
+    pub fn floor_seconds(&self) -> f64 {
+        self.floor_ns as f64 / 1e9
+    }
+}
+
+#[derive(Debug, Default)]
+struct GpuProc {
+    first_seen: UnixNanos,
+    /// Listed in the first sample: its first sighting is not its start.
+    preexisting: bool,
+    last_seen: UnixNanos,
+    /// (ts, bytes summed over GPUs), oldest first.
+    memory: VecDeque<(UnixNanos, u64)>,
+}
+
+#[derive(Debug, Default)]
+struct Runtime {
+    last_seen: UnixNanos,
+    t_listen: Option<UnixNanos>,
+    t_first_request: Option<UnixNanos>,
+    /// Set once decided: (first token, cold start seen).
+    decided: Option<(UnixNanos, bool)>,
+}
+
+/// Cold-start state of every runtime instance and GPU process.
+#[derive(Debug, Default)]
+pub(crate) struct ColdStarts {
+    watch_start: Option<UnixNanos>,
+    samples_seen: u64,
+    procs: BTreeMap<u32, GpuProc>,
+    runtimes: BTreeMap<u32, Runtime>,
+}
+
+fn min_opt(a: Option<UnixNanos>, b: UnixNanos) -> Option<UnixNanos> {
+    Some(a.map_or(b, |a| a.min(b)))
+}
+
+impl ColdStarts {
+    /// Any input time: the earliest is when the correlator started watching.
+    pub(crate) fn observe(&mut self, ts: UnixNanos) {
+        self.watch_start = min_opt(self.watch_start, ts);
+    }
+
+    fn runtime(&mut self, pid: u32, ts: UnixNanos, cfg: &GpuDetectionConfig) -> &mut Runtime {
+        if !self.runtimes.contains_key(&pid) && self.runtimes.len() >= cfg.max_instances.max(1) {
+            let oldest = self
+                .runtimes
+                .iter()
+                .min_by_key(|(p, r)| (r.last_seen, **p))
+                .map(|(p, _)| *p);
+            if let Some(oldest) = oldest {
+                self.runtimes.remove(&oldest);
+            }
+        }
+        let r = self.runtimes.entry(pid).or_default();
+        r.last_seen = r.last_seen.max(ts);
+        r
+    }
+
+    pub(crate) fn on_listen(&mut self, pid: u32, ts: UnixNanos, cfg: &GpuDetectionConfig) {
+        self.observe(ts);
+        let r = self.runtime(pid, ts, cfg);
+        r.t_listen = min_opt(r.t_listen, ts);
+    }
+
+    pub(crate) fn on_head(&mut self, pid: u32, ts: UnixNanos, cfg: &GpuDetectionConfig) {
+        self.observe(ts);
+        // Only the first heads matter, and only for a runtime already known (it listened).
+        if let Some(r) = self.runtimes.get_mut(&pid)
+            && r.decided.is_none()
+        {
+            r.t_first_request = min_opt(r.t_first_request, ts);
+            r.last_seen = r.last_seen.max(ts);
+        } else if !self.runtimes.contains_key(&pid) {
+            let r = self.runtime(pid, ts, cfg);
+            r.t_first_request = Some(ts);
+        }
+    }
+
+    pub(crate) fn on_sample(&mut self, sample: &GpuSample, cfg: &GpuDetectionConfig) {
+        self.observe(sample.ts);
+        let first = self.samples_seen == 0;
+        self.samples_seen += 1;
+        let mut memory: BTreeMap<u32, Option<u64>> = BTreeMap::new();
+        for p in &sample.processes {
+            let m = memory.entry(p.pid).or_insert(None);
+            if let Some(bytes) = p.used_memory {
+                *m = Some(m.unwrap_or(0).saturating_add(bytes));
+            }
+        }
+        for (pid, bytes) in memory {
+            if !self.procs.contains_key(&pid) && self.procs.len() >= cfg.max_processes.max(1) {
+                continue;
+            }
+            let p = self.procs.entry(pid).or_insert_with(|| GpuProc {
+                first_seen: sample.ts,
+                preexisting: first,
+                ..GpuProc::default()
+            });
+            p.last_seen = sample.ts;
+            if let Some(bytes) = bytes {
+                p.memory.push_back((sample.ts, bytes));
+                while p.memory.len() > cfg.max_memory_samples.max(1) {
+                    p.memory.pop_front();
+                }
+            }
+        }
+    }
+
+    /// The plateau time and level of one pid's memory up to `until`.
+    fn plateau(&self, pid: u32, until: UnixNanos, tol_pct: u32) -> Option<(UnixNanos, u64)> {
+        let series: Vec<&(UnixNanos, u64)> = self
+            .procs
+            .get(&pid)?
+            .memory
+            .iter()
+            .filter(|(ts, _)| *ts <= until)
+            .collect();
+        let level = series.last()?.1;
+        if level == 0 {
+            return None;
+        }
+        let tol = u128::from(level) * u128::from(tol_pct) / 100;
+        let within = |b: u64| u128::from(b.abs_diff(level)) <= tol;
+        let mut start = series.len();
+        while start > 0 && within(series[start - 1].1) {
+            start -= 1;
+        }
+        // Inside the band, a ramp still climbing (by more than a quarter of the tolerance per
+        // sample) has not ended: move to where it stops, so that a fast poll does not place
+        // the end early by the width of the band.
+        let step = tol / 4;
+        while start + 1 < series.len()
+            && u128::from(series[start + 1].1.saturating_sub(series[start].1)) > step
+        {
+            start += 1;
+        }
+        series.get(start).map(|(ts, _)| (*ts, level))
+    }
+
+    /// A settled request of instance `pid` (GPU pids `pids`): decides the instance's first
+    /// token, and returns the cold-start finding when this request decided it.
+    pub(crate) fn on_request(
+        &mut self,
+        pid: u32,
+        pids: &BTreeSet<u32>,
+        span: &RuntimeRequest,
+        gpus: &[String],
+        identity: Option<&ProcessIdentity>,
+        cfg: &GpuDetectionConfig,
+    ) -> Option<ColdStartFinding> {
+        self.observe(span.arrival);
+        let watch_start = self.watch_start.unwrap_or(span.arrival);
+        let r = self.runtime(pid, span.end, cfg);
+        if r.decided.is_some() {
+            return None;
+        }
+        r.t_first_request = min_opt(r.t_first_request, span.arrival);
+        let first_token = span.first_token?;
+        let (t_listen, t_first_request) = (r.t_listen, r.t_first_request);
+
+        let t_exec = identity.and_then(|i| i.start_time);
+        let gpu_procs: Vec<(&u32, &GpuProc)> = pids
+            .iter()
+            .filter_map(|p| self.procs.get(p).map(|g| (p, g)))
+            .collect();
+        let t_gpu_first = gpu_procs
+            .iter()
+            .filter(|(_, g)| !g.preexisting && g.first_seen <= first_token)
+            .map(|(_, g)| g.first_seen)
+            .min();
+        let plateaus: Vec<(UnixNanos, u64)> = gpu_procs
+            .iter()
+            .filter(|(_, g)| !g.preexisting)
+            .filter_map(|(p, _)| self.plateau(**p, first_token, cfg.plateau_tolerance_pct))
+            .collect();
+        let t_weights = plateaus.iter().map(|(ts, _)| *ts).max();
+        let weights_bytes = (!plateaus.is_empty()).then(|| plateaus.iter().map(|(_, b)| *b).sum());
+
+        let cold = t_exec.is_some_and(|t| t >= watch_start)
+            || t_gpu_first.is_some()
+            || t_listen.is_some_and(|t| t <= first_token);
+        if let Some(r) = self.runtimes.get_mut(&pid) {
+            r.decided = Some((first_token, cold));
+        }
+        if !cold {
+            return None;
+        }
+        let points: [(&str, &str, Option<UnixNanos>); 6] = [
+            ("exec", "", t_exec),
+            ("gpu_first", "process_start", t_gpu_first),
+            ("weights", "weights_load", t_weights),
+            ("listen", "warmup", t_listen),
+            ("first_request", "wait_first_request", t_first_request),
+            ("first_token", "first_token", Some(first_token)),
+        ];
+        let known: Vec<(&str, &str, UnixNanos)> = points
+            .iter()
+            .filter_map(|(from, name, t)| t.map(|t| (*from, *name, t)))
+            .collect();
+        let phases = known
+            .windows(2)
+            .map(|w| ColdStartPhase {
+                name: w[1].1.to_owned(),
+                start: w[0].2,
+                end: w[1].2,
+            })
+            .collect();
+        let (floor_from, floor_start) = known
+            .first()
+            .map_or(("first_token", first_token), |(from, _, t)| (*from, *t));
+        Some(ColdStartFinding {
+            pid,
+            executable: identity.and_then(|i| i.executable.clone()),
+            container_id: identity.and_then(|i| i.container_id.clone()),
+            pod_uid: identity.and_then(|i| i.pod_uid.clone()),
+            gpu_uuids: gpus.to_vec(),
+            t_exec,
+            t_gpu_first,
+            t_weights,
+            weights_bytes,
+            t_listen,
+            t_first_request,
+            t_first_token: first_token,
+            floor_ns: first_token.saturating_sub(floor_start),
+            floor_from: floor_from.to_owned(),
+            phases,
+            trace_id: span.trace_id,
+            span_id: span.span_id,
+        })
+    }
+
+    /// Cold when the instance cold-started and the request arrived before its first token.
+    pub(crate) fn start_of(&self, pid: u32, arrival: UnixNanos) -> StartKind {
+        match self.runtimes.get(&pid).and_then(|r| r.decided) {
+            Some((first_token, true)) if arrival < first_token => StartKind::Cold,
+            _ => StartKind::Warm,
+        }
+    }
+
+    pub(crate) fn on_tick(&mut self, now: UnixNanos, cfg: &GpuDetectionConfig) {
+        let idle = cfg.instance_idle_ms.saturating_mul(MS);
+        self.procs
+            .retain(|_, p| now < p.last_seen.saturating_add(idle));
+        self.runtimes
+            .retain(|_, r| now < r.last_seen.saturating_add(idle));
+    }
+
+    pub(crate) fn sizes(&self) -> (usize, usize) {
+        (self.procs.len(), self.runtimes.len())
+    }
+}

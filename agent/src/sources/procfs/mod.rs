@@ -1,0 +1,295 @@
+//! Process identity (SPEC §1.4): pid -> executable name, container id, pod uid and start time,
+//! read from `/proc/<pid>/{comm,cgroup,stat}`.
+//!
+//! The parsers ([`parse_cgroup`], [`parse_stat_start_ticks`], [`parse_boot_time`]) are pure
+//! functions; [`ProcReader`] does the reads and keeps a bounded cache keyed by pid and start
+//! time, so that a reused pid is never given the previous process's identity.
+//!
+//! cgroup path formats understood (v1 lines `N:controllers:/path` and the v2 line `0::/path`):
+//! - kubelet with the systemd driver: `/kubepods.slice/kubepods-burstable.slice/
+//!   kubepods-burstable-pod<uid_with_underscores>.slice/cri-containerd-<id>.scope` (also
+//!   `crio-<id>.scope`, `docker-<id>.scope`);
+//! - kubelet with the cgroupfs driver: `/kubepods/burstable/pod<uid>/<id>` (also
+//!   `crio-<id>`);
+//! - Docker: `/docker/<id>` (cgroupfs) and `/system.slice/docker-<id>.scope` (systemd);
+//! - Podman: `libpod-<id>.scope`.
+//!
+//! CRI-O's `crio-conmon-<id>.scope` belongs to the monitor, not the container, and is ignored.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+
+use crate::model::{ProcessIdentity, UnixNanos};
+
+/// Why an identity could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcfsError {
+    /// A `/proc` file could not be read (the process is gone, or no permission).
+    #[error("reading {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `/proc/<pid>/stat` did not have the expected fields.
+    #[error("parsing {path}: no start time field")]
+    Stat {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+/// The container runtime a cgroup path names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContainerRuntime {
+    /// containerd (`cri-containerd-<id>`).
+    Containerd,
+    /// CRI-O (`crio-<id>`).
+    CriO,
+    /// Docker (`docker-<id>` or `/docker/<id>`).
+    Docker,
+    /// Podman (`libpod-<id>`).
+    Podman,
+    /// A bare 64-hex-digit segment (kubelet's cgroupfs driver): the runtime is not named.
+    Unknown,
+}
+
+/// What a `/proc/<pid>/cgroup` file says about the container and pod of a process.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CgroupIdentity {
+    /// The container id (64 lower-case hex digits).
+    pub container_id: Option<String>,
+    /// The pod uid (`8-4-4-4-12` hex, with dashes).
+    pub pod_uid: Option<String>,
+    /// The runtime the path names, when it names one.
+    pub runtime: Option<ContainerRuntime>,
+}
+
+fn is_hex64(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn is_uuid(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    parts.len() == 5
+        && parts
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(p, n)| p.len() == n && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// The container id and runtime of one path segment, if it names a container.
+fn container_of_segment(segment: &str) -> Option<(String, ContainerRuntime)> {
+    let base = segment.strip_suffix(".scope").unwrap_or(segment);
+    if base.starts_with("crio-conmon-") {
+        return None;
+    }
+    const PREFIXES: &[(&str, ContainerRuntime)] = &[
+        ("cri-containerd-", ContainerRuntime::Containerd),
+        ("crio-", ContainerRuntime::CriO),
+        ("docker-", ContainerRuntime::Docker),
+        ("libpod-", ContainerRuntime::Podman),
+    ];
+    for (prefix, runtime) in PREFIXES {
+        if let Some(id) = base.strip_prefix(prefix)
+            && is_hex64(id)
+        {
+            return Some((id.to_ascii_lowercase(), *runtime));
+        }
+    }
+    is_hex64(base).then(|| (base.to_ascii_lowercase(), ContainerRuntime::Unknown))
+}
+
+/// The pod uid of one path segment: `pod<uid>` (cgroupfs) or
+/// `kubepods[-<qos>]-pod<uid_with_underscores>.slice` (systemd).
+fn pod_of_segment(segment: &str) -> Option<String> {
+    let candidate = if let Some(slice) = segment.strip_suffix(".slice") {
+        let at = slice.rfind("-pod")?;
+        slice.get(at + 4..)?.replace('_', "-")
+    } else {
+        segment.strip_prefix("pod")?.to_owned()
+    };
+    is_uuid(&candidate).then(|| candidate.to_ascii_lowercase())
+}
+
+/// Parses the content of `/proc/<pid>/cgroup` (v1, v2 or hybrid). The deepest segment that
+/// names a container wins; lines are read in order and the first line with a container id
+/// gives the answer (in a hybrid hierarchy all lines agree).
+pub fn parse_cgroup(content: &str) -> CgroupIdentity {
+    let mut best = CgroupIdentity::default();
+    for line in content.lines() {
+        // hierarchy-id:controllers:path; the path may itself contain ':'.
+        let mut fields = line.splitn(3, ':');
+        let (Some(_), Some(_), Some(path)) = (fields.next(), fields.next(), fields.next()) else {
+            continue;
+        };
+        let mut found = CgroupIdentity::default();
+        for segment in path.split('/').filter(|s| !s.is_empty()) {
+            if let Some(uid) = pod_of_segment(segment) {
+                found.pod_uid = Some(uid);
+            }
+            if let Some((id, runtime)) = container_of_segment(segment) {
+                found.container_id = Some(id);
+                found.runtime = Some(runtime);
+            }
+        }
+        if found.container_id.is_some() {
+            return found;
+        }
+        if best.pod_uid.is_none() {
+            best.pod_uid = found.pod_uid;
+        }
+    }
+    best
+}
+
+/// The process start time from `/proc/<pid>/stat`, in clock ticks after boot (field 22). The
+/// command name (field 2) may hold spaces and parentheses, so fields are counted after the
+/// last `)`.
+pub fn parse_stat_start_ticks(stat: &str) -> Option<u64> {
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    // After ')': field 3 (state) is the first; starttime is field 22, the 20th from there.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The parent pid from `/proc/<pid>/stat` (field 4).
+pub fn parse_stat_parent(stat: &str) -> Option<u32> {
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The boot time (`btime`, unix seconds) from `/proc/stat`.
+pub fn parse_boot_time(proc_stat: &str) -> Option<u64> {
+    proc_stat
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Start time in unix nanos from boot time (seconds), start ticks and ticks per second.
+pub fn start_time_nanos(boot_time_s: u64, start_ticks: u64, ticks_per_s: u64) -> UnixNanos {
+    let tps = ticks_per_s.max(1);
+    boot_time_s
+        .saturating_mul(1_000_000_000)
+        .saturating_add(start_ticks.saturating_mul(1_000_000_000) / tps)
+}
+
+/// Reads identities from a procfs root (normally `/proc`) with a bounded cache.
+#[derive(Debug)]
+pub struct ProcReader {
+    root: PathBuf,
+    boot_time_s: Option<u64>,
+    ticks_per_s: u64,
+    capacity: usize,
+    /// pid -> (start ticks, identity).
+    cache: HashMap<u32, (u64, ProcessIdentity)>,
+    order: VecDeque<u32>,
+}
+
+impl ProcReader {
+    /// A reader of `root` (e.g. `/proc`, or `/host/proc` in a container) caching up to
+    /// `capacity` identities.
+    pub fn new(root: impl Into<PathBuf>, capacity: usize) -> Self {
+        let root = root.into();
+        let boot_time_s = std::fs::read_to_string(root.join("stat"))
+            .ok()
+            .and_then(|s| parse_boot_time(&s));
+        // SAFETY: sysconf has no preconditions; it only reads a configuration value.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        Self {
+            root,
+            boot_time_s,
+            ticks_per_s: u64::try_from(ticks).ok().filter(|t| *t > 0).unwrap_or(100),
+            capacity: capacity.max(1),
+            cache: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    /// The procfs root it reads.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// How many identities are cached.
+    pub fn cached(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// The identity of `pid`: cached while the pid keeps its start time, read otherwise.
+    ///
+    /// # Errors
+    /// [`ProcfsError::Read`] when the process is gone or `/proc` is not readable,
+    /// [`ProcfsError::Stat`] on a malformed stat file.
+    pub fn identity(&mut self, pid: u32) -> Result<ProcessIdentity, ProcfsError> {
+        Ok(self.lookup(pid)?.0)
+    }
+
+    /// The identity of `pid` when it is not cached yet (or the pid now names another process):
+    /// what the pipeline forwards to the correlator as `Input::Process`. `None` when it is
+    /// cached, or unreadable (gone, no permission).
+    pub fn identity_if_new(&mut self, pid: u32) -> Option<ProcessIdentity> {
+        match self.lookup(pid) {
+            Ok((identity, true)) => Some(identity),
+            Ok((_, false)) => None,
+            Err(err) => {
+                tracing::debug!(pid, error = %err, "no identity for process");
+                None
+            }
+        }
+    }
+
+    fn lookup(&mut self, pid: u32) -> Result<(ProcessIdentity, bool), ProcfsError> {
+        let dir = self.root.join(pid.to_string());
+        let stat_path = dir.join("stat");
+        let stat = read(&stat_path)?;
+        let ticks = parse_stat_start_ticks(&stat).ok_or(ProcfsError::Stat { path: stat_path })?;
+        if let Some((cached_ticks, identity)) = self.cache.get(&pid)
+            && *cached_ticks == ticks
+        {
+            return Ok((identity.clone(), false));
+        }
+        let executable = read(&dir.join("comm"))
+            .ok()
+            .map(|s| s.trim_end().to_owned())
+            .filter(|s| !s.is_empty());
+        // A process outside any container may have no readable cgroup file: not an error.
+        let cgroup = read(&dir.join("cgroup"))
+            .map(|s| parse_cgroup(&s))
+            .unwrap_or_default();
+        let identity = ProcessIdentity {
+            pid,
+            executable,
+            container_id: cgroup.container_id,
+            pod_uid: cgroup.pod_uid,
+            start_time: self
+                .boot_time_s
+                .map(|b| start_time_nanos(b, ticks, self.ticks_per_s)),
+            parent_pid: parse_stat_parent(&stat).filter(|p| *p != 0),
+        };
+        if self.cache.insert(pid, (ticks, identity.clone())).is_none() {
+            self.order.push_back(pid);
+        }
+        while self.cache.len() > self.capacity {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            self.cache.remove(&old);
+        }
+        Ok((identity, true))
+    }
+}
+
+fn read(path: &Path) -> Result<String, ProcfsError> {
+    std::fs::read_to_string(path).map_err(|source| ProcfsError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,244 @@
+//! Starts the pieces of an end-to-end run: an OTLP collector that records what it receives and
+//! when, the agent (in-process, through its own `Pipeline`), and the testbed (the `iw-testbed`
+//! binary, a separate process as a real runtime would be).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use inferwatch::config::AgentConfig;
+use inferwatch::pipeline::{Pipeline, RunOptions};
+use inferwatch_testbed::truth::{ClientTruth, TruthRecord, read_jsonl};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use tokio_util::sync::CancellationToken;
+
+pub fn now_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+/// Whether the kernel-backed tests can run; panics when they must and cannot.
+pub fn kernel_tests_enabled(name: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var("INFERWATCH_REQUIRE_KERNEL_TESTS").is_ok_and(|v| v == "1") {
+        panic!("{name}: end-to-end tests are required but not running as root");
+    }
+    eprintln!("\n*** SKIPPED {name}: end-to-end tests need root (eBPF); run `sudo cargo xtask test` ***\n");
+    false
+}
+
+/// One end-to-end run at a time: they load kernel programs and time things on a 2-core box.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: OnceLock<Mutex<()>> = OnceLock::new();
+    LOCK.get_or_init(|| Mutex::new(())).lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A span as the collector received it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// When the collector got it (unix ns).
+    pub at: u64,
+    /// The resource's `service.name`.
+    pub service: String,
+    /// The span.
+    pub span: Span,
+}
+
+/// A real OTLP/gRPC trace receiver (tonic, the OTLP protobuf service) that records every span.
+#[derive(Clone, Default)]
+pub struct Collector {
+    spans: Arc<Mutex<Vec<Received>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let at = now_ns();
+        let mut spans = self.spans.lock().map_err(|_| tonic::Status::internal("lock"))?;
+        for rs in request.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .as_ref()
+                .and_then(|r| r.attributes.iter().find(|kv| kv.key == "service.name"))
+                .and_then(|kv| kv.value.as_ref())
+                .and_then(|v| match &v.value {
+                    Some(Value::StringValue(s)) => Some(s.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                for span in ss.spans {
+                    spans.push(Received { at, service: service.clone(), span });
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+    }
+}
+
+impl Collector {
+    /// Serves on 127.0.0.1:0; returns the address.
+    pub async fn start(&self) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind collector");
+        let addr = listener.local_addr().expect("collector addr");
+        let service = TraceServiceServer::new(self.clone());
+        tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let _ = tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming).await;
+        });
+        addr
+    }
+
+    /// Everything received so far.
+    pub fn spans(&self) -> Vec<Received> {
+        self.spans.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+/// The agent, running in this process.
+pub struct Agent {
+    pub otlp_grpc: SocketAddr,
+    pub metrics: SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Agent {
+    /// Builds and starts the agent: kernel source on `watch_port`, OTLP receiver and metrics on
+    /// ephemeral ports, spans exported over OTLP/gRPC to `export`.
+    pub async fn start(watch_port: u16, export: SocketAddr) -> Agent {
+        let mut config = AgentConfig::default();
+        config.kernel.watch_ports = vec![watch_port];
+        config.otlp.grpc_port = 0;
+        config.otlp.http_port = 0;
+        config.prometheus.port = 0;
+        config.prometheus.bind_address = "127.0.0.1".parse().expect("ip");
+        config.export.endpoint = Some(format!("http://{export}"));
+        let pipeline = Pipeline::build(config, RunOptions::default()).await.expect("agent builds");
+        let endpoints = pipeline.endpoints().clone();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(pipeline.run(shutdown.clone()));
+        Agent {
+            otlp_grpc: endpoints.otlp_grpc.expect("OTLP receiver up"),
+            metrics: endpoints.metrics.expect("metrics up"),
+            shutdown,
+            task,
+        }
+    }
+
+    /// The Prometheus text the agent serves.
+    pub async fn scrape(&self) -> String {
+        let mut stream = tokio::net::TcpStream::connect(self.metrics).await.expect("connect metrics");
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .expect("scrape");
+        let mut out = String::new();
+        stream.read_to_string(&mut out).await.expect("read metrics");
+        out
+    }
+
+    /// SIGTERM-equivalent: stops, settles what is pending, flushes the exporter.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.expect("agent task").expect("agent run");
+    }
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The `iw-testbed` binary, built on first use.
+pub fn testbed_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "inferwatch-testbed", "--bin", "iw-testbed"])
+            .current_dir(workspace())
+            .status()
+            .expect("run cargo build for the testbed");
+        assert!(status.success(), "building iw-testbed failed");
+        let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace().join("target"));
+        let bin = target.join("debug/iw-testbed");
+        assert!(bin.exists(), "no testbed binary at {}", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// What the testbed recorded.
+pub struct Truth {
+    pub server: Vec<TruthRecord>,
+    pub client: Vec<ClientTruth>,
+}
+
+/// Runs `iw-testbed run` for a scenario on `port`, exporting spans to `otlp`; waits for it.
+pub async fn run_testbed(scenario: &str, port: u16, otlp: SocketAddr, extra: &[&str], dir: &Path) -> Truth {
+    let truth = dir.join("truth.jsonl");
+    let client = dir.join("client.jsonl");
+    let status = tokio::process::Command::new(testbed_bin())
+        .arg("run")
+        .arg("--scenario")
+        .arg(workspace().join("tests/scenarios").join(scenario))
+        .arg("--port")
+        .arg(port.to_string())
+        .arg("--truth")
+        .arg(&truth)
+        .arg("--client-truth")
+        .arg(&client)
+        .arg("--otlp-endpoint")
+        .arg(format!("http://{otlp}"))
+        .args(extra)
+        // The runtime's span exporter batches for 100 ms instead of the SDK's 5 s.
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .env("RUST_LOG", "warn")
+        .status()
+        .await
+        .expect("run iw-testbed");
+    assert!(status.success(), "iw-testbed failed: {status}");
+    Truth {
+        server: read_jsonl(&truth).expect("read server truth"),
+        client: read_jsonl(&client).expect("read client truth"),
+    }
+}
+
+/// A scratch directory for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("inferwatch-e2e-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// A span attribute as a string (ints and doubles formatted).
+pub fn attr(span: &Span, key: &str) -> Option<String> {
+    let value = span.attributes.iter().find(|kv| kv.key == key)?.value.as_ref()?.value.as_ref()?;
+    Some(match value {
+        Value::StringValue(s) => s.clone(),
+        Value::IntValue(i) => i.to_string(),
+        Value::DoubleValue(d) => d.to_string(),
+        Value::BoolValue(b) => b.to_string(),
+        _ => return None,
+    })
+}

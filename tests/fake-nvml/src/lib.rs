@@ -1,0 +1,594 @@
+//! A scripted stand-in for `libnvidia-ml.so.1`.
+//!
+//! Built as a `cdylib` and loaded by `nvml-wrapper` through `Nvml::builder().lib_path(..)`, so
+//! that tests and the demo exercise the same code as production. What it reports follows a
+//! script (JSON) named by the environment variable `FAKE_NVML_SCRIPT`, read again at every
+//! `nvmlInit_v2`:
+//!
+//! ```json
+//! {
+//!   "start_unix_ms": 1700000000000,
+//!   "gpus": [{
+//!     "uuid": "GPU-00000000-0000-0000-0000-000000000001",
+//!     "name": "Fake H100",
+//!     "memory_total": 85899345920,
+//!     "memory_base": 536870912,
+//!     "sm_util": [[0, 10], [30, 90]],
+//!     "processes": [{
+//!       "pid": 4242, "start_s": 0, "end_s": 120,
+//!       "memory": [[0, 0], [10, 40000000000]],
+//!       "sm_util": [[0, 20]], "mem_util": [[0, 5]]
+//!     }],
+//!     "errors": [{"call": "utilization", "code": 3, "from_s": 0, "to_s": 1e9, "max_times": 1}]
+//!   }]
+//! }
+//! ```
+//!
+//! Values are piecewise-linear functions of the wall time since `start_unix_ms` (default: the
+//! time of `nvmlInit_v2`), given as `[seconds, value]` points and held constant outside them.
+//! A GPU's `sm_util` / `mem_util`, when absent, are the sum of its processes' (capped at 100);
+//! its used memory is `memory_base` plus its processes' memory. `errors` make one call return
+//! an NVML error code during a time window, at most `max_times` times.
+//!
+//! The C ABI follows `nvml.h` as `nvml-wrapper-sys` 0.10 binds it: `nvmlProcessInfo_t` is the
+//! v2 layout (pid, usedGpuMemory, gpuInstanceId, computeInstanceId), `nvmlMemory_v2_t` carries
+//! a version word, and `nvmlProcessUtilizationSample_t` has µs timestamps.
+
+#![allow(
+    clippy::missing_safety_doc,
+    reason = "the functions implement NVML's C ABI; their contracts are NVML's"
+)]
+
+use std::ffi::{c_char, c_uint, c_ulonglong};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+
+/// `nvmlReturn_t`.
+type NvmlReturn = c_uint;
+
+const SUCCESS: NvmlReturn = 0;
+const UNINITIALIZED: NvmlReturn = 1;
+const INVALID_ARGUMENT: NvmlReturn = 2;
+const NOT_FOUND: NvmlReturn = 6;
+const INSUFFICIENT_SIZE: NvmlReturn = 7;
+const DRIVER_NOT_LOADED: NvmlReturn = 9;
+const UNKNOWN: NvmlReturn = 999;
+
+/// `NVML_VALUE_NOT_AVAILABLE` for the MIG instance ids of a process.
+const NO_VALUE: c_uint = 0xFFFF_FFFF;
+
+/// `nvmlUtilization_t`.
+#[repr(C)]
+pub struct NvmlUtilization {
+    gpu: c_uint,
+    memory: c_uint,
+}
+
+/// `nvmlMemory_v2_t`.
+#[repr(C)]
+pub struct NvmlMemoryV2 {
+    version: c_uint,
+    total: c_ulonglong,
+    reserved: c_ulonglong,
+    free: c_ulonglong,
+    used: c_ulonglong,
+}
+
+/// `nvmlProcessInfo_t` as nvml-wrapper-sys 0.10 defines it (the v2 layout).
+#[repr(C)]
+pub struct NvmlProcessInfo {
+    pid: c_uint,
+    used_gpu_memory: c_ulonglong,
+    gpu_instance_id: c_uint,
+    compute_instance_id: c_uint,
+}
+
+/// `nvmlProcessUtilizationSample_t`.
+#[repr(C)]
+pub struct NvmlProcessUtilizationSample {
+    pid: c_uint,
+    time_stamp: c_ulonglong,
+    sm_util: c_uint,
+    mem_util: c_uint,
+    enc_util: c_uint,
+    dec_util: c_uint,
+}
+
+// The layouts nvml.h gives on x86_64 / aarch64.
+const _: () = assert!(size_of::<NvmlUtilization>() == 8);
+const _: () = assert!(size_of::<NvmlMemoryV2>() == 40);
+const _: () = assert!(size_of::<NvmlProcessInfo>() == 24);
+const _: () = assert!(size_of::<NvmlProcessUtilizationSample>() == 32);
+const _: () = assert!(std::mem::offset_of!(NvmlProcessUtilizationSample, time_stamp) == 8);
+
+/// A piecewise-linear function of seconds since the start: `[seconds, value]` points.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(transparent)]
+struct Series(Vec<(f64, f64)>);
+
+impl Series {
+    fn at(&self, t: f64) -> f64 {
+        let pts = &self.0;
+        let Some(first) = pts.first() else {
+            return 0.0;
+        };
+        if t <= first.0 {
+            return first.1;
+        }
+        for w in pts.windows(2) {
+            let ((t0, v0), (t1, v1)) = (w[0], w[1]);
+            if t <= t1 {
+                if t1 <= t0 {
+                    return v1;
+                }
+                return v0 + (v1 - v0) * (t - t0) / (t1 - t0);
+            }
+        }
+        pts.last().map_or(0.0, |p| p.1)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Process {
+    pid: u32,
+    #[serde(default)]
+    start_s: f64,
+    #[serde(default = "forever")]
+    end_s: f64,
+    #[serde(default)]
+    memory: Series,
+    #[serde(default)]
+    sm_util: Series,
+    #[serde(default)]
+    mem_util: Series,
+}
+
+fn forever() -> f64 {
+    f64::INFINITY
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InjectedError {
+    /// `count`, `handle`, `name`, `uuid`, `utilization`, `memory`, `processes`,
+    /// `process_utilization`.
+    call: String,
+    code: u32,
+    #[serde(default)]
+    from_s: f64,
+    #[serde(default = "forever")]
+    to_s: f64,
+    #[serde(default)]
+    max_times: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Gpu {
+    uuid: String,
+    name: String,
+    memory_total: u64,
+    #[serde(default)]
+    memory_base: u64,
+    #[serde(default)]
+    sm_util: Option<Series>,
+    #[serde(default)]
+    mem_util: Option<Series>,
+    #[serde(default)]
+    processes: Vec<Process>,
+    #[serde(default)]
+    errors: Vec<InjectedError>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Script {
+    #[serde(default)]
+    start_unix_ms: Option<u64>,
+    #[serde(default)]
+    gpus: Vec<Gpu>,
+}
+
+struct State {
+    script: Script,
+    start_ms: u64,
+    /// Per GPU, per injected error: how many times it fired.
+    fired: Vec<Vec<u32>>,
+}
+
+static STATE: Mutex<Option<State>> = Mutex::new(None);
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+impl State {
+    fn t(&self) -> f64 {
+        (now_ms() as f64 - self.start_ms as f64) / 1000.0
+    }
+
+    fn gpu(&self, device: *mut Device) -> Option<(usize, &Gpu)> {
+        let index = (device as usize).checked_sub(1)?;
+        self.script.gpus.get(index).map(|g| (index, g))
+    }
+
+    /// The error injected on `call` of GPU `index` now, if any (and counts it).
+    fn injected(&mut self, index: usize, call: &str) -> Option<NvmlReturn> {
+        let t = self.t();
+        let gpu = self.script.gpus.get(index)?;
+        for (k, e) in gpu.errors.iter().enumerate() {
+            if e.call != call || t < e.from_s || t >= e.to_s {
+                continue;
+            }
+            let fired = self.fired.get_mut(index)?.get_mut(k)?;
+            if e.max_times.is_some_and(|m| *fired >= m) {
+                continue;
+            }
+            *fired += 1;
+            return Some(e.code);
+        }
+        None
+    }
+
+    fn running(&self, gpu: &Gpu) -> Vec<Process> {
+        let t = self.t();
+        gpu.processes
+            .iter()
+            .filter(|p| t >= p.start_s && t < p.end_s)
+            .cloned()
+            .collect()
+    }
+}
+
+/// Opaque `nvmlDevice_t` target: handles are `index + 1` cast to a pointer.
+pub struct Device;
+
+/// Runs `f` on the state of GPU `device` after its injected errors for `call`.
+fn with_gpu(
+    device: *mut Device,
+    call: &str,
+    f: impl FnOnce(&State, &Gpu) -> NvmlReturn,
+) -> NvmlReturn {
+    let Ok(mut guard) = STATE.lock() else {
+        return UNKNOWN;
+    };
+    let Some(state) = guard.as_mut() else {
+        return UNINITIALIZED;
+    };
+    let Some((index, _)) = state.gpu(device) else {
+        return INVALID_ARGUMENT;
+    };
+    if let Some(code) = state.injected(index, call) {
+        return code;
+    }
+    match state.gpu(device) {
+        Some((_, gpu)) => f(state, gpu),
+        None => INVALID_ARGUMENT,
+    }
+}
+
+/// Copies `s` into a C buffer of `len` bytes, NUL-terminated.
+unsafe fn write_str(s: &str, buf: *mut c_char, len: c_uint) -> NvmlReturn {
+    if buf.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    let bytes = s.as_bytes();
+    if bytes.len() + 1 > len as usize {
+        return INSUFFICIENT_SIZE;
+    }
+    // SAFETY: the caller's buffer holds `len` bytes and we write at most `bytes.len() + 1`.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr().cast::<c_char>(), buf, bytes.len());
+        *buf.add(bytes.len()) = 0;
+    }
+    SUCCESS
+}
+
+fn load_script() -> Result<Script, NvmlReturn> {
+    let Some(path) = std::env::var_os("FAKE_NVML_SCRIPT") else {
+        // No script: a machine with the library but no GPU.
+        return Ok(Script::default());
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        eprintln!("fake-nvml: reading {}: {e}", path.to_string_lossy());
+        DRIVER_NOT_LOADED
+    })?;
+    serde_json::from_str(&text).map_err(|e| {
+        eprintln!("fake-nvml: parsing {}: {e}", path.to_string_lossy());
+        UNKNOWN
+    })
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn nvmlInit_v2() -> NvmlReturn {
+    let script = match load_script() {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let Ok(mut guard) = STATE.lock() else {
+        return UNKNOWN;
+    };
+    let start_ms = script.start_unix_ms.unwrap_or_else(now_ms);
+    let fired = script
+        .gpus
+        .iter()
+        .map(|g| vec![0; g.errors.len()])
+        .collect();
+    *guard = Some(State {
+        script,
+        start_ms,
+        fired,
+    });
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn nvmlInitWithFlags(_flags: c_uint) -> NvmlReturn {
+    nvmlInit_v2()
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn nvmlShutdown() -> NvmlReturn {
+    if let Ok(mut guard) = STATE.lock() {
+        *guard = None;
+    }
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn nvmlErrorString(code: NvmlReturn) -> *const c_char {
+    let s: &'static [u8] = match code {
+        SUCCESS => b"Success\0",
+        UNINITIALIZED => b"Uninitialized\0",
+        INVALID_ARGUMENT => b"Invalid Argument\0",
+        3 => b"Not Supported\0",
+        NOT_FOUND => b"Not Found\0",
+        INSUFFICIENT_SIZE => b"Insufficient Size\0",
+        DRIVER_NOT_LOADED => b"Driver Not Loaded\0",
+        15 => b"GPU is lost\0",
+        _ => b"Unknown Error\0",
+    };
+    s.as_ptr().cast()
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlSystemGetDriverVersion(buf: *mut c_char, len: c_uint) -> NvmlReturn {
+    // SAFETY: forwarded caller contract.
+    unsafe { write_str("550.00.fake", buf, len) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetCount_v2(count: *mut c_uint) -> NvmlReturn {
+    if count.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    let Ok(guard) = STATE.lock() else {
+        return UNKNOWN;
+    };
+    let Some(state) = guard.as_ref() else {
+        return UNINITIALIZED;
+    };
+    // SAFETY: checked non-null; the caller passes a valid `unsigned int *`.
+    unsafe { *count = state.script.gpus.len() as c_uint };
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(
+    index: c_uint,
+    device: *mut *mut Device,
+) -> NvmlReturn {
+    if device.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    let handle = (index as usize + 1) as *mut Device;
+    with_gpu(handle, "handle", |_, _| {
+        // SAFETY: checked non-null.
+        unsafe { *device = handle };
+        SUCCESS
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetName(
+    device: *mut Device,
+    buf: *mut c_char,
+    len: c_uint,
+) -> NvmlReturn {
+    // SAFETY: forwarded caller contract.
+    with_gpu(device, "name", |_, gpu| unsafe {
+        write_str(&gpu.name, buf, len)
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetUUID(
+    device: *mut Device,
+    buf: *mut c_char,
+    len: c_uint,
+) -> NvmlReturn {
+    // SAFETY: forwarded caller contract.
+    with_gpu(device, "uuid", |_, gpu| unsafe {
+        write_str(&gpu.uuid, buf, len)
+    })
+}
+
+fn clamp_pct(v: f64) -> c_uint {
+    v.clamp(0.0, 100.0).round() as c_uint
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetUtilizationRates(
+    device: *mut Device,
+    out: *mut NvmlUtilization,
+) -> NvmlReturn {
+    if out.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    with_gpu(device, "utilization", |state, gpu| {
+        let t = state.t();
+        let running = state.running(gpu);
+        let sm = match &gpu.sm_util {
+            Some(s) => s.at(t),
+            None => running.iter().map(|p| p.sm_util.at(t)).sum(),
+        };
+        let mem = match &gpu.mem_util {
+            Some(s) => s.at(t),
+            None => running.iter().map(|p| p.mem_util.at(t)).sum(),
+        };
+        // SAFETY: checked non-null.
+        unsafe {
+            *out = NvmlUtilization {
+                gpu: clamp_pct(sm),
+                memory: clamp_pct(mem),
+            };
+        }
+        SUCCESS
+    })
+}
+
+fn process_memory(p: &Process, t: f64) -> u64 {
+    p.memory.at(t).max(0.0) as u64
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
+    device: *mut Device,
+    out: *mut NvmlMemoryV2,
+) -> NvmlReturn {
+    if out.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    with_gpu(device, "memory", |state, gpu| {
+        let t = state.t();
+        let used: u64 = state
+            .running(gpu)
+            .iter()
+            .map(|p| process_memory(p, t))
+            .sum::<u64>()
+            .saturating_add(gpu.memory_base)
+            .min(gpu.memory_total);
+        // SAFETY: checked non-null; the caller set the version word, which we keep.
+        unsafe {
+            let version = (*out).version;
+            *out = NvmlMemoryV2 {
+                version,
+                total: gpu.memory_total,
+                reserved: 0,
+                free: gpu.memory_total - used,
+                used,
+            };
+        }
+        SUCCESS
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
+    device: *mut Device,
+    count: *mut c_uint,
+    infos: *mut NvmlProcessInfo,
+) -> NvmlReturn {
+    if count.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    with_gpu(device, "processes", |state, gpu| {
+        let t = state.t();
+        let running = state.running(gpu);
+        // SAFETY: checked non-null; `infos`, when non-null, holds `*count` entries.
+        unsafe {
+            let room = *count as usize;
+            *count = running.len() as c_uint;
+            if infos.is_null() || room < running.len() {
+                return if running.is_empty() {
+                    SUCCESS
+                } else {
+                    INSUFFICIENT_SIZE
+                };
+            }
+            for (i, p) in running.iter().enumerate() {
+                *infos.add(i) = NvmlProcessInfo {
+                    pid: p.pid,
+                    used_gpu_memory: process_memory(p, t),
+                    gpu_instance_id: NO_VALUE,
+                    compute_instance_id: NO_VALUE,
+                };
+            }
+        }
+        SUCCESS
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
+    device: *mut Device,
+    samples: *mut NvmlProcessUtilizationSample,
+    count: *mut c_uint,
+    last_seen: c_ulonglong,
+) -> NvmlReturn {
+    if count.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    with_gpu(device, "process_utilization", |state, gpu| {
+        let t = state.t();
+        let ts = now_us();
+        // One sample per running process, stamped now; like the driver, nothing newer than
+        // `last_seen` is NOT_FOUND.
+        let running = if ts > last_seen {
+            state.running(gpu)
+        } else {
+            Vec::new()
+        };
+        if running.is_empty() {
+            return NOT_FOUND;
+        }
+        // SAFETY: checked non-null; `samples`, when non-null, holds `*count` entries.
+        unsafe {
+            let room = *count as usize;
+            if samples.is_null() {
+                *count = running.len() as c_uint;
+                return INSUFFICIENT_SIZE;
+            }
+            // A process may have started between the size query and this call: report what
+            // fits, as the driver does with its ring of samples.
+            let n = room.min(running.len());
+            for (i, p) in running.iter().take(n).enumerate() {
+                *samples.add(i) = NvmlProcessUtilizationSample {
+                    pid: p.pid,
+                    time_stamp: ts,
+                    sm_util: clamp_pct(p.sm_util.at(t)),
+                    mem_util: clamp_pct(p.mem_util.at(t)),
+                    enc_util: 0,
+                    dec_util: 0,
+                };
+            }
+            *count = n as c_uint;
+        }
+        SUCCESS
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_interpolates_and_holds() {
+        let s = Series(vec![(0.0, 0.0), (10.0, 100.0), (20.0, 100.0)]);
+        assert_eq!(s.at(-1.0), 0.0, "before the first point");
+        assert_eq!(s.at(5.0), 50.0, "halfway up the ramp");
+        assert_eq!(s.at(30.0), 100.0, "after the last point");
+        assert_eq!(Series::default().at(3.0), 0.0, "empty series");
+    }
+}
