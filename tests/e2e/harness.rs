@@ -203,7 +203,7 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
-fn workspace() -> PathBuf {
+pub fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 

@@ -8,3 +8,4 @@
 mod abort;
 mod gpu;
 mod harness;
+mod openai_client;
