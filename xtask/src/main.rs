@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask <setup|build|test|bench|demo|gpu-check>`.
+//! Project tasks: `cargo xtask <setup|build|test|bench|demo|deploy-check|gpu-check>`.
 //!
 //! One file per subcommand; every external command goes through `util::run`, which prints it
 //! and names it when it fails.
@@ -6,6 +6,7 @@
 mod bench;
 mod build;
 mod demo;
+mod deploy_check;
 mod setup;
 mod test;
 mod util;
@@ -37,6 +38,9 @@ enum Task {
         #[arg(long, default_value = "demo")]
         scenario: String,
     },
+    /// Validate deploy/: alert rules (promtool), manifests, the ConfigMap's config, the dashboard,
+    /// and that the docs list every config key, metric and span attribute.
+    DeployCheck,
     /// Benchmarks: `kernel` (overhead of the attached programs, reader throughput).
     Bench {
         /// Which benchmark.
@@ -53,5 +57,6 @@ fn main() -> anyhow::Result<()> {
         Task::Test => test::task(),
         Task::Bench { which } => bench::task(which),
         Task::Demo { scenario } => demo::task(&scenario),
+        Task::DeployCheck => deploy_check::run(),
     }
 }
