@@ -25,9 +25,12 @@ const EXTRA_METRICS: &[&str] = &["inferwatch_kv_evictions_total"];
 /// Suffixes the Prometheus exposition adds to a registered family name.
 const SUFFIXES: &[&str] = &["", "_total", "_bucket", "_count", "_sum", "_created"];
 
+/// One check: a one-line detail on success.
+type Check = fn(&Ctx) -> anyhow::Result<String>;
+
 pub fn run() -> anyhow::Result<()> {
     let ctx = Ctx::new()?;
-    let checks: &[(&str, fn(&Ctx) -> anyhow::Result<String>)] = &[
+    let checks: &[(&str, Check)] = &[
         ("promtool check rules", promtool_check),
         ("promtool test rules", promtool_test),
         ("rule files in sync", rules_in_sync),
