@@ -7,6 +7,7 @@
 pub mod config;
 pub mod engine;
 pub mod kv;
+pub mod kvevents;
 pub mod otel;
 pub mod runtime;
 pub mod server;

@@ -39,6 +39,8 @@ pub struct Running {
     pub engine: Arc<Engine>,
     /// Span sink (call [`Running::shutdown`] to flush).
     pub spans: Arc<SpanSink>,
+    /// The bound KV event endpoint, when KV events are published.
+    pub kv_events_endpoint: Option<String>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -128,6 +130,15 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Running> {
             })
             .collect(),
     );
+    let mut kv_task = None;
+    let mut kv_events_endpoint = None;
+    if let Some(ep) = &opts.runtime.kv_events_endpoint {
+        let (publisher, bound, task) = crate::kvevents::start(ep).await?;
+        tracing::info!(endpoint = %bound, "publishing KV events");
+        engine.set_kv_events(publisher);
+        kv_events_endpoint = Some(bound);
+        kv_task = Some(task);
+    }
     let server = Arc::new(Server {
         engine: engine.clone(),
         spans: spans.clone(),
@@ -135,14 +146,16 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Running> {
         model: opts.runtime.model.clone(),
         token_events: opts.runtime.token_events,
     });
-    let tasks = vec![
+    let mut tasks = vec![
         tokio::spawn(engine.clone().run()),
         tokio::spawn(server::serve(server, listener)),
     ];
+    tasks.extend(kv_task);
     Ok(Running {
         addr,
         engine,
         spans,
+        kv_events_endpoint,
         tasks,
     })
 }
