@@ -55,7 +55,7 @@ fn attr_str(span: &Value, key: &str) -> Option<String> {
         .or_else(|| {
             v.get("doubleValue")
                 .and_then(Value::as_f64)
-                .map(|d| format!("{d:.1}"))
+                .map(|d| format!("{d:.2}"))
         })
 }
 
@@ -130,13 +130,33 @@ impl Tally {
                     attr_str(span, "inferwatch.abort.lag_ms").unwrap_or_default(),
                 )
             }
-            other => format!(
-                "{other:<10} {}",
-                attr_str(span, "inferwatch.noisy_neighbour.tenant")
-                    .or_else(|| attr_str(span, "inferwatch.noisy_neighbour.executable"))
-                    .map(|n| format!("noisy neighbour {n}"))
-                    .unwrap_or_default()
+            "inferwatch.kv_eviction" => format!(
+                "kv evict   conversation {:<16} tenant {:<8} cached {:>5} of {:>5} expected; noisy neighbour {} ({} of the KV demand), TTFT +{} ms",
+                attr_str(span, "gen_ai.conversation.id").unwrap_or_default(),
+                attr_str(span, "tenant.id").unwrap_or_default(),
+                attr_str(span, "inferwatch.kv_eviction.cached_tokens").unwrap_or_default(),
+                attr_str(span, "inferwatch.kv_eviction.expected_cached_tokens").unwrap_or_default(),
+                attr_str(span, "inferwatch.noisy_neighbour.tenant").unwrap_or_default(),
+                attr_str(span, "inferwatch.noisy_neighbour.share").unwrap_or_default(),
+                attr_str(span, "inferwatch.kv_eviction.ttft_penalty_ms")
+                    .unwrap_or_else(|| "?".into()),
             ),
+            "inferwatch.gpu_contention" => format!(
+                "contention GPU {} slowed by pid {} ({}), decode x{} slower",
+                attr_str(span, "inferwatch.gpu.uuid").unwrap_or_default(),
+                attr_str(span, "inferwatch.noisy_neighbour.pid").unwrap_or_default(),
+                attr_str(span, "inferwatch.noisy_neighbour.executable").unwrap_or_default(),
+                attr_str(span, "inferwatch.contention.tpot_inflation").unwrap_or_default(),
+            ),
+            "inferwatch.cold_start" => format!(
+                "cold start pid {} ({}): {} ms from process start to first token",
+                attr_str(span, "process.pid").unwrap_or_default(),
+                attr_str(span, "process.executable.name").unwrap_or_default(),
+                attr_str(span, "inferwatch.cold_start.floor_ms").unwrap_or_default(),
+            ),
+            // Cold-start phases are children of the cold-start span: counted, not listed.
+            other if other.starts_with("inferwatch.cold_start.") => return,
+            other => other.to_owned(),
         };
         self.fresh.push(line.clone());
         self.last.push(line);
