@@ -55,7 +55,7 @@ fn attr_str(span: &Value, key: &str) -> Option<String> {
         .or_else(|| {
             v.get("doubleValue")
                 .and_then(Value::as_f64)
-                .map(|d| format!("{d:.1}"))
+                .map(|d| format!("{d:.2}"))
         })
 }
 

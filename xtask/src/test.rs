@@ -13,6 +13,7 @@ pub fn task() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
+    crate::deploy_check::run()?;
     let mut tests = cargo();
     tests.args(["test", "--workspace", "--no-fail-fast"]);
     if is_root() {
