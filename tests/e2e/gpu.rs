@@ -258,10 +258,18 @@ async fn gpu_contention_names_the_hog() {
             for key in [
                 "inferwatch.contention.tpot_baseline_ms",
                 "inferwatch.contention.tpot_ms",
-                "inferwatch.noisy_neighbour.share",
             ] {
                 assert!(attr(&f.span, key).is_some(), "finding lacks {key}");
             }
+            // A share in 0..1: the hog's SM use over the window (the scenario plays it at
+            // `neighbour_sm_util` percent).
+            let share: f64 = attr(&f.span, "inferwatch.noisy_neighbour.share")
+                .and_then(|v| v.parse().ok())
+                .expect("noisy_neighbour.share");
+            assert!(
+                share > 0.3 && share <= 1.0,
+                "neighbour share {share} is not the hog's SM share in 0..1"
+            );
             // In the trace of an affected request, under its runtime span.
             let trace = hex_id(&f.span.trace_id);
             let request = spans_by_trace
