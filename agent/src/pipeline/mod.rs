@@ -491,7 +491,7 @@ fn log_findings(stage: &mut CorrelateStage) {
                 runtime_pid = f.runtime_pid,
                 neighbour_pid = f.neighbour.pid,
                 neighbour = f.neighbour.executable.as_deref().unwrap_or("-"),
-                neighbour_share = f.neighbour.sm_share,
+                neighbour_share = f.neighbour.sm_share / 100.0,
                 tpot_inflation = f.inflation,
                 seconds = f.seconds(),
                 "another process on the GPU slowed the runtime's decode"
