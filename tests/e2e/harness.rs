@@ -141,6 +141,11 @@ impl Agent {
     /// Builds and starts the agent: kernel source on `watch_port`, OTLP receiver and metrics on
     /// ephemeral ports, spans exported over OTLP/gRPC to `export`.
     pub async fn start(watch_port: u16, export: SocketAddr) -> Agent {
+        Self::start_with(Self::config(watch_port, export)).await
+    }
+
+    /// The configuration [`Agent::start`] uses, for tests that change a setting before starting.
+    pub fn config(watch_port: u16, export: SocketAddr) -> AgentConfig {
         let mut config = AgentConfig::default();
         config.kernel.watch_ports = vec![watch_port];
         config.otlp.grpc_port = 0;
@@ -148,6 +153,11 @@ impl Agent {
         config.prometheus.port = 0;
         config.prometheus.bind_address = "127.0.0.1".parse().expect("ip");
         config.export.endpoint = Some(format!("http://{export}"));
+        config
+    }
+
+    /// Builds and starts the agent with `config`.
+    pub async fn start_with(config: AgentConfig) -> Agent {
         let pipeline = Pipeline::build(config, RunOptions::default())
             .await
             .expect("agent builds");
@@ -219,6 +229,35 @@ pub fn testbed_bin() -> PathBuf {
             .unwrap_or_else(|_| workspace().join("target"));
         let bin = target.join("debug/iw-testbed");
         assert!(bin.exists(), "no testbed binary at {}", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// The `inferwatch` binary, built on first use (tests that need a separate process: signals,
+/// dropped capabilities, exit codes).
+pub fn agent_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "inferwatch",
+                "--bin",
+                "inferwatch",
+            ])
+            .current_dir(workspace())
+            .status()
+            .expect("run cargo build for the agent");
+        assert!(status.success(), "building inferwatch failed");
+        let target = std::env::var("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| workspace().join("target"));
+        let bin = target.join("debug/inferwatch");
+        assert!(bin.exists(), "no agent binary at {}", bin.display());
         bin
     })
     .clone()

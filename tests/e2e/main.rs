@@ -6,5 +6,7 @@
 //! `INFERWATCH_REQUIRE_KERNEL_TESTS=1` (set by `cargo xtask test`).
 
 mod abort;
+mod faults;
 mod harness;
 mod openai_client;
+mod security;
