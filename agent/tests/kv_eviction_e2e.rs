@@ -90,6 +90,7 @@ async fn drive(s: &Scenario, tag: &str, kv: bool) -> Run {
         duration_scale: 1.0,
         truth: Some(truth_path.clone()),
         otlp_endpoint: Some(format!("http://{otlp}")),
+        nvml_script: None,
     })
     .await
     .expect("start the testbed runtime");

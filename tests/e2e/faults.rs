@@ -225,11 +225,12 @@ async fn backend_down_then_back() {
     let backend: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let up = serve_collector(&collector, backend).await;
     let port = free_port();
-    let mut config = Agent::config(port, backend);
-    // A small queue so that a few seconds of outage overflow it.
-    config.export.queue_max_spans = 64;
-    config.export.retry_max_ms = 500;
-    let agent = Agent::start_with(config).await;
+    let agent = Agent::start_with(port, backend, |config| {
+        // A small queue so that a few seconds of outage overflow it.
+        config.export.queue_max_spans = 64;
+        config.export.retry_max_ms = 500;
+    })
+    .await;
     let runtime = Runtime::serve(port, agent.otlp_grpc, &dir).await;
     assert!(
         abort_is_found(&collector, port, "before-outage").await,
@@ -351,10 +352,11 @@ async fn connection_flood_overflows_ring_buffer() {
     let port = free_port();
     let flood_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind flood");
     let flood_port = flood_listener.local_addr().expect("addr").port();
-    let mut config = Agent::config(port, backend);
-    config.kernel.watch_ports = vec![port, flood_port];
-    config.kernel.ring_buffer_bytes = 64 * 1024;
-    let agent = Agent::start_with(config).await;
+    let agent = Agent::start_with(port, backend, |config| {
+        config.kernel.watch_ports = vec![port, flood_port];
+        config.kernel.ring_buffer_bytes = 64 * 1024;
+    })
+    .await;
     let runtime = Runtime::serve(port, agent.otlp_grpc, &dir).await;
 
     const SECONDS: f64 = 3.0;

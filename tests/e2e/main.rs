@@ -7,6 +7,7 @@
 
 mod abort;
 mod faults;
+mod gpu;
 mod harness;
 mod openai_client;
 mod security;

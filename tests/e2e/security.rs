@@ -167,9 +167,10 @@ async fn bearer_token_through_the_agent() {
     let collector = Collector::default();
     let backend = collector.start().await;
     let port = free_port();
-    let mut config = Agent::config(port, backend);
-    config.otlp.bearer_token = Some("tok-e2e".into());
-    let agent = Agent::start_with(config).await;
+    let agent = Agent::start_with(port, backend, |config| {
+        config.otlp.bearer_token = Some("tok-e2e".into());
+    })
+    .await;
 
     // Without the token.
     let runtime = Runtime::serve(port, agent.otlp_grpc, &dir).await;

@@ -654,7 +654,9 @@ impl CorrelateStage {
 fn neighbour_attributes(n: &NoisyNeighbour) -> Vec<KeyValue> {
     let mut out = vec![
         kv_i64("inferwatch.noisy_neighbour.pid", i64::from(n.pid)),
-        kv_f64("inferwatch.noisy_neighbour.share", n.sm_share),
+        // The correlator keeps SM shares in percent (as NVML reports them); the attribute is a
+        // share in 0..1, like the KV-eviction one.
+        kv_f64("inferwatch.noisy_neighbour.share", n.sm_share / 100.0),
     ];
     if let Some(exe) = &n.executable {
         out.push(kv_str("inferwatch.noisy_neighbour.executable", exe));
