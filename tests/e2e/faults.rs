@@ -29,9 +29,10 @@ pub async fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// Waits until something accepts on `127.0.0.1:port` (at most 20 s).
+/// Waits until something accepts on `127.0.0.1:port` (at most 60 s: a loaded 2-core CI box
+/// can take a while to start a debug binary and load its programs).
 pub async fn wait_listening(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
         assert!(Instant::now() < deadline, "nothing listens on {port}");
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -291,27 +291,9 @@ pub fn reset_nvml_script() -> PathBuf {
 /// The `inferwatch` binary, built on first use (tests that need a separate process: signals,
 /// dropped capabilities, exit codes).
 pub fn agent_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "inferwatch",
-                "--bin",
-                "inferwatch",
-            ])
-            .current_dir(workspace())
-            .status()
-            .expect("run cargo build for the agent");
-        assert!(status.success(), "building inferwatch failed");
-        let bin = target_dir().join("debug/inferwatch");
-        assert!(bin.exists(), "no agent binary at {}", bin.display());
-        bin
-    })
-    .clone()
+    // Cargo builds the package's binary for its integration tests and names it here; building
+    // it again from the test could rebuild it with other features while tests run.
+    PathBuf::from(env!("CARGO_BIN_EXE_inferwatch"))
 }
 
 /// What the testbed recorded.
