@@ -278,7 +278,8 @@ impl Pipeline {
             AdapterOptions::from(&config.otlp),
             sinks,
             Arc::clone(&finding_metrics),
-        );
+        )
+        .with_tenant_hasher(config.privacy.hasher());
         for event in existing {
             stage.on_kernel(event);
         }
