@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cli::CommonArgs;
 use crate::correlator::CorrelatorConfig;
+use crate::privacy::PrivacyConfig;
 use crate::sinks::file::FileSinkConfig;
 use crate::sinks::otlp::ExportConfig;
 use crate::sinks::prometheus::PrometheusConfig;
@@ -44,6 +45,8 @@ pub struct AgentConfig {
     pub nvml: NvmlConfig,
     /// The KV event source: runtimes' ZMQ publishers of KV-cache events (optional).
     pub kv_events: KvEventsConfig,
+    /// Agent-wide privacy: tenant hashing in every export.
+    pub privacy: PrivacyConfig,
 }
 
 /// Errors while loading the configuration.
@@ -110,6 +113,10 @@ impl AgentConfig {
                 config.kernel.watch_ports.push(*port);
             }
         }
+        // One tenant-hashing setting for every export; the older KV-only keys feed it.
+        config
+            .privacy
+            .merge_legacy(&mut config.correlator.kv_eviction);
         Ok(config)
     }
 }

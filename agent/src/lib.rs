@@ -11,5 +11,6 @@ pub mod correlator;
 pub mod internal_events;
 pub mod model;
 pub mod pipeline;
+pub mod privacy;
 pub mod sinks;
 pub mod sources;

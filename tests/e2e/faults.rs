@@ -616,3 +616,171 @@ async fn sigterm_during_load_flushes_and_exits_zero() {
         "programs still loaded after exit: {left:?}"
     );
 }
+
+/// `setpriv` arguments that drop every capability (bounding, inheritable and ambient sets)
+/// while staying uid 0, so that file permissions do not get in the way: what is left is
+/// exactly "root without capabilities".
+const NO_CAPS: [&str; 4] = [
+    "--inh-caps=-all",
+    "--ambient-caps=-all",
+    "--bounding-set=-all",
+    "--",
+];
+
+/// `GET path` on loopback `port`; the status line, or "" when nothing answers.
+async fn http_status(port: u16, path: &str) -> String {
+    let Ok(Ok(mut stream)) = tokio::time::timeout(
+        Duration::from_secs(2),
+        TcpStream::connect(("127.0.0.1", port)),
+    )
+    .await
+    else {
+        return String::new();
+    };
+    let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    if stream.write_all(req.as_bytes()).await.is_err() {
+        return String::new();
+    }
+    let mut out = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), stream.read_to_string(&mut out)).await;
+    out.lines().next().unwrap_or("").to_owned()
+}
+
+/// Missing capabilities: `check` names CAP_BPF and CAP_PERFMON as missing; `run` without them
+/// logs the kernel source's failure once and keeps running on the OTLP receiver (`/readyz`
+/// answers 200, the process is still alive after 3 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_capabilities_run_on_what_can() {
+    if !kernel_tests_enabled("missing_capabilities_run_on_what_can") {
+        return;
+    }
+    let _one_at_a_time = serial().await;
+    let dir = scratch("nocaps");
+    let metrics_port = free_port();
+    let config = write_config(
+        &dir,
+        &format!(
+            "[kernel]\nwatch_ports = [{}]\n[otlp]\ngrpc_port = {}\nhttp_port = {}\n\
+             [prometheus]\nport = {metrics_port}\n[nvml]\nlibrary_path = \"/nonexistent/libnvidia-ml.so.1\"\n",
+            free_port(),
+            free_port(),
+            free_port()
+        ),
+    );
+    let check = tokio::process::Command::new("setpriv")
+        .args(NO_CAPS)
+        .arg(agent_bin())
+        .args(["check", "-c"])
+        .arg(&config)
+        .output()
+        .await
+        .expect("setpriv inferwatch check");
+    let check_out = String::from_utf8_lossy(&check.stdout).into_owned();
+
+    let mut run = tokio::process::Command::new("setpriv")
+        .args(NO_CAPS)
+        .arg(agent_bin())
+        .args(["run", "-c"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("agent.log")).expect("log file"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("setpriv inferwatch run");
+    let ready = wait_until_async(Duration::from_secs(10), || async {
+        http_status(metrics_port, "/readyz").await.contains("200")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let still_running = run.try_wait().expect("try_wait").is_none();
+    if let Some(pid) = run.id() {
+        // SAFETY: kill(2) on our own child's pid, which has not been reaped yet.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    }
+    let status = tokio::time::timeout(Duration::from_secs(10), run.wait())
+        .await
+        .expect("exits on SIGTERM")
+        .expect("wait");
+    let log = std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
+
+    assert!(
+        check_out.contains("missing CAP_BPF and CAP_PERFMON"),
+        "check names the missing capabilities:\n{check_out}"
+    );
+    assert!(ready, "run serves /readyz without capabilities:\n{log}");
+    assert!(still_running, "run keeps running:\n{log}");
+    assert!(status.success(), "clean exit on SIGTERM: {status:?}\n{log}");
+    assert_eq!(
+        log.matches("kernel source unavailable").count(),
+        1,
+        "one clear line for the kernel source:\n{log}"
+    );
+}
+
+/// Nothing can run: no capabilities (no kernel source), no NVML library, and both OTLP ports
+/// already taken: `run` exits non-zero at once with one error naming every source's cause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_can_run_exits_non_zero() {
+    if !kernel_tests_enabled("nothing_can_run_exits_non_zero") {
+        return;
+    }
+    let _one_at_a_time = serial().await;
+    let dir = scratch("nothing-runs");
+    // Held for the whole test: the agent's receiver cannot bind them.
+    let grpc = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let http = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let config = write_config(
+        &dir,
+        &format!(
+            "[kernel]\nwatch_ports = [{}]\n[otlp]\ngrpc_port = {}\nhttp_port = {}\n\
+             [prometheus]\nport = {}\n[nvml]\nlibrary_path = \"/nonexistent/libnvidia-ml.so.1\"\n",
+            free_port(),
+            grpc.local_addr().expect("addr").port(),
+            http.local_addr().expect("addr").port(),
+            free_port()
+        ),
+    );
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::process::Command::new("setpriv")
+            .args(NO_CAPS)
+            .arg(agent_bin())
+            .args(["run", "-c"])
+            .arg(&config)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("exits within 20 s")
+    .expect("setpriv inferwatch run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    drop((grpc, http));
+    assert!(!out.status.success(), "non-zero exit:\n{stderr}");
+    let error = stderr
+        .lines()
+        .find(|l| l.starts_with("inferwatch: "))
+        .unwrap_or_default();
+    assert!(
+        error.contains("no source could start")
+            && error.contains("kernel:")
+            && error.contains("OTLP receiver:")
+            && error.contains("NVML:"),
+        "one error naming every source:\n{stderr}"
+    );
+}
+
+/// As [`wait_until`], with an async condition.
+async fn wait_until_async<F, Fut>(limit: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}

@@ -628,13 +628,13 @@ pub(crate) struct KvTracker {
     pending: BTreeMap<(UnixNanos, [u8; 16], [u8; 8]), Pending>,
     labels: TenantLabels,
     counts: BTreeMap<(String, String), u64>,
-    hash_key: (u64, u64),
+    hasher: crate::privacy::TenantHasher,
 }
 
 impl KvTracker {
     pub(crate) fn new(config: KvEvictionConfig) -> Self {
-        let key = config.tenant_hash_key.as_bytes();
-        let hash_key = (siphash24(1, 2, key), siphash24(3, 4, key));
+        // The same keyed hash as every other export of a tenant (crate::privacy).
+        let hasher = crate::privacy::TenantHasher::new(&config.tenant_hash_key);
         Self {
             conversations: ConversationTable::new(config.max_conversations),
             labels: TenantLabels::new(config.metric_tenant_labels),
@@ -646,7 +646,7 @@ impl KvTracker {
             logs: Vec::new(),
             pending: BTreeMap::new(),
             counts: BTreeMap::new(),
-            hash_key,
+            hasher,
             config,
         }
     }
@@ -669,10 +669,7 @@ impl KvTracker {
             return *id;
         }
         let name = if self.config.hash_tenants && tenant != UNKNOWN_TENANT {
-            format!(
-                "t-{:016x}",
-                siphash24(self.hash_key.0, self.hash_key.1, tenant.as_bytes())
-            )
+            self.hasher.hash(tenant)
         } else {
             tenant.to_string()
         };

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use opentelemetry_proto::tonic::common::v1::{InstrumentationScope, KeyValue};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 
@@ -18,6 +18,7 @@ use crate::correlator::{
     KvEvictionFinding, NoisyNeighbour, Output, RequestGpuFacts,
 };
 use crate::model::{GpuSample, KernelEvent, KvEventBatch, ProcessIdentity, UnixNanos};
+use crate::privacy::TenantHasher;
 use crate::sinks::batch::{kv_f64, kv_i64, kv_str};
 use crate::sinks::prometheus::findings::{
     AbortLabels, ContentionLabels, FindingMetrics, GpuLabels, GpuProcessLabels, JoinLabels,
@@ -75,6 +76,8 @@ pub struct CorrelateStage {
     pub held_overflow: u64,
     /// Every finding made, for the log / demo observers (drained by `take_summaries`).
     summaries: Vec<FindingSummary>,
+    /// `[privacy] hash_tenants`: tenants are hashed as they leave (findings, forwarded spans).
+    tenant_hasher: Option<TenantHasher>,
 }
 
 impl std::fmt::Debug for CorrelateStage {
@@ -116,6 +119,30 @@ impl CorrelateStage {
             findings: Vec::new(),
             held_overflow: 0,
             summaries: Vec::new(),
+            tenant_hasher: None,
+        }
+    }
+
+    /// Hashes every tenant this stage exports with `hasher` (`[privacy] hash_tenants`).
+    pub fn with_tenant_hasher(mut self, hasher: Option<TenantHasher>) -> Self {
+        self.tenant_hasher = hasher;
+        self
+    }
+
+    /// Replaces the tenant attribute's string value by its hash. Runs after `adapt`, so the
+    /// correlator still joins on the raw id.
+    fn hash_tenant_attributes(&self, attributes: &mut [KeyValue]) {
+        let Some(hasher) = &self.tenant_hasher else {
+            return;
+        };
+        for kv in attributes {
+            if kv.key == self.adapter.tenant_attribute
+                && let Some(AnyValue {
+                    value: Some(any_value::Value::StringValue(v)),
+                }) = &mut kv.value
+            {
+                *v = hasher.hash(v);
+            }
         }
     }
 
@@ -178,8 +205,10 @@ impl CorrelateStage {
             for ss in &mut rs.scope_spans {
                 let mut group: Option<Arc<Group>> = None;
                 let spans = std::mem::take(&mut ss.spans);
-                for span in spans {
-                    let Some(request) = adapt(&span, resource, &self.adapter) else {
+                for mut span in spans {
+                    let adapted = adapt(&span, resource, &self.adapter);
+                    self.hash_tenant_attributes(&mut span.attributes);
+                    let Some(request) = adapted else {
                         ss.spans.push(span);
                         continue;
                     };
@@ -191,8 +220,12 @@ impl CorrelateStage {
                     }
                     let group = group
                         .get_or_insert_with(|| {
+                            let mut resource = rs.resource.clone();
+                            if let Some(r) = resource.as_mut() {
+                                self.hash_tenant_attributes(&mut r.attributes);
+                            }
                             Arc::new(Group {
-                                resource: rs.resource.clone(),
+                                resource,
                                 resource_schema_url: rs.schema_url.clone(),
                                 scope: ss.scope.clone(),
                                 scope_schema_url: ss.schema_url.clone(),
@@ -209,6 +242,10 @@ impl CorrelateStage {
                 }
             }
             rs.scope_spans.retain(|ss| !ss.spans.is_empty());
+            // The spans forwarded as received keep this resource: hash its tenant too.
+            if let Some(r) = rs.resource.as_mut() {
+                self.hash_tenant_attributes(&mut r.attributes);
+            }
         }
         batch.resource_spans.retain(|rs| !rs.scope_spans.is_empty());
         if !batch.resource_spans.is_empty() {
@@ -480,7 +517,11 @@ impl CorrelateStage {
         self.summaries.push(FindingSummary::ColdStart(finding));
     }
 
-    fn on_abort(&mut self, finding: AbortFinding) {
+    fn on_abort(&mut self, mut finding: AbortFinding) {
+        // Hashed here, once, so the span, the summary and the log line all carry the hash.
+        if let (Some(hasher), Some(tenant)) = (&self.tenant_hasher, finding.tenant.as_mut()) {
+            *tenant = hasher.hash(tenant);
+        }
         let model = self.metrics.model(finding.model.as_deref());
         self.metrics
             .billed_after_abort_tokens
