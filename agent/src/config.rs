@@ -143,7 +143,10 @@ fn apply_env(
         let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
             continue;
         };
-        if rest == "CONFIG" || rest == "LOG" {
+        // Every key lives in a section, so a key variable always has a `__`; the others
+        // (INFERWATCH_CONFIG, INFERWATCH_LOG, and tools' own such as INFERWATCH_PYTHON) are
+        // not configuration and must not make the agent refuse to start.
+        if !rest.contains("__") {
             continue;
         }
         let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
@@ -224,6 +227,8 @@ mod tests {
             env(&[
                 ("INFERWATCH_KERNEL__CONVERSATION_HEADER", "x-thread"),
                 ("UNRELATED", "1"),
+                ("INFERWATCH_PYTHON", "/usr/bin/python3"),
+                ("INFERWATCH_REQUIRE_KERNEL_TESTS", "1"),
             ]),
         )
         .expect("resolves");
