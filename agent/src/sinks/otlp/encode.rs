@@ -18,8 +18,7 @@ use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use prost::Message;
 use prost::encoding::{
-    WireType, bytes, encode_key, encode_varint, encoded_len_varint, fixed32, fixed64, int32,
-    key_len, message, uint32,
+    WireType, bytes, encoded_len_varint, fixed32, fixed64, int32, key_len, message, uint32,
 };
 
 use crate::sinks::batch::count_spans;
@@ -51,6 +50,23 @@ pub fn encode_trace_request(request: &ExportTraceServiceRequest) -> Vec<u8> {
     }
     debug_assert_eq!(buf.len(), total);
     buf
+}
+
+/// The key and length prefix of a length-delimited field, as prost's `encode_key` +
+/// `encode_varint` write them; the loop form keeps the common one-byte case to a compare and a
+/// push into the (pre-sized) buffer, where prost's generic `BufMut` path costs several times
+/// that, and these two varints are most of what the encoder writes itself.
+fn put_len_key(tag: u32, len: usize, buf: &mut Vec<u8>) {
+    put_varint(u64::from(tag << 3 | WireType::LengthDelimited as u32), buf);
+    put_varint(len as u64, buf);
+}
+
+fn put_varint(mut v: u64, buf: &mut Vec<u8>) {
+    while v >= 0x80 {
+        buf.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    buf.push(v as u8);
 }
 
 /// Key + length prefix + body of a length-delimited field.
@@ -109,14 +125,12 @@ fn scope_spans_len(ss: &ScopeSpans, lens: &mut Vec<usize>) -> usize {
 
 fn write_len_prefix(tag: u32, lens: &mut impl Iterator<Item = usize>, buf: &mut Vec<u8>) {
     let len = lens.next().expect("pass 1 recorded every length");
-    encode_key(tag, WireType::LengthDelimited, buf);
-    encode_varint(len as u64, buf);
+    put_len_key(tag, len, buf);
 }
 
 fn write_string(tag: u32, s: &str, buf: &mut Vec<u8>) {
     if !s.is_empty() {
-        encode_key(tag, WireType::LengthDelimited, buf);
-        encode_varint(s.len() as u64, buf);
+        put_len_key(tag, s.len(), buf);
         buf.extend_from_slice(s.as_bytes());
     }
 }
@@ -235,12 +249,10 @@ fn write_key_value(tag: u32, kv: &KeyValue, buf: &mut Vec<u8>) {
         0
     };
     let len = string_len(1, key) + value_len.map_or(0, |n| field_len(2, n)) + strindex_len;
-    encode_key(tag, WireType::LengthDelimited, buf);
-    encode_varint(len as u64, buf);
+    put_len_key(tag, len, buf);
     write_string(1, key, buf);
     if let (Some(value), Some(n)) = (value, value_len) {
-        encode_key(2, WireType::LengthDelimited, buf);
-        encode_varint(n as u64, buf);
+        put_len_key(2, n, buf);
         value.encode_raw(buf);
     }
     // Profiling's key reference: meaningless on a span, but forwarded as received.
