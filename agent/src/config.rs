@@ -17,6 +17,7 @@ use crate::sinks::file::FileSinkConfig;
 use crate::sinks::otlp::ExportConfig;
 use crate::sinks::prometheus::PrometheusConfig;
 use crate::sources::kernel::KernelConfig;
+use crate::sources::kvevents::KvEventsConfig;
 use crate::sources::nvml::NvmlConfig;
 use crate::sources::otlp::OtlpReceiverConfig;
 
@@ -41,6 +42,8 @@ pub struct AgentConfig {
     pub correlator: CorrelatorConfig,
     /// The NVML (GPU) source.
     pub nvml: NvmlConfig,
+    /// The KV event source: runtimes' ZMQ publishers of KV-cache events (optional).
+    pub kv_events: KvEventsConfig,
 }
 
 /// Errors while loading the configuration.

@@ -246,6 +246,55 @@ pub struct RuntimeRequest {
     pub token_times: Vec<UnixNanos>,
 }
 
+/// One batch of KV-cache events from a runtime's publisher (vLLM's / SGLang's `KVEventBatch`),
+/// tagged with the instance it came from. Token ids are dropped at the source: they are prompt
+/// content and never leave the subscriber.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvEventBatch {
+    /// The batch's timestamp (the publisher's float seconds, converted).
+    pub ts: UnixNanos,
+    /// The runtime instance, by the key spans of that instance get
+    /// (`correlator::instance_key`: `service.instance.id`, else `pid:<pid>`, else
+    /// `svc:<service.name>@<host.name>`).
+    pub instance: String,
+    /// The publisher's sequence number of the message, when it had one.
+    pub seq: Option<u64>,
+    /// vLLM's data-parallel rank, when sent.
+    pub data_parallel_rank: Option<i64>,
+    /// The events, in order.
+    pub events: Vec<KvEvent>,
+}
+
+/// One KV-cache event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum KvEvent {
+    /// Full blocks entered the prefix cache.
+    BlockStored {
+        /// The blocks' hashes (64-bit; longer hashes are folded), in sequence order.
+        block_hashes: Vec<u64>,
+        /// The hash of the block before the first one, when any.
+        parent_block_hash: Option<u64>,
+        /// How many tokens the blocks hold (the token ids themselves are dropped).
+        num_tokens: u32,
+        /// Tokens per block.
+        block_size: u32,
+        /// The LoRA adapter, when any.
+        lora_id: Option<i64>,
+        /// The storage medium (`GPU`, `CPU`, ...), when sent.
+        medium: Option<String>,
+    },
+    /// Blocks left the prefix cache (evicted).
+    BlockRemoved {
+        /// The blocks' hashes.
+        block_hashes: Vec<u64>,
+        /// The storage medium, when sent.
+        medium: Option<String>,
+    },
+    /// The whole cache was cleared (reset or restart).
+    AllBlocksCleared,
+}
+
 /// One GPU as the NVML source saw it at a sample (SPEC §1.3). A field is `None` when its NVML
 /// call failed this time (not supported on this GPU, MIG, a transient error).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

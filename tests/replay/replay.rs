@@ -3,7 +3,8 @@
 //!
 //! A case file holds `description`, an optional partial `config` (a `CorrelatorConfig`),
 //! `shuffle` (whether the order-independence test applies; default true), `steps` (each an
-//! `Input` in its serde form, `{"kernel": KernelEvent}` or `{"runtime": RuntimeRequest}`, or
+//! `Input` in its serde form, `{"kernel": KernelEvent}`, `{"runtime": RuntimeRequest}` or
+//! `{"kv_events": KvEventBatch}`, or
 //! `{"tick": unix_nanos}`), and `expect`: `outputs` (the outputs in order, each compared as a
 //! subset of the output's JSON), `counts` (outputs per kind), `stats` (a subset of
 //! `CorrelatorStats`) and `max_state` (upper bounds on `StateSizes` at the end). Adding a
@@ -143,6 +144,7 @@ fn kind_of(output: &Output) -> &'static str {
     match output {
         Output::Joined(_) => "joined",
         Output::Abort(_) => "abort",
+        Output::KvEviction(_) => "kv_eviction",
         _ => "other",
     }
 }
@@ -272,7 +274,7 @@ fn interleave(inputs: &[Input], seed: u64) -> Vec<Input> {
 fn findings(outputs: &[Output]) -> Vec<Value> {
     outputs
         .iter()
-        .filter(|o| kind_of(o) == "abort")
+        .filter(|o| matches!(kind_of(o), "abort" | "kv_eviction"))
         .map(to_json)
         .collect()
 }

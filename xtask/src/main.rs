@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask <setup|build|test|bench|demo|gpu-check>`.
+//! Project tasks: `cargo xtask <setup|build|test|bench|demo|deploy-check|gpu-check>`.
 //!
 //! One file per subcommand; every external command goes through `util::run`, which prints it
 //! and names it when it fails.
@@ -6,6 +6,8 @@
 mod bench;
 mod build;
 mod demo;
+mod deploy_check;
+mod gpu_check;
 mod setup;
 mod test;
 mod util;
@@ -37,6 +39,16 @@ enum Task {
         #[arg(long, default_value = "demo")]
         scenario: String,
     },
+    /// The NVML source on a real NVIDIA GPU with PyTorch (tests/gpu-check/gpu_check.sh): builds
+    /// the `nvml_dump` example (release) unless `--bin` names a prebuilt one.
+    GpuCheck {
+        /// A prebuilt `nvml_dump` (carried to the GPU machine) instead of building one.
+        #[arg(long)]
+        bin: Option<std::path::PathBuf>,
+    },
+    /// Validate deploy/: alert rules (promtool), manifests, the ConfigMap's config, the dashboard,
+    /// and that the docs list every config key, metric and span attribute.
+    DeployCheck,
     /// Benchmarks: `kernel` (overhead of the attached programs, reader throughput).
     Bench {
         /// Which benchmark.
@@ -53,5 +65,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test => test::task(),
         Task::Bench { which } => bench::task(which),
         Task::Demo { scenario } => demo::task(&scenario),
+        Task::GpuCheck { bin } => gpu_check::task(bin.as_deref()),
+        Task::DeployCheck => deploy_check::run(),
     }
 }

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::contention::GpuDetectionConfig;
+use super::kv_eviction::KvEvictionConfig;
 use crate::model::UnixNanos;
 
 const NANOS_PER_MILLI: u64 = 1_000_000;
@@ -54,6 +55,8 @@ pub struct CorrelatorConfig {
     /// Sizes, in bytes, of writes after the peer left that are framing rather than a token
     /// chunk. The default, 14, is the OpenAI-compatible stream terminator `data: [DONE]\n\n`.
     pub framing_write_bytes: Vec<u64>,
+    /// Cross-tenant KV-cache eviction (SPEC §3.3): conversation tracking and its bounds.
+    pub kv_eviction: KvEvictionConfig,
     /// GPU contention and cold-start detection: thresholds and the bounds of their state.
     pub gpu: GpuDetectionConfig,
 }
@@ -73,6 +76,7 @@ impl Default for CorrelatorConfig {
             max_listeners: 1024,
             request_id_prefixes: vec!["chatcmpl-".into(), "cmpl-".into(), "embd-".into()],
             framing_write_bytes: vec![b"data: [DONE]\n\n".len() as u64],
+            kv_eviction: KvEvictionConfig::default(),
             gpu: GpuDetectionConfig::default(),
         }
     }

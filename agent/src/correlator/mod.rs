@@ -32,6 +32,7 @@ mod cold_start;
 mod config;
 mod contention;
 mod join;
+mod kv_eviction;
 mod stats;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -48,11 +49,16 @@ pub use contention::{
     RequestGpu, RequestGpuFacts,
 };
 pub use join::{ConnectionFacts, JoinRule, JoinedRequest, PeerClose};
+pub use kv_eviction::{
+    ConversationRecord, ConversationTable, KvEvictionConfig, KvEvictionFinding, KvEvictionSizes,
+    KvEvictionStats, KvEvidence, OTHER_TENANT, SELF_TENANT, SpanLink, TenantLabels, TenantShare,
+    conversation_key, instance_key, siphash24,
+};
 pub use stats::{CorrelatorStats, EvictionCounts, FindingCounts, JoinCounts, StateSizes};
 
 use crate::model::{
-    ConnId, GpuSample, KernelEvent, KernelEventKind, ProcessIdentity, RequestHead, RuntimeKind,
-    RuntimeRequest, UnixNanos,
+    ConnId, GpuSample, KernelEvent, KernelEventKind, KvEventBatch, ProcessIdentity, RequestHead,
+    RuntimeKind, RuntimeRequest, UnixNanos,
 };
 use abort::KernelAbortFacts;
 
@@ -69,6 +75,8 @@ pub enum Input {
     Kernel(KernelEvent),
     /// A request span from the OTLP receiver's runtime adapters.
     Runtime(RuntimeRequest),
+    /// A batch of KV-cache events from a runtime's publisher (`sources::kvevents`).
+    KvEvents(KvEventBatch),
     /// One poll of the NVML source.
     Gpu(GpuSample),
     /// The identity of a process (a runtime, a GPU process), sent by the pipeline once per
@@ -89,6 +97,8 @@ pub enum Output {
     Joined(JoinedRequest),
     /// Tokens billed after the client aborted.
     Abort(AbortFinding),
+    /// A conversation's warm prefix was evicted between two turns (SPEC §3.3).
+    KvEviction(KvEvictionFinding),
     /// The GPU side of a settled request: `inferwatch.start`, its GPUs and their SM
     /// utilisation, and the noisy neighbour when it was decoded during contention. Emitted
     /// right after the request's `Joined` (same trace and span id), once the correlator has
@@ -231,6 +241,8 @@ pub struct Correlator {
     span_ids: HashSet<([u8; 16], [u8; 8])>,
     /// Listening port -> the pid that listens.
     listeners: BTreeMap<u16, Option<u32>>,
+    /// Conversations and per-instance request / KV event logs (SPEC §3.3).
+    kv: kv_eviction::KvTracker,
     /// GPU samples, process identities, contention and cold starts.
     gpu: contention::GpuView,
 }
@@ -239,6 +251,7 @@ impl Correlator {
     /// A correlator with empty state.
     pub fn new(config: CorrelatorConfig) -> Self {
         Self {
+            kv: kv_eviction::KvTracker::new(config.kv_eviction.clone()),
             config,
             stats: CorrelatorStats::default(),
             conns: HashMap::new(),
@@ -263,6 +276,19 @@ impl Correlator {
     /// Its counters so far.
     pub fn stats(&self) -> &CorrelatorStats {
         &self.stats
+    }
+
+    /// KV evictions found so far by `(victim_tenant, neighbour_tenant)` label pair, with tenant
+    /// labels bounded by [`TenantLabels`] (`metric_tenant_labels` tenants, the rest `other`;
+    /// `self` when the victim's own tenant evicted it, `unknown` when no tenant was known).
+    /// Monotonic: the metrics sink reads it as `inferwatch_kv_evictions_total`.
+    pub fn kv_eviction_counts(&self) -> &BTreeMap<(String, String), u64> {
+        self.kv.counts()
+    }
+
+    /// How full the KV-eviction tables are now.
+    pub fn kv_eviction_sizes(&self) -> KvEvictionSizes {
+        self.kv.sizes()
     }
 
     /// How full its tables are now.
@@ -321,6 +347,10 @@ impl Correlator {
             }
             Input::Process(identity) => {
                 self.gpu.on_process(identity, &self.config.gpu);
+                Vec::new()
+            }
+            Input::KvEvents(batch) => {
+                self.kv.on_kv_events(&batch, &mut self.stats.kv_eviction);
                 Vec::new()
             }
         }
@@ -395,6 +425,10 @@ impl Correlator {
         self.expire_connections(now);
         let mut out = self.gpu_facts(out);
         out.extend(self.gpu.on_tick(now, &self.config.gpu));
+        let mut evictions = Vec::new();
+        self.kv
+            .on_tick(now, &mut self.stats.kv_eviction, &mut evictions);
+        out.extend(evictions.into_iter().map(Output::KvEviction));
         out
     }
 
@@ -783,6 +817,7 @@ impl Correlator {
         });
         let Some((rule, hk, head, facts, local, peer, conn_pid)) = joined else {
             self.stats.joins.record(JoinRule::Unjoined);
+            self.kv.on_request(&span, None, &mut self.stats.kv_eviction);
             out.push(Output::Joined(JoinedRequest {
                 request: span,
                 join: JoinRule::Unjoined,
@@ -832,6 +867,8 @@ impl Correlator {
                 0
             },
         };
+        self.kv
+            .on_request(&span, Some(&connection), &mut self.stats.kv_eviction);
         out.push(Output::Joined(JoinedRequest {
             request: span,
             join: rule,

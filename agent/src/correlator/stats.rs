@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::join::JoinRule;
+use super::kv_eviction::KvEvictionStats;
 use crate::model::CloseHow;
 
 /// Counters of everything the correlator decided; monotonic, read with
@@ -28,6 +29,8 @@ pub struct CorrelatorStats {
     pub evictions: EvictionCounts,
     /// Findings made, by kind.
     pub findings: FindingCounts,
+    /// Conversation tracking and KV-eviction findings.
+    pub kv_eviction: KvEvictionStats,
 }
 
 /// Settled spans by join rule (`inferwatch.join`).

@@ -16,13 +16,13 @@ use prometheus_client::metrics::counter::Counter;
 
 use crate::correlator::{
     AbortFinding, ColdStartFinding, Correlator, GpuContentionFinding, Input, JoinRule,
-    JoinedRequest, NoisyNeighbour, Output, RequestGpuFacts,
+    JoinedRequest, KvEvictionFinding, NoisyNeighbour, Output, RequestGpuFacts,
 };
-use crate::model::{GpuSample, KernelEvent, ProcessIdentity, UnixNanos};
+use crate::model::{GpuSample, KernelEvent, KvEventBatch, ProcessIdentity, UnixNanos};
 use crate::sinks::batch::{kv_f64, kv_i64, kv_str};
 use crate::sinks::prometheus::findings::{
     AbortLabels, ContentionLabels, FindingMetrics, GpuLabels, GpuProcessLabels, JoinLabels,
-    StartLabels, TableLabels, advance_to,
+    KvEvictionLabels, StartLabels, TableLabels, advance_to,
 };
 use crate::sinks::{SinkSender, SpanBatch, finding_span};
 use crate::sources::otlp::adapters::{AdapterOptions, adapt};
@@ -51,6 +51,8 @@ pub enum FindingSummary {
     GpuContention(GpuContentionFinding),
     /// A runtime instance's cold-start floor.
     ColdStart(ColdStartFinding),
+    /// A conversation's warm prefix was evicted.
+    KvEviction(KvEvictionFinding),
 }
 
 /// The stage's tables keyed by (trace id, span id), touched several times per span. SipHash (std's
@@ -166,6 +168,12 @@ impl CorrelateStage {
         self.handle(outputs);
     }
 
+    /// A batch of a runtime's KV-cache events.
+    pub fn on_kv_events(&mut self, batch: KvEventBatch) {
+        let outputs = self.correlator.on_event(Input::KvEvents(batch));
+        self.handle(outputs);
+    }
+
     /// The identity of a process named by a later input.
     pub fn on_process(&mut self, identity: ProcessIdentity) {
         let outputs = self.correlator.on_event(Input::Process(identity));
@@ -256,6 +264,7 @@ impl CorrelateStage {
                 Output::RequestGpu(facts) => self.on_request_gpu(facts),
                 Output::GpuContention(finding) => self.on_contention(finding),
                 Output::ColdStart(finding) => self.on_cold_start(finding),
+                Output::KvEviction(finding) => self.on_kv_eviction(finding),
             }
         }
     }
@@ -388,6 +397,78 @@ impl CorrelateStage {
             self.findings.push(span);
         }
         self.summaries.push(FindingSummary::GpuContention(finding));
+    }
+
+    fn on_kv_eviction(&mut self, finding: KvEvictionFinding) {
+        let mut attributes = vec![
+            kv_str("inferwatch.kv_eviction.method", finding.method.as_str()),
+            kv_i64(
+                "inferwatch.kv_eviction.expected_cached_tokens",
+                finding.expected_cached_tokens as i64,
+            ),
+            kv_i64(
+                "inferwatch.kv_eviction.cached_tokens",
+                finding.cached_tokens as i64,
+            ),
+            kv_f64("inferwatch.noisy_neighbour.share", finding.neighbour_share),
+            kv_str("gen_ai.conversation.id", &finding.victim_conversation),
+            kv_str(
+                "inferwatch.kv_eviction.top_tenants",
+                &finding
+                    .top_tenants
+                    .iter()
+                    .map(|t| format!("{}={:.3}", t.tenant, t.share))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+        ];
+        if let Some(n) = &finding.neighbour_tenant {
+            attributes.push(kv_str("inferwatch.noisy_neighbour.tenant", n));
+        }
+        if let Some(t) = &finding.victim_tenant {
+            attributes.push(kv_str("tenant.id", t));
+        }
+        if let Some(id) = &finding.victim_request_id {
+            attributes.push(kv_str("gen_ai.request.id", id));
+        }
+        if let Some(m) = &finding.model {
+            attributes.push(kv_str("gen_ai.request.model", m));
+        }
+        if let Some(p) = finding.ttft_penalty_ns {
+            attributes.push(kv_f64(
+                "inferwatch.kv_eviction.ttft_penalty_ms",
+                p as f64 / 1e6,
+            ));
+        }
+        if let Some(t) = finding.ttft_ns {
+            attributes.push(kv_f64("gen_ai.latency.time_to_first_token", t as f64 / 1e9));
+        }
+        if let Some(b) = finding.victim_blocks_removed {
+            attributes.push(kv_i64(
+                "inferwatch.kv_eviction.victim_blocks_removed",
+                b as i64,
+            ));
+        }
+        let mut span = finding_span(
+            "inferwatch.kv_eviction",
+            finding.trace_id,
+            finding.parent_span_id,
+            finding.window_start,
+            finding.window_end,
+            attributes,
+        );
+        // Links to the neighbour's requests in the window: the backend can jump to them.
+        span.links = finding
+            .neighbour_links
+            .iter()
+            .map(|l| opentelemetry_proto::tonic::trace::v1::span::Link {
+                trace_id: l.trace_id.to_vec(),
+                span_id: l.span_id.to_vec(),
+                ..Default::default()
+            })
+            .collect();
+        self.findings.push(span);
+        self.summaries.push(FindingSummary::KvEviction(finding));
     }
 
     fn on_cold_start(&mut self, finding: ColdStartFinding) {
@@ -544,6 +625,15 @@ impl CorrelateStage {
     fn sync_stats(&self) {
         let stats = self.correlator.stats();
         let m = &self.metrics;
+        for ((victim, neighbour), total) in self.correlator.kv_eviction_counts() {
+            advance_to(
+                &m.kv_evictions.get_or_create(&KvEvictionLabels {
+                    victim_tenant: victim.clone(),
+                    neighbour_tenant: neighbour.clone(),
+                }),
+                *total,
+            );
+        }
         for (table, total) in [
             ("connections", stats.evictions.connections),
             ("heads", stats.evictions.heads),
@@ -611,7 +701,9 @@ impl CorrelateStage {
 fn neighbour_attributes(n: &NoisyNeighbour) -> Vec<KeyValue> {
     let mut out = vec![
         kv_i64("inferwatch.noisy_neighbour.pid", i64::from(n.pid)),
-        kv_f64("inferwatch.noisy_neighbour.share", n.sm_share),
+        // The correlator keeps SM shares in percent (as NVML reports them); the attribute is a
+        // share in 0..1, like the KV-eviction one.
+        kv_f64("inferwatch.noisy_neighbour.share", n.sm_share / 100.0),
     ];
     if let Some(exe) = &n.executable {
         out.push(kv_str("inferwatch.noisy_neighbour.executable", exe));

@@ -25,7 +25,7 @@ pub use correlate::{CorrelateStage, FindingSummary};
 use crate::check::error_chain;
 use crate::config::AgentConfig;
 use crate::correlator::Correlator;
-use crate::model::{GpuSample, KernelEvent, UnixNanos};
+use crate::model::{GpuSample, KernelEvent, KvEventBatch, UnixNanos};
 use crate::sinks::file::FileSink;
 use crate::sinks::otlp::OtlpExporter;
 use crate::sinks::prometheus::findings::{
@@ -35,6 +35,7 @@ use crate::sinks::prometheus::metrics::AgentMetrics;
 use crate::sinks::prometheus::{PrometheusSink, Readiness};
 use crate::sinks::{SinkReceiver, SinkSender, SpanBatch};
 use crate::sources::kernel::{CounterMap, KernelSource, KernelStats};
+use crate::sources::kvevents::KvEventsSource;
 use crate::sources::nvml::{NvmlCounters, NvmlSource};
 use crate::sources::otlp::OtlpReceiver;
 use crate::sources::otlp::adapters::AdapterOptions;
@@ -78,6 +79,8 @@ pub struct Pipeline {
     kernel_capacity: usize,
     nvml: Option<NvmlSource>,
     nvml_capacity: usize,
+    kv_events: Option<KvEventsSource>,
+    kv_capacity: usize,
     otlp: Option<(OtlpReceiver, mpsc::Receiver<SpanBatch>)>,
     exporter: Option<(OtlpExporter, SinkReceiver)>,
     file: Option<(FileSink, SinkReceiver)>,
@@ -151,6 +154,37 @@ impl Pipeline {
             );
         }
 
+        // Servers that listened before the agent started: the programs only see later
+        // listen() calls. Known runtimes' ports join the watched set when asked.
+        let listeners = crate::sources::kernel::discovery::listeners(std::path::Path::new("/proc"));
+        let mut config = config;
+        if config.kernel.watch_runtime_ports {
+            for l in listeners.iter().filter(|l| l.runtime.is_some()) {
+                if !config.kernel.watch_ports.contains(&l.port) {
+                    tracing::info!(
+                        port = l.port,
+                        pid = l.pid,
+                        runtime = l.runtime,
+                        "watching a runtime found listening"
+                    );
+                    config.kernel.watch_ports.push(l.port);
+                }
+            }
+        }
+        let watched = config.kernel.ports();
+        let existing: Vec<KernelEvent> = listeners
+            .iter()
+            .filter(|l| watched.contains(&l.port))
+            .map(|l| KernelEvent {
+                ts: now_unix_nanos(),
+                pid: Some(l.pid),
+                kind: crate::model::KernelEventKind::Listen {
+                    conn: crate::model::ConnId(0),
+                    port: l.port,
+                },
+            })
+            .collect();
+
         let kernel = if !config.kernel.enabled {
             tracing::info!("kernel source disabled in the config");
             None
@@ -195,6 +229,18 @@ impl Pipeline {
             None
         };
 
+        let kv_events = if config.kv_events.endpoints.is_empty() {
+            None
+        } else {
+            match KvEventsSource::build(config.kv_events.clone()) {
+                Ok(source) => Some(source),
+                Err(err) => {
+                    tracing::warn!(error = %error_chain(&err), "KV event source unavailable; evictions are attributed from spans only");
+                    None
+                }
+            }
+        };
+
         let otlp = if config.otlp.enabled {
             let (tx, rx) = crate::sources::otlp::channel(&config.otlp);
             match OtlpReceiver::build(&config.otlp, tx, Arc::clone(&metrics)).await {
@@ -226,19 +272,24 @@ impl Pipeline {
 
         // Identity of the processes the sources name, read once per pid from /proc.
         let mut procfs = ProcReader::new("/proc", config.correlator.gpu.max_processes.max(1));
-        let stage = CorrelateStage::new(
+        let mut stage = CorrelateStage::new(
             Correlator::new(config.correlator.clone()),
             Box::new(move |pid| procfs.identity_if_new(pid)),
             AdapterOptions::from(&config.otlp),
             sinks,
             Arc::clone(&finding_metrics),
         );
+        for event in existing {
+            stage.on_kernel(event);
+        }
         Ok(Self {
             options,
             kernel,
             kernel_capacity: config.kernel.channel_capacity,
             nvml,
             nvml_capacity: config.nvml.channel_capacity,
+            kv_events,
+            kv_capacity: config.kv_events.channel_capacity,
             otlp,
             exporter,
             file,
@@ -263,6 +314,8 @@ impl Pipeline {
             kernel_capacity,
             nvml,
             nvml_capacity,
+            kv_events,
+            kv_capacity,
             otlp,
             exporter,
             file,
@@ -323,6 +376,13 @@ impl Pipeline {
         } else {
             drop(gpu_tx);
         }
+        let (kv_tx, mut kv_rx) = mpsc::channel::<KvEventBatch>(kv_capacity.max(1));
+        let mut kv_open = kv_events.is_some();
+        if let Some(source) = kv_events {
+            sources.spawn(source.run(kv_tx, sources_stop.clone()));
+        } else {
+            drop(kv_tx);
+        }
         let mut span_rx = match otlp {
             Some((receiver, rx)) => {
                 let token = sources_stop.clone();
@@ -364,6 +424,10 @@ impl Pipeline {
                 sample = gpu_rx.recv(), if gpu_open => match sample {
                     Some(sample) => stage.on_gpu(sample),
                     None => gpu_open = false,
+                },
+                batch = kv_rx.recv(), if kv_open => match batch {
+                    Some(batch) => stage.on_kv_events(batch),
+                    None => kv_open = false,
                 },
                 batch = recv_spans(&mut span_rx) => match batch {
                     Some(batch) => stage.on_spans(batch),
@@ -427,10 +491,23 @@ fn log_findings(stage: &mut CorrelateStage) {
                 runtime_pid = f.runtime_pid,
                 neighbour_pid = f.neighbour.pid,
                 neighbour = f.neighbour.executable.as_deref().unwrap_or("-"),
-                neighbour_share = f.neighbour.sm_share,
+                neighbour_share = f.neighbour.sm_share / 100.0,
                 tpot_inflation = f.inflation,
                 seconds = f.seconds(),
                 "another process on the GPU slowed the runtime's decode"
+            ),
+            FindingSummary::KvEviction(f) => tracing::info!(
+                target: "inferwatch::finding",
+                finding = "kv_eviction",
+                victim_tenant = f.victim_tenant.as_deref().unwrap_or("-"),
+                conversation = %f.victim_conversation,
+                expected_cached = f.expected_cached_tokens,
+                cached = f.cached_tokens,
+                neighbour = f.neighbour_tenant.as_deref().unwrap_or("-"),
+                share = f.neighbour_share,
+                ttft_penalty_ms = f.ttft_penalty_ns.map(|n| n / 1_000_000),
+                method = f.method.as_str(),
+                "a conversation's warm prefix was evicted"
             ),
             FindingSummary::ColdStart(f) => tracing::info!(
                 target: "inferwatch::finding",

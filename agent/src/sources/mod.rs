@@ -2,6 +2,7 @@
 //! without taking the agent down.
 
 pub mod kernel;
+pub mod kvevents;
 pub mod nvml;
 pub mod otlp;
 pub mod procfs;

@@ -87,6 +87,9 @@ pub struct RuntimeConfig {
     /// `run` starts the runtime as a separate process (`iw-testbed serve`) so the agent sees
     /// a real scale-from-zero (exec, load, listen); otherwise in-process.
     pub separate_process: bool,
+    /// Publish vLLM-compatible KV events (ZMQ PUB, msgpack `KVEventBatch`) on this endpoint
+    /// (`tcp://127.0.0.1:5557`; port 0 picks one). None: no KV events.
+    pub kv_events_endpoint: Option<String>,
 }
 
 impl Default for RuntimeConfig {
@@ -106,6 +109,7 @@ impl Default for RuntimeConfig {
             contention: Vec::new(),
             token_events: false,
             separate_process: false,
+            kv_events_endpoint: None,
         }
     }
 }
@@ -189,6 +193,9 @@ pub struct TenantConfig {
     pub timeout_ms: [u32; 2],
     /// Use `/v1/completions` instead of chat.
     pub completions: bool,
+    /// Share of the first prompt that is the tenant's system prompt, shared by all its
+    /// conversations (a prefix-cache hit across them); 0: every prompt is distinct.
+    pub system_share: f64,
 }
 
 impl Default for TenantConfig {
@@ -214,6 +221,7 @@ impl Default for TenantConfig {
             timeout_share: 0.0,
             timeout_ms: [100, 500],
             completions: false,
+            system_share: 0.75,
         }
     }
 }

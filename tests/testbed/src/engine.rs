@@ -10,6 +10,7 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::config::RuntimeConfig;
 use crate::kv::{self, Allocation, BLOCK_SIZE, KvCache, Owner};
+use crate::kvevents::{KvCacheEvent, KvEventPublisher};
 use crate::tokens;
 use crate::truth::{
     ColdStartTruth, ContentionTruth, EvictionTruth, JsonlWriter, TruthRecord, now_ns,
@@ -210,6 +211,7 @@ struct State {
     first_token_ns: Option<u64>,
     cold: Option<ColdStartTruth>,
     contention: Vec<(u64, u64, f64)>,
+    kv_events: Option<KvEventPublisher>,
 }
 
 /// The engine: shared by handlers, driven by [`Engine::run`].
@@ -249,6 +251,7 @@ impl Engine {
                 first_token_ns: None,
                 cold: None,
                 contention: Vec::new(),
+                kv_events: None,
             }),
             cfg,
             notify: Notify::new(),
@@ -274,12 +277,26 @@ impl Engine {
         self.lock().cold = Some(cs);
     }
 
+    /// Publish KV events (BlockStored at prefill for the prompt's new full blocks and at the
+    /// end for the output's, BlockRemoved at eviction) through `publisher`.
+    pub fn set_kv_events(&self, publisher: KvEventPublisher) {
+        self.lock().kv_events = Some(publisher);
+    }
+
     /// Install contention intervals (absolute unix ns) and write their truth records.
     pub fn set_contention(&self, intervals: Vec<ContentionTruth>) {
+        self.schedule_contention(&intervals);
+        for c in intervals {
+            self.truth.write(&TruthRecord::Contention(c));
+        }
+    }
+
+    /// Install contention intervals without writing their truth (the caller writes it once it
+    /// knows the neighbour process that plays each).
+    pub fn schedule_contention(&self, intervals: &[ContentionTruth]) {
         let mut st = self.lock();
         for c in intervals {
             st.contention.push((c.start_ns, c.end_ns, c.factor));
-            self.truth.write(&TruthRecord::Contention(c));
         }
     }
 
@@ -356,6 +373,11 @@ impl Engine {
         self.notify.notify_one();
     }
 
+    /// The decode slow-down in force at `now` (1 outside contention intervals).
+    pub fn contention_factor_at(&self, now: u64) -> f64 {
+        Self::contention_factor(&self.lock(), now)
+    }
+
     fn contention_factor(st: &State, now: u64) -> f64 {
         st.contention
             .iter()
@@ -412,6 +434,27 @@ impl Engine {
             let Some(mut seq) = st.waiting.pop_front() else {
                 break;
             };
+            if let Some(publisher) = &st.kv_events {
+                let mut events = Vec::new();
+                if !evicted.is_empty() {
+                    events.push(KvCacheEvent::Removed {
+                        hashes: evicted.iter().map(|e| e.hash).collect(),
+                    });
+                }
+                // vLLM caches each full prompt block as its prefill computes it.
+                let new: Vec<u64> = seq.hashes[alloc.hit_blocks..]
+                    .iter()
+                    .copied()
+                    .filter(|h| !st.kv.is_cached(*h))
+                    .collect();
+                if !new.is_empty() {
+                    events.push(KvCacheEvent::Stored {
+                        parent: alloc.hit_blocks.checked_sub(1).map(|i| seq.hashes[i]),
+                        hashes: new,
+                    });
+                }
+                publisher.publish(now, events);
+            }
             if !evicted.is_empty() {
                 self.write_evictions(&seq.req, evicted, now);
             }
@@ -460,6 +503,26 @@ impl Engine {
                     conversation: s.req.conversation.clone(),
                 },
             );
+            if let Some(publisher) = &st.kv_events {
+                // Prompt blocks were announced at prefill; the output's full blocks now.
+                let prompt_blocks = s.hashes.len();
+                let outputs: Vec<u64> = s
+                    .sum
+                    .stored_blocks
+                    .iter()
+                    .copied()
+                    .filter(|h| !s.hashes.contains(h))
+                    .collect();
+                if !outputs.is_empty() {
+                    publisher.publish(
+                        now,
+                        vec![KvCacheEvent::Stored {
+                            parent: prompt_blocks.checked_sub(1).map(|i| s.hashes[i]),
+                            hashes: outputs,
+                        }],
+                    );
+                }
+            }
         }
         s.sum.output_tokens = s.output.len() as u64;
         s.sum.finish_reason = reason.to_string();
@@ -703,6 +766,8 @@ mod tests {
             factor: 4.0,
             neighbour: "x".into(),
             neighbour_sm_util: 90,
+            neighbour_pid: None,
+            neighbour_executable: None,
         }]);
         let mut s = e.submit(req("slow", vec![2; 8], 10)).unwrap();
         let (t, _) = drain(&mut s.rx).await;

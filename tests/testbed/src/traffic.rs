@@ -118,7 +118,7 @@ pub fn plan(s: &Scenario) -> anyhow::Result<Vec<PlannedConversation>> {
             let first = range(&mut rng, t.prompt_tokens) as usize;
             // System prompt shared by the tenant's conversations (a real prefix-cache pattern),
             // then a per-conversation first user message.
-            let sys_len = first * 3 / 4;
+            let sys_len = ((first as f64) * t.system_share.clamp(0.0, 1.0)) as usize;
             let system = tokens::filler_words(tokens::fnv1a(s.seed, t.name.as_bytes()), sys_len);
             let mut turns = Vec::new();
             for ti in 0..n_turns {

@@ -103,6 +103,15 @@ pub struct TableLabels {
     pub table: String,
 }
 
+/// `{victim_tenant, neighbour_tenant}` (bounded by the correlator's tenant labels).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct KvEvictionLabels {
+    /// The evicted conversation's tenant.
+    pub victim_tenant: String,
+    /// The tenant named as the noisy neighbour (`self` for the victim's own tenant).
+    pub neighbour_tenant: String,
+}
+
 /// `{start}`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct StartLabels {
@@ -158,6 +167,8 @@ pub struct FindingMetrics {
     pub events_dropped: Family<SourceDropLabels, Counter>,
     /// `inferwatch_kernel_ringbuf_drops_total{cpu}`: records the kernel could not queue.
     pub ringbuf_drops: Family<CpuLabels, Counter>,
+    /// `inferwatch_kv_evictions_total{victim_tenant,neighbour_tenant}`.
+    pub kv_evictions: Family<KvEvictionLabels, Counter>,
     /// `inferwatch_cold_start_floor_seconds`.
     pub cold_start_floor: Histogram,
     /// `inferwatch_ttft_seconds{start}`.
@@ -204,6 +215,7 @@ impl FindingMetrics {
             events_received: Family::default(),
             events_dropped: Family::default(),
             ringbuf_drops: Family::default(),
+            kv_evictions: Family::default(),
             cold_start_floor: Histogram::new([
                 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0,
             ]),
@@ -260,6 +272,11 @@ impl FindingMetrics {
             "inferwatch_kernel_ringbuf_drops",
             "Kernel records lost because the ring buffer was full, per CPU",
             metrics.ringbuf_drops.clone(),
+        );
+        registry.register(
+            "inferwatch_kv_evictions",
+            "Conversations whose warm KV prefix was evicted, by victim and neighbour tenant",
+            metrics.kv_evictions.clone(),
         );
         registry.register(
             "inferwatch_cold_start_floor_seconds",

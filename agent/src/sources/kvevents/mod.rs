@@ -1,0 +1,379 @@
+//! The KV event source: subscribes to vLLM's / SGLang's ZMQ PUB stream of KV-cache events and
+//! hands [`KvEventBatch`]es to the correlator (SPEC §1.2, optional block-level evidence for
+//! §3.3).
+//!
+//! # Wire format (vLLM `vllm/distributed/kv_events.py`)
+//! Each message has three frames: the topic, an 8-byte big-endian sequence number, and a
+//! msgpack payload. The payload is a `KVEventBatch`, a msgspec `array_like` struct:
+//! `[ts (float seconds), [event, ...], data_parallel_rank (optional)]`. Each event is a tagged
+//! `array_like` struct whose first element is its class name:
+//! `["BlockStored", block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium]`,
+//! `["BlockRemoved", block_hashes, medium]`, `["AllBlocksCleared"]`; trailing fields left at
+//! their defaults may be omitted. Block hashes are integers (older vLLM) or bytes (newer vLLM,
+//! SHA-256): bytes are folded to 64 bits. Token ids are counted and dropped here: they are
+//! prompt content and never leave the source.
+//!
+//! Sequence numbers are checked per endpoint; gaps are counted here and passed on (`seq`), so
+//! that the correlator does not trust block evidence across a gap.
+
+mod config;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use zeromq::{Socket, SocketRecv, SubSocket};
+
+pub use config::{KvEventsConfig, KvEventsEndpoint};
+
+use crate::model::{KvEvent, KvEventBatch, UnixNanos};
+
+/// Errors of the KV event source.
+#[derive(Debug, thiserror::Error)]
+pub enum KvEventsError {
+    /// An endpoint is not a ZMQ endpoint this source can connect to.
+    #[error("KV event endpoint {endpoint:?} is not tcp://host:port or ipc://path")]
+    Endpoint {
+        /// The endpoint.
+        endpoint: String,
+    },
+    /// Connecting or subscribing failed.
+    #[error("ZMQ {op} on {endpoint}")]
+    Zmq {
+        /// `connect`, `subscribe` or `recv`.
+        op: &'static str,
+        /// The endpoint.
+        endpoint: String,
+        /// The cause.
+        #[source]
+        source: zeromq::ZmqError,
+    },
+}
+
+/// Why a message could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// Not the three frames `[topic, seq, payload]`.
+    #[error("expected 3 frames (topic, seq, payload), got {0}")]
+    Frames(usize),
+    /// The sequence frame is not 8 bytes.
+    #[error("sequence frame of {0} bytes, expected 8")]
+    Sequence(usize),
+    /// The payload is not msgpack.
+    #[error("payload is not msgpack")]
+    Msgpack(#[source] rmpv::decode::Error),
+    /// The payload is msgpack but not a `KVEventBatch`.
+    #[error("not a KVEventBatch: {0}")]
+    Shape(&'static str),
+}
+
+/// Counters of the source, shared with the metrics sink.
+#[derive(Debug, Default)]
+pub struct KvEventsCounters {
+    /// Messages received.
+    pub messages: AtomicU64,
+    /// Messages that did not decode (skipped).
+    pub decode_errors: AtomicU64,
+    /// Messages missing, from gaps in the sequence numbers.
+    pub missing: AtomicU64,
+    /// Batches dropped because the channel to the correlator was full.
+    pub dropped: AtomicU64,
+}
+
+/// Decodes one ZMQ message (`[topic, seq, payload]` frames) from `instance`.
+pub fn decode_message(frames: &[&[u8]], instance: &str) -> Result<KvEventBatch, DecodeError> {
+    let [_topic, seq, payload] = frames else {
+        return Err(DecodeError::Frames(frames.len()));
+    };
+    let seq: [u8; 8] = (*seq)
+        .try_into()
+        .map_err(|_| DecodeError::Sequence(seq.len()))?;
+    let mut batch = decode_payload(payload, instance)?;
+    batch.seq = Some(u64::from_be_bytes(seq));
+    Ok(batch)
+}
+
+/// Decodes a msgpack `KVEventBatch` payload.
+pub fn decode_payload(payload: &[u8], instance: &str) -> Result<KvEventBatch, DecodeError> {
+    use rmpv::Value;
+    let mut cursor = payload;
+    let value = rmpv::decode::read_value(&mut cursor).map_err(DecodeError::Msgpack)?;
+    let Value::Array(fields) = value else {
+        return Err(DecodeError::Shape("batch is not an array"));
+    };
+    let ts = match fields.first() {
+        Some(Value::F64(f)) => *f,
+        Some(Value::F32(f)) => f64::from(*f),
+        Some(v) if v.as_u64().is_some() => v.as_u64().unwrap_or(0) as f64,
+        _ => return Err(DecodeError::Shape("batch ts is not a number")),
+    };
+    let Some(Value::Array(events)) = fields.get(1) else {
+        return Err(DecodeError::Shape("batch events is not an array"));
+    };
+    let data_parallel_rank = fields.get(2).and_then(Value::as_i64);
+    let mut out = Vec::with_capacity(events.len());
+    for event in events {
+        let Value::Array(ev) = event else {
+            return Err(DecodeError::Shape("event is not an array"));
+        };
+        let tag = ev.first().and_then(Value::as_str);
+        let hashes = |v: Option<&Value>| -> Result<Vec<u64>, DecodeError> {
+            match v {
+                Some(Value::Array(items)) => items
+                    .iter()
+                    .map(|h| block_hash(h).ok_or(DecodeError::Shape("block hash")))
+                    .collect(),
+                _ => Err(DecodeError::Shape("block_hashes is not an array")),
+            }
+        };
+        let opt_str = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
+        match tag {
+            Some("BlockStored") => out.push(KvEvent::BlockStored {
+                block_hashes: hashes(ev.get(1))?,
+                parent_block_hash: ev.get(2).and_then(block_hash),
+                num_tokens: match ev.get(3) {
+                    Some(Value::Array(t)) => u32::try_from(t.len()).unwrap_or(u32::MAX),
+                    _ => 0,
+                },
+                block_size: ev
+                    .get(4)
+                    .and_then(Value::as_u64)
+                    .and_then(|b| u32::try_from(b).ok())
+                    .unwrap_or(0),
+                lora_id: ev.get(5).and_then(Value::as_i64),
+                medium: opt_str(ev.get(6)),
+            }),
+            Some("BlockRemoved") => out.push(KvEvent::BlockRemoved {
+                block_hashes: hashes(ev.get(1))?,
+                medium: opt_str(ev.get(2)),
+            }),
+            Some("AllBlocksCleared") => out.push(KvEvent::AllBlocksCleared),
+            _ => return Err(DecodeError::Shape("unknown event tag")),
+        }
+    }
+    Ok(KvEventBatch {
+        ts: secs_to_nanos(ts),
+        instance: instance.to_string(),
+        seq: None,
+        data_parallel_rank,
+        events: out,
+    })
+}
+
+fn secs_to_nanos(ts: f64) -> UnixNanos {
+    if ts.is_finite() && ts > 0.0 {
+        (ts * 1e9) as UnixNanos
+    } else {
+        0
+    }
+}
+
+/// A block hash: an integer as is (two's complement for negatives), bytes folded to 64 bits by
+/// XOR of 8-byte words (SHA-256 hashes are uniform, so any 64 bits are as good).
+fn block_hash(v: &rmpv::Value) -> Option<u64> {
+    match v {
+        rmpv::Value::Integer(i) => i.as_u64().or_else(|| i.as_i64().map(|x| x as u64)),
+        rmpv::Value::Binary(b) => Some(b.chunks(8).fold(0u64, |acc, chunk| {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            acc ^ u64::from_be_bytes(word)
+        })),
+        _ => None,
+    }
+}
+
+/// The running source: one subscriber task per endpoint.
+#[derive(Debug)]
+pub struct KvEventsSource {
+    config: KvEventsConfig,
+    counters: Arc<KvEventsCounters>,
+}
+
+impl KvEventsSource {
+    /// Validates the endpoints.
+    ///
+    /// # Errors
+    /// [`KvEventsError::Endpoint`] for an endpoint that is not `tcp://` or `ipc://`.
+    pub fn build(config: KvEventsConfig) -> Result<Self, KvEventsError> {
+        for ep in &config.endpoints {
+            if !(ep.endpoint.starts_with("tcp://") || ep.endpoint.starts_with("ipc://")) {
+                return Err(KvEventsError::Endpoint {
+                    endpoint: ep.endpoint.clone(),
+                });
+            }
+        }
+        Ok(Self {
+            config,
+            counters: Arc::default(),
+        })
+    }
+
+    /// Its counters.
+    pub fn counters(&self) -> Arc<KvEventsCounters> {
+        self.counters.clone()
+    }
+
+    /// Subscribes to every endpoint and sends decoded batches on `tx` until `cancel` fires.
+    /// Socket errors are logged and retried after `reconnect_ms`; they never end the source.
+    pub async fn run(self, tx: mpsc::Sender<KvEventBatch>, cancel: CancellationToken) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for ep in self.config.endpoints.clone() {
+            let tx = tx.clone();
+            let cancel = cancel.clone();
+            let counters = self.counters.clone();
+            let reconnect = Duration::from_millis(self.config.reconnect_ms.max(1));
+            tasks.spawn(async move {
+                loop {
+                    let result = tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        r = subscribe(&ep, &tx, &counters) => r,
+                    };
+                    if let Err(e) = result {
+                        tracing::warn!(error = %e, endpoint = %ep.endpoint, "KV event subscriber failed; reconnecting");
+                    }
+                    if tx.is_closed() {
+                        return;
+                    }
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(reconnect) => {}
+                    }
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn subscribe(
+    ep: &KvEventsEndpoint,
+    tx: &mpsc::Sender<KvEventBatch>,
+    counters: &KvEventsCounters,
+) -> Result<(), KvEventsError> {
+    let zmq = |op| {
+        move |source| KvEventsError::Zmq {
+            op,
+            endpoint: ep.endpoint.clone(),
+            source,
+        }
+    };
+    let mut socket = SubSocket::new();
+    socket.connect(&ep.endpoint).await.map_err(zmq("connect"))?;
+    socket
+        .subscribe(&ep.topic)
+        .await
+        .map_err(zmq("subscribe"))?;
+    tracing::info!(endpoint = %ep.endpoint, instance = %ep.instance, "subscribed to KV events");
+    let mut last_seq: Option<u64> = None;
+    loop {
+        let msg = socket.recv().await.map_err(zmq("recv"))?;
+        counters.messages.fetch_add(1, Ordering::Relaxed);
+        let frames: Vec<&[u8]> = msg.iter().map(|b| b.as_ref()).collect();
+        let batch = match decode_message(&frames, &ep.instance) {
+            Ok(b) => b,
+            Err(e) => {
+                counters.decode_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, endpoint = %ep.endpoint, "KV event message skipped");
+                continue;
+            }
+        };
+        if let (Some(last), Some(seq)) = (last_seq, batch.seq)
+            && seq > last.saturating_add(1)
+        {
+            counters
+                .missing
+                .fetch_add(seq - last - 1, Ordering::Relaxed);
+        }
+        last_seq = batch.seq.or(last_seq);
+        match tx.try_send(batch) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                counters.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rmpv::Value;
+
+    fn encode(v: &Value) -> Vec<u8> {
+        let mut out = Vec::new();
+        rmpv::encode::write_value(&mut out, v).expect("encode");
+        out
+    }
+
+    #[test]
+    fn decodes_vllm_batches() {
+        let batch = Value::Array(vec![
+            Value::F64(1_700_000_000.5),
+            Value::Array(vec![
+                Value::Array(vec![
+                    "BlockStored".into(),
+                    Value::Array(vec![Value::from(7u64), Value::from(-2i64)]),
+                    Value::Nil,
+                    Value::Array((0..32).map(Value::from).collect()),
+                    Value::from(16u64),
+                    Value::Nil,
+                    "GPU".into(),
+                ]),
+                Value::Array(vec![
+                    "BlockRemoved".into(),
+                    Value::Array(vec![Value::Binary(vec![0, 0, 0, 0, 0, 0, 0, 9])]),
+                ]),
+                Value::Array(vec!["AllBlocksCleared".into()]),
+            ]),
+        ]);
+        let payload = encode(&batch);
+        let seq = 5u64.to_be_bytes();
+        let b = decode_message(&[b"", &seq, &payload], "pid:1").expect("decodes");
+        assert_eq!(b.seq, Some(5));
+        assert_eq!(b.ts, 1_700_000_000_500_000_000);
+        assert_eq!(b.data_parallel_rank, None);
+        assert_eq!(
+            b.events,
+            vec![
+                KvEvent::BlockStored {
+                    block_hashes: vec![7, (-2i64) as u64],
+                    parent_block_hash: None,
+                    num_tokens: 32,
+                    block_size: 16,
+                    lora_id: None,
+                    medium: Some("GPU".into()),
+                },
+                KvEvent::BlockRemoved {
+                    block_hashes: vec![9],
+                    medium: None,
+                },
+                KvEvent::AllBlocksCleared,
+            ]
+        );
+    }
+
+    #[test]
+    fn rejects_bad_messages_without_panicking() {
+        assert!(matches!(
+            decode_message(&[b"", b"x"], "i"),
+            Err(DecodeError::Frames(2))
+        ));
+        assert!(matches!(
+            decode_message(&[b"", b"123", b""], "i"),
+            Err(DecodeError::Sequence(3))
+        ));
+        let seq = 1u64.to_be_bytes();
+        assert!(decode_message(&[b"", &seq, &[0xc1]], "i").is_err());
+        let odd = encode(&Value::Array(vec![
+            Value::F64(1.0),
+            Value::Array(vec![Value::Array(vec!["Nope".into()])]),
+        ]));
+        assert!(matches!(
+            decode_message(&[b"", &seq, &odd], "i"),
+            Err(DecodeError::Shape(_))
+        ));
+    }
+}
