@@ -12,10 +12,11 @@ use std::sync::Arc;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+use prometheus_client::metrics::counter::Counter;
 
 use crate::correlator::{
-    AbortFinding, ColdStartFinding, Correlator, GpuContentionFinding, Input, JoinedRequest,
-    KvEvictionFinding, NoisyNeighbour, Output, RequestGpuFacts,
+    AbortFinding, ColdStartFinding, Correlator, GpuContentionFinding, Input, JoinRule,
+    JoinedRequest, KvEvictionFinding, NoisyNeighbour, Output, RequestGpuFacts,
 };
 use crate::model::{GpuSample, KernelEvent, KvEventBatch, ProcessIdentity, UnixNanos};
 use crate::privacy::TenantHasher;
@@ -55,6 +56,22 @@ pub enum FindingSummary {
     KvEviction(KvEvictionFinding),
 }
 
+/// The stage's tables keyed by (trace id, span id), touched several times per span. SipHash (std's
+/// default) was a visible share of the per-span cost; foldhash is several times cheaper and
+/// still seeded per table, so span ids chosen by a client cannot be aimed at one bucket.
+type SpanMap<V> = HashMap<([u8; 16], [u8; 8]), V, foldhash::fast::RandomState>;
+
+/// The counters `on_joined` bumps for every span, kept instead of looked up (label allocation,
+/// lock, hash) each time.
+#[derive(Debug, Default)]
+struct JoinCounters {
+    /// `inferwatch_joins_total` per rule (a handful of entries).
+    joins: Vec<(JoinRule, Counter)>,
+    /// The last model name seen, and its `inferwatch_output_tokens_total` counter: spans come
+    /// in runs from one runtime serving one model.
+    output_tokens: Option<(Option<String>, Counter)>,
+}
+
 /// Looks up a process's identity, once per pid (`None` when already known or unreadable).
 pub type IdentityResolver = Box<dyn FnMut(u32) -> Option<ProcessIdentity> + Send>;
 
@@ -63,14 +80,15 @@ pub struct CorrelateStage {
     correlator: Correlator,
     identities: IdentityResolver,
     adapter: AdapterOptions,
-    held: HashMap<([u8; 16], [u8; 8]), Held>,
+    held: SpanMap<Held>,
     max_held: usize,
     sinks: Vec<SinkSender>,
     metrics: Arc<FindingMetrics>,
     outgoing: Vec<Held>,
     /// Position in `outgoing` by (trace id, span id): the GPU facts of a request follow its
     /// join and are added to the same span before it leaves.
-    outgoing_index: HashMap<([u8; 16], [u8; 8]), usize>,
+    outgoing_index: SpanMap<usize>,
+    counters: JoinCounters,
     findings: Vec<Span>,
     /// Spans forwarded without enrichment because the held table was full or a duplicate.
     pub held_overflow: u64,
@@ -110,12 +128,13 @@ impl CorrelateStage {
             correlator,
             identities,
             adapter,
-            held: HashMap::new(),
+            held: SpanMap::default(),
             max_held,
             sinks,
             metrics,
             outgoing: Vec::new(),
-            outgoing_index: HashMap::new(),
+            outgoing_index: SpanMap::default(),
+            counters: JoinCounters::default(),
             findings: Vec::new(),
             held_overflow: 0,
             summaries: Vec::new(),
@@ -289,16 +308,11 @@ impl CorrelateStage {
 
     fn on_joined(&mut self, joined: JoinedRequest) {
         let request = &joined.request;
-        let model = self.metrics.model(request.model.as_deref());
+        let tokens = self.output_tokens_counter(request.model.as_deref());
         if let Some(n) = request.output_tokens {
-            self.metrics.output_tokens.get_or_create(&model).inc_by(n);
+            tokens.inc_by(n);
         }
-        self.metrics
-            .joins
-            .get_or_create(&JoinLabels {
-                rule: joined.join.as_str().to_owned(),
-            })
-            .inc();
+        self.join_counter(joined.join).inc();
         let Some(mut held) = self.held.remove(&(request.trace_id, request.span_id)) else {
             return;
         };
@@ -309,6 +323,39 @@ impl CorrelateStage {
         self.outgoing_index
             .insert((request.trace_id, request.span_id), self.outgoing.len());
         self.outgoing.push(held);
+    }
+
+    /// The output-token counter of `model`, looked up again only when the model changes.
+    /// `FindingMetrics::model` registers the name in its bounded label set and then always
+    /// answers the same for it, so skipping repeated calls changes nothing.
+    fn output_tokens_counter(&mut self, model: Option<&str>) -> &Counter {
+        let cached = &mut self.counters.output_tokens;
+        if cached.as_ref().is_none_or(|(m, _)| m.as_deref() != model) {
+            let labels = self.metrics.model(model);
+            let counter = self.metrics.output_tokens.get_or_create(&labels).clone();
+            *cached = Some((model.map(str::to_owned), counter));
+        }
+        let (_, counter) = cached.as_ref().expect("just filled");
+        counter
+    }
+
+    fn join_counter(&mut self, rule: JoinRule) -> &Counter {
+        let joins = &mut self.counters.joins;
+        let at = match joins.iter().position(|(r, _)| *r == rule) {
+            Some(at) => at,
+            None => {
+                let counter = self
+                    .metrics
+                    .joins
+                    .get_or_create(&JoinLabels {
+                        rule: rule.as_str().to_owned(),
+                    })
+                    .clone();
+                joins.push((rule, counter));
+                joins.len() - 1
+            }
+        };
+        &joins[at].1
     }
 
     fn on_request_gpu(&mut self, facts: RequestGpuFacts) {
