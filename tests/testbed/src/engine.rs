@@ -754,7 +754,13 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn decode_slows_in_contention() {
         let truth = Arc::new(JsonlWriter::create(None).unwrap());
-        let e = Engine::new(cfg(Policy::Never), truth);
+        // 10 ms steps: on a loaded 2-core box a 1 ms sleep can take 5 ms, which would hide a
+        // 4x slowdown of 1 ms steps.
+        let config = EngineConfig {
+            decode_ns: 10_000_000.0,
+            ..cfg(Policy::Never)
+        };
+        let e = Engine::new(config, truth);
         let task = tokio::spawn(e.clone().run());
         let mut s = e.submit(req("base", vec![1; 8], 10)).unwrap();
         let (t, _) = drain(&mut s.rx).await;
