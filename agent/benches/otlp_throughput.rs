@@ -183,6 +183,8 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn main() {
+    // The allocator settings the agent binary runs with (agent/src/alloc.rs).
+    inferwatch::alloc::tune();
     let rounds: usize = env_or("INFERWATCH_BENCH_ROUNDS", 5);
     let min = Duration::from_secs_f64(env_or("INFERWATCH_BENCH_SECS", 1.0));
     let only = std::env::var("INFERWATCH_BENCH_ONLY").unwrap_or_default();

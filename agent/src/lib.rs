@@ -4,6 +4,7 @@
 //! values of [`model`]; the sans-IO correlator joins them per request and returns findings; sinks
 //! publish spans and metrics. `main.rs` only parses, builds and runs.
 
+pub mod alloc;
 pub mod check;
 pub mod cli;
 pub mod config;

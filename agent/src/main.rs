@@ -11,6 +11,7 @@ use inferwatch::pipeline::{Pipeline, RunOptions};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
+    inferwatch::alloc::tune();
     let cli = Cli::parse();
     init_logging();
     match run(cli) {
