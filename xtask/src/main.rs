@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask <setup|build|test|bench|demo|deploy-check|gpu-check>`.
+//! Project tasks: `cargo xtask <setup|build|test|bench|demo|deploy-check|gpu-check|fuzz>`.
 //!
 //! One file per subcommand; every external command goes through `util::run`, which prints it
 //! and names it when it fails.
@@ -7,6 +7,7 @@ mod bench;
 mod build;
 mod demo;
 mod deploy_check;
+mod fuzz;
 mod setup;
 mod test;
 mod util;
@@ -47,6 +48,8 @@ enum Task {
         #[arg(value_enum)]
         which: bench::Which,
     },
+    /// The libFuzzer targets of fuzz/ through cargo-fuzz (installed if missing), 600 s each.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,5 +61,6 @@ fn main() -> anyhow::Result<()> {
         Task::Bench { which } => bench::task(which),
         Task::Demo { scenario } => demo::task(&scenario),
         Task::DeployCheck => deploy_check::run(),
+        Task::Fuzz(args) => fuzz::task(args),
     }
 }
