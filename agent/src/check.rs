@@ -91,11 +91,22 @@ pub fn kernel_checks(config: &AgentConfig) -> Vec<CheckItem> {
                 .filter(|(n, _)| has_cap(caps, *n))
                 .map(|(_, name)| *name)
                 .collect();
+            // Name what is missing first: that is what the operator has to add.
+            let missing: Vec<&str> = [("CAP_BPF", have_bpf), ("CAP_PERFMON", have_perfmon)]
+                .iter()
+                .filter(|(_, have)| !have)
+                .map(|(name, _)| *name)
+                .collect();
             items.push(item(
                 "capabilities",
                 have_bpf && have_perfmon,
                 format!(
-                    "effective: {} (needs CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN)",
+                    "{}effective: {} (needs CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN)",
+                    if missing.is_empty() {
+                        String::new()
+                    } else {
+                        format!("missing {}; ", missing.join(" and "))
+                    },
                     if names.is_empty() {
                         "none of them".to_owned()
                     } else {

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cli::CommonArgs;
 use crate::correlator::CorrelatorConfig;
+use crate::privacy::PrivacyConfig;
 use crate::sinks::file::FileSinkConfig;
 use crate::sinks::otlp::ExportConfig;
 use crate::sinks::prometheus::PrometheusConfig;
@@ -44,6 +45,8 @@ pub struct AgentConfig {
     pub nvml: NvmlConfig,
     /// The KV event source: runtimes' ZMQ publishers of KV-cache events (optional).
     pub kv_events: KvEventsConfig,
+    /// Agent-wide privacy: tenant hashing in every export.
+    pub privacy: PrivacyConfig,
 }
 
 /// Errors while loading the configuration.
@@ -138,12 +141,18 @@ impl AgentConfig {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
         apply_env(&mut table, env)?;
-        toml::Value::Table(table)
-            .try_into()
-            .map_err(|source| ConfigError::Schema {
-                path: path.map(Path::to_owned),
-                source,
-            })
+        let mut config: Self =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|source| ConfigError::Schema {
+                    path: path.map(Path::to_owned),
+                    source,
+                })?;
+        // One tenant-hashing setting for every export; the older KV-only keys feed it.
+        config
+            .privacy
+            .merge_legacy(&mut config.correlator.kv_eviction);
+        Ok(config)
     }
 }
 
@@ -157,7 +166,10 @@ fn apply_env(
         let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
             continue;
         };
-        if rest == "CONFIG" || rest == "LOG" {
+        // Every key lives in a section, so a key variable always has a `__`; the others
+        // (INFERWATCH_CONFIG, INFERWATCH_LOG, and tools' own such as INFERWATCH_PYTHON) are
+        // not configuration and must not make the agent refuse to start.
+        if !rest.contains("__") {
             continue;
         }
         let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
@@ -238,6 +250,8 @@ mod tests {
             env(&[
                 ("INFERWATCH_KERNEL__CONVERSATION_HEADER", "x-thread"),
                 ("UNRELATED", "1"),
+                ("INFERWATCH_PYTHON", "/usr/bin/python3"),
+                ("INFERWATCH_REQUIRE_KERNEL_TESTS", "1"),
             ]),
         )
         .expect("resolves");

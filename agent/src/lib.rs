@@ -13,5 +13,6 @@ pub mod fuzzing;
 pub mod internal_events;
 pub mod model;
 pub mod pipeline;
+pub mod privacy;
 pub mod sinks;
 pub mod sources;

@@ -141,6 +141,16 @@ impl Agent {
     /// Builds and starts the agent: kernel source on `watch_port`, OTLP receiver and metrics on
     /// ephemeral ports, spans exported over OTLP/gRPC to `export`.
     pub async fn start(watch_port: u16, export: SocketAddr) -> Agent {
+        Self::start_with(watch_port, export, |_| {}).await
+    }
+
+    /// As [`Agent::start`], with `adjust` changing the configuration last (e.g. the NVML
+    /// source's library and period).
+    pub async fn start_with(
+        watch_port: u16,
+        export: SocketAddr,
+        adjust: impl FnOnce(&mut AgentConfig),
+    ) -> Agent {
         let mut config = AgentConfig::default();
         config.kernel.watch_ports = vec![watch_port];
         config.otlp.grpc_port = 0;
@@ -148,6 +158,7 @@ impl Agent {
         config.prometheus.port = 0;
         config.prometheus.bind_address = "127.0.0.1".parse().expect("ip");
         config.export.endpoint = Some(format!("http://{export}"));
+        adjust(&mut config);
         let pipeline = Pipeline::build(config, RunOptions::default())
             .await
             .expect("agent builds");
@@ -214,14 +225,75 @@ pub fn testbed_bin() -> PathBuf {
             .status()
             .expect("run cargo build for the testbed");
         assert!(status.success(), "building iw-testbed failed");
-        let target = std::env::var("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| workspace().join("target"));
-        let bin = target.join("debug/iw-testbed");
+        let bin = target_dir().join("debug/iw-testbed");
         assert!(bin.exists(), "no testbed binary at {}", bin.display());
         bin
     })
     .clone()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| workspace().join("target"))
+}
+
+/// The fake `libnvidia-ml` (`tests/fake-nvml`), built on first use.
+pub fn fake_nvml_lib() -> PathBuf {
+    static LIB: OnceLock<PathBuf> = OnceLock::new();
+    LIB.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "fake-nvml"])
+            .current_dir(workspace())
+            .status()
+            .expect("run cargo build for the fake NVML");
+        assert!(status.success(), "building fake-nvml failed");
+        let lib = target_dir().join("debug/libnvidia_ml.so");
+        assert!(lib.exists(), "no fake NVML at {}", lib.display());
+        lib
+    })
+    .clone()
+}
+
+/// The fake NVML's script for this test process, at one fixed path: the fake reads the path
+/// from `FAKE_NVML_SCRIPT`, an environment variable and so process-wide, set once here. Tests
+/// that use it run one at a time ([`serial`]) and each starts it afresh with
+/// [`reset_nvml_script`].
+pub fn nvml_script_path() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("inferwatch-e2e-nvml-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("NVML script dir");
+        let path = dir.join("script.json");
+        // SAFETY: set once, before any agent loads the fake (the only reader of the variable),
+        // from the first test that needs it; no other code in this process reads it.
+        unsafe { std::env::set_var("FAKE_NVML_SCRIPT", &path) };
+        path
+    })
+    .clone()
+}
+
+/// Writes a fresh script: one idle GPU (the testbed's default), starting now, no process.
+/// The agent's NVML source needs a GPU when it starts; the testbed adds its processes to it.
+pub fn reset_nvml_script() -> PathBuf {
+    let path = nvml_script_path();
+    let script = serde_json::json!({
+        "start_unix_ms": now_ns() / 1_000_000,
+        "gpus": [inferwatch_testbed::nvml::default_gpu()],
+    });
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, script.to_string()).expect("write NVML script");
+    std::fs::rename(&tmp, &path).expect("replace NVML script");
+    path
+}
+
+/// The `inferwatch` binary, built on first use (tests that need a separate process: signals,
+/// dropped capabilities, exit codes).
+pub fn agent_bin() -> PathBuf {
+    // Cargo builds the package's binary for its integration tests and names it here; building
+    // it again from the test could rebuild it with other features while tests run.
+    PathBuf::from(env!("CARGO_BIN_EXE_inferwatch"))
 }
 
 /// What the testbed recorded.

@@ -6,5 +6,8 @@
 //! `INFERWATCH_REQUIRE_KERNEL_TESTS=1` (set by `cargo xtask test`).
 
 mod abort;
+mod faults;
+mod gpu;
 mod harness;
 mod openai_client;
+mod security;

@@ -33,6 +33,9 @@ struct Tally {
     fresh: Vec<String>,
     /// Abort findings by request id: tokens after.
     aborts: BTreeMap<String, u64>,
+    /// Contention intervals seen (neighbour pid, start): one span per affected request
+    /// arrives for each, listed once.
+    contention_intervals: std::collections::BTreeSet<(String, String)>,
 }
 
 fn attr<'a>(span: &'a Value, key: &str) -> Option<&'a Value> {
@@ -141,6 +144,16 @@ impl Tally {
                 attr_str(span, "inferwatch.kv_eviction.ttft_penalty_ms")
                     .unwrap_or_else(|| "?".into()),
             ),
+            "inferwatch.gpu_contention"
+                if !self.contention_intervals.insert((
+                    attr_str(span, "inferwatch.noisy_neighbour.pid").unwrap_or_default(),
+                    span.get("startTimeUnixNano")
+                        .map(|v| v.to_string())
+                        .unwrap_or_default(),
+                )) =>
+            {
+                return;
+            }
             "inferwatch.gpu_contention" => format!(
                 "contention GPU {} slowed by pid {} ({}), decode x{} slower",
                 attr_str(span, "inferwatch.gpu.uuid").unwrap_or_default(),
@@ -198,13 +211,20 @@ impl Tally {
         for (name, label) in [
             ("inferwatch.cold_start", "cold-start floor"),
             ("inferwatch.kv_eviction", "KV eviction"),
-            ("inferwatch.gpu_contention", "GPU contention"),
         ] {
             out.push_str(&format!(
                 "  {label:<20} {:>5} findings\n",
                 self.findings.get(name).copied().unwrap_or(0)
             ));
         }
+        out.push_str(&format!(
+            "  GPU contention       {:>5} findings   {} requests slowed\n",
+            self.contention_intervals.len(),
+            self.findings
+                .get("inferwatch.gpu_contention")
+                .copied()
+                .unwrap_or(0)
+        ));
         out.push_str("  latest:\n");
         for line in &self.last {
             out.push_str(&format!("    {line}\n"));
@@ -339,14 +359,30 @@ fn score(truth: &Path, client: &Path, tally: &Tally) -> String {
     out
 }
 
+/// Whether a real NVIDIA driver is here: then the agent uses it, else the demo's fake GPU.
+fn real_gpu() -> bool {
+    Path::new("/dev/nvidiactl").exists()
+}
+
 pub fn task(scenario: &str) -> anyhow::Result<()> {
-    run(cargo().args(["build", "-p", "inferwatch", "-p", "inferwatch-testbed"]))?;
+    run(cargo().args([
+        "build",
+        "-p",
+        "inferwatch",
+        "-p",
+        "inferwatch-testbed",
+        "-p",
+        "fake-nvml",
+    ]))?;
     let target = std::env::var("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| root().join("target"));
     let out = target.join("demo");
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let traces = out.join("traces.jsonl");
+    let nvml_script = out.join("nvml.json");
+    let _ = std::fs::remove_file(&nvml_script);
+    let fake_gpu = !real_gpu();
     let truth = out.join("truth.jsonl");
     let client = out.join("client.jsonl");
     for f in [&traces, &truth, &client] {
@@ -366,7 +402,40 @@ pub fn task(scenario: &str) -> anyhow::Result<()> {
     let (runtime_port, grpc, http, metrics) =
         (free_port()?, free_port()?, free_port()?, free_port()?);
     let agent_log = std::fs::File::create(out.join("agent.log")).context("creating agent.log")?;
-    let mut agent = Command::new(target.join("debug/inferwatch"))
+    let mut agent_cmd = Command::new(target.join("debug/inferwatch"));
+    if fake_gpu {
+        // The scripted libnvidia-ml that the testbed drives: the agent's real NVML code path,
+        // with the runtime's memory ramp and the fine-tune job appearing on a fake H100.
+        println!(
+            "no NVIDIA driver here: the agent reads a fake GPU that follows the scenario ({})",
+            nvml_script.display()
+        );
+        // An idle GPU until the testbed adds its processes (it keeps this GPU and start time).
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let idle = serde_json::json!({
+            "start_unix_ms": now_ms,
+            "gpus": [{
+                "uuid": "GPU-7e57bed0-0000-4000-8000-000000000001",
+                "name": "Fake H100 80GB HBM3",
+                "memory_total": 85_899_345_920u64,
+                "memory_base": 268_435_456u64,
+                "processes": []
+            }]
+        });
+        std::fs::write(&nvml_script, idle.to_string())
+            .with_context(|| format!("writing {}", nvml_script.display()))?;
+        agent_cmd
+            .env(
+                "INFERWATCH_NVML__LIBRARY_PATH",
+                format!("\"{}\"", target.join("debug/libnvidia_ml.so").display()),
+            )
+            .env("INFERWATCH_NVML__PERIOD_MS", "200")
+            .env("FAKE_NVML_SCRIPT", &nvml_script);
+    }
+    let mut agent = agent_cmd
         .args(["run", "--watch-port", &runtime_port.to_string()])
         .env("INFERWATCH_OTLP__GRPC_PORT", grpc.to_string())
         .env("INFERWATCH_OTLP__HTTP_PORT", http.to_string())
@@ -405,6 +474,14 @@ pub fn task(scenario: &str) -> anyhow::Result<()> {
         .arg("--client-truth")
         .arg(&client)
         .args(["--otlp-endpoint", &format!("http://127.0.0.1:{grpc}")])
+        .args(if fake_gpu {
+            vec![
+                "--nvml-script".to_owned(),
+                nvml_script.display().to_string(),
+            ]
+        } else {
+            Vec::new()
+        })
         .env("OTEL_BSP_SCHEDULE_DELAY", "200")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())

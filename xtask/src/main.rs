@@ -8,6 +8,7 @@ mod build;
 mod demo;
 mod deploy_check;
 mod fuzz;
+mod gpu_check;
 mod setup;
 mod test;
 mod util;
@@ -39,6 +40,13 @@ enum Task {
         #[arg(long, default_value = "demo")]
         scenario: String,
     },
+    /// The NVML source on a real NVIDIA GPU with PyTorch (tests/gpu-check/gpu_check.sh): builds
+    /// the `nvml_dump` example (release) unless `--bin` names a prebuilt one.
+    GpuCheck {
+        /// A prebuilt `nvml_dump` (carried to the GPU machine) instead of building one.
+        #[arg(long)]
+        bin: Option<std::path::PathBuf>,
+    },
     /// Validate deploy/: alert rules (promtool), manifests, the ConfigMap's config, the dashboard,
     /// and that the docs list every config key, metric and span attribute.
     DeployCheck,
@@ -60,6 +68,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test => test::task(),
         Task::Bench { which } => bench::task(which),
         Task::Demo { scenario } => demo::task(&scenario),
+        Task::GpuCheck { bin } => gpu_check::task(bin.as_deref()),
         Task::DeployCheck => deploy_check::run(),
         Task::Fuzz(args) => fuzz::task(args),
     }

@@ -60,5 +60,14 @@ pub fn task() -> anyhow::Result<()> {
             "-r",
         ])
         .arg(&requirements))?;
+    // cargo-deny checks licenses, bans and sources in `cargo xtask test`. Building it takes a
+    // few minutes (see docs/security.md), so an installed one is kept.
+    let deny_installed = crate::util::cargo()
+        .args(["deny", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !deny_installed {
+        run(crate::util::cargo().args(["install", "--locked", "cargo-deny"]))?;
+    }
     Ok(())
 }

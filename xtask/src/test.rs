@@ -14,6 +14,19 @@ pub fn task() -> anyhow::Result<()> {
         "warnings",
     ]))?;
     crate::deploy_check::run()?;
+    // Licenses, banned crates and registries of every dependency (deny.toml); setup installs
+    // cargo-deny, a machine without it says so instead of failing here.
+    if cargo()
+        .args(["deny", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        run(cargo().args(["deny", "check", "bans", "licenses", "sources"]))?;
+    } else {
+        eprintln!(
+            "*** cargo-deny not installed: `cargo deny check` skipped (run `cargo xtask setup`) ***"
+        );
+    }
     let mut tests = cargo();
     tests.args(["test", "--workspace", "--no-fail-fast"]);
     if is_root() {

@@ -245,6 +245,26 @@ pub struct KvEvictionSizes {
 
 /// The instance key of a span's exporter: `service.instance.id`, else `pid:<process.pid>`, else
 /// `svc:<service.name>@<host.name>`. A KV event endpoint names its instance with the same key.
+/// The other names an instance answers to, for KV event sources configured by name: its
+/// `service.instance.id`, `pid:<pid>`, and `svc:<service.name>@<host.name>` (what a KV source's
+/// `instance` setting may say). When several instances share a service name the first keeps
+/// the `svc:` alias; configure such KV sources by `service.instance.id` or pid.
+pub fn instance_aliases(identity: &InstanceIdentity) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(id) = &identity.service_instance_id {
+        out.push(id.clone());
+    }
+    if let Some(pid) = identity.pid {
+        out.push(format!("pid:{pid}"));
+    }
+    out.push(format!(
+        "svc:{}@{}",
+        identity.service_name.as_deref().unwrap_or(""),
+        identity.host_name.as_deref().unwrap_or("")
+    ));
+    out
+}
+
 pub fn instance_key(identity: &InstanceIdentity) -> String {
     if let Some(id) = &identity.service_instance_id {
         return id.clone();
@@ -601,29 +621,32 @@ pub(crate) struct KvTracker {
     tenant_ids: HashMap<String, u32>,
     tenant_names: Vec<String>,
     instance_ids: HashMap<String, u16>,
+    /// Instances created from a KV source's name that no span has claimed yet.
+    kv_named: std::collections::HashSet<u16>,
     instance_names: Vec<String>,
     logs: Vec<InstanceLog>,
     pending: BTreeMap<(UnixNanos, [u8; 16], [u8; 8]), Pending>,
     labels: TenantLabels,
     counts: BTreeMap<(String, String), u64>,
-    hash_key: (u64, u64),
+    hasher: crate::privacy::TenantHasher,
 }
 
 impl KvTracker {
     pub(crate) fn new(config: KvEvictionConfig) -> Self {
-        let key = config.tenant_hash_key.as_bytes();
-        let hash_key = (siphash24(1, 2, key), siphash24(3, 4, key));
+        // The same keyed hash as every other export of a tenant (crate::privacy).
+        let hasher = crate::privacy::TenantHasher::new(&config.tenant_hash_key);
         Self {
             conversations: ConversationTable::new(config.max_conversations),
             labels: TenantLabels::new(config.metric_tenant_labels),
             tenant_ids: HashMap::new(),
             tenant_names: Vec::new(),
             instance_ids: HashMap::new(),
+            kv_named: std::collections::HashSet::new(),
             instance_names: Vec::new(),
             logs: Vec::new(),
             pending: BTreeMap::new(),
             counts: BTreeMap::new(),
-            hash_key,
+            hasher,
             config,
         }
     }
@@ -646,10 +669,7 @@ impl KvTracker {
             return *id;
         }
         let name = if self.config.hash_tenants && tenant != UNKNOWN_TENANT {
-            format!(
-                "t-{:016x}",
-                siphash24(self.hash_key.0, self.hash_key.1, tenant.as_bytes())
-            )
+            self.hasher.hash(tenant)
         } else {
             tenant.to_string()
         };
@@ -706,9 +726,27 @@ impl KvTracker {
             return;
         }
         let key = instance_key(&req.instance);
-        let Some(instance) = self.instance_id(&key, stats) else {
+        // An instance first named by a KV source (by one of its aliases) and then by spans is
+        // one instance; an alias never merges two instances that spans told apart.
+        let aliases = instance_aliases(&req.instance);
+        let known = self.instance_ids.get(key.as_str()).copied().or_else(|| {
+            let claimed = aliases.iter().find_map(|a| {
+                self.instance_ids
+                    .get(a.as_str())
+                    .copied()
+                    .filter(|id| self.kv_named.contains(id))
+            });
+            if let Some(id) = claimed {
+                self.kv_named.remove(&id);
+            }
+            claimed
+        });
+        let Some(instance) = known.or_else(|| self.instance_id(&key, stats)) else {
             return;
         };
+        for alias in aliases {
+            self.instance_ids.entry(alias).or_insert(instance);
+        }
         let tenant_raw = req
             .tenant
             .as_deref()
@@ -910,9 +948,14 @@ impl KvTracker {
             return;
         }
         stats.kv_batches += 1;
+        let known = self.instance_ids.contains_key(batch.instance.as_str());
         let Some(instance) = self.instance_id(&batch.instance, stats) else {
             return;
         };
+        if !known {
+            // Named by the KV source before any span: a span may claim it by alias.
+            self.kv_named.insert(instance);
+        }
         let cap = self.config.max_kv_blocks_per_instance.max(1);
         let log = &mut self.logs[instance as usize];
         if let Some(seq) = batch.seq {

@@ -9,15 +9,17 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use opentelemetry_proto::tonic::common::v1::{InstrumentationScope, KeyValue};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+use prometheus_client::metrics::counter::Counter;
 
 use crate::correlator::{
-    AbortFinding, ColdStartFinding, Correlator, GpuContentionFinding, Input, JoinedRequest,
-    KvEvictionFinding, NoisyNeighbour, Output, RequestGpuFacts,
+    AbortFinding, ColdStartFinding, Correlator, GpuContentionFinding, Input, JoinRule,
+    JoinedRequest, KvEvictionFinding, NoisyNeighbour, Output, RequestGpuFacts,
 };
 use crate::model::{GpuSample, KernelEvent, KvEventBatch, ProcessIdentity, UnixNanos};
+use crate::privacy::TenantHasher;
 use crate::sinks::batch::{kv_f64, kv_i64, kv_str};
 use crate::sinks::prometheus::findings::{
     AbortLabels, ContentionLabels, FindingMetrics, GpuLabels, GpuProcessLabels, JoinLabels,
@@ -54,6 +56,22 @@ pub enum FindingSummary {
     KvEviction(KvEvictionFinding),
 }
 
+/// The stage's tables keyed by (trace id, span id), touched several times per span. SipHash (std's
+/// default) was a visible share of the per-span cost; foldhash is several times cheaper and
+/// still seeded per table, so span ids chosen by a client cannot be aimed at one bucket.
+type SpanMap<V> = HashMap<([u8; 16], [u8; 8]), V, foldhash::fast::RandomState>;
+
+/// The counters `on_joined` bumps for every span, kept instead of looked up (label allocation,
+/// lock, hash) each time.
+#[derive(Debug, Default)]
+struct JoinCounters {
+    /// `inferwatch_joins_total` per rule (a handful of entries).
+    joins: Vec<(JoinRule, Counter)>,
+    /// The last model name seen, and its `inferwatch_output_tokens_total` counter: spans come
+    /// in runs from one runtime serving one model.
+    output_tokens: Option<(Option<String>, Counter)>,
+}
+
 /// Looks up a process's identity, once per pid (`None` when already known or unreadable).
 pub type IdentityResolver = Box<dyn FnMut(u32) -> Option<ProcessIdentity> + Send>;
 
@@ -62,19 +80,22 @@ pub struct CorrelateStage {
     correlator: Correlator,
     identities: IdentityResolver,
     adapter: AdapterOptions,
-    held: HashMap<([u8; 16], [u8; 8]), Held>,
+    held: SpanMap<Held>,
     max_held: usize,
     sinks: Vec<SinkSender>,
     metrics: Arc<FindingMetrics>,
     outgoing: Vec<Held>,
     /// Position in `outgoing` by (trace id, span id): the GPU facts of a request follow its
     /// join and are added to the same span before it leaves.
-    outgoing_index: HashMap<([u8; 16], [u8; 8]), usize>,
+    outgoing_index: SpanMap<usize>,
+    counters: JoinCounters,
     findings: Vec<Span>,
     /// Spans forwarded without enrichment because the held table was full or a duplicate.
     pub held_overflow: u64,
     /// Every finding made, for the log / demo observers (drained by `take_summaries`).
     summaries: Vec<FindingSummary>,
+    /// `[privacy] hash_tenants`: tenants are hashed as they leave (findings, forwarded spans).
+    tenant_hasher: Option<TenantHasher>,
 }
 
 impl std::fmt::Debug for CorrelateStage {
@@ -107,15 +128,40 @@ impl CorrelateStage {
             correlator,
             identities,
             adapter,
-            held: HashMap::new(),
+            held: SpanMap::default(),
             max_held,
             sinks,
             metrics,
             outgoing: Vec::new(),
-            outgoing_index: HashMap::new(),
+            outgoing_index: SpanMap::default(),
+            counters: JoinCounters::default(),
             findings: Vec::new(),
             held_overflow: 0,
             summaries: Vec::new(),
+            tenant_hasher: None,
+        }
+    }
+
+    /// Hashes every tenant this stage exports with `hasher` (`[privacy] hash_tenants`).
+    pub fn with_tenant_hasher(mut self, hasher: Option<TenantHasher>) -> Self {
+        self.tenant_hasher = hasher;
+        self
+    }
+
+    /// Replaces the tenant attribute's string value by its hash. Runs after `adapt`, so the
+    /// correlator still joins on the raw id.
+    fn hash_tenant_attributes(&self, attributes: &mut [KeyValue]) {
+        let Some(hasher) = &self.tenant_hasher else {
+            return;
+        };
+        for kv in attributes {
+            if kv.key == self.adapter.tenant_attribute
+                && let Some(AnyValue {
+                    value: Some(any_value::Value::StringValue(v)),
+                }) = &mut kv.value
+            {
+                *v = hasher.hash(v);
+            }
         }
     }
 
@@ -178,8 +224,10 @@ impl CorrelateStage {
             for ss in &mut rs.scope_spans {
                 let mut group: Option<Arc<Group>> = None;
                 let spans = std::mem::take(&mut ss.spans);
-                for span in spans {
-                    let Some(request) = adapt(&span, resource, &self.adapter) else {
+                for mut span in spans {
+                    let adapted = adapt(&span, resource, &self.adapter);
+                    self.hash_tenant_attributes(&mut span.attributes);
+                    let Some(request) = adapted else {
                         ss.spans.push(span);
                         continue;
                     };
@@ -191,8 +239,12 @@ impl CorrelateStage {
                     }
                     let group = group
                         .get_or_insert_with(|| {
+                            let mut resource = rs.resource.clone();
+                            if let Some(r) = resource.as_mut() {
+                                self.hash_tenant_attributes(&mut r.attributes);
+                            }
                             Arc::new(Group {
-                                resource: rs.resource.clone(),
+                                resource,
                                 resource_schema_url: rs.schema_url.clone(),
                                 scope: ss.scope.clone(),
                                 scope_schema_url: ss.schema_url.clone(),
@@ -209,6 +261,10 @@ impl CorrelateStage {
                 }
             }
             rs.scope_spans.retain(|ss| !ss.spans.is_empty());
+            // The spans forwarded as received keep this resource: hash its tenant too.
+            if let Some(r) = rs.resource.as_mut() {
+                self.hash_tenant_attributes(&mut r.attributes);
+            }
         }
         batch.resource_spans.retain(|rs| !rs.scope_spans.is_empty());
         if !batch.resource_spans.is_empty() {
@@ -252,16 +308,11 @@ impl CorrelateStage {
 
     fn on_joined(&mut self, joined: JoinedRequest) {
         let request = &joined.request;
-        let model = self.metrics.model(request.model.as_deref());
+        let tokens = self.output_tokens_counter(request.model.as_deref());
         if let Some(n) = request.output_tokens {
-            self.metrics.output_tokens.get_or_create(&model).inc_by(n);
+            tokens.inc_by(n);
         }
-        self.metrics
-            .joins
-            .get_or_create(&JoinLabels {
-                rule: joined.join.as_str().to_owned(),
-            })
-            .inc();
+        self.join_counter(joined.join).inc();
         let Some(mut held) = self.held.remove(&(request.trace_id, request.span_id)) else {
             return;
         };
@@ -272,6 +323,39 @@ impl CorrelateStage {
         self.outgoing_index
             .insert((request.trace_id, request.span_id), self.outgoing.len());
         self.outgoing.push(held);
+    }
+
+    /// The output-token counter of `model`, looked up again only when the model changes.
+    /// `FindingMetrics::model` registers the name in its bounded label set and then always
+    /// answers the same for it, so skipping repeated calls changes nothing.
+    fn output_tokens_counter(&mut self, model: Option<&str>) -> &Counter {
+        let cached = &mut self.counters.output_tokens;
+        if cached.as_ref().is_none_or(|(m, _)| m.as_deref() != model) {
+            let labels = self.metrics.model(model);
+            let counter = self.metrics.output_tokens.get_or_create(&labels).clone();
+            *cached = Some((model.map(str::to_owned), counter));
+        }
+        let (_, counter) = cached.as_ref().expect("just filled");
+        counter
+    }
+
+    fn join_counter(&mut self, rule: JoinRule) -> &Counter {
+        let joins = &mut self.counters.joins;
+        let at = match joins.iter().position(|(r, _)| *r == rule) {
+            Some(at) => at,
+            None => {
+                let counter = self
+                    .metrics
+                    .joins
+                    .get_or_create(&JoinLabels {
+                        rule: rule.as_str().to_owned(),
+                    })
+                    .clone();
+                joins.push((rule, counter));
+                joins.len() - 1
+            }
+        };
+        &joins[at].1
     }
 
     fn on_request_gpu(&mut self, facts: RequestGpuFacts) {
@@ -480,7 +564,11 @@ impl CorrelateStage {
         self.summaries.push(FindingSummary::ColdStart(finding));
     }
 
-    fn on_abort(&mut self, finding: AbortFinding) {
+    fn on_abort(&mut self, mut finding: AbortFinding) {
+        // Hashed here, once, so the span, the summary and the log line all carry the hash.
+        if let (Some(hasher), Some(tenant)) = (&self.tenant_hasher, finding.tenant.as_mut()) {
+            *tenant = hasher.hash(tenant);
+        }
         let model = self.metrics.model(finding.model.as_deref());
         self.metrics
             .billed_after_abort_tokens
@@ -654,7 +742,9 @@ impl CorrelateStage {
 fn neighbour_attributes(n: &NoisyNeighbour) -> Vec<KeyValue> {
     let mut out = vec![
         kv_i64("inferwatch.noisy_neighbour.pid", i64::from(n.pid)),
-        kv_f64("inferwatch.noisy_neighbour.share", n.sm_share),
+        // The correlator keeps SM shares in percent (as NVML reports them); the attribute is a
+        // share in 0..1, like the KV-eviction one.
+        kv_f64("inferwatch.noisy_neighbour.share", n.sm_share / 100.0),
     ];
     if let Some(exe) = &n.executable {
         out.push(kv_str("inferwatch.noisy_neighbour.executable", exe));

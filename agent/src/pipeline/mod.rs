@@ -46,6 +46,14 @@ const TICK: Duration = Duration::from_millis(100);
 /// How often source counters are copied into the metrics.
 const MONITOR: Duration = Duration::from_secs(1);
 
+/// No source could start: the agent has nothing to observe.
+#[derive(Debug, thiserror::Error)]
+#[error("no source could start ({})", reasons.join("; "))]
+pub struct NoSourceError {
+    /// Why each source is not running.
+    pub reasons: Vec<String>,
+}
+
 /// Options of a run that are not configuration.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -158,6 +166,10 @@ impl Pipeline {
         // listen() calls. Known runtimes' ports join the watched set when asked.
         let listeners = crate::sources::kernel::discovery::listeners(std::path::Path::new("/proc"));
         let mut config = config;
+        // Also done by `AgentConfig::resolve`; repeated for configs built in code.
+        config
+            .privacy
+            .merge_legacy(&mut config.correlator.kv_eviction);
         if config.kernel.watch_runtime_ports {
             for l in listeners.iter().filter(|l| l.runtime.is_some()) {
                 if !config.kernel.watch_ports.contains(&l.port) {
@@ -185,13 +197,17 @@ impl Pipeline {
             })
             .collect();
 
+        // Why each source is not running, for the one error when none is.
+        let mut not_running: Vec<String> = Vec::new();
         let kernel = if !config.kernel.enabled {
             tracing::info!("kernel source disabled in the config");
+            not_running.push("kernel: disabled in the config".into());
             None
         } else if config.kernel.ports().is_empty() {
             tracing::warn!(
                 "kernel source: no port to watch (--watch-port or kernel.watch_ports); not started"
             );
+            not_running.push("kernel: no port to watch".into());
             None
         } else {
             match KernelSource::build(&config.kernel) {
@@ -205,6 +221,7 @@ impl Pipeline {
                 }
                 Err(err) => {
                     tracing::error!(error = %error_chain(&err), "kernel source unavailable; running without it");
+                    not_running.push(format!("kernel: {}", error_chain(&err)));
                     None
                 }
             }
@@ -222,10 +239,12 @@ impl Pipeline {
                 }
                 Err(err) => {
                     tracing::warn!(error = %error_chain(&err), "NVML source unavailable; running without GPU data");
+                    not_running.push(format!("NVML: {}", error_chain(&err)));
                     None
                 }
             }
         } else {
+            not_running.push("NVML: disabled in the config".into());
             None
         };
 
@@ -252,12 +271,22 @@ impl Pipeline {
                 }
                 Err(err) => {
                     tracing::error!(error = %error_chain(&err), "OTLP receiver unavailable; running without runtime spans");
+                    not_running.push(format!("OTLP receiver: {}", error_chain(&err)));
                     None
                 }
             }
         } else {
+            not_running.push("OTLP receiver: disabled in the config".into());
             None
         };
+        // SPEC §6: run on whatever works; but with no source at all the agent would only
+        // serve empty metrics, which hides the failure from the orchestrator. Exit instead.
+        if kernel.is_none() && nvml.is_none() && otlp.is_none() && kv_events.is_none() {
+            return Err(NoSourceError {
+                reasons: not_running,
+            }
+            .into());
+        }
 
         let readiness = Readiness::default();
         let prometheus = if config.prometheus.enabled {
@@ -278,7 +307,8 @@ impl Pipeline {
             AdapterOptions::from(&config.otlp),
             sinks,
             Arc::clone(&finding_metrics),
-        );
+        )
+        .with_tenant_hasher(config.privacy.hasher());
         for event in existing {
             stage.on_kernel(event);
         }
@@ -491,7 +521,7 @@ fn log_findings(stage: &mut CorrelateStage) {
                 runtime_pid = f.runtime_pid,
                 neighbour_pid = f.neighbour.pid,
                 neighbour = f.neighbour.executable.as_deref().unwrap_or("-"),
-                neighbour_share = f.neighbour.sm_share,
+                neighbour_share = f.neighbour.sm_share / 100.0,
                 tpot_inflation = f.inflation,
                 seconds = f.seconds(),
                 "another process on the GPU slowed the runtime's decode"

@@ -2,8 +2,13 @@
 //!
 //! Built as a `cdylib` and loaded by `nvml-wrapper` through `Nvml::builder().lib_path(..)`, so
 //! that tests and the demo exercise the same code as production. What it reports follows a
-//! script (JSON) named by the environment variable `FAKE_NVML_SCRIPT`, read again at every
-//! `nvmlInit_v2`:
+//! script (JSON) named by the environment variable `FAKE_NVML_SCRIPT`, read at every
+//! `nvmlInit_v2` and re-read whenever the file changes (its mtime, size or inode; checked with
+//! one `stat` at most every [`RELOAD_CHECK_MS`] ms by the query entry points), so that a
+//! process that initialised NVML once follows a script that a test or the testbed keeps
+//! updating. Writers should replace the file atomically (write a temporary file, rename it):
+//! a script that does not parse is reported once and the previous one stays in force.
+//!
 //!
 //! ```json
 //! {
@@ -25,10 +30,11 @@
 //! ```
 //!
 //! Values are piecewise-linear functions of the wall time since `start_unix_ms` (default: the
-//! time of `nvmlInit_v2`), given as `[seconds, value]` points and held constant outside them.
+//! time of `nvmlInit_v2`, kept across reloads), given as `[seconds, value]` points and held constant outside them.
 //! A GPU's `sm_util` / `mem_util`, when absent, are the sum of its processes' (capped at 100);
 //! its used memory is `memory_base` plus its processes' memory. `errors` make one call return
-//! an NVML error code during a time window, at most `max_times` times.
+//! an NVML error code during a time window, at most `max_times` times (counts restart when the
+//! script is reloaded).
 //!
 //! The C ABI follows `nvml.h` as `nvml-wrapper-sys` 0.10 binds it: `nvmlProcessInfo_t` is the
 //! v2 layout (pid, usedGpuMemory, gpuInstanceId, computeInstanceId), `nvmlMemory_v2_t` carries
@@ -40,8 +46,10 @@
 )]
 
 use std::ffi::{c_char, c_uint, c_ulonglong};
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 
@@ -192,11 +200,34 @@ struct Script {
     gpus: Vec<Gpu>,
 }
 
+/// How often, at most, the query entry points `stat` the script to see whether it changed.
+pub const RELOAD_CHECK_MS: u64 = 50;
+
+/// What identifies one version of the script file: (mtime in ns, size, inode).
+type Stamp = (i128, u64, u64);
+
+fn stamp(path: &std::path::Path) -> Option<Stamp> {
+    let m = std::fs::metadata(path).ok()?;
+    let mtime = i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec());
+    Some((mtime, m.len(), m.ino()))
+}
+
+/// The script file followed, and what was last read of it.
+struct Source {
+    path: PathBuf,
+    stamp: Option<Stamp>,
+    checked: Instant,
+    /// The last stamp that failed to parse, so a bad version is reported once.
+    bad: Option<Stamp>,
+}
+
 struct State {
     script: Script,
     start_ms: u64,
     /// Per GPU, per injected error: how many times it fired.
     fired: Vec<Vec<u32>>,
+    /// `None` without `FAKE_NVML_SCRIPT`.
+    source: Option<Source>,
 }
 
 static STATE: Mutex<Option<State>> = Mutex::new(None);
@@ -213,7 +244,44 @@ fn now_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
+fn fired_for(script: &Script) -> Vec<Vec<u32>> {
+    script
+        .gpus
+        .iter()
+        .map(|g| vec![0; g.errors.len()])
+        .collect()
+}
+
 impl State {
+    /// Re-reads the script when its file changed, at most every [`RELOAD_CHECK_MS`] ms: the
+    /// agent initialises NVML once, while the testbed adds processes as it starts them.
+    fn maybe_reload(&mut self) {
+        let Some(src) = self.source.as_mut() else {
+            return;
+        };
+        if src.checked.elapsed().as_millis() < u128::from(RELOAD_CHECK_MS) {
+            return;
+        }
+        src.checked = Instant::now();
+        let now = stamp(&src.path);
+        if now.is_none() || now == src.stamp || now == src.bad {
+            // A file briefly missing (between unlink and rename) keeps the script in force.
+            return;
+        }
+        match read_script(&src.path) {
+            Ok(script) => {
+                src.stamp = now;
+                src.bad = None;
+                if let Some(ms) = script.start_unix_ms {
+                    self.start_ms = ms;
+                }
+                self.fired = fired_for(&script);
+                self.script = script;
+            }
+            Err(_) => src.bad = now,
+        }
+    }
+
     fn t(&self) -> f64 {
         (now_ms() as f64 - self.start_ms as f64) / 1000.0
     }
@@ -266,6 +334,7 @@ fn with_gpu(
     let Some(state) = guard.as_mut() else {
         return UNINITIALIZED;
     };
+    state.maybe_reload();
     let Some((index, _)) = state.gpu(device) else {
         return INVALID_ARGUMENT;
     };
@@ -295,24 +364,39 @@ unsafe fn write_str(s: &str, buf: *mut c_char, len: c_uint) -> NvmlReturn {
     SUCCESS
 }
 
-fn load_script() -> Result<Script, NvmlReturn> {
-    let Some(path) = std::env::var_os("FAKE_NVML_SCRIPT") else {
-        // No script: a machine with the library but no GPU.
-        return Ok(Script::default());
-    };
-    let text = std::fs::read_to_string(&path).map_err(|e| {
-        eprintln!("fake-nvml: reading {}: {e}", path.to_string_lossy());
+fn read_script(path: &std::path::Path) -> Result<Script, NvmlReturn> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        eprintln!("fake-nvml: reading {}: {e}", path.display());
         DRIVER_NOT_LOADED
     })?;
     serde_json::from_str(&text).map_err(|e| {
-        eprintln!("fake-nvml: parsing {}: {e}", path.to_string_lossy());
+        eprintln!("fake-nvml: parsing {}: {e}", path.display());
         UNKNOWN
     })
 }
 
+/// Reads the script named by `FAKE_NVML_SCRIPT` and what identifies that version of it.
+fn load_script() -> Result<(Script, Option<Source>), NvmlReturn> {
+    let Some(path) = std::env::var_os("FAKE_NVML_SCRIPT") else {
+        // No script: a machine with the library but no GPU.
+        return Ok((Script::default(), None));
+    };
+    let path = PathBuf::from(path);
+    // Stamp before reading: a change racing the read is then seen by the next check.
+    let before = stamp(&path);
+    let script = read_script(&path)?;
+    let source = Source {
+        path,
+        stamp: before,
+        checked: Instant::now(),
+        bad: None,
+    };
+    Ok((script, Some(source)))
+}
+
 #[unsafe(no_mangle)]
 pub extern "C" fn nvmlInit_v2() -> NvmlReturn {
-    let script = match load_script() {
+    let (script, source) = match load_script() {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -320,15 +404,12 @@ pub extern "C" fn nvmlInit_v2() -> NvmlReturn {
         return UNKNOWN;
     };
     let start_ms = script.start_unix_ms.unwrap_or_else(now_ms);
-    let fired = script
-        .gpus
-        .iter()
-        .map(|g| vec![0; g.errors.len()])
-        .collect();
+    let fired = fired_for(&script);
     *guard = Some(State {
         script,
         start_ms,
         fired,
+        source,
     });
     SUCCESS
 }
@@ -373,12 +454,13 @@ pub unsafe extern "C" fn nvmlDeviceGetCount_v2(count: *mut c_uint) -> NvmlReturn
     if count.is_null() {
         return INVALID_ARGUMENT;
     }
-    let Ok(guard) = STATE.lock() else {
+    let Ok(mut guard) = STATE.lock() else {
         return UNKNOWN;
     };
-    let Some(state) = guard.as_ref() else {
+    let Some(state) = guard.as_mut() else {
         return UNINITIALIZED;
     };
+    state.maybe_reload();
     // SAFETY: checked non-null; the caller passes a valid `unsigned int *`.
     unsafe { *count = state.script.gpus.len() as c_uint };
     SUCCESS
@@ -590,5 +672,69 @@ mod tests {
         assert_eq!(s.at(5.0), 50.0, "halfway up the ramp");
         assert_eq!(s.at(30.0), 100.0, "after the last point");
         assert_eq!(Series::default().at(3.0), 0.0, "empty series");
+    }
+
+    fn running_pids() -> Vec<u32> {
+        let mut infos: [NvmlProcessInfo; 8] = std::array::from_fn(|_| NvmlProcessInfo {
+            pid: 0,
+            used_gpu_memory: 0,
+            gpu_instance_id: 0,
+            compute_instance_id: 0,
+        });
+        let mut count: c_uint = 8;
+        // Handle of GPU index 0 (handles are index + 1).
+        let handle = std::ptr::without_provenance_mut::<Device>(1);
+        // SAFETY: `count` and `infos` are valid for 8 entries.
+        let rc = unsafe {
+            nvmlDeviceGetComputeRunningProcesses_v3(handle, &mut count, infos.as_mut_ptr())
+        };
+        assert_eq!(rc, SUCCESS);
+        infos[..count as usize].iter().map(|p| p.pid).collect()
+    }
+
+    /// Replaces the script atomically, as the testbed does.
+    fn write_script(path: &std::path::Path, script: &serde_json::Value) {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, script.to_string()).expect("write script");
+        std::fs::rename(&tmp, path).expect("rename script");
+    }
+
+    #[test]
+    fn a_changed_script_is_followed_without_a_new_init() {
+        let dir = std::env::temp_dir().join(format!("fake-nvml-reload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("script.json");
+        let start = now_ms();
+        let gpu = |procs: serde_json::Value| {
+            serde_json::json!({"start_unix_ms": start, "gpus": [{
+                "uuid": "GPU-r", "name": "Fake", "memory_total": 1u64 << 30, "processes": procs
+            }]})
+        };
+        write_script(&path, &gpu(serde_json::json!([{"pid": 10}])));
+        // SAFETY: the only test in this crate that loads a script (the other reads no env).
+        unsafe { std::env::set_var("FAKE_NVML_SCRIPT", &path) };
+        assert_eq!(nvmlInit_v2(), SUCCESS);
+        assert_eq!(running_pids(), vec![10]);
+
+        write_script(&path, &gpu(serde_json::json!([{"pid": 10}, {"pid": 20}])));
+        std::thread::sleep(std::time::Duration::from_millis(RELOAD_CHECK_MS + 20));
+        assert_eq!(running_pids(), vec![10, 20], "the new process is listed");
+
+        // A broken version keeps the last good script in force.
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, "{ not json").expect("write");
+        std::fs::rename(&tmp, &path).expect("rename");
+        std::thread::sleep(std::time::Duration::from_millis(RELOAD_CHECK_MS + 20));
+        assert_eq!(running_pids(), vec![10, 20], "a bad script is ignored");
+
+        // A process that ended (its end_s in the past) is gone; the start time is kept.
+        write_script(
+            &path,
+            &gpu(serde_json::json!([{"pid": 20, "end_s": 0.001}])),
+        );
+        std::thread::sleep(std::time::Duration::from_millis(RELOAD_CHECK_MS + 20));
+        assert_eq!(running_pids(), Vec::<u32>::new(), "ended and removed");
+        assert_eq!(nvmlShutdown(), SUCCESS);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -285,10 +285,18 @@ impl Engine {
 
     /// Install contention intervals (absolute unix ns) and write their truth records.
     pub fn set_contention(&self, intervals: Vec<ContentionTruth>) {
+        self.schedule_contention(&intervals);
+        for c in intervals {
+            self.truth.write(&TruthRecord::Contention(c));
+        }
+    }
+
+    /// Install contention intervals without writing their truth (the caller writes it once it
+    /// knows the neighbour process that plays each).
+    pub fn schedule_contention(&self, intervals: &[ContentionTruth]) {
         let mut st = self.lock();
         for c in intervals {
             st.contention.push((c.start_ns, c.end_ns, c.factor));
-            self.truth.write(&TruthRecord::Contention(c));
         }
     }
 
@@ -363,6 +371,11 @@ impl Engine {
         }
         drop(st);
         self.notify.notify_one();
+    }
+
+    /// The decode slow-down in force at `now` (1 outside contention intervals).
+    pub fn contention_factor_at(&self, now: u64) -> f64 {
+        Self::contention_factor(&self.lock(), now)
     }
 
     fn contention_factor(st: &State, now: u64) -> f64 {
@@ -741,7 +754,13 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn decode_slows_in_contention() {
         let truth = Arc::new(JsonlWriter::create(None).unwrap());
-        let e = Engine::new(cfg(Policy::Never), truth);
+        // 10 ms steps: on a loaded 2-core box a 1 ms sleep can take 5 ms, which would hide a
+        // 4x slowdown of 1 ms steps.
+        let config = EngineConfig {
+            decode_ns: 10_000_000.0,
+            ..cfg(Policy::Never)
+        };
+        let e = Engine::new(config, truth);
         let task = tokio::spawn(e.clone().run());
         let mut s = e.submit(req("base", vec![1; 8], 10)).unwrap();
         let (t, _) = drain(&mut s.rx).await;
@@ -753,6 +772,8 @@ mod tests {
             factor: 4.0,
             neighbour: "x".into(),
             neighbour_sm_util: 90,
+            neighbour_pid: None,
+            neighbour_executable: None,
         }]);
         let mut s = e.submit(req("slow", vec![2; 8], 10)).unwrap();
         let (t, _) = drain(&mut s.rx).await;

@@ -45,6 +45,11 @@ enum Cmd {
         /// Multiply every duration.
         #[arg(long, default_value_t = 1.0)]
         duration_scale: f64,
+        /// Write (and keep updating) the fake NVML's script (tests/fake-nvml) as the runtime
+        /// plays the scenario: its GPU memory and SM use, and contention neighbours as real
+        /// processes. An existing script's GPU and start time are kept.
+        #[arg(long)]
+        nvml_script: Option<PathBuf>,
     },
     /// Send a scenario's traffic to a running runtime.
     Traffic {
@@ -93,6 +98,23 @@ enum Cmd {
         /// Override per-token span events (true | false).
         #[arg(long)]
         token_events: Option<bool>,
+        /// Write (and keep updating) the fake NVML's script, as `serve --nvml-script`.
+        #[arg(long)]
+        nvml_script: Option<PathBuf>,
+    },
+    /// A neighbour process for the fake NVML to list (started by the runtime with `argv[0]` set
+    /// to the scenario's neighbour): detaches, prints its pid, sleeps until killed.
+    #[command(hide = true)]
+    Hog {
+        /// Command name to take (`/proc/<pid>/comm`).
+        #[arg(long)]
+        comm: String,
+        /// Exit when this process is gone.
+        #[arg(long)]
+        watch_pid: u32,
+        /// Exit after this many seconds at most.
+        #[arg(long, default_value_t = 600.0)]
+        max_s: f64,
     },
 }
 
@@ -132,6 +154,15 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Cmd::Hog {
+        comm,
+        watch_pid,
+        max_s,
+    } = &cli.cmd
+    {
+        // Before any runtime thread exists: it forks.
+        return inferwatch_testbed::nvml::hog_main(comm, *watch_pid, *max_s);
+    }
     // Multi-thread: the OTLP batch exporter blocks on a current-thread runtime.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -150,6 +181,7 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             otlp_endpoint,
             policy,
             duration_scale,
+            nvml_script,
         } => {
             let mut rt = match scenario {
                 Some(p) => Scenario::load(&p)?.runtime,
@@ -167,6 +199,7 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
                 duration_scale,
                 truth,
                 otlp_endpoint,
+                nvml_script,
             })
             .await?;
             wait_signal().await;
@@ -211,6 +244,7 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             seed,
             policy,
             token_events,
+            nvml_script,
         } => {
             let mut s = Scenario::load(&scenario)?;
             if let Some(seed) = seed {
@@ -251,6 +285,9 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
                     cmd.arg("--otlp-endpoint").arg(e);
                 }
                 cmd.arg("--policy").arg(&s.runtime.disconnect_policy);
+                if let Some(p) = &nvml_script {
+                    cmd.arg("--nvml-script").arg(p);
+                }
                 let mut child = cmd.spawn().context("spawning iw-testbed serve")?;
                 let sum = traffic::run(plan, opts, writer).await;
                 tracing::info!(?sum, "traffic done");
@@ -276,6 +313,7 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
                     duration_scale,
                     truth,
                     otlp_endpoint,
+                    nvml_script,
                 }));
                 let sum = traffic::run(plan, opts, writer).await;
                 tracing::info!(?sum, "traffic done");
@@ -290,5 +328,7 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
         }
+        // Dispatched in `main` before the runtime starts.
+        Cmd::Hog { .. } => Ok(()),
     }
 }

@@ -127,8 +127,11 @@ impl SpanSink {
     /// Export over OTLP/gRPC to `endpoint` (e.g. `http://127.0.0.1:4317`); `None`: no export.
     /// Needs a multi-thread tokio runtime (the batch processor blocks on shutdown otherwise).
     pub fn new(endpoint: Option<&str>, service_name: &str) -> anyhow::Result<Self> {
+        // `process.pid` as the OTel SDKs' process detector sets it: the agent keys a runtime
+        // instance (its GPUs, its cold start) by the pid that exported the span.
         let resource = Resource::builder()
             .with_service_name(service_name.to_string())
+            .with_attribute(KeyValue::new("process.pid", i64::from(std::process::id())))
             .build();
         let mut b = SdkTracerProvider::builder().with_resource(resource);
         if let Some(ep) = endpoint {

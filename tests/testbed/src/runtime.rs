@@ -1,9 +1,10 @@
 //! Starting the simulated runtime: the cold-start phases (CUDA init, weight loading) before
-//! listening, the contention schedule, the engine task and the HTTP server.
+//! listening, the contention schedule, the engine task and the HTTP server; with an NVML
+//! script, the GPU side of all of it for the fake NVML (see [`crate::nvml`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -11,9 +12,10 @@ use tokio::task::JoinHandle;
 
 use crate::config::RuntimeConfig;
 use crate::engine::{Engine, EngineConfig};
+use crate::nvml::{self, NvmlScript};
 use crate::otel::SpanSink;
 use crate::server::{self, Server};
-use crate::truth::{ColdStartTruth, ContentionTruth, JsonlWriter, now_ns};
+use crate::truth::{ColdStartTruth, ContentionTruth, JsonlWriter, TruthRecord, now_ns};
 
 /// Options of one runtime instance.
 #[derive(Debug, Clone)]
@@ -28,6 +30,8 @@ pub struct ServeOptions {
     pub truth: Option<PathBuf>,
     /// OTLP/gRPC endpoint (None: no export).
     pub otlp_endpoint: Option<String>,
+    /// The fake NVML's script to write (None: no GPU side).
+    pub nvml_script: Option<PathBuf>,
 }
 
 /// A running instance.
@@ -42,13 +46,39 @@ pub struct Running {
     /// The bound KV event endpoint, when KV events are published.
     pub kv_events_endpoint: Option<String>,
     tasks: Vec<JoinHandle<()>>,
+    gpu: Option<Arc<GpuPlay>>,
+}
+
+/// The GPU side of a running instance: the script and the neighbour processes alive.
+#[derive(Debug)]
+struct GpuPlay {
+    script: NvmlScript,
+    neighbours: Mutex<Vec<u32>>,
+}
+
+impl GpuPlay {
+    fn neighbours(&self) -> std::sync::MutexGuard<'_, Vec<u32>> {
+        self.neighbours.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Running {
-    /// Stop serving, flush spans.
+    /// Stop serving, flush spans; the runtime leaves the GPU and neighbours still alive end.
     pub async fn shutdown(self) {
         for t in &self.tasks {
             t.abort();
+        }
+        if let Some(gpu) = &self.gpu {
+            for pid in gpu.neighbours().drain(..) {
+                nvml::kill_neighbour(pid);
+            }
+            let t = gpu.script.t(now_ns());
+            let _ = gpu
+                .script
+                .update_process(std::process::id(), |p| {
+                    p.insert("end_s".into(), serde_json::json!(t));
+                })
+                .inspect_err(|e| tracing::warn!(error = %e, "NVML script"));
         }
         self.engine.flush_cold_start();
         let spans = self.spans.clone();
@@ -90,24 +120,63 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Running> {
     let cfg = EngineConfig::from_runtime(&opts.runtime, scale)?;
     let engine = Engine::new(cfg, truth.clone());
 
+    let gpu = match &opts.nvml_script {
+        Some(path) => Some(Arc::new(GpuPlay {
+            script: NvmlScript::open(path)?,
+            neighbours: Mutex::new(Vec::new()),
+        })),
+        None => None,
+    };
+    let pid = std::process::id();
     let cuda_init_start_ns = now_ns();
+    if let Some(gpu) = &gpu {
+        // CUDA init: the process appears on the GPU holding its context.
+        let t = gpu.script.t(cuda_init_start_ns);
+        gpu.script.update_process(pid, |p| {
+            p.insert("start_s".into(), serde_json::json!(t));
+            p.remove("end_s");
+            p.insert(
+                "memory".into(),
+                serde_json::json!([[t, nvml::CONTEXT_BYTES]]),
+            );
+            p.insert("sm_util".into(), serde_json::json!([[t, 0]]));
+            p.insert("mem_util".into(), serde_json::json!([[t, 0]]));
+        })?;
+    }
     tokio::time::sleep(Duration::from_secs_f64(
         opts.runtime.cuda_init_ms * scale / 1e3,
     ))
     .await;
     let weights_start_ns = now_ns();
+    let load = Duration::from_secs_f64(opts.runtime.load_weights_ms * scale / 1e3);
+    if let Some(gpu) = &gpu {
+        // The weights fill GPU memory linearly over the load, then it stays on the plateau
+        // (the agent's `t_weights`).
+        let (t0, t1) = (
+            gpu.script.t(cuda_init_start_ns),
+            gpu.script.t(weights_start_ns),
+        );
+        let t2 = gpu.script.t(weights_start_ns + load.as_nanos() as u64);
+        gpu.script.update_process(pid, |p| {
+            p.insert(
+                "memory".into(),
+                serde_json::json!([
+                    [t0, nvml::CONTEXT_BYTES],
+                    [t1, nvml::CONTEXT_BYTES],
+                    [t2, nvml::CONTEXT_BYTES + nvml::WEIGHTS_BYTES]
+                ]),
+            );
+        })?;
+    }
     tracing::info!("loading weights");
-    tokio::time::sleep(Duration::from_secs_f64(
-        opts.runtime.load_weights_ms * scale / 1e3,
-    ))
-    .await;
+    tokio::time::sleep(load).await;
     let weights_done_ns = now_ns();
     let listener = TcpListener::bind(opts.listen).await?;
     let listen_ns = now_ns();
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "listening");
     engine.set_cold_start(ColdStartTruth {
-        pid: std::process::id(),
+        pid,
         exec_ns,
         cuda_init_start_ns,
         weights_start_ns,
@@ -117,19 +186,32 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Running> {
         first_request_ns: None,
         first_token_ns: None,
     });
-    engine.set_contention(
-        opts.runtime
-            .contention
-            .iter()
-            .map(|c| ContentionTruth {
-                start_ns: listen_ns + (c.start_s * scale * 1e9) as u64,
-                end_ns: listen_ns + (c.end_s * scale * 1e9) as u64,
-                factor: c.factor,
-                neighbour: c.neighbour.clone(),
-                neighbour_sm_util: c.neighbour_sm_util,
-            })
-            .collect(),
-    );
+    let intervals: Vec<ContentionTruth> = opts
+        .runtime
+        .contention
+        .iter()
+        .map(|c| ContentionTruth {
+            start_ns: listen_ns + (c.start_s * scale * 1e9) as u64,
+            end_ns: listen_ns + (c.end_s * scale * 1e9) as u64,
+            factor: c.factor,
+            neighbour: c.neighbour.clone(),
+            neighbour_sm_util: c.neighbour_sm_util,
+            neighbour_pid: None,
+            neighbour_executable: None,
+        })
+        .collect();
+    let mut tasks = Vec::new();
+    match &gpu {
+        Some(gpu) => {
+            // Each interval's truth is written once its neighbour process runs (with its pid).
+            engine.schedule_contention(&intervals);
+            for c in intervals {
+                tasks.push(tokio::spawn(play_neighbour(gpu.clone(), truth.clone(), c)));
+            }
+            tasks.push(tokio::spawn(follow_decode(gpu.clone(), engine.clone())));
+        }
+        None => engine.set_contention(intervals),
+    }
     let mut kv_task = None;
     let mut kv_events_endpoint = None;
     if let Some(ep) = &opts.runtime.kv_events_endpoint {
@@ -146,10 +228,8 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Running> {
         model: opts.runtime.model.clone(),
         token_events: opts.runtime.token_events,
     });
-    let mut tasks = vec![
-        tokio::spawn(engine.clone().run()),
-        tokio::spawn(server::serve(server, listener)),
-    ];
+    tasks.push(tokio::spawn(engine.clone().run()));
+    tasks.push(tokio::spawn(server::serve(server, listener)));
     tasks.extend(kv_task);
     Ok(Running {
         addr,
@@ -157,5 +237,87 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Running> {
         spans,
         kv_events_endpoint,
         tasks,
+        gpu,
     })
+}
+
+/// How long before its interval a neighbour process is started (and after it killed): the
+/// fake NVML lists it exactly over the interval, and the process must exist whenever it is
+/// listed, so that the agent can read its identity.
+const NEIGHBOUR_MARGIN: Duration = Duration::from_millis(300);
+
+async fn sleep_until_ns(ns: u64) {
+    let now = now_ns();
+    if ns > now {
+        tokio::time::sleep(Duration::from_nanos(ns - now)).await;
+    }
+}
+
+/// Plays one contention interval's neighbour: a real process, listed by the fake NVML with the
+/// interval's SM share and some memory from its start to its end.
+async fn play_neighbour(gpu: Arc<GpuPlay>, truth: Arc<JsonlWriter>, mut c: ContentionTruth) {
+    let margin = NEIGHBOUR_MARGIN.as_nanos() as u64;
+    sleep_until_ns(c.start_ns.saturating_sub(margin)).await;
+    let life_s = (c.end_ns.saturating_sub(now_ns()) + 2 * margin) as f64 / 1e9 + 5.0;
+    let pid = match nvml::spawn_neighbour(&c.neighbour, life_s).await {
+        Ok(pid) => pid,
+        Err(e) => {
+            tracing::warn!(error = %e, neighbour = %c.neighbour, "cannot start the neighbour");
+            truth.write(&TruthRecord::Contention(c));
+            return;
+        }
+    };
+    gpu.neighbours().push(pid);
+    // Listed from the interval's start, or from now when the spawn ran late.
+    let from = gpu.script.t(c.start_ns.max(now_ns()));
+    let to = gpu.script.t(c.end_ns);
+    let sm = f64::from(c.neighbour_sm_util);
+    let listed = gpu.script.update_process(pid, |p| {
+        p.insert("start_s".into(), serde_json::json!(from));
+        p.insert("end_s".into(), serde_json::json!(to));
+        p.insert(
+            "memory".into(),
+            serde_json::json!([[from, nvml::NEIGHBOUR_BYTES]]),
+        );
+        p.insert("sm_util".into(), serde_json::json!([[from, sm]]));
+        p.insert("mem_util".into(), serde_json::json!([[from, sm / 4.0]]));
+    });
+    if let Err(e) = listed {
+        tracing::warn!(error = %e, "NVML script");
+    }
+    c.neighbour_pid = Some(pid);
+    c.neighbour_executable = Some(nvml::neighbour_comm(&c.neighbour));
+    tracing::info!(pid, neighbour = %c.neighbour, "neighbour on the GPU");
+    let end_ns = c.end_ns;
+    truth.write(&TruthRecord::Contention(c));
+    sleep_until_ns(end_ns + margin).await;
+    gpu.neighbours().retain(|p| *p != pid);
+    nvml::kill_neighbour(pid);
+}
+
+/// The runtime's SM utilisation as its decode activity: 0 when idle, more with more running
+/// sequences, less while a contention interval slows it. Written when it changes, at most every
+/// 100 ms.
+async fn follow_decode(gpu: Arc<GpuPlay>, engine: Arc<Engine>) {
+    let pid = std::process::id();
+    let mut last: Option<u32> = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = now_ns();
+        let (running, _) = engine.load();
+        let sm = if running == 0 {
+            0
+        } else {
+            let busy = (30 + 5 * running as u32).min(90);
+            (f64::from(busy) / engine.contention_factor_at(now)).round() as u32
+        };
+        if last == Some(sm) {
+            continue;
+        }
+        last = Some(sm);
+        let t = gpu.script.t(now);
+        if let Err(e) = gpu.script.push_point(pid, "sm_util", t, f64::from(sm)) {
+            tracing::warn!(error = %e, "NVML script");
+        }
+    }
 }

@@ -155,6 +155,13 @@ pub struct ContentionTruth {
     pub neighbour: String,
     /// Simulated SM utilisation of the neighbour (0..=100).
     pub neighbour_sm_util: u32,
+    /// Pid of the real process that played the neighbour (with `--nvml-script`; the fake NVML
+    /// lists it on the GPU from `start_ns` to `end_ns`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub neighbour_pid: Option<u32>,
+    /// Its command name (`/proc/<pid>/comm`), as the agent should name it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub neighbour_executable: Option<String>,
 }
 
 /// One client-side record, written by the traffic generator per request.

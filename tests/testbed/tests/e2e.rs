@@ -29,6 +29,7 @@ async fn drive(s: &Scenario, scale: f64, tag: &str) -> (Vec<TruthRecord>, Vec<Cl
         duration_scale: scale,
         truth: Some(truth.clone()),
         otlp_endpoint: None,
+        nvml_script: None,
     })
     .await
     .unwrap();

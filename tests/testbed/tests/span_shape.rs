@@ -78,6 +78,7 @@ async fn span_matches_vllm_llm_request() {
         duration_scale: 1.0,
         truth: None,
         otlp_endpoint: Some(format!("http://{otlp}")),
+        nvml_script: None,
     })
     .await
     .unwrap();

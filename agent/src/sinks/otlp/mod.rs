@@ -21,6 +21,7 @@
 //! Plain-text endpoints only (`http://`): TLS to the backend is not built in yet.
 
 pub mod config;
+mod encode;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +34,6 @@ use hyper_util::rt::TokioExecutor;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use prost::Message;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::codec::CompressionEncoding;
@@ -413,7 +413,7 @@ pub fn encode_request(
     request: &ExportTraceServiceRequest,
     gzip: bool,
 ) -> Result<Vec<u8>, OtlpExportError> {
-    let raw = request.encode_to_vec();
+    let raw = encode::encode_trace_request(request);
     if !gzip {
         return Ok(raw);
     }

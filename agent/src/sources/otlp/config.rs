@@ -1,6 +1,7 @@
 //! Configuration of the OTLP trace receiver.
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +19,11 @@ pub struct OtlpReceiverConfig {
     pub http_port: u16,
     /// When set, every request must carry `authorization: Bearer <token>`.
     pub bearer_token: Option<String>,
+    /// PEM certificate chain (leaf first) served by both listeners. With `tls_key_path`, the
+    /// receiver speaks TLS only (rustls; plaintext clients are refused); set both or neither.
+    pub tls_cert_path: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `tls_cert_path`; set both or neither.
+    pub tls_key_path: Option<PathBuf>,
     /// Largest request accepted, in bytes, after decompression (gRPC RESOURCE_EXHAUSTED,
     /// HTTP 413 above it).
     pub max_request_bytes: usize,
@@ -44,6 +50,8 @@ impl Default for OtlpReceiverConfig {
             grpc_port: 4317,
             http_port: 4318,
             bearer_token: None,
+            tls_cert_path: None,
+            tls_key_path: None,
             max_request_bytes: 4 * 1024 * 1024,
             max_attributes: 1024,
             max_value_depth: 16,

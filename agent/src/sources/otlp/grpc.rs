@@ -85,11 +85,19 @@ pub(super) async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), OtlpError> {
     let limit = shared.config.max_request_bytes;
+    let tls = shared.tls.clone();
     let service = TraceServiceServer::new(GrpcReceiver { shared })
         .max_decoding_message_size(limit)
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Zstd);
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        let identity = tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem);
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(OtlpError::GrpcTls)?;
+    }
+    builder
         .layer(tower::util::MapResponseLayer::new(otlp_status_codes))
         .add_service(service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())

@@ -49,10 +49,19 @@ pub(super) async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), OtlpError> {
-    axum::serve(listener, router(shared))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-        .map_err(OtlpError::Http)
+    match shared.tls.as_ref().map(|t| t.http.clone()) {
+        Some(config) => {
+            let listener = super::tls::TlsListener::new(listener, config, shutdown.clone());
+            axum::serve(listener, router(shared))
+                .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                .await
+                .map_err(OtlpError::Http)
+        }
+        None => axum::serve(listener, router(shared))
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+            .map_err(OtlpError::Http),
+    }
 }
 
 fn error(status: StatusCode, message: &str) -> Response {

@@ -18,6 +18,7 @@ mod http;
 pub mod sample;
 #[cfg(test)]
 mod tests;
+mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 pub use self::config::OtlpReceiverConfig;
+pub use self::tls::TlsError;
 use crate::internal_events::{OtlpRequestRejected, OtlpSpansReceived, SpansDropped};
 use crate::sinks::SpanBatch;
 use crate::sinks::prometheus::metrics::{AgentMetrics, DropStage, Protocol, RejectReason};
@@ -48,6 +50,12 @@ pub enum OtlpError {
         #[source]
         source: std::io::Error,
     },
+    /// The TLS certificate or key could not be loaded.
+    #[error("loading the OTLP receiver's TLS certificate")]
+    Tls(#[source] TlsError),
+    /// tonic refused the TLS identity.
+    #[error("configuring TLS on the OTLP/gRPC listener")]
+    GrpcTls(#[source] tonic::transport::Error),
     /// The gRPC server stopped with an error.
     #[error("serving OTLP/gRPC")]
     Grpc(#[source] tonic::transport::Error),
@@ -91,6 +99,8 @@ pub(crate) struct Shared {
     pub(crate) config: OtlpReceiverConfig,
     pub(crate) sender: SpanSender,
     pub(crate) metrics: Arc<AgentMetrics>,
+    /// TLS on both listeners, when configured.
+    pub(crate) tls: Option<tls::TlsMaterial>,
 }
 
 /// What [`Shared::accept`] decided.
@@ -265,6 +275,13 @@ impl OtlpReceiver {
         sender: SpanSender,
         metrics: Arc<AgentMetrics>,
     ) -> Result<Self, OtlpError> {
+        // Before binding: a half-configured or unreadable TLS setup must not leave a
+        // plaintext receiver running.
+        let tls = tls::TlsMaterial::load(
+            config.tls_cert_path.as_deref(),
+            config.tls_key_path.as_deref(),
+        )
+        .map_err(OtlpError::Tls)?;
         let grpc_addr = SocketAddr::new(config.bind_address, config.grpc_port);
         let http_addr = SocketAddr::new(config.bind_address, config.http_port);
         let grpc = TcpListener::bind(grpc_addr)
@@ -286,6 +303,7 @@ impl OtlpReceiver {
                 config: config.clone(),
                 sender,
                 metrics,
+                tls,
             }),
             grpc,
             http,
@@ -312,7 +330,7 @@ impl OtlpReceiver {
     /// # Errors
     /// When either server fails; the other is stopped too.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), OtlpError> {
-        info!(grpc = %self.grpc_addr(), http = %self.http_addr(), "OTLP receiver listening");
+        info!(grpc = %self.grpc_addr(), http = %self.http_addr(), tls = self.shared.tls.is_some(), "OTLP receiver listening");
         let grpc = grpc::serve(self.shared.clone(), self.grpc, shutdown.clone());
         let http = http::serve(self.shared, self.http, shutdown.clone());
         let (g, h) = tokio::join!(

@@ -178,11 +178,35 @@ pub fn start_time_nanos(boot_time_s: u64, start_ticks: u64, ticks_per_s: u64) ->
         .saturating_add(start_ticks.saturating_mul(1_000_000_000) / tps)
 }
 
+/// The boot time in unix nanoseconds: the wall clock minus the time since boot
+/// (`CLOCK_BOOTTIME`, the clock that `/proc/<pid>/stat`'s start ticks count on). `btime` in
+/// `/proc/stat` is truncated to whole seconds, which would place every `t_exec` up to a second
+/// early; it is only the fallback.
+fn boot_time_nanos() -> Option<UnixNanos> {
+    let read = |clock| {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec into the valid pointer given.
+        let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
+        (rc == 0).then(|| {
+            u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000
+                + u64::try_from(ts.tv_nsec).unwrap_or(0)
+        })
+    };
+    // Read close together; the two clocks advance at the same rate.
+    let since_boot = read(libc::CLOCK_BOOTTIME)?;
+    let wall = read(libc::CLOCK_REALTIME)?;
+    wall.checked_sub(since_boot)
+}
+
 /// Reads identities from a procfs root (normally `/proc`) with a bounded cache.
 #[derive(Debug)]
 pub struct ProcReader {
     root: PathBuf,
-    boot_time_s: Option<u64>,
+    /// Boot time, unix nanoseconds.
+    boot_time_ns: Option<UnixNanos>,
     ticks_per_s: u64,
     capacity: usize,
     /// pid -> (start ticks, identity).
@@ -195,14 +219,17 @@ impl ProcReader {
     /// `capacity` identities.
     pub fn new(root: impl Into<PathBuf>, capacity: usize) -> Self {
         let root = root.into();
-        let boot_time_s = std::fs::read_to_string(root.join("stat"))
-            .ok()
-            .and_then(|s| parse_boot_time(&s));
+        let boot_time_ns = boot_time_nanos().or_else(|| {
+            std::fs::read_to_string(root.join("stat"))
+                .ok()
+                .and_then(|s| parse_boot_time(&s))
+                .map(|b| b.saturating_mul(1_000_000_000))
+        });
         // SAFETY: sysconf has no preconditions; it only reads a configuration value.
         let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
         Self {
             root,
-            boot_time_s,
+            boot_time_ns,
             ticks_per_s: u64::try_from(ticks).ok().filter(|t| *t > 0).unwrap_or(100),
             capacity: capacity.max(1),
             cache: HashMap::new(),
@@ -266,9 +293,9 @@ impl ProcReader {
             executable,
             container_id: cgroup.container_id,
             pod_uid: cgroup.pod_uid,
-            start_time: self
-                .boot_time_s
-                .map(|b| start_time_nanos(b, ticks, self.ticks_per_s)),
+            start_time: self.boot_time_ns.map(|b| {
+                b.saturating_add(ticks.saturating_mul(1_000_000_000) / self.ticks_per_s.max(1))
+            }),
             parent_pid: parse_stat_parent(&stat).filter(|p| *p != 0),
         };
         if self.cache.insert(pid, (ticks, identity.clone())).is_none() {
