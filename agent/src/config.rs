@@ -96,41 +96,64 @@ impl AgentConfig {
         args: &CommonArgs,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let mut table = match &args.config {
-            Some(path) => read_table(path)?,
-            None => toml::Table::new(),
-        };
-        apply_env(&mut table, env)?;
-        let mut config: AgentConfig =
-            toml::Value::Table(table)
-                .try_into()
-                .map_err(|source| ConfigError::Schema {
-                    path: args.config.clone(),
+        let mut config = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
                     source,
                 })?;
+                Self::from_toml_str(&text, path, env)?
+            }
+            None => Self::from_table(toml::Table::new(), None, env)?,
+        };
         for port in &args.watch_ports {
             if !config.kernel.watch_ports.contains(port) {
                 config.kernel.watch_ports.push(*port);
             }
         }
+        Ok(config)
+    }
+
+    /// Parses `text`, the contents of the config file at `path` (only named in errors), and
+    /// applies `INFERWATCH_*` variables from `env`: what [`AgentConfig::resolve`] does before
+    /// the flags, without touching the file system.
+    ///
+    /// # Errors
+    /// [`ConfigError::Parse`] for text that is not TOML, [`ConfigError::Env`] for a variable that
+    /// cannot be merged, [`ConfigError::Schema`] when the result does not fit the schema.
+    pub fn from_toml_str(
+        text: &str,
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let table = text
+            .parse::<toml::Table>()
+            .map_err(|source| ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            })?;
+        Self::from_table(table, Some(path), env)
+    }
+
+    fn from_table(
+        mut table: toml::Table,
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        apply_env(&mut table, env)?;
+        let mut config: Self =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|source| ConfigError::Schema {
+                    path: path.map(Path::to_owned),
+                    source,
+                })?;
         // One tenant-hashing setting for every export; the older KV-only keys feed it.
         config
             .privacy
             .merge_legacy(&mut config.correlator.kv_eviction);
         Ok(config)
     }
-}
-
-fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    text.parse::<toml::Table>()
-        .map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source,
-        })
 }
 
 /// Merges `INFERWATCH_SECTION__KEY=value` variables into `table`. `INFERWATCH_CONFIG` names the

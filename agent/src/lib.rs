@@ -9,6 +9,8 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod correlator;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod internal_events;
 pub mod model;
 pub mod pipeline;

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask <setup|build|test|bench|demo|deploy-check|gpu-check>`.
+//! Project tasks: `cargo xtask <setup|build|test|bench|demo|deploy-check|gpu-check|fuzz>`.
 //!
 //! One file per subcommand; every external command goes through `util::run`, which prints it
 //! and names it when it fails.
@@ -7,6 +7,7 @@ mod bench;
 mod build;
 mod demo;
 mod deploy_check;
+mod fuzz;
 mod gpu_check;
 mod setup;
 mod test;
@@ -55,6 +56,8 @@ enum Task {
         #[arg(value_enum)]
         which: bench::Which,
     },
+    /// The libFuzzer targets of fuzz/ through cargo-fuzz (installed if missing), 600 s each.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -67,5 +70,6 @@ fn main() -> anyhow::Result<()> {
         Task::Demo { scenario } => demo::task(&scenario),
         Task::GpuCheck { bin } => gpu_check::task(bin.as_deref()),
         Task::DeployCheck => deploy_check::run(),
+        Task::Fuzz(args) => fuzz::task(args),
     }
 }

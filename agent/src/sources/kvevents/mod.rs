@@ -95,11 +95,17 @@ pub fn decode_message(frames: &[&[u8]], instance: &str) -> Result<KvEventBatch, 
     Ok(batch)
 }
 
+/// Nesting budget of the msgpack reader (rmpv counts about two per container). A `KVEventBatch`
+/// nests four containers deep; rmpv's own default (1024) recurses deep enough to overflow the
+/// 2 MiB stack of a tokio worker on a payload of nested one-element arrays (found by fuzzing).
+const MAX_MSGPACK_DEPTH: usize = 32;
+
 /// Decodes a msgpack `KVEventBatch` payload.
 pub fn decode_payload(payload: &[u8], instance: &str) -> Result<KvEventBatch, DecodeError> {
     use rmpv::Value;
     let mut cursor = payload;
-    let value = rmpv::decode::read_value(&mut cursor).map_err(DecodeError::Msgpack)?;
+    let value = rmpv::decode::read_value_with_max_depth(&mut cursor, MAX_MSGPACK_DEPTH)
+        .map_err(DecodeError::Msgpack)?;
     let Value::Array(fields) = value else {
         return Err(DecodeError::Shape("batch is not an array"));
     };
@@ -306,6 +312,20 @@ mod tests {
         let mut out = Vec::new();
         rmpv::encode::write_value(&mut out, v).expect("encode");
         out
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_on_a_worker_stack() {
+        // 100k nested one-element arrays: refused by the depth budget instead of recursing
+        // through a tokio worker's 2 MiB stack (a fuzzing find).
+        let mut payload = vec![0x91u8; 100_000];
+        payload.push(0xc0);
+        let worker = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || decode_payload(&payload, "w").map(|_| ()))
+            .expect("spawn");
+        let result = worker.join().expect("no stack overflow");
+        assert!(matches!(result, Err(DecodeError::Msgpack(_))), "{result:?}");
     }
 
     #[test]

@@ -1,0 +1,162 @@
+//! `cargo xtask fuzz [--seconds N] [--sanitizer S] [--cmin] [TARGET]`: runs the libFuzzer targets
+//! of `fuzz/` through cargo-fuzz (installed when missing), one after the other.
+//!
+//! Only the stable toolchain is assumed: cargo-fuzz passes nightly `-Z` flags to rustc, so the
+//! runs set `RUSTC_BOOTSTRAP=1`. Each run starts from `fuzz/corpus/<target>/` (new inputs are
+//! added there) and also reads `fuzz/regressions/<target>/`; libFuzzer is bounded per input
+//! (`-timeout`, `-max_len`) and in memory (`-rss_limit_mb`, `-malloc_limit_mb`), so a hang or
+//! an unbounded allocation fails the run like a crash. A failing input lands in
+//! `fuzz/artifacts/<target>/`: move it to `fuzz/regressions/<target>/` with the fix, where
+//! `agent/tests/fuzz_regressions.rs` replays it on every `cargo test`.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::bail;
+use clap::ValueEnum;
+
+use crate::util::{cargo, have_cargo_subcommand, root, run};
+
+/// A fuzz target of `fuzz/fuzz_targets/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Target {
+    /// OTLP/protobuf and OTLP/JSON requests through `validate` and the runtime adapters.
+    Otlp,
+    /// Kernel ring-buffer records, HTTP request heads, `traceparent` values.
+    KernelHead,
+    /// vLLM KV event messages (msgpack).
+    KvEvents,
+    /// The TOML config plus `INFERWATCH_*` overrides.
+    Config,
+}
+
+impl Target {
+    const ALL: [Target; 4] = [
+        Target::Otlp,
+        Target::KernelHead,
+        Target::KvEvents,
+        Target::Config,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Target::Otlp => "otlp",
+            Target::KernelHead => "kernel_head",
+            Target::KvEvents => "kv_events",
+            Target::Config => "config",
+        }
+    }
+
+    /// Longest input tried: above the largest real input of the kind (a kernel record is at
+    /// most 24 + 16 + 2048 bytes), small enough to keep the executions fast.
+    fn max_len(self) -> u32 {
+        match self {
+            Target::Otlp => 65_536,
+            Target::KernelHead => 4_096,
+            Target::KvEvents => 16_384,
+            Target::Config => 8_192,
+        }
+    }
+}
+
+/// The sanitizer the targets are built with (cargo-fuzz's `--sanitizer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Sanitizer {
+    /// AddressSanitizer (with LeakSanitizer).
+    Address,
+    /// No sanitizer: coverage only, about twice as fast (the agent's code is safe Rust).
+    None,
+}
+
+impl Sanitizer {
+    fn name(self) -> &'static str {
+        match self {
+            Sanitizer::Address => "address",
+            Sanitizer::None => "none",
+        }
+    }
+}
+
+/// What `cargo xtask fuzz` was asked to do.
+#[derive(Debug, clap::Args)]
+pub struct FuzzArgs {
+    /// Seconds per target.
+    #[arg(long, default_value_t = 600)]
+    pub seconds: u64,
+    /// Sanitizer to build with.
+    #[arg(long, value_enum, default_value_t = Sanitizer::Address)]
+    pub sanitizer: Sanitizer,
+    /// After the runs, minimise each corpus in place (`cargo fuzz cmin`).
+    #[arg(long)]
+    pub cmin: bool,
+    /// One target; all of them when left out.
+    #[arg(value_enum)]
+    pub target: Option<Target>,
+}
+
+pub fn task(args: FuzzArgs) -> anyhow::Result<()> {
+    if !have_cargo_subcommand("fuzz") {
+        run(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    let targets = args.target.map_or(Target::ALL.to_vec(), |t| vec![t]);
+    let mut failed = Vec::new();
+    for target in targets {
+        if let Err(e) = fuzz(target, &args) {
+            eprintln!(
+                "fuzz target {} failed: {e:#}\n  the input is under fuzz/artifacts/{}/; fix the bug \
+                 and move it to fuzz/regressions/{}/",
+                target.name(),
+                target.name(),
+                target.name()
+            );
+            failed.push(target.name());
+            continue;
+        }
+        if args.cmin {
+            run(fuzz_cmd("cmin", target, args.sanitizer)
+                .arg(Path::new("corpus").join(target.name()))
+                .args(["--", &format!("-max_len={}", target.max_len())]))?;
+        }
+    }
+    if !failed.is_empty() {
+        bail!("fuzz targets failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// `cargo fuzz <verb> --sanitizer S -O <target>` in `fuzz/`, on stable.
+fn fuzz_cmd(verb: &str, target: Target, sanitizer: Sanitizer) -> Command {
+    let mut cmd = cargo();
+    cmd.current_dir(root().join("fuzz"))
+        .env("RUSTC_BOOTSTRAP", "1")
+        .args([
+            "fuzz",
+            verb,
+            "--sanitizer",
+            sanitizer.name(),
+            "-O",
+            target.name(),
+        ]);
+    cmd
+}
+
+fn fuzz(target: Target, args: &FuzzArgs) -> anyhow::Result<()> {
+    let corpus = Path::new("corpus").join(target.name());
+    let regressions = Path::new("regressions").join(target.name());
+    std::fs::create_dir_all(root().join("fuzz").join(&corpus))?;
+    let mut cmd = fuzz_cmd("run", target, args.sanitizer);
+    cmd.arg(&corpus);
+    if root().join("fuzz").join(&regressions).is_dir() {
+        cmd.arg(&regressions);
+    }
+    cmd.args([
+        "--".to_owned(),
+        format!("-max_total_time={}", args.seconds),
+        format!("-max_len={}", target.max_len()),
+        "-timeout=10".to_owned(),
+        "-rss_limit_mb=2048".to_owned(),
+        "-malloc_limit_mb=2048".to_owned(),
+        "-print_final_stats=1".to_owned(),
+    ]);
+    run(&mut cmd)
+}
