@@ -133,8 +133,8 @@ pub fn kernel_checks(config: &AgentConfig) -> Vec<CheckItem> {
                 "load and attach",
                 true,
                 format!(
-                    "{} tracepoint programs loaded and attached, then detached; watched ports {ports:?}",
-                    crate::sources::kernel::PROGRAMS.len()
+                    "{} programs (tracepoints and raw syscall tracepoints) loaded and attached, then detached; watched ports {ports:?}",
+                    crate::sources::kernel::PROGRAM_COUNT
                 ),
             ));
         }

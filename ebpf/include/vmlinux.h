@@ -84,6 +84,15 @@ struct trace_event_raw_sys_exit {
 	long int ret;
 };
 
+/* The user registers saved at syscall entry (x86_64): the raw syscall tracepoints' first
+ * argument. */
+struct pt_regs {
+	long unsigned int di;
+	long unsigned int si;
+	long unsigned int dx;
+	long unsigned int orig_ax;
+};
+
 struct iovec {
 	void *iov_base;
 	size_t iov_len;

@@ -25,7 +25,9 @@ use tokio_util::sync::CancellationToken;
 
 pub use clock::MonotonicToWall;
 pub use config::{KernelConfig, RUNTIME_DEFAULT_PORTS};
-pub use probes::{CounterMap, KernelCounters, KernelProbes, PROGRAMS, TRACEFS};
+pub use probes::{
+    CounterMap, KernelCounters, KernelProbes, PROGRAM_COUNT, RAW_TRACEPOINTS, TRACEFS, TRACEPOINTS,
+};
 
 use crate::model::{CloseHow, ConnId, KernelEvent, KernelEventKind};
 use event::{RawBody, RawEvent, RawHow};
@@ -64,7 +66,7 @@ pub enum KernelError {
         #[source]
         source: Box<aya::EbpfError>,
     },
-    /// A program named in `PROGRAMS` is not in the object.
+    /// A program named in `TRACEPOINTS` / `RAW_TRACEPOINTS` is not in the object.
     #[error("program {0} missing from the eBPF object")]
     MissingProgram(&'static str),
     /// A map the agent needs is not in the object.
