@@ -562,13 +562,22 @@ async fn sigterm_during_load_flushes_and_exits_zero() {
         .expect("wait for the agent");
     let exit_s = t0.elapsed().as_secs_f64();
     let _ = load.kill().await;
-    let left: Vec<u64> = match iw_programs() {
-        Some(now) => ours.iter().copied().filter(|id| now.contains(id)).collect(),
-        None => {
-            eprintln!("sigterm: bpftool not available; program detach not checked");
-            Vec::new()
+    // The kernel frees a program after its last reference goes, and for raw tracepoint links
+    // that happens after an RCU grace period, a moment after the process is gone: poll.
+    let mut left: Vec<u64> = Vec::new();
+    for _ in 0..50 {
+        left = match iw_programs() {
+            Some(now) => ours.iter().copied().filter(|id| now.contains(id)).collect(),
+            None => {
+                eprintln!("sigterm: bpftool not available; program detach not checked");
+                Vec::new()
+            }
+        };
+        if left.is_empty() {
+            break;
         }
-    };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let received = collector.spans();
     let after_term = received.iter().filter(|s| s.at >= term_at).count();
