@@ -3,8 +3,8 @@
 //! (`inferwatch::fuzzing`) that `cargo xtask fuzz` runs. A panic here is a fuzzing finding
 //! coming back.
 //!
-//! `INFERWATCH_WRITE_FUZZ_SEEDS=1 cargo test --test fuzz_regressions write_seeds -- --ignored`
-//! writes the seeds into the corpus folders (before a `cargo fuzz cmin`).
+//! `cargo run -p inferwatch --example write_fuzz_seeds` writes the seeds into the corpus
+//! folders (before a `cargo fuzz cmin`).
 
 use std::path::{Path, PathBuf};
 
@@ -114,22 +114,6 @@ fn seeds_are_accepted_by_the_decoders() {
         if name.starts_with("record-") {
             inferwatch::sources::kernel::event::decode(&data)
                 .unwrap_or_else(|e| panic!("kernel seed {name} does not decode: {e}"));
-        }
-    }
-}
-
-#[test]
-#[ignore = "writes the seed files; run with INFERWATCH_WRITE_FUZZ_SEEDS=1"]
-fn write_seeds() {
-    if std::env::var_os("INFERWATCH_WRITE_FUZZ_SEEDS").is_none() {
-        return;
-    }
-    for target in Target::ALL {
-        let dir = fuzz_dir().join("corpus").join(target.name());
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-        for (name, data) in seeds(target) {
-            let path = dir.join(format!("seed-{name}"));
-            std::fs::write(&path, data).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         }
     }
 }
