@@ -376,15 +376,23 @@ static __always_inline int looks_like_request(const __u8 *b)
 	return 0;
 }
 
-static __always_inline int on_read_exit(long ret)
+/* Takes the current thread's syscall remembered at enter out of `pending` into `io`; true
+ * when there was one of `kind`. */
+static __always_inline int take_pending(__u64 id, __u32 kind, struct pending_io *io)
 {
-	__u64 id = bpf_get_current_pid_tgid();
 	struct pending_io *p = bpf_map_lookup_elem(&pending, &id);
 	if (!p)
 		return 0;
-	struct pending_io io = *p;
+	*io = *p;
 	bpf_map_delete_elem(&pending, &id);
-	if (io.kind != IO_READ || ret <= 0)
+	return io->kind == kind;
+}
+
+static __always_inline int on_read_exit(long ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct pending_io io = {};
+	if (!take_pending(id, IO_READ, &io) || ret <= 0)
 		return 0;
 
 	__u8 start[4] = {};
@@ -450,12 +458,8 @@ static __always_inline int on_write_enter(struct pt_regs *regs)
 static __always_inline int on_write_exit(long ret)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-	struct pending_io *p = bpf_map_lookup_elem(&pending, &id);
-	if (!p)
-		return 0;
-	struct pending_io io = *p;
-	bpf_map_delete_elem(&pending, &id);
-	if (io.kind != IO_WRITE)
+	struct pending_io io = {};
+	if (!take_pending(id, IO_WRITE, &io))
 		return 0;
 
 	struct iw_write_after_peer_close_event *ev = reserve(sizeof(*ev));

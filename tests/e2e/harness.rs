@@ -175,17 +175,7 @@ impl Agent {
 
     /// The Prometheus text the agent serves.
     pub async fn scrape(&self) -> String {
-        let mut stream = tokio::net::TcpStream::connect(self.metrics)
-            .await
-            .expect("connect metrics");
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-            .await
-            .expect("scrape");
-        let mut out = String::new();
-        stream.read_to_string(&mut out).await.expect("read metrics");
-        out
+        scrape(self.metrics).await
     }
 
     /// SIGTERM-equivalent: stops, settles what is pending, flushes the exporter.
@@ -193,6 +183,21 @@ impl Agent {
         self.shutdown.cancel();
         self.task.await.expect("agent task").expect("agent run");
     }
+}
+
+/// The Prometheus text served at `addr` (an in-process agent or the real binary).
+pub async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect metrics");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("scrape");
+    let mut out = String::new();
+    stream.read_to_string(&mut out).await.expect("read metrics");
+    out
 }
 
 /// A free TCP port on loopback.

@@ -93,19 +93,8 @@ async fn planted_secrets_reach_no_export() {
             >= N / 2
     })
     .await;
-    let scrape = {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", metrics_port))
-            .await
-            .expect("connect metrics");
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-            .await
-            .expect("scrape");
-        let mut out = String::new();
-        stream.read_to_string(&mut out).await.expect("read metrics");
-        out
-    };
+    let scrape =
+        crate::harness::scrape(std::net::SocketAddr::from(([127, 0, 0, 1], metrics_port))).await;
     runtime.stop(libc::SIGTERM).await;
     if let Some(pid) = agent.id() {
         // SAFETY: kill(2) on our own child's pid, which has not been reaped yet.
