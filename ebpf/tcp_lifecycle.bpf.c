@@ -2,29 +2,36 @@
 /*
  * inferwatch: the TCP request lifecycle of watched servers.
  *
- * Attaches only to tracepoints (kprobes and fentry are unavailable on many hardened kernels):
- *   sock/inet_sock_set_state   handshake done on a watched port, peer FIN, TCP_CLOSE, listen()
- *   tcp/tcp_receive_reset      peer RST
- *   syscalls/sys_exit_accept*  bind (tgid, fd) to the accepted socket
- *   syscalls/sys_{enter,exit}_{read,readv,recvfrom,recvmsg}   first bytes of each request
- *   syscalls/sys_{enter,exit}_{write,writev,sendto,sendmsg}   writes after the peer left
- *   syscalls/sys_enter_close   the server closed its fd
+ * No syscall hooks. Attaching anything to the syscall tracepoints (per-syscall trace events or
+ * the raw sys_enter/sys_exit) sets the tracing flag on every task of the node, and from then on
+ * every syscall of every process takes the kernel's slow entry path: that cost a syscall-bound
+ * server 18-20% of its throughput in `cargo xtask bench kernel`. Everything here instead hangs
+ * off events that fire only for TCP sockets:
  *
- * Filtering happens here, not in userspace: a connection is tracked only when its handshake
- * completes on a port in `watched_ports`; every socket syscall costs one hash lookup of
- * (tgid, fd) in `fds` and returns at once for anything else.
+ *   tracepoint sock/inet_sock_set_state  listen(), handshake done on a watched port (Accepted),
+ *                                        peer FIN, our FIN (LocalClosed), TCP_CLOSE
+ *   tracepoint tcp/tcp_receive_reset     peer RST
+ *   cgroup_skb/ingress (root cgroup)     the first segment of each request: its bytes
+ *   raw_tracepoint sock_recv_length      the server's first read after that segment: emits the
+ *                                        head with the server's tgid (kernel >= 6.3)
+ *   raw_tracepoint sock_send_length      server sends: re-arm the head, count writes, writes
+ *                                        after the peer left (kernel >= 6.3)
+ *   raw_tracepoint tcp_destroy_sock      the socket is released: forget it
  *
- * Mapping (tgid, fd) to the socket: at accept exit, walk current->files->fdt->fd[fd] ->
- * file->private_data (struct socket) -> sk with CO-RE reads, and keep the binding if `sk` is a
- * tracked connection. That is four probe reads once per connection; the alternative (a /proc
- * scan per connection from userspace) would be racy against short connections and far dearer.
+ * Every connection is keyed by its struct sock address, from the handshake to the release, so
+ * no (tgid, fd) mapping is needed. The sock_{send,recv}_length programs run for every socket
+ * send and receive on the node and return after one hash miss for anything untracked; the
+ * ingress program runs for every received packet and returns after one lookup of its local
+ * port in the `watched_ports` bitmap for anything unwatched. The ingress program never drops: it always
+ * returns 1 (pass).
  *
- * Minimum kernel: 5.8 (BPF ring buffer), BTF for CO-RE.
+ * Minimum kernel: 6.3 (sock_send_length / sock_recv_length), BTF for CO-RE, cgroup v2.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_tracing.h>
+#include <bpf/bpf_endian.h>
 
 #include "inferwatch_events.h"
 
@@ -33,59 +40,54 @@ char LICENSE[] SEC("license") = "GPL";
 #define AF_INET 2
 #define AF_INET6 10
 #define IPPROTO_TCP 6
+#define ETH_P_IP 0x0800
+#define ETH_P_IPV6 0x86DD
 
 #define TCP_ESTABLISHED 1
+#define TCP_FIN_WAIT1 4
 #define TCP_SYN_RECV 3
 #define TCP_CLOSE 7
 #define TCP_CLOSE_WAIT 8
+#define TCP_LAST_ACK 9
 #define TCP_LISTEN 10
 
-
-/* pending_io.kind */
-#define IO_READ 1
-#define IO_WRITE 2
-
 #define MAX_CONNS 65536
-#define MAX_PENDING 16384
+/* Heads waiting for the server's read: the time between a segment's arrival and the read. */
+#define MAX_PENDING_HEADS 4096
 
-/* Two separate words rather than one flags word: each is written by a plain store from one
- * side (syscall context or softirq), so no read-modify-write can lose the other's update and
- * no BPF atomics (kernel >= 5.12) are needed. */
+/* Separate words rather than one flags word: each is written by a plain store, from process
+ * context (sends, reads) or softirq (ingress, state changes), so no read-modify-write can lose
+ * another's update and no BPF atomics are needed. */
 struct conn_state {
-	__u32 expect_head; /* the next read that starts with a method is a request head */
-	__u32 peer_closed; /* the peer sent FIN or RST */
-	__u32 accepted;    /* a server fd is bound to it */
-	__u32 fd_closed;   /* the server closed that fd */
-	__u32 sock_closed; /* the socket reached TCP_CLOSE */
-	/* Server writes since the last request head: tells a response that was streaming when
+	__u32 expect_head;  /* the next segment that starts with a method is a request head */
+	__u32 head_pending; /* a head is in `heads`, waiting for the server's read */
+	__u32 peer_closed;  /* the peer sent FIN or RST */
+	__u32 local_closed; /* LocalClosed was emitted */
+	/* Server sends since the last request head: tells a response that was streaming when
 	 * the peer left (> 0) from one not yet started (0), e.g. a non-streaming request whose
-	 * whole body is one write at the end. Written from syscall context only. */
+	 * whole body is one write at the end. */
 	__u32 writes_since_head;
-	__u16 family;
-	__u16 local_port;
-	__u16 peer_port;
-	__u16 _pad;
-	__u8 local_addr[16];
-	__u8 peer_addr[16];
+	__u32 _pad;
 };
 
-struct pending_io {
-	__u64 sk;
-	__u64 buf;     /* user buffer of the read (first iovec for readv / recvmsg) */
-	__u64 buf_len; /* its length */
-	__u64 start_ns; /* when the syscall entered */
-	__s32 fd;
-	__u32 kind;
+/* A request head taken on ingress, until the server reads it. */
+struct pending_head {
+	__u32 len;
+	__u32 segment_len;
+	__u8 data[IW_HEAD_MAX];
 };
 
+/* The watched local ports as a bitmap: bit (port & 63) of entry (port >> 6). An array lookup
+ * is inlined by the verifier (no helper call, no hashing), which matters because the ingress
+ * program asks for every packet the node receives. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, IW_MAX_WATCHED_PORTS);
-	__type(key, __u16);
-	__type(value, __u8);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, IW_PORT_BITMAP_WORDS);
+	__type(key, __u32);
+	__type(value, __u64);
 } watched_ports SEC(".maps");
 
-/* Tracked connections, keyed by the struct sock address. LRU: a connection whose TCP_CLOSE we
+/* Tracked connections, keyed by the struct sock address. LRU: a connection whose release we
  * missed cannot pin an entry forever. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -94,21 +96,20 @@ struct {
 	__type(value, struct conn_state);
 } conns SEC(".maps");
 
-/* (tgid << 32 | fd) -> struct sock address, for accepted watched connections. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, MAX_CONNS);
+	__uint(max_entries, MAX_PENDING_HEADS);
 	__type(key, __u64);
-	__type(value, __u64);
-} fds SEC(".maps");
+	__type(value, struct pending_head);
+} heads SEC(".maps");
 
-/* Syscall arguments kept from enter to exit, per thread. */
+/* Staging for a head (too big for the 512-byte stack). */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, MAX_PENDING);
-	__type(key, __u64);
-	__type(value, struct pending_io);
-} pending SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pending_head);
+} head_scratch SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -137,6 +138,21 @@ static __always_inline void *reserve(__u64 size)
 	return ev;
 }
 
+/*
+ * Publishes a reserved event. The reader is woken only once the ring is a quarter full; below
+ * that it drains on its own timer (kernel.poll_interval_ms). A wakeup per event costs an
+ * irq_work self-IPI, a VM exit on virtual machines: measured at ~3 us per event here, it was
+ * most of the programs' cost.
+ */
+static __always_inline void submit(void *ev)
+{
+	__u64 flags = BPF_RB_NO_WAKEUP;
+	if (bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >=
+	    bpf_ringbuf_query(&events, BPF_RB_RING_SIZE) / 4)
+		flags = BPF_RB_FORCE_WAKEUP;
+	bpf_ringbuf_submit(ev, flags);
+}
+
 static __always_inline void fill_header(struct iw_event_header *hdr, __u16 type, __u16 size,
 					__u32 tgid, __u64 conn)
 {
@@ -154,7 +170,9 @@ static __always_inline __u32 current_tgid(void)
 
 static __always_inline int port_watched(__u16 port)
 {
-	return bpf_map_lookup_elem(&watched_ports, &port) != NULL;
+	__u32 word = port >> 6;
+	__u64 *bits = bpf_map_lookup_elem(&watched_ports, &word);
+	return bits && (*bits & (1ULL << (port & 63)));
 }
 
 static __always_inline void emit_peer_closed(__u64 sk, __u32 how, __u32 writes_since_head)
@@ -165,7 +183,49 @@ static __always_inline void emit_peer_closed(__u64 sk, __u32 how, __u32 writes_s
 	fill_header(&ev->hdr, IW_EVENT_PEER_CLOSED, sizeof(*ev), 0, sk);
 	ev->how = how;
 	ev->writes_since_head = writes_since_head;
-	bpf_ringbuf_submit(ev, 0);
+	submit(ev);
+}
+
+static __always_inline void emit_simple(__u16 type, __u32 tgid, __u64 sk)
+{
+	struct iw_event_header *ev = reserve(sizeof(*ev));
+	if (!ev)
+		return;
+	fill_header(ev, type, sizeof(*ev), tgid, sk);
+	submit(ev);
+}
+
+static __always_inline int on_established(struct trace_event_raw_inet_sock_set_state *ctx,
+					  __u64 sk, __u16 sport)
+{
+	/* Passive open completed (softirq context: no pid). */
+	if (!port_watched(sport))
+		return 0;
+	struct conn_state st = {};
+	st.expect_head = 1;
+	if (bpf_map_update_elem(&conns, &sk, &st, BPF_ANY)) {
+		count(IW_COUNTER_CONN_TABLE_FULL);
+		return 0;
+	}
+	struct iw_accepted_event *ev = reserve(sizeof(*ev));
+	if (!ev)
+		return 0;
+	fill_header(&ev->hdr, IW_EVENT_ACCEPTED, sizeof(*ev), 0, sk);
+	ev->family = BPF_CORE_READ(ctx, family);
+	ev->local_port = sport;
+	ev->peer_port = BPF_CORE_READ(ctx, dport);
+	ev->_pad = 0;
+	__builtin_memset(ev->local_addr, 0, sizeof(ev->local_addr));
+	__builtin_memset(ev->peer_addr, 0, sizeof(ev->peer_addr));
+	if (ev->family == AF_INET6) {
+		bpf_probe_read_kernel(ev->local_addr, 16, &ctx->saddr_v6);
+		bpf_probe_read_kernel(ev->peer_addr, 16, &ctx->daddr_v6);
+	} else {
+		bpf_probe_read_kernel(ev->local_addr, 4, &ctx->saddr);
+		bpf_probe_read_kernel(ev->peer_addr, 4, &ctx->daddr);
+	}
+	submit(ev);
+	return 0;
 }
 
 SEC("tracepoint/sock/inet_sock_set_state")
@@ -191,57 +251,39 @@ int iw_inet_sock_set_state(struct trace_event_raw_inet_sock_set_state *ctx)
 		ev->family = BPF_CORE_READ(ctx, family);
 		ev->port = sport;
 		ev->_pad = 0;
-		bpf_ringbuf_submit(ev, 0);
+		submit(ev);
 		return 0;
 	}
 
-	if (oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED) {
-		/* Passive open completed (softirq context: no pid). Track it when the local port
-		 * is watched; the accept() exit binds it to the server's fd. */
-		if (!port_watched(sport))
-			return 0;
-		struct conn_state st = {};
-		st.expect_head = 1;
-		st.family = BPF_CORE_READ(ctx, family);
-		st.local_port = sport;
-		st.peer_port = BPF_CORE_READ(ctx, dport);
-		if (st.family == AF_INET6) {
-			bpf_probe_read_kernel(st.local_addr, 16, &ctx->saddr_v6);
-			bpf_probe_read_kernel(st.peer_addr, 16, &ctx->daddr_v6);
-		} else {
-			bpf_probe_read_kernel(st.local_addr, 4, &ctx->saddr);
-			bpf_probe_read_kernel(st.peer_addr, 4, &ctx->daddr);
-		}
-		if (bpf_map_update_elem(&conns, &sk, &st, BPF_ANY))
-			count(IW_COUNTER_CONN_TABLE_FULL);
-		return 0;
-	}
+	if (oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED)
+		return on_established(ctx, sk, sport);
 
 	struct conn_state *st = bpf_map_lookup_elem(&conns, &sk);
 	if (!st)
 		return 0;
 
-	if (newstate == TCP_CLOSE_WAIT) {
+	switch (newstate) {
+	case TCP_CLOSE_WAIT:
 		/* The peer's FIN arrived on an established connection. */
 		if (!st->peer_closed) {
 			st->peer_closed = 1;
 			emit_peer_closed(sk, IW_CLOSE_FIN, st->writes_since_head);
 		}
-		return 0;
-	}
-
-	if (newstate == TCP_CLOSE) {
-		struct iw_closed_event *ev = reserve(sizeof(*ev));
-		if (ev) {
-			fill_header(&ev->hdr, IW_EVENT_CLOSED, sizeof(*ev), 0, sk);
-			bpf_ringbuf_submit(ev, 0);
+		break;
+	case TCP_FIN_WAIT1:
+	case TCP_LAST_ACK:
+		/* Our FIN: close() or shutdown() by the server, in its process context. */
+		if (!st->local_closed) {
+			st->local_closed = 1;
+			emit_simple(IW_EVENT_LOCAL_CLOSED, current_tgid(), sk);
 		}
-		/* While the server still holds an fd, keep the entry: its writes to the dead
-		 * socket (EPIPE) are writes after the peer left, and count. close() forgets it. */
-		if (st->accepted && !st->fd_closed)
-			st->sock_closed = 1;
-		else
-			bpf_map_delete_elem(&conns, &sk);
+		break;
+	case TCP_CLOSE:
+		/* Keep the entry until the socket is released: while the server still holds it,
+		 * its sends to the dead socket (EPIPE after a RST) are writes after the peer
+		 * left, and count. */
+		emit_simple(IW_EVENT_CLOSED, 0, sk);
+		break;
 	}
 	return 0;
 }
@@ -255,109 +297,6 @@ int iw_tcp_receive_reset(struct trace_event_raw_tcp_event_sk *ctx)
 		return 0;
 	st->peer_closed = 1;
 	emit_peer_closed(sk, IW_CLOSE_RST, st->writes_since_head);
-	return 0;
-}
-
-/* The struct sock behind `fd` of the current task, or 0. */
-static __always_inline __u64 sock_of_fd(int fd)
-{
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
-	if (!fdt)
-		return 0;
-	unsigned int max_fds = BPF_CORE_READ(fdt, max_fds);
-	if (fd < 0 || (unsigned int)fd >= max_fds)
-		return 0;
-	struct file **fdarr = BPF_CORE_READ(fdt, fd);
-	struct file *file = NULL;
-	if (bpf_probe_read_kernel(&file, sizeof(file), &fdarr[fd]) || !file)
-		return 0;
-	struct socket *sock = BPF_CORE_READ(file, private_data);
-	if (!sock)
-		return 0;
-	/* A non-socket file gives some other pointer here; it will not be in `conns`. */
-	return (__u64)BPF_CORE_READ(sock, sk);
-}
-
-static __always_inline int on_accept_exit(long ret)
-{
-	if (ret < 0)
-		return 0;
-	int fd = (int)ret;
-	__u64 sk = sock_of_fd(fd);
-	if (!sk)
-		return 0;
-	struct conn_state *st = bpf_map_lookup_elem(&conns, &sk);
-	if (!st)
-		return 0;
-	__u32 tgid = current_tgid();
-	__u64 key = ((__u64)tgid << 32) | (__u32)fd;
-	if (bpf_map_update_elem(&fds, &key, &sk, BPF_ANY))
-		count(IW_COUNTER_CONN_TABLE_FULL);
-	st->accepted = 1;
-
-	struct iw_accepted_event *ev = reserve(sizeof(*ev));
-	if (!ev)
-		return 0;
-	fill_header(&ev->hdr, IW_EVENT_ACCEPTED, sizeof(*ev), tgid, sk);
-	ev->fd = fd;
-	ev->family = st->family;
-	ev->local_port = st->local_port;
-	ev->peer_port = st->peer_port;
-	ev->_pad[0] = 0;
-	ev->_pad[1] = 0;
-	ev->_pad[2] = 0;
-	__builtin_memcpy(ev->local_addr, st->local_addr, 16);
-	__builtin_memcpy(ev->peer_addr, st->peer_addr, 16);
-	bpf_ringbuf_submit(ev, 0);
-	return 0;
-}
-
-
-/* The tracked socket behind the current task's `fd`, or 0. */
-static __always_inline __u64 watched_sock(int fd)
-{
-	__u64 key = (bpf_get_current_pid_tgid() & 0xffffffff00000000ULL) | (__u32)fd;
-	__u64 *sk = bpf_map_lookup_elem(&fds, &key);
-	return sk ? *sk : 0;
-}
-
-/* Remembers a read on a connection that expects a request head. `iov` selects how `arg` is
- * read: 0 a plain buffer, 1 an iovec array, 2 a user_msghdr. */
-static __always_inline int on_read_enter(struct pt_regs *regs, int iov)
-{
-	int fd = (int)BPF_CORE_READ(regs, di);
-	__u64 sk = watched_sock(fd);
-	if (!sk)
-		return 0;
-	struct conn_state *st = bpf_map_lookup_elem(&conns, &sk);
-	if (!st || !st->expect_head)
-		return 0;
-
-	struct pending_io p = {};
-	p.sk = sk;
-	p.fd = fd;
-	p.kind = IO_READ;
-	__u64 arg = BPF_CORE_READ(regs, si);
-	if (iov == 0) {
-		p.buf = arg;
-		p.buf_len = BPF_CORE_READ(regs, dx);
-	} else {
-		struct iovec *vec = (struct iovec *)arg;
-		if (iov == 2) {
-			struct user_msghdr msg = {};
-			if (bpf_probe_read_user(&msg, sizeof(msg), (void *)arg))
-				return 0;
-			vec = msg.msg_iov;
-		}
-		struct iovec first = {};
-		if (bpf_probe_read_user(&first, sizeof(first), vec))
-			return 0;
-		p.buf = (__u64)first.iov_base;
-		p.buf_len = first.iov_len;
-	}
-	__u64 id = bpf_get_current_pid_tgid();
-	bpf_map_update_elem(&pending, &id, &p, BPF_ANY);
 	return 0;
 }
 
@@ -376,197 +315,152 @@ static __always_inline int looks_like_request(const __u8 *b)
 	return 0;
 }
 
-/* Takes the current thread's syscall remembered at enter out of `pending` into `io`; true
- * when there was one of `kind`. */
-static __always_inline int take_pending(__u64 id, __u32 kind, struct pending_io *io)
+/* Offset of the TCP payload in a cgroup_skb packet (which starts at the network header), or 0
+ * when it is not TCP. */
+static __always_inline __u32 tcp_payload_offset(struct __sk_buff *skb)
 {
-	struct pending_io *p = bpf_map_lookup_elem(&pending, &id);
-	if (!p)
+	__u32 off;
+	__u8 b = 0;
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		if (bpf_skb_load_bytes(skb, 0, &b, 1))
+			return 0;
+		off = (b & 0x0f) * 4;
+		if (bpf_skb_load_bytes(skb, 9, &b, 1) || b != IPPROTO_TCP)
+			return 0;
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		/* Extension headers before TCP are not followed: such packets are skipped. */
+		if (bpf_skb_load_bytes(skb, 6, &b, 1) || b != IPPROTO_TCP)
+			return 0;
+		off = 40;
+	} else {
 		return 0;
-	*io = *p;
-	bpf_map_delete_elem(&pending, &id);
-	return io->kind == kind;
+	}
+	if (bpf_skb_load_bytes(skb, off + 12, &b, 1))
+		return 0;
+	return off + (b >> 4) * 4;
 }
 
-static __always_inline int on_read_exit(long ret)
+/*
+ * The bytes of each request head, taken on ingress. A cgroup_skb program sees the packet with
+ * its payload before the socket queues it; the syscall that later reads it would need a syscall
+ * hook (see the top of the file). Attached to the root of the cgroup v2 hierarchy, so it sees
+ * every socket of the node. Softirq context: the head waits in `heads` for the server's read.
+ */
+SEC("cgroup_skb/ingress")
+int iw_ingress(struct __sk_buff *skb)
 {
-	__u64 id = bpf_get_current_pid_tgid();
-	struct pending_io io = {};
-	if (!take_pending(id, IO_READ, &io) || ret <= 0)
-		return 0;
+	if (!port_watched((__u16)skb->local_port))
+		return 1;
+	struct bpf_sock *bsk = skb->sk;
+	if (!bsk)
+		return 1;
+	__u64 sk = (__u64)bsk;
+	struct conn_state *st = bpf_map_lookup_elem(&conns, &sk);
+	if (!st || !st->expect_head)
+		return 1;
 
+	__u32 off = tcp_payload_offset(skb);
+	if (!off || skb->len < off + 4)
+		return 1;
 	__u8 start[4] = {};
-	if (bpf_probe_read_user(start, sizeof(start), (void *)io.buf))
-		return 0;
-	if (!looks_like_request(start))
-		return 0;
+	if (bpf_skb_load_bytes(skb, off, start, sizeof(start)) || !looks_like_request(start))
+		return 1;
 
-	struct conn_state *st = bpf_map_lookup_elem(&conns, &io.sk);
-	if (!st)
-		return 0;
-	/* One head per request: re-armed by the server's next write. */
-	st->expect_head = 0;
-	st->writes_since_head = 0;
-
-	__u64 n = (__u64)ret;
-	if (n > io.buf_len)
-		n = io.buf_len;
+	__u32 zero = 0;
+	struct pending_head *h = bpf_map_lookup_elem(&head_scratch, &zero);
+	if (!h)
+		return 1;
+	__u32 avail = skb->len - off;
+	__u32 n = avail;
 	/* IW_HEAD_MAX - 1 so that the mask below keeps the length and proves the bound. */
 	if (n > IW_HEAD_MAX - 1)
 		n = IW_HEAD_MAX - 1;
+	n &= IW_HEAD_MAX - 1;
+	if (n < 4 || bpf_skb_load_bytes(skb, off, h->data, n))
+		return 1;
+	h->len = n;
+	h->segment_len = avail;
+	if (bpf_map_update_elem(&heads, &sk, h, BPF_ANY))
+		return 1;
+	/* One head per request: re-armed by the server's next send. */
+	st->expect_head = 0;
+	st->writes_since_head = 0;
+	st->head_pending = 1;
+	return 1;
+}
 
-	struct iw_request_head_event *ev = reserve(sizeof(*ev));
-	if (!ev)
+/* BPF_PROG's wrapper takes the raw `ctx` that these bodies do not use. */
+#pragma clang diagnostic ignored "-Wunused-parameter"
+
+/* Any socket receive (read, readv, recv*, io_uring) that returned; process context. */
+SEC("raw_tracepoint/sock_recv_length")
+int BPF_PROG(iw_sock_recv_length, struct sock *sock, int ret, int flags)
+{
+	if (ret <= 0)
 		return 0;
-	fill_header(&ev->hdr, IW_EVENT_REQUEST_HEAD, sizeof(*ev), id >> 32, io.sk);
-	ev->fd = io.fd;
-	ev->read_len = (__u64)ret;
-	if (bpf_probe_read_user(ev->data, n & (IW_HEAD_MAX - 1), (void *)io.buf))
-		n = 0;
-	ev->len = (__u32)n;
-	bpf_ringbuf_submit(ev, 0);
+	__u64 sk = (__u64)sock;
+	struct conn_state *st = bpf_map_lookup_elem(&conns, &sk);
+	if (!st || !st->head_pending)
+		return 0;
+	st->head_pending = 0;
+	struct pending_head *h = bpf_map_lookup_elem(&heads, &sk);
+	if (!h)
+		return 0;
+	struct iw_request_head_event *ev = reserve(sizeof(*ev));
+	if (ev) {
+		fill_header(&ev->hdr, IW_EVENT_REQUEST_HEAD, sizeof(*ev), current_tgid(), sk);
+		__u32 n = h->len & (IW_HEAD_MAX - 1);
+		ev->len = n;
+		ev->segment_len = h->segment_len;
+		if (bpf_probe_read_kernel(ev->data, sizeof(ev->data), h->data))
+			ev->len = 0;
+		submit(ev);
+	}
+	bpf_map_delete_elem(&heads, &sk);
 	return 0;
 }
 
-
-static __always_inline int on_write_enter(struct pt_regs *regs)
+/* Any socket send (write, writev, send*, io_uring) that returned; process context. */
+SEC("raw_tracepoint/sock_send_length")
+int BPF_PROG(iw_sock_send_length, struct sock *sock, int ret, int flags)
 {
-	int fd = (int)BPF_CORE_READ(regs, di);
-	__u64 sk = watched_sock(fd);
-	if (!sk)
-		return 0;
+	__u64 sk = (__u64)sock;
 	struct conn_state *st = bpf_map_lookup_elem(&conns, &sk);
 	if (!st)
 		return 0;
-	/* The server answers: its next read that starts with a method is a new request. */
+	/* The server answers: its peer's next segment that starts with a method is a new
+	 * request. */
 	if (!st->expect_head)
 		st->expect_head = 1;
 	if (st->writes_since_head < 0xffffffff)
 		st->writes_since_head++;
 	if (!st->peer_closed)
 		return 0;
-	struct pending_io p = {};
-	p.sk = sk;
-	p.fd = fd;
-	p.kind = IO_WRITE;
-	p.start_ns = bpf_ktime_get_ns();
-	__u64 id = bpf_get_current_pid_tgid();
-	bpf_map_update_elem(&pending, &id, &p, BPF_ANY);
-	return 0;
-}
-
-static __always_inline int on_write_exit(long ret)
-{
-	__u64 id = bpf_get_current_pid_tgid();
-	struct pending_io io = {};
-	if (!take_pending(id, IO_WRITE, &io))
-		return 0;
-
 	struct iw_write_after_peer_close_event *ev = reserve(sizeof(*ev));
 	if (!ev)
 		return 0;
-	fill_header(&ev->hdr, IW_EVENT_WRITE_AFTER_PEER_CLOSE, sizeof(*ev), id >> 32, io.sk);
-	/* Stamp the write when it started: on loopback the peer's RST can close the socket
-	 * (and emit CLOSED) while this write is still in the kernel, so the record may follow
-	 * CLOSED in the ring, but its time says the write began before. */
-	ev->hdr.ts_ns = io.start_ns;
-	ev->fd = io.fd;
-	ev->err = ret < 0 ? (__s32)-ret : 0;
-	ev->bytes = ret > 0 ? (__u64)ret : 0;
-	bpf_ringbuf_submit(ev, 0);
-	return 0;
-}
-
-
-static __always_inline int on_close_enter(struct pt_regs *regs)
-{
-	int fd = (int)BPF_CORE_READ(regs, di);
-	__u64 key = (bpf_get_current_pid_tgid() & 0xffffffff00000000ULL) | (__u32)fd;
-	__u64 *skp = bpf_map_lookup_elem(&fds, &key);
-	if (!skp)
-		return 0;
-	__u64 sk = *skp;
-	bpf_map_delete_elem(&fds, &key);
-	struct conn_state *st = bpf_map_lookup_elem(&conns, &sk);
-	if (st) {
-		if (st->sock_closed)
-			bpf_map_delete_elem(&conns, &sk);
-		else
-			st->fd_closed = 1;
-	}
-	struct iw_local_closed_event *ev = reserve(sizeof(*ev));
-	if (!ev)
-		return 0;
-	fill_header(&ev->hdr, IW_EVENT_LOCAL_CLOSED, sizeof(*ev), key >> 32, sk);
-	ev->fd = fd;
+	fill_header(&ev->hdr, IW_EVENT_WRITE_AFTER_PEER_CLOSE, sizeof(*ev), current_tgid(), sk);
+	ev->err = ret < 0 ? -ret : 0;
 	ev->_pad = 0;
-	bpf_ringbuf_submit(ev, 0);
+	ev->bytes = ret > 0 ? (__u64)ret : 0;
+	submit(ev);
 	return 0;
 }
 
-/* x86_64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl). */
-#define NR_READ 0
-#define NR_WRITE 1
-#define NR_CLOSE 3
-#define NR_READV 19
-#define NR_WRITEV 20
-#define NR_ACCEPT 43
-#define NR_SENDTO 44
-#define NR_RECVFROM 45
-#define NR_SENDMSG 46
-#define NR_RECVMSG 47
-#define NR_ACCEPT4 288
-
-/*
- * The socket syscalls hang off the two raw syscall tracepoints rather than the per-syscall
- * `syscalls/sys_{enter,exit}_*` events: those build a perf trace record (copying every
- * argument) before the program runs, for each of the 15 syscalls, which cost a syscall-bound
- * server ~20% of its throughput in `cargo xtask bench kernel`. A raw tracepoint hands the
- * program the saved registers directly; one switch on the syscall number dispatches.
- */
-/* BPF_PROG's wrapper takes the raw `ctx` that these bodies do not use. */
-#pragma clang diagnostic ignored "-Wunused-parameter"
-
-SEC("raw_tracepoint/sys_enter")
-int BPF_PROG(iw_sys_enter, struct pt_regs *regs, long id)
+/* The socket is released (after the server's close, or when the kernel finishes with it). */
+SEC("raw_tracepoint/tcp_destroy_sock")
+int BPF_PROG(iw_tcp_destroy_sock, struct sock *sock)
 {
-	switch (id) {
-	case NR_READ:
-	case NR_RECVFROM:
-		return on_read_enter(regs, 0);
-	case NR_READV:
-		return on_read_enter(regs, 1);
-	case NR_RECVMSG:
-		return on_read_enter(regs, 2);
-	case NR_WRITE:
-	case NR_SENDTO:
-	case NR_WRITEV:
-	case NR_SENDMSG:
-		return on_write_enter(regs);
-	case NR_CLOSE:
-		return on_close_enter(regs);
-	}
-	return 0;
-}
-
-SEC("raw_tracepoint/sys_exit")
-int BPF_PROG(iw_sys_exit, struct pt_regs *regs, long ret)
-{
-	long id = BPF_CORE_READ(regs, orig_ax);
-	switch (id) {
-	case NR_ACCEPT:
-	case NR_ACCEPT4:
-		return on_accept_exit(ret);
-	case NR_READ:
-	case NR_RECVFROM:
-	case NR_READV:
-	case NR_RECVMSG:
-		return on_read_exit(ret);
-	case NR_WRITE:
-	case NR_SENDTO:
-	case NR_WRITEV:
-	case NR_SENDMSG:
-		return on_write_exit(ret);
-	}
+	__u64 sk = (__u64)sock;
+	struct conn_state *st = bpf_map_lookup_elem(&conns, &sk);
+	if (!st)
+		return 0;
+	/* Released without our FIN: the peer had reset it. The release may run in softirq,
+	 * where the current task is not the server: no tgid. */
+	if (!st->local_closed)
+		emit_simple(IW_EVENT_LOCAL_CLOSED, 0, sk);
+	if (st->head_pending)
+		bpf_map_delete_elem(&heads, &sk);
+	bpf_map_delete_elem(&conns, &sk);
 	return 0;
 }

@@ -96,23 +96,21 @@ pub enum KernelEventKind {
         /// The local port.
         port: u16,
     },
-    /// A watched server accepted a connection.
+    /// A connection to a watched port completed its handshake (the server's accept() may come
+    /// later; the kernel reports it from softirq, so `pid` is `None`).
     Accepted {
         /// The connection.
         conn: ConnId,
-        /// The server's file descriptor for it.
-        fd: i32,
         /// The server's address.
         local: SocketAddr,
         /// The client's address.
         peer: SocketAddr,
     },
-    /// The first read of an HTTP/1.1 request on a watched connection.
+    /// An HTTP/1.1 request arrived on a watched connection and the server read it (the time and
+    /// pid are those of the server's first read of it).
     RequestHead {
         /// The connection.
         conn: ConnId,
-        /// The server's file descriptor.
-        fd: i32,
         /// The parsed request line and allow-listed headers.
         head: RequestHead,
     },
@@ -137,7 +135,7 @@ pub enum KernelEventKind {
         /// The write's errno (0 when it succeeded).
         errno: i32,
     },
-    /// The server closed its file descriptor of the connection.
+    /// The server closed its side of the connection (sent FIN, or released a reset socket).
     LocalClosed {
         /// The connection.
         conn: ConnId,

@@ -6,8 +6,8 @@
  *   - every event starts with `struct iw_event_header`;
  *   - fixed-width fields only, explicit padding, no `bool`;
  *   - type ids live in ranges per concern and are never reused:
- *       100..=199  TCP socket lifecycle (from sock / tcp tracepoints and accept/close syscalls)
- *       200..=299  HTTP payload on a watched connection (read / write syscalls)
+ *       100..=199  TCP socket lifecycle (sock / tcp tracepoints)
+ *       200..=299  HTTP payload on a watched connection (cgroup ingress, socket I/O tracepoints)
  *   - the agent reads this file through bindgen (agent/build.rs) and asserts sizes and offsets,
  *     so a change here that the Rust side does not follow fails the build.
  *
@@ -17,13 +17,16 @@
 #ifndef INFERWATCH_EVENTS_H
 #define INFERWATCH_EVENTS_H
 
-/* Bytes of the first read of an HTTP request copied to userspace. The agent parses only the
+/* Bytes of the first segment of an HTTP request copied to userspace. The agent parses only the
  * request line and allow-listed headers out of them and drops the rest. Power of two: the
  * BPF side masks the length with IW_HEAD_MAX - 1 to keep the verifier happy. */
 #define IW_HEAD_MAX 2048
 
-/* Upper bound on watched local ports (map size). */
+/* Upper bound on watched local ports (a configuration limit). */
 #define IW_MAX_WATCHED_PORTS 64
+
+/* The watched-port bitmap: 65536 bits in 64-bit words. */
+#define IW_PORT_BITMAP_WORDS 1024
 
 enum iw_event_type {
 	IW_EVENT_LISTEN = 100,
@@ -65,27 +68,28 @@ struct iw_listen_event {
 	__u32 _pad;
 };
 
-/* A watched server accepted a connection: emitted at the exit of accept()/accept4(), when the
- * (tgid, fd) -> socket binding is known. Addresses are as the tracepoint gives them (network
- * order bytes); IPv4 uses the first 4 bytes of the 16. */
+/* A connection to a watched port completed its handshake (SYN_RECV -> ESTABLISHED, softirq
+ * context: tgid 0). The server's accept() may come later; the connection is keyed by its
+ * socket from here on. Addresses are as the tracepoint gives them (network order bytes); IPv4
+ * uses the first 4 bytes of the 16. */
 struct iw_accepted_event {
 	struct iw_event_header hdr;
-	__s32 fd;
 	__u16 family;
 	__u16 local_port; /* host byte order */
 	__u16 peer_port;  /* host byte order */
-	__u16 _pad[3];
+	__u16 _pad;
 	__u8 local_addr[16];
 	__u8 peer_addr[16];
 };
 
-/* The first read of an HTTP/1.1 request on a watched connection (also the second and later
- * requests of a keep-alive connection: the flag re-arms after the server writes). */
+/* The head of an HTTP/1.1 request on a watched connection (also the second and later requests
+ * of a keep-alive connection: the flag re-arms when the server sends). The bytes are the first
+ * TCP segment of the request, taken on ingress; the event is emitted when the server first
+ * reads from the socket after it (process context: the server's tgid, the read's time). */
 struct iw_request_head_event {
 	struct iw_event_header hdr;
-	__s32 fd;
-	__u32 len;      /* bytes valid in data[] */
-	__u64 read_len; /* what the read syscall returned */
+	__u32 len;         /* bytes valid in data[] */
+	__u32 segment_len; /* payload bytes of the segment the head came in */
 	__u8 data[IW_HEAD_MAX];
 };
 
@@ -96,19 +100,19 @@ struct iw_peer_closed_event {
 	__u32 writes_since_head; /* server writes since the last request head (saturating) */
 };
 
-/* The server wrote to a connection whose peer had already left. */
+/* The server sent on a connection whose peer had already left (any send: write, writev,
+ * send, sendto, sendmsg; stamped when the send returned). */
 struct iw_write_after_peer_close_event {
 	struct iw_event_header hdr;
-	__s32 fd;
-	__s32 err;   /* errno of the write (positive), 0 when the write succeeded */
-	__u64 bytes; /* bytes the write accepted (0 when it failed) */
+	__s32 err;   /* errno of the send (positive), 0 when it succeeded */
+	__u32 _pad;
+	__u64 bytes; /* bytes the send accepted (0 when it failed) */
 };
 
-/* The server closed its fd of a watched connection (close() in process context). */
+/* The server closed its side: it sent FIN (close() or shutdown(), process context: its tgid),
+ * or released a socket the peer had already reset (tgid 0: the release may run in softirq). */
 struct iw_local_closed_event {
 	struct iw_event_header hdr;
-	__s32 fd;
-	__u32 _pad;
 };
 
 /* The socket reached TCP_CLOSE: the kernel forgets the connection. */

@@ -19,7 +19,6 @@ fn accepted(ts: u64, conn: u64, peer_port: u16) -> Input {
         ts,
         KernelEventKind::Accepted {
             conn: ConnId(conn),
-            fd: 9,
             local: "10.0.0.1:8000".parse().expect("addr"),
             peer: SocketAddr::from(([10, 0, 0, 2], peer_port)),
         },
@@ -31,7 +30,6 @@ fn head(ts: u64, conn: u64, trace: Option<u8>, request_id: Option<&str>) -> Inpu
         ts,
         KernelEventKind::RequestHead {
             conn: ConnId(conn),
-            fd: 9,
             head: RequestHead {
                 method: "POST".into(),
                 path: "/v1/chat/completions".into(),

@@ -24,10 +24,18 @@ pub struct KernelConfig {
     /// Size of the ring buffer between the kernel and the agent, in bytes (a power of two,
     /// multiple of the page size).
     pub ring_buffer_bytes: u32,
+    /// How often the reader drains the ring buffer, in milliseconds. The programs wake the
+    /// reader only when the ring is a quarter full (a wakeup per event costs the traced
+    /// process an inter-processor interrupt), so this bounds the delay of each event.
+    pub poll_interval_ms: u64,
     /// Capacity of the bounded channel from the ring-buffer reader to the pipeline, in events.
     pub channel_capacity: usize,
     /// Mount tracefs at /sys/kernel/tracing when it is missing (needs CAP_SYS_ADMIN).
     pub mount_tracefs: bool,
+    /// The cgroup v2 directory the request-head program attaches to; it sees the sockets of
+    /// every process below it. Unset: the root of the cgroup v2 mount found in
+    /// /proc/self/mountinfo (in a pod: mount the host's /sys/fs/cgroup).
+    pub cgroup_root: Option<std::path::PathBuf>,
 }
 
 impl Default for KernelConfig {
@@ -39,8 +47,10 @@ impl Default for KernelConfig {
             tenant_header: "x-tenant-id".into(),
             conversation_header: "x-conversation-id".into(),
             ring_buffer_bytes: 8 * 1024 * 1024,
+            poll_interval_ms: 10,
             channel_capacity: 65_536,
             mount_tracefs: true,
+            cgroup_root: None,
         }
     }
 }

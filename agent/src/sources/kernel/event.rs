@@ -27,13 +27,13 @@ const _: () = {
     assert!(offset_of!(iw_event_header, ts_ns) == 8);
     assert!(offset_of!(iw_event_header, conn) == 16);
     assert!(size_of::<iw_listen_event>() == 32);
-    assert!(size_of::<iw_accepted_event>() == 72);
-    assert!(offset_of!(iw_accepted_event, local_addr) == 40);
-    assert!(offset_of!(iw_request_head_event, data) == 40);
-    assert!(size_of::<iw_request_head_event>() == 40 + IW_HEAD_MAX as usize);
+    assert!(size_of::<iw_accepted_event>() == 64);
+    assert!(offset_of!(iw_accepted_event, local_addr) == 32);
+    assert!(offset_of!(iw_request_head_event, data) == 32);
+    assert!(size_of::<iw_request_head_event>() == 32 + IW_HEAD_MAX as usize);
     assert!(size_of::<iw_peer_closed_event>() == 32);
     assert!(size_of::<iw_write_after_peer_close_event>() == 40);
-    assert!(size_of::<iw_local_closed_event>() == 32);
+    assert!(size_of::<iw_local_closed_event>() == 24);
     assert!(size_of::<iw_closed_event>() == 24);
 };
 
@@ -106,8 +106,6 @@ pub enum RawBody<'a> {
     },
     /// `IW_EVENT_ACCEPTED`.
     Accepted {
-        /// The server's fd.
-        fd: i32,
         /// Server address.
         local: SocketAddr,
         /// Client address.
@@ -115,8 +113,6 @@ pub enum RawBody<'a> {
     },
     /// `IW_EVENT_REQUEST_HEAD`: the first bytes of the request (borrowed from the ring).
     RequestHead {
-        /// The server's fd.
-        fd: i32,
         /// The captured bytes.
         data: &'a [u8],
     },
@@ -135,10 +131,7 @@ pub enum RawBody<'a> {
         errno: i32,
     },
     /// `IW_EVENT_LOCAL_CLOSED`.
-    LocalClosed {
-        /// The server's fd.
-        fd: i32,
-    },
+    LocalClosed,
     /// `IW_EVENT_CLOSED`.
     Closed,
 }
@@ -188,7 +181,6 @@ pub fn decode(bytes: &[u8]) -> Result<RawEvent<'_>, DecodeError> {
         IW_EVENT_ACCEPTED => {
             let ev: iw_accepted_event = read(bytes, ty)?;
             RawBody::Accepted {
-                fd: ev.fd,
                 local: socket_addr(ev.family, &ev.local_addr, ev.local_port),
                 peer: socket_addr(ev.family, &ev.peer_addr, ev.peer_port),
             }
@@ -202,7 +194,6 @@ pub fn decode(bytes: &[u8]) -> Result<RawEvent<'_>, DecodeError> {
                     need: data_at,
                 });
             }
-            let fd: i32 = read(&bytes[offset_of!(iw_request_head_event, fd)..], ty)?;
             let len: u32 = read(&bytes[offset_of!(iw_request_head_event, len)..], ty)?;
             let len = len as usize;
             if len > IW_HEAD_MAX as usize || bytes.len() < data_at + len {
@@ -213,7 +204,6 @@ pub fn decode(bytes: &[u8]) -> Result<RawEvent<'_>, DecodeError> {
                 });
             }
             RawBody::RequestHead {
-                fd,
                 data: &bytes[data_at..data_at + len],
             }
         }
@@ -243,8 +233,8 @@ pub fn decode(bytes: &[u8]) -> Result<RawEvent<'_>, DecodeError> {
             }
         }
         IW_EVENT_LOCAL_CLOSED => {
-            let ev: iw_local_closed_event = read(bytes, ty)?;
-            RawBody::LocalClosed { fd: ev.fd }
+            read::<iw_local_closed_event>(bytes, ty)?;
+            RawBody::LocalClosed
         }
         IW_EVENT_CLOSED => RawBody::Closed,
         _ => return Err(DecodeError::UnknownType(ty)),
@@ -281,7 +271,6 @@ mod tests {
     fn accepted_round_trip_v4_and_v6() {
         let mut ev = iw_accepted_event {
             hdr: header(IW_EVENT_ACCEPTED, size_of::<iw_accepted_event>()),
-            fd: 7,
             family: libc::AF_INET as u16,
             local_port: 8000,
             peer_port: 50000,
@@ -296,7 +285,6 @@ mod tests {
         assert_eq!(
             decoded.body,
             RawBody::Accepted {
-                fd: 7,
                 local: "127.0.0.1:8000".parse().expect("addr"),
                 peer: "127.0.0.2:50000".parse().expect("addr"),
             }
@@ -310,7 +298,6 @@ mod tests {
         assert_eq!(
             decoded.body,
             RawBody::Accepted {
-                fd: 7,
                 local: "[::1]:8000".parse().expect("addr"),
                 // v4-mapped addresses of dual-stack sockets come back as plain IPv4.
                 peer: "10.0.0.1:50000".parse().expect("addr"),
@@ -322,21 +309,14 @@ mod tests {
     fn request_head_borrows_exactly_len_bytes() {
         let mut ev = iw_request_head_event {
             hdr: header(IW_EVENT_REQUEST_HEAD, size_of::<iw_request_head_event>()),
-            fd: 3,
             len: 5,
-            read_len: 100,
+            segment_len: 100,
             data: [0; IW_HEAD_MAX as usize],
         };
         ev.data[..5].copy_from_slice(b"GET /");
         let bytes = bytes_of(&ev);
         let decoded = decode(&bytes).expect("decodes");
-        assert_eq!(
-            decoded.body,
-            RawBody::RequestHead {
-                fd: 3,
-                data: b"GET /"
-            }
-        );
+        assert_eq!(decoded.body, RawBody::RequestHead { data: b"GET /" });
 
         ev.len = IW_HEAD_MAX + 1;
         assert!(matches!(
@@ -368,8 +348,8 @@ mod tests {
         // Every truncation of every valid record is an error, never a panic.
         let full = bytes_of(&iw_write_after_peer_close_event {
             hdr: header(IW_EVENT_WRITE_AFTER_PEER_CLOSE, 40),
-            fd: 1,
             err: 32,
+            _pad: 0,
             bytes: 0,
         });
         for cut in 0..full.len() {

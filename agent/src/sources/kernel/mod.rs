@@ -1,5 +1,6 @@
-//! The kernel source: eBPF programs on TCP tracepoints and socket syscalls that report the
-//! lifecycle of each HTTP request on a watched port (SPEC §1.1).
+//! The kernel source: eBPF programs on TCP and socket tracepoints and a cgroup ingress hook that
+//! report the lifecycle of each HTTP request on a watched port (SPEC §1.1). The design and its
+//! costs are in docs/kernel-source.md.
 //!
 //! `KernelProbes` loads and attaches the programs; `KernelSource` reads their ring buffer,
 //! decodes each record (`event::decode`), converts kernel time to wall-clock time, parses
@@ -26,7 +27,8 @@ use tokio_util::sync::CancellationToken;
 pub use clock::MonotonicToWall;
 pub use config::{KernelConfig, RUNTIME_DEFAULT_PORTS};
 pub use probes::{
-    CounterMap, KernelCounters, KernelProbes, PROGRAM_COUNT, RAW_TRACEPOINTS, TRACEFS, TRACEPOINTS,
+    CounterMap, INGRESS_PROGRAM, KernelCounters, KernelProbes, PROGRAM_COUNT, RAW_TRACEPOINTS,
+    TRACEFS, TRACEPOINTS, find_cgroup2,
 };
 
 use crate::model::{CloseHow, ConnId, KernelEvent, KernelEventKind};
@@ -57,6 +59,21 @@ pub enum KernelError {
         /// Why not.
         reason: String,
     },
+    /// No cgroup v2 hierarchy is mounted (the ingress program attaches to its root).
+    #[error(
+        "no cgroup v2 hierarchy mounted (needed for the request-head program); mount one \
+         (mount -t cgroup2 none /sys/fs/cgroup/unified) or set kernel.cgroup_root"
+    )]
+    NoCgroup2,
+    /// The configured or found cgroup directory could not be opened.
+    #[error("opening the cgroup v2 directory {path}")]
+    Cgroup {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// Parsing the object or creating its maps failed (BPF_MAP_CREATE, BTF).
     #[error(
         "loading the eBPF object (BPF_MAP_CREATE / BTF); needs CAP_BPF and CAP_PERFMON or root"
@@ -81,8 +98,8 @@ pub enum KernelError {
         #[source]
         source: aya::programs::ProgramError,
     },
-    /// perf_event_open / attach of a tracepoint failed.
-    #[error("attaching {name} to tracepoint {tracepoint} (perf_event_open)")]
+    /// Attaching a program failed (perf_event_open, raw tracepoint open, cgroup link).
+    #[error("attaching {name} to {tracepoint}")]
     Attach {
         /// The program.
         name: &'static str,
@@ -145,15 +162,13 @@ impl EventConverter {
         let conn = ConnId(raw.conn);
         let kind = match &raw.body {
             RawBody::Listen { port } => KernelEventKind::Listen { conn, port: *port },
-            RawBody::Accepted { fd, local, peer } => KernelEventKind::Accepted {
+            RawBody::Accepted { local, peer } => KernelEventKind::Accepted {
                 conn,
-                fd: *fd,
                 local: *local,
                 peer: *peer,
             },
-            RawBody::RequestHead { fd, data } => KernelEventKind::RequestHead {
+            RawBody::RequestHead { data } => KernelEventKind::RequestHead {
                 conn,
-                fd: *fd,
                 head: self.heads.parse(data)?,
             },
             RawBody::PeerClosed {
@@ -172,7 +187,7 @@ impl EventConverter {
                 bytes: *bytes,
                 errno: *errno,
             },
-            RawBody::LocalClosed { .. } => KernelEventKind::LocalClosed { conn },
+            RawBody::LocalClosed => KernelEventKind::LocalClosed { conn },
             RawBody::Closed => KernelEventKind::Closed { conn },
         };
         Some(KernelEvent {
@@ -190,6 +205,7 @@ pub struct KernelSource {
     counters: Arc<CounterMap>,
     converter: EventConverter,
     stats: Arc<KernelStats>,
+    poll_interval: std::time::Duration,
 }
 
 impl std::fmt::Debug for KernelSource {
@@ -210,6 +226,7 @@ impl KernelSource {
             &config.ports(),
             config.ring_buffer_bytes,
             config.mount_tracefs,
+            config.cgroup_root.as_deref(),
         )?;
         let ring = probes.take_ring_buf()?;
         let counters = Arc::new(probes.take_counters()?);
@@ -219,6 +236,7 @@ impl KernelSource {
             counters,
             converter: EventConverter::new(MonotonicToWall::sample(), config),
             stats: Arc::new(KernelStats::default()),
+            poll_interval: std::time::Duration::from_millis(config.poll_interval_ms.max(1)),
         })
     }
 
@@ -245,6 +263,7 @@ impl KernelSource {
             ring,
             converter,
             stats,
+            poll_interval,
             ..
         } = self;
         tracing::debug!(fd = ring.as_raw_fd(), "kernel ring buffer reader started");
@@ -253,12 +272,18 @@ impl KernelSource {
         let mut ring =
             unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
                 .map_err(|e| KernelError::Poll(e.into_parts().1))?;
+        // The programs wake the reader only when the ring fills up (see `submit` in the C);
+        // otherwise it drains on this timer.
+        let mut tick = tokio::time::interval(poll_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let mut guard = tokio::select! {
+            // Readiness is cleared before draining: a wakeup during the drain sets it again.
+            tokio::select! {
                 _ = shutdown.cancelled() => break,
-                ready = ring.readable_mut() => ready.map_err(KernelError::Poll)?,
-            };
-            let rb = guard.get_inner_mut();
+                ready = ring.readable_mut() => ready.map_err(KernelError::Poll)?.clear_ready(),
+                _ = tick.tick() => {}
+            }
+            let rb = ring.get_mut();
             while let Some(item) = rb.next() {
                 stats.records.fetch_add(1, Ordering::Relaxed);
                 let raw = match event::decode(&item) {
@@ -288,7 +313,6 @@ impl KernelSource {
                     Err(mpsc::error::TrySendError::Closed(_)) => return Ok(probes),
                 }
             }
-            guard.clear_ready();
         }
         Ok(probes)
     }

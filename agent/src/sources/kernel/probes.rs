@@ -1,10 +1,10 @@
 //! Loading and attaching the eBPF programs. `KernelProbes` owns the `Ebpf` object and with it
 //! every link: dropping it detaches all programs.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::{RawTracePoint, TracePoint};
+use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
+use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, RawTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 
 use super::KernelError;
@@ -23,13 +23,21 @@ pub const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("iw_tcp_receive_reset", "tcp", "tcp_receive_reset"),
 ];
 
-/// The raw tracepoint programs with the tracepoint they attach to: the socket syscalls, by
-/// syscall number inside the program (cheaper than 15 per-syscall trace events; see the C).
-pub const RAW_TRACEPOINTS: &[(&str, &str)] =
-    &[("iw_sys_enter", "sys_enter"), ("iw_sys_exit", "sys_exit")];
+/// The raw tracepoint programs with the tracepoint they attach to: every socket send and
+/// receive of the node, and the release of TCP sockets. Raw, because these fire for all socket
+/// I/O: a raw tracepoint hands the program the arguments without building a trace record.
+pub const RAW_TRACEPOINTS: &[(&str, &str)] = &[
+    ("iw_sock_recv_length", "sock_recv_length"),
+    ("iw_sock_send_length", "sock_send_length"),
+    ("iw_tcp_destroy_sock", "tcp_destroy_sock"),
+];
+
+/// The cgroup_skb program that takes request heads on ingress, attached to the root of the
+/// cgroup v2 hierarchy.
+pub const INGRESS_PROGRAM: &str = "iw_ingress";
 
 /// How many programs the agent attaches.
-pub const PROGRAM_COUNT: usize = TRACEPOINTS.len() + RAW_TRACEPOINTS.len();
+pub const PROGRAM_COUNT: usize = TRACEPOINTS.len() + RAW_TRACEPOINTS.len() + 1;
 
 /// Where tracefs is expected; aya looks here and under debugfs.
 pub const TRACEFS: &str = "/sys/kernel/tracing";
@@ -61,11 +69,12 @@ impl KernelProbes {
     /// [`KernelError`] naming the step that failed: tracefs missing, the object not built, the
     /// kernel refusing a program (verifier, capabilities) or an attach.
     ///
-    /// Minimum kernel: 5.8 (BPF ring buffer), with BTF.
+    /// Minimum kernel: 6.3 (the socket I/O tracepoints), with BTF and a cgroup v2 hierarchy.
     pub fn load(
         ports: &[u16],
         ring_buffer_bytes: u32,
         mount_tracefs: bool,
+        cgroup_root: Option<&Path>,
     ) -> Result<Self, KernelError> {
         if TCP_LIFECYCLE.is_empty() {
             return Err(KernelError::StubObject);
@@ -77,6 +86,14 @@ impl KernelProbes {
             });
         }
         ensure_tracefs(mount_tracefs)?;
+        let cgroup = match cgroup_root {
+            Some(path) => path.to_path_buf(),
+            None => find_cgroup2().ok_or(KernelError::NoCgroup2)?,
+        };
+        let cgroup_dir = std::fs::File::open(&cgroup).map_err(|source| KernelError::Cgroup {
+            path: cgroup.clone(),
+            source,
+        })?;
         raise_memlock_rlimit();
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("events", ring_buffer_bytes)
@@ -118,6 +135,31 @@ impl KernelProbes {
                     source,
                 })?;
         }
+        let name = INGRESS_PROGRAM;
+        let program: &mut CgroupSkb = ebpf
+            .program_mut(name)
+            .ok_or(KernelError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| KernelError::Program { name, source })?;
+        program
+            .load()
+            .map_err(|source| KernelError::Program { name, source })?;
+        // aya attaches with a BPF link (kernel >= 5.7): links always run alongside other
+        // programs on the same cgroup (the kernel rejects the ALLOW_MULTI flag on them, hence
+        // `Single`, which passes no flag), and the program goes away with the agent, even on a
+        // crash.
+        program
+            .attach(
+                &cgroup_dir,
+                CgroupSkbAttachType::Ingress,
+                CgroupAttachMode::Single,
+            )
+            .map_err(|source| KernelError::Attach {
+                name,
+                tracepoint: format!("cgroup_skb/ingress on {}", cgroup.display()),
+                source,
+            })?;
+        tracing::debug!(cgroup = %cgroup.display(), "ingress program attached");
         let mut probes = Self { ebpf };
         for port in ports {
             probes.watch_port(*port)?;
@@ -125,21 +167,22 @@ impl KernelProbes {
         Ok(probes)
     }
 
-    /// Adds a local port to the watched set (in the kernel map).
+    /// Adds a local port to the watched set (a bit in the kernel's port bitmap).
     pub fn watch_port(&mut self, port: u16) -> Result<(), KernelError> {
+        let map_err = |source| KernelError::Map {
+            name: "watched_ports",
+            source,
+        };
         let map = self
             .ebpf
             .map_mut("watched_ports")
             .ok_or(KernelError::MissingMap("watched_ports"))?;
-        let mut ports: BpfHashMap<&mut MapData, u16, u8> =
-            BpfHashMap::try_from(map).map_err(|source| KernelError::Map {
-                name: "watched_ports",
-                source,
-            })?;
-        ports.insert(port, 1, 0).map_err(|source| KernelError::Map {
-            name: "watched_ports",
-            source,
-        })
+        let mut bitmap: Array<&mut MapData, u64> = Array::try_from(map).map_err(map_err)?;
+        let word = u32::from(port >> 6);
+        let bits = bitmap.get(&word, 0).map_err(map_err)?;
+        bitmap
+            .set(word, bits | (1u64 << (port & 63)), 0)
+            .map_err(map_err)
     }
 
     /// Takes the ring buffer out of the object, for the reader task.
@@ -199,6 +242,30 @@ impl CounterMap {
     }
 }
 
+/// The mount point of the cgroup v2 hierarchy (`/sys/fs/cgroup` on unified systems,
+/// `/sys/fs/cgroup/unified` on hybrid ones), from /proc/self/mountinfo.
+pub fn find_cgroup2() -> Option<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    cgroup2_in_mountinfo(&mountinfo)
+}
+
+/// The first cgroup2 mount whose root is the hierarchy's root, in a mountinfo text: fields are
+/// `id parent major:minor root mount-point options ... - fstype source super-options`.
+fn cgroup2_in_mountinfo(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (mount, fs) = line.split_once(" - ")?;
+        if fs.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        let mut fields = mount.split_whitespace();
+        let root = fields.nth(3)?;
+        let point = fields.next()?;
+        // A container's own cgroup namespace shows its subtree as "/": that is the best this
+        // process can see, and it still covers the sockets of the processes in it.
+        (root == "/").then(|| PathBuf::from(point.replace("\\040", " ")))
+    })
+}
+
 /// Mounts tracefs at [`TRACEFS`] when no tracefs is reachable and `mount` allows it.
 fn ensure_tracefs(mount: bool) -> Result<(), KernelError> {
     let candidates = [TRACEFS, "/sys/kernel/debug/tracing"];
@@ -251,5 +318,33 @@ fn raise_memlock_rlimit() {
             error = %std::io::Error::last_os_error(),
             "setrlimit(RLIMIT_MEMLOCK) failed; harmless on kernels >= 5.11"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cgroup2_mount_point_from_mountinfo() {
+        let hybrid = "\
+35 24 0:30 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
+36 35 0:31 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw
+37 35 0:32 / /sys/fs/cgroup/systemd rw shared:11 - cgroup cgroup rw,name=systemd
+";
+        assert_eq!(
+            cgroup2_in_mountinfo(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let unified =
+            "29 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(
+            cgroup2_in_mountinfo(unified),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        // A bind mount of a subtree is not the root of the hierarchy.
+        let subtree = "40 23 0:26 /kubepods /host/cg rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(cgroup2_in_mountinfo(subtree), None);
+        assert_eq!(cgroup2_in_mountinfo("garbage\n\n - \n"), None);
     }
 }
