@@ -13,6 +13,7 @@
 //! ```json
 //! {
 //!   "start_unix_ms": 1700000000000,
+//!   "seed": 7,
 //!   "gpus": [{
 //!     "uuid": "GPU-00000000-0000-0000-0000-000000000001",
 //!     "name": "Fake H100",
@@ -24,7 +25,10 @@
 //!       "memory": [[0, 0], [10, 40000000000]],
 //!       "sm_util": [[0, 20]], "mem_util": [[0, 5]]
 //!     }],
-//!     "errors": [{"call": "utilization", "code": 3, "from_s": 0, "to_s": 1e9, "max_times": 1}]
+//!     "errors": [
+//!       {"call": "utilization", "code": 3, "from_s": 0, "to_s": 1e9, "max_times": 1},
+//!       {"call": "processes", "code": 999, "probability": 0.3}
+//!     ]
 //!   }]
 //! }
 //! ```
@@ -34,7 +38,14 @@
 //! A GPU's `sm_util` / `mem_util`, when absent, are the sum of its processes' (capped at 100);
 //! its used memory is `memory_base` plus its processes' memory. `errors` make one call return
 //! an NVML error code during a time window, at most `max_times` times (counts restart when the
-//! script is reloaded).
+//! script is reloaded). An error with a `probability` fires on that share of the calls in its
+//! window, drawn at random but deterministically: the fate of the n-th call of a kind on a GPU
+//! is a hash of (`seed`, GPU index, call, n, the error's index), so one seed and one sequence
+//! of calls give the same failures in every run. The call counts behind `n` live as long as
+//! the library is initialised (a reload does not restart them, or a script rewritten more
+//! often than it is polled would replay its first draws forever). Several errors on one call
+//! are tried in order, the first that fires wins: `[p1, p2]` fail a call with
+//! `p1 + (1 - p1) p2`.
 //!
 //! The C ABI follows `nvml.h` as `nvml-wrapper-sys` 0.10 binds it: `nvmlProcessInfo_t` is the
 //! v2 layout (pid, usedGpuMemory, gpuInstanceId, computeInstanceId), `nvmlMemory_v2_t` carries
@@ -45,6 +56,7 @@
     reason = "the functions implement NVML's C ABI; their contracts are NVML's"
 )]
 
+use std::collections::HashMap;
 use std::ffi::{c_char, c_uint, c_ulonglong};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
@@ -171,6 +183,10 @@ struct InjectedError {
     to_s: f64,
     #[serde(default)]
     max_times: Option<u32>,
+    /// Fire on this share (0 to 1) of the calls in the window, at random (seeded by the
+    /// script's `seed`); absent: on every call.
+    #[serde(default)]
+    probability: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -196,6 +212,9 @@ struct Gpu {
 struct Script {
     #[serde(default)]
     start_unix_ms: Option<u64>,
+    /// Seeds the draws of the errors that have a `probability`.
+    #[serde(default)]
+    seed: u64,
     #[serde(default)]
     gpus: Vec<Gpu>,
 }
@@ -226,6 +245,9 @@ struct State {
     start_ms: u64,
     /// Per GPU, per injected error: how many times it fired.
     fired: Vec<Vec<u32>>,
+    /// Per (GPU index, call): how many calls were made, kept across reloads (the `n` of a
+    /// random draw).
+    calls: HashMap<(usize, String), u64>,
     /// `None` without `FAKE_NVML_SCRIPT`.
     source: Option<Source>,
 }
@@ -294,9 +316,20 @@ impl State {
     /// The error injected on `call` of GPU `index` now, if any (and counts it).
     fn injected(&mut self, index: usize, call: &str) -> Option<NvmlReturn> {
         let t = self.t();
+        let n = {
+            let calls = self.calls.entry((index, call.to_owned())).or_insert(0);
+            *calls += 1;
+            *calls
+        };
+        let seed = self.script.seed;
         let gpu = self.script.gpus.get(index)?;
         for (k, e) in gpu.errors.iter().enumerate() {
             if e.call != call || t < e.from_s || t >= e.to_s {
+                continue;
+            }
+            if let Some(p) = e.probability
+                && draw(seed, index, call, n, k) >= p
+            {
                 continue;
             }
             let fired = self.fired.get_mut(index)?.get_mut(k)?;
@@ -317,6 +350,25 @@ impl State {
             .cloned()
             .collect()
     }
+}
+
+/// A uniform draw in [0, 1) for the `n`-th call `call` of GPU `gpu`, error entry `entry`: a
+/// hash (FNV-1a of the call's name, then SplitMix64 rounds) of everything that names the draw,
+/// so that it does not depend on other calls or on time.
+fn draw(seed: u64, gpu: usize, call: &str, n: u64, entry: usize) -> f64 {
+    fn mix(mut z: u64) -> u64 {
+        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    let name = call.bytes().fold(0xCBF2_9CE4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01B3)
+    });
+    let h = [gpu as u64, name, n, entry as u64]
+        .into_iter()
+        .fold(mix(seed), |h, v| mix(h ^ v));
+    (h >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Opaque `nvmlDevice_t` target: handles are `index + 1` cast to a pointer.
@@ -409,6 +461,7 @@ pub extern "C" fn nvmlInit_v2() -> NvmlReturn {
         script,
         start_ms,
         fired,
+        calls: HashMap::new(),
         source,
     });
     SUCCESS
@@ -672,6 +725,87 @@ mod tests {
         assert_eq!(s.at(5.0), 50.0, "halfway up the ramp");
         assert_eq!(s.at(30.0), 100.0, "after the last point");
         assert_eq!(Series::default().at(3.0), 0.0, "empty series");
+    }
+
+    /// A state playing `script`, outside the library's global one (no file, no init).
+    fn state(script: serde_json::Value) -> State {
+        let script: Script = serde_json::from_value(script).expect("script parses");
+        State {
+            fired: fired_for(&script),
+            start_ms: now_ms(),
+            script,
+            calls: HashMap::new(),
+            source: None,
+        }
+    }
+
+    /// What `calls` successive `call`s on GPU 0 get from the injected errors.
+    fn outcomes(state: &mut State, call: &str, calls: usize) -> Vec<Option<NvmlReturn>> {
+        (0..calls).map(|_| state.injected(0, call)).collect()
+    }
+
+    fn random_script(seed: u64) -> serde_json::Value {
+        serde_json::json!({"seed": seed, "gpus": [{
+            "uuid": "GPU-p", "name": "Fake", "memory_total": 1u64 << 30,
+            "errors": [
+                {"call": "utilization", "code": 999, "probability": 0.2},
+                {"call": "utilization", "code": 15, "probability": 0.25},
+                {"call": "processes", "code": 10, "probability": 1.0, "max_times": 3},
+                {"call": "memory", "code": 3, "probability": 0.0},
+                {"call": "name", "code": 3, "probability": 0.5, "from_s": 1e6},
+            ]
+        }]})
+    }
+
+    #[test]
+    fn random_failures_follow_the_seed_and_the_probability() {
+        const CALLS: usize = 4000;
+        let run = |seed| outcomes(&mut state(random_script(seed)), "utilization", CALLS);
+        let a = run(7);
+        assert_eq!(a, run(7), "one seed, one sequence of failures");
+        assert_ne!(a, run(8), "another seed, other failures");
+        let share = |code| a.iter().filter(|o| **o == Some(code)).count() as f64 / CALLS as f64;
+        // 999 first with 0.2; 15 on a call 999 spared with 0.25: 0.8 x 0.25 = 0.2.
+        assert!((0.17..0.23).contains(&share(999)), "999: {}", share(999));
+        assert!((0.17..0.23).contains(&share(15)), "15: {}", share(15));
+        assert!(
+            a.windows(8).any(|w| w.iter().all(Option::is_none)),
+            "failures are scattered, not every call"
+        );
+
+        let mut s = state(random_script(7));
+        assert_eq!(
+            outcomes(&mut s, "processes", 5),
+            [Some(10), Some(10), Some(10), None, None],
+            "probability 1 always fires, within max_times"
+        );
+        assert!(
+            outcomes(&mut s, "memory", 500).iter().all(Option::is_none),
+            "probability 0 never fires"
+        );
+        assert!(
+            outcomes(&mut s, "name", 500).iter().all(Option::is_none),
+            "outside its window it never fires"
+        );
+    }
+
+    #[test]
+    fn random_draws_go_on_across_a_reload() {
+        // The same script reloaded: the calls are counted on, so the failures after the
+        // reload are the next ones of the sequence, not its start again.
+        let whole = outcomes(&mut state(random_script(3)), "utilization", 200);
+        let mut s = state(random_script(3));
+        let mut split = outcomes(&mut s, "utilization", 100);
+        let again: Script = serde_json::from_value(random_script(3)).expect("parses");
+        s.fired = fired_for(&again);
+        s.script = again;
+        split.extend(outcomes(&mut s, "utilization", 100));
+        assert_eq!(split, whole);
+        assert_ne!(
+            whole[..100],
+            whole[100..],
+            "the second half is not a replay"
+        );
     }
 
     fn running_pids() -> Vec<u32> {
