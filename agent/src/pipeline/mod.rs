@@ -617,6 +617,16 @@ fn update_kernel_metrics(metrics: &FindingMetrics, stats: &KernelStats, counters
                     *drops,
                 );
             }
+            // Connections the kernel could not track (its table full): their events are lost
+            // before the ring, so they count as drops of the kernel source.
+            let labels = SourceDropLabels {
+                source: "kernel".into(),
+                reason: "conn_table_full".into(),
+            };
+            advance_to(
+                &metrics.events_dropped.get_or_create(&labels),
+                c.conn_table_full.iter().sum(),
+            );
         }
         Err(err) => tracing::debug!(error = %error_chain(&err), "reading the kernel counters"),
     }
