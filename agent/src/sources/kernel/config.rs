@@ -21,8 +21,8 @@ pub struct KernelConfig {
     pub tenant_header: String,
     /// The request header that names the conversation (lower case).
     pub conversation_header: String,
-    /// Size of the ring buffer between the kernel and the agent, in bytes (a power of two,
-    /// multiple of the page size).
+    /// Size of the ring buffer between the kernel and the agent, in bytes. The loader rounds
+    /// it up to a power-of-two number of pages (4 KiB at least).
     pub ring_buffer_bytes: u32,
     /// How often the reader drains the ring buffer, in milliseconds. The programs wake the
     /// reader only when the ring is a quarter full (a wakeup per event costs the traced
