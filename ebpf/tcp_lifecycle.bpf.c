@@ -8,15 +8,19 @@
  * server 18-20% of its throughput in `cargo xtask bench kernel`. Everything here instead hangs
  * off events that fire only for TCP sockets:
  *
- *   tracepoint sock/inet_sock_set_state  listen(), handshake done on a watched port (Accepted),
+ *   raw_tracepoint inet_sock_set_state   listen(), handshake done on a watched port (Accepted),
  *                                        peer FIN, our FIN (LocalClosed), TCP_CLOSE
- *   tracepoint tcp/tcp_receive_reset     peer RST
+ *   raw_tracepoint tcp_receive_reset     peer RST
  *   cgroup_skb/ingress (root cgroup)     the first segment of each request: its bytes
  *   raw_tracepoint sock_recv_length      the server's first read after that segment: emits the
  *                                        head with the server's tgid (kernel >= 6.3)
  *   raw_tracepoint sock_send_length      server sends: re-arm the head, count writes, writes
  *                                        after the peer left (kernel >= 6.3)
  *   raw_tracepoint tcp_destroy_sock      the socket is released: forget it
+ *
+ * Raw tracepoints rather than the trace events of the same names: the program gets the
+ * tracepoint's arguments directly, without a perf trace record built (and every address
+ * copied) first for each TCP state change on the node; and raw tracepoints need no tracefs.
  *
  * Every connection is keyed by its struct sock address, from the handshake to the release, so
  * no (tgid, fd) mapping is needed. The sock_{send,recv}_length programs run for every socket
@@ -195,12 +199,9 @@ static __always_inline void emit_simple(__u16 type, __u32 tgid, __u64 sk)
 	submit(ev);
 }
 
-static __always_inline int on_established(struct trace_event_raw_inet_sock_set_state *ctx,
-					  __u64 sk, __u16 sport)
+static __always_inline int on_established(struct sock *sock, __u16 sport)
 {
-	/* Passive open completed (softirq context: no pid). */
-	if (!port_watched(sport))
-		return 0;
+	__u64 sk = (__u64)sock;
 	struct conn_state st = {};
 	st.expect_head = 1;
 	if (bpf_map_update_elem(&conns, &sk, &st, BPF_ANY)) {
@@ -211,53 +212,67 @@ static __always_inline int on_established(struct trace_event_raw_inet_sock_set_s
 	if (!ev)
 		return 0;
 	fill_header(&ev->hdr, IW_EVENT_ACCEPTED, sizeof(*ev), 0, sk);
-	ev->family = BPF_CORE_READ(ctx, family);
+	struct sock_common *skc = &sock->__sk_common;
+	__u16 family = BPF_CORE_READ(skc, skc_family);
+	ev->family = family;
 	ev->local_port = sport;
-	ev->peer_port = BPF_CORE_READ(ctx, dport);
+	ev->peer_port = bpf_ntohs(BPF_CORE_READ(skc, skc_dport));
 	ev->_pad = 0;
 	__builtin_memset(ev->local_addr, 0, sizeof(ev->local_addr));
 	__builtin_memset(ev->peer_addr, 0, sizeof(ev->peer_addr));
-	if (ev->family == AF_INET6) {
-		bpf_probe_read_kernel(ev->local_addr, 16, &ctx->saddr_v6);
-		bpf_probe_read_kernel(ev->peer_addr, 16, &ctx->daddr_v6);
+	if (family == AF_INET6) {
+		BPF_CORE_READ_INTO(&ev->local_addr, skc, skc_v6_rcv_saddr);
+		BPF_CORE_READ_INTO(&ev->peer_addr, skc, skc_v6_daddr);
 	} else {
-		bpf_probe_read_kernel(ev->local_addr, 4, &ctx->saddr);
-		bpf_probe_read_kernel(ev->peer_addr, 4, &ctx->daddr);
+		bpf_core_read(ev->local_addr, 4, &skc->skc_rcv_saddr);
+		bpf_core_read(ev->peer_addr, 4, &skc->skc_daddr);
 	}
 	submit(ev);
 	return 0;
 }
 
-SEC("tracepoint/sock/inet_sock_set_state")
-int iw_inet_sock_set_state(struct trace_event_raw_inet_sock_set_state *ctx)
+/* The local port of a TCP socket, or 0 for another protocol (SCTP, DCCP and MPTCP also report
+ * state changes here). */
+static __always_inline __u16 tcp_local_port(struct sock *sock)
 {
-	__u16 protocol = BPF_CORE_READ(ctx, protocol);
-	if (protocol != IPPROTO_TCP)
+	if (BPF_CORE_READ(sock, sk_protocol) != IPPROTO_TCP)
 		return 0;
+	return BPF_CORE_READ(sock, __sk_common.skc_num);
+}
 
-	__u64 sk = (__u64)BPF_CORE_READ(ctx, skaddr);
-	int oldstate = BPF_CORE_READ(ctx, oldstate);
-	int newstate = BPF_CORE_READ(ctx, newstate);
-	__u16 sport = BPF_CORE_READ(ctx, sport);
+/* BPF_PROG's wrapper takes the raw `ctx` that these bodies do not use. */
+#pragma clang diagnostic ignored "-Wunused-parameter"
+
+SEC("raw_tracepoint/inet_sock_set_state")
+int BPF_PROG(iw_inet_sock_set_state, struct sock *sock, int oldstate, int newstate)
+{
+	__u64 sk = (__u64)sock;
 
 	if (newstate == TCP_LISTEN) {
 		/* listen() runs in process context: the current task is the server. */
-		if (!port_watched(sport))
+		__u16 sport = tcp_local_port(sock);
+		if (!sport || !port_watched(sport))
 			return 0;
 		struct iw_listen_event *ev = reserve(sizeof(*ev));
 		if (!ev)
 			return 0;
 		fill_header(&ev->hdr, IW_EVENT_LISTEN, sizeof(*ev), current_tgid(), sk);
-		ev->family = BPF_CORE_READ(ctx, family);
+		ev->family = BPF_CORE_READ(sock, __sk_common.skc_family);
 		ev->port = sport;
 		ev->_pad = 0;
 		submit(ev);
 		return 0;
 	}
 
-	if (oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED)
-		return on_established(ctx, sk, sport);
+	if (oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED) {
+		/* Passive open completed (softirq context: no pid). */
+		__u16 sport = tcp_local_port(sock);
+		if (!sport || !port_watched(sport))
+			return 0;
+		return on_established(sock, sport);
+	}
 
+	/* Every other transition: only tracked connections matter, one lookup. */
 	struct conn_state *st = bpf_map_lookup_elem(&conns, &sk);
 	if (!st)
 		return 0;
@@ -288,10 +303,10 @@ int iw_inet_sock_set_state(struct trace_event_raw_inet_sock_set_state *ctx)
 	return 0;
 }
 
-SEC("tracepoint/tcp/tcp_receive_reset")
-int iw_tcp_receive_reset(struct trace_event_raw_tcp_event_sk *ctx)
+SEC("raw_tracepoint/tcp_receive_reset")
+int BPF_PROG(iw_tcp_receive_reset, struct sock *sock)
 {
-	__u64 sk = (__u64)BPF_CORE_READ(ctx, skaddr);
+	__u64 sk = (__u64)sock;
 	struct conn_state *st = bpf_map_lookup_elem(&conns, &sk);
 	if (!st || st->peer_closed)
 		return 0;
@@ -388,9 +403,6 @@ int iw_ingress(struct __sk_buff *skb)
 	st->head_pending = 1;
 	return 1;
 }
-
-/* BPF_PROG's wrapper takes the raw `ctx` that these bodies do not use. */
-#pragma clang diagnostic ignored "-Wunused-parameter"
 
 /* Any socket receive (read, readv, recv*, io_uring) that returned; process context. */
 SEC("raw_tracepoint/sock_recv_length")

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use crate::config::AgentConfig;
-use crate::sources::kernel::{KernelProbes, TRACEFS, find_cgroup2};
+use crate::sources::kernel::{KernelProbes, find_cgroup2};
 
 /// One line of the report.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,20 +69,6 @@ pub fn kernel_checks(config: &AgentConfig) -> Vec<CheckItem> {
             "/sys/kernel/btf/vmlinux missing: the kernel lacks CONFIG_DEBUG_INFO_BTF".into()
         },
     ));
-    let tracefs = [TRACEFS, "/sys/kernel/debug/tracing"]
-        .iter()
-        .find(|p| Path::new(p).join("events").is_dir());
-    items.push(item(
-        "tracefs",
-        tracefs.is_some() || config.kernel.mount_tracefs,
-        match tracefs {
-            Some(p) => format!("mounted at {p}"),
-            None if config.kernel.mount_tracefs => {
-                format!("not mounted; the agent mounts it at {TRACEFS} (needs CAP_SYS_ADMIN)")
-            }
-            None => "not mounted and mount_tracefs is off".into(),
-        },
-    ));
     match effective_caps() {
         Some(caps) => {
             let have_bpf = has_cap(caps, 39) || has_cap(caps, 21);
@@ -146,7 +132,6 @@ pub fn kernel_checks(config: &AgentConfig) -> Vec<CheckItem> {
     match KernelProbes::load(
         &ports,
         config.kernel.ring_buffer_bytes,
-        config.kernel.mount_tracefs,
         config.kernel.cgroup_root.as_deref(),
     ) {
         Ok(probes) => {
@@ -155,7 +140,7 @@ pub fn kernel_checks(config: &AgentConfig) -> Vec<CheckItem> {
                 "load and attach",
                 true,
                 format!(
-                    "{} programs (tracepoints, raw tracepoints, cgroup ingress) loaded and attached, then detached; watched ports {ports:?}",
+                    "{} programs (raw tracepoints and a cgroup ingress program) loaded and attached, then detached; watched ports {ports:?}",
                     crate::sources::kernel::PROGRAM_COUNT
                 ),
             ));

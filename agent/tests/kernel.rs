@@ -6,7 +6,7 @@
 //! port. The test asserts the events the kernel source reports for each, over IPv4 (server
 //! using recv/send) and IPv6 (server using read/write).
 //!
-//! Needs root (CAP_BPF + CAP_PERFMON + tracefs). Without it each test prints a loud SKIPPED line
+//! Needs root (CAP_BPF + CAP_PERFMON + CAP_NET_ADMIN, cgroup v2). Without it each test prints a loud SKIPPED line
 //! and passes, unless `INFERWATCH_REQUIRE_KERNEL_TESTS=1` (set by `cargo xtask test`), where it
 //! fails.
 

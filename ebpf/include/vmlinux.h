@@ -119,42 +119,26 @@ struct __sk_buff {
 
 #pragma clang attribute push(__attribute__((preserve_access_index)), apply_to = record)
 
-struct trace_entry {
-	unsigned short type;
-	unsigned char flags;
-	unsigned char preempt_count;
-	int pid;
+struct in6_addr {
+	__u8 u6_addr8[16];
 };
 
-/* sock/inet_sock_set_state */
-struct trace_event_raw_inet_sock_set_state {
-	struct trace_entry ent;
-	const void *skaddr;
-	int oldstate;
-	int newstate;
-	__u16 sport;
-	__u16 dport;
-	__u16 family;
-	__u16 protocol;
-	__u8 saddr[4];
-	__u8 daddr[4];
-	__u8 saddr_v6[16];
-	__u8 daddr_v6[16];
+/* The fields of the socket's common part that the programs read. In the kernel several sit in
+ * anonymous unions and structs; CO-RE matches them by name through those. */
+struct sock_common {
+	__be32 skc_daddr;
+	__be32 skc_rcv_saddr;
+	__be16 skc_dport;
+	__u16 skc_num;
+	unsigned short skc_family;
+	struct in6_addr skc_v6_daddr;
+	struct in6_addr skc_v6_rcv_saddr;
 };
 
-/* tcp/tcp_receive_reset (event class tcp_event_sk) */
-struct trace_event_raw_tcp_event_sk {
-	struct trace_entry ent;
-	const void *skaddr;
-	__u16 sport;
-	__u16 dport;
-	__u16 family;
-};
-
-/* Only ever used as an opaque pointer: the connection key (the raw tracepoints' first
- * argument). */
+/* The connection key is the address of this struct; the raw tracepoints' first argument. */
 struct sock {
-	int __placeholder_unused;
+	struct sock_common __sk_common;
+	__u16 sk_protocol;
 };
 
 #pragma clang attribute pop

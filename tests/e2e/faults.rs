@@ -1,8 +1,8 @@
 //! Fault tests (issue 9): the agent under a backend outage, a runtime killed mid-request, a
 //! runtime restarting on its port, a connection flood that overflows the ring buffer (the agent
-//! frozen meanwhile), SIGTERM during load, missing capabilities, NVML calls failing at random
-//! and tracefs absent (the agent in a private mount namespace). Each is bounded in time (about
-//! 30 s) and uses loopback only.
+//! frozen meanwhile), SIGTERM during load, missing capabilities, NVML calls failing at random,
+//! tracefs absent (the agent in a private mount namespace) and the cgroup v2 directory missing.
+//! Each is bounded in time (about 30 s) and uses loopback only.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -1234,15 +1234,15 @@ fn binary_config(
     )
 }
 
-/// tracefs absent, default config: the agent mounts it (in its own mount namespace here) and
-/// the kernel source works: it sees the watched port's traffic and an abort is found.
+/// tracefs absent: the kernel source needs none (raw tracepoints and a cgroup program), so it
+/// works without mounting anything: it sees the watched port's traffic and an abort is found.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tracefs_absent_is_mounted() {
-    if !kernel_tests_enabled("tracefs_absent_is_mounted") {
+async fn tracefs_absent_kernel_source_works() {
+    if !kernel_tests_enabled("tracefs_absent_kernel_source_works") {
         return;
     }
     let _one_at_a_time = serial().await;
-    let dir = scratch("tracefs-mounted");
+    let dir = scratch("tracefs-absent");
     let host_tracefs = tracefs_mounts(0);
     let collector = Collector::default();
     let backend = collector.start().await;
@@ -1255,7 +1255,8 @@ async fn tracefs_absent_is_mounted() {
     let agent_tracefs = tracefs_mounts(pid);
     let otlp: SocketAddr = format!("127.0.0.1:{grpc}").parse().expect("addr");
     let runtime = Runtime::serve(port, otlp, &dir).await;
-    let found = abort_is_found(&collector, port, "tracefs-mounted").await;
+    let found = abort_is_found(&collector, port, "tracefs-absent").await;
+    let agent_tracefs_after = tracefs_mounts(pid);
     // The kernel counters reach the metrics once a second.
     let metrics_addr = SocketAddr::from(([127, 0, 0, 1], metrics_port));
     let mut kernel_events = 0.0;
@@ -1272,18 +1273,15 @@ async fn tracefs_absent_is_mounted() {
     let status = terminate(&mut agent).await;
     let log = std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
     eprintln!(
-        "tracefs_absent_is_mounted: host tracefs {host_tracefs:?}, the agent's {agent_tracefs:?}; \
-         kernel events {kernel_events}; abort found {found}; exit {status}"
+        "tracefs_absent: host tracefs {host_tracefs:?}, the agent's {agent_tracefs:?} at start, \
+         {agent_tracefs_after:?} after; kernel events {kernel_events}; abort found {found}; exit \
+         {status}"
     );
     assert!(own_ns, "the agent ran in a mount namespace of its own");
     assert!(
-        log.contains("mounted tracefs"),
-        "the agent mounted tracefs itself:\n{log}"
-    );
-    assert_eq!(
-        agent_tracefs,
-        ["/sys/kernel/tracing"],
-        "one tracefs in the agent's namespace, the one it mounted"
+        agent_tracefs.is_empty() && agent_tracefs_after.is_empty(),
+        "no tracefs in the agent's namespace, none mounted: {agent_tracefs:?}, \
+         {agent_tracefs_after:?}"
     );
     assert!(
         !log.contains("kernel source unavailable"),
@@ -1299,42 +1297,53 @@ async fn tracefs_absent_is_mounted() {
     );
 }
 
-/// tracefs absent and `mount_tracefs = false`: `check` says so, `run` logs one error naming
-/// tracefs, serves the OTLP receiver (a runtime's span is forwarded) and `/healthz`, and exits
-/// 0 on SIGTERM.
+/// The cgroup v2 directory missing (`kernel.cgroup_root` names a directory that does not exist,
+/// as on a node without cgroup v2): `check` says so, `run` logs one error naming it, serves the
+/// OTLP receiver (a runtime's span is forwarded) and `/healthz`, and exits 0 on SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tracefs_absent_and_not_mounted_runs_on_the_rest() {
-    if !kernel_tests_enabled("tracefs_absent_and_not_mounted_runs_on_the_rest") {
+async fn cgroup_missing_runs_on_the_rest() {
+    if !kernel_tests_enabled("cgroup_missing_runs_on_the_rest") {
         return;
     }
     let _one_at_a_time = serial().await;
-    let dir = scratch("tracefs-off");
-    let host_tracefs = tracefs_mounts(0);
+    let dir = scratch("cgroup-missing");
     let collector = Collector::default();
     let backend = collector.start().await;
     let (port, grpc, metrics_port) = (free_port(), free_port(), free_port());
+    let missing = dir.join("no-such-cgroup");
     let config = binary_config(
         &dir,
         &[port],
         grpc,
         metrics_port,
         backend,
-        "mount_tracefs = false\n",
+        &format!("cgroup_root = {:?}\n", missing.display().to_string()),
     );
 
-    let mut check = tokio::process::Command::new(agent_bin());
-    check.args(["check", "-c"]).arg(&config).kill_on_drop(true);
-    without_tracefs(&mut check);
-    let check = tokio::time::timeout(Duration::from_secs(30), check.output())
-        .await
-        .expect("check within 30 s")
-        .expect("run inferwatch check");
+    let check = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(agent_bin())
+            .args(["check", "-c"])
+            .arg(&config)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("check within 30 s")
+    .expect("run inferwatch check");
     let check_out = String::from_utf8_lossy(&check.stdout).into_owned();
 
-    let mut agent = spawn_agent_without_tracefs(&config, &dir);
-    let pid = agent.id().expect("agent pid") as libc::pid_t;
+    let mut agent = tokio::process::Command::new(agent_bin())
+        .arg("run")
+        .arg("-c")
+        .arg(&config)
+        .env("INFERWATCH_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("agent.log")).expect("log file"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start inferwatch");
     wait_listening(grpc).await;
-    let agent_tracefs = tracefs_mounts(pid);
     let healthz = wait_until_async(Duration::from_secs(10), || async {
         http_status(metrics_port, "/healthz").await.contains("200")
     })
@@ -1342,13 +1351,13 @@ async fn tracefs_absent_and_not_mounted_runs_on_the_rest() {
     // The receiver at work: the runtime's span of a completed request reaches the collector.
     let otlp: SocketAddr = format!("127.0.0.1:{grpc}").parse().expect("addr");
     let runtime = Runtime::serve(port, otlp, &dir).await;
-    let mut stream = open_stream(port, "tracefs-off", "", "hello", 1).await;
+    let mut stream = open_stream(port, "cgroup-missing", "", "hello", 1).await;
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
     let forwarded = wait_until(Duration::from_secs(20), || {
         collector.spans().iter().any(|s| {
             s.span.name == "llm_request"
-                && attr(&s.span, "gen_ai.request.id").is_some_and(|r| r.ends_with("tracefs-off"))
+                && attr(&s.span, "gen_ai.request.id").is_some_and(|r| r.ends_with("cgroup-missing"))
         })
     })
     .await;
@@ -1356,36 +1365,32 @@ async fn tracefs_absent_and_not_mounted_runs_on_the_rest() {
     runtime.stop(libc::SIGTERM).await;
     let status = terminate(&mut agent).await;
     let log = std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
-    let tracefs_lines: Vec<&str> = log.lines().filter(|l| l.contains("tracefs")).collect();
+    let cgroup_lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("no-such-cgroup"))
+        .collect();
     eprintln!(
-        "tracefs_absent_and_not_mounted: the agent's tracefs mounts {agent_tracefs:?}; check: \
-         {:?}; log: {tracefs_lines:?}; span forwarded {forwarded}; exit {status}",
-        check_out.lines().find(|l| l.contains("tracefs"))
-    );
-    assert!(
-        agent_tracefs.is_empty(),
-        "no tracefs in the agent's namespace: {agent_tracefs:?}"
+        "cgroup_missing: check: {:?}; log: {cgroup_lines:?}; span forwarded {forwarded}; exit \
+         {status}",
+        check_out.lines().find(|l| l.contains("cgroup"))
     );
     assert!(
         check_out
             .lines()
-            .any(|l| l.contains("tracefs") && l.contains("not mounted and mount_tracefs is off")),
-        "check says tracefs is missing and will not be mounted:\n{check_out}"
+            .any(|l| l.contains("cgroup v2") && l.contains("is not a directory")),
+        "check says the cgroup directory is missing:\n{check_out}"
     );
-    assert_eq!(tracefs_lines.len(), 1, "one log line names tracefs:\n{log}");
+    assert_eq!(
+        cgroup_lines.len(),
+        1,
+        "one log line names the cgroup:\n{log}"
+    );
     assert!(
-        tracefs_lines[0].contains("kernel source unavailable")
-            && tracefs_lines[0].contains("mount_tracefs is off"),
-        "the line says the kernel source is off for want of tracefs:\n{log}"
+        cgroup_lines[0].contains("kernel source unavailable"),
+        "the line says the kernel source is off for want of the cgroup:\n{log}"
     );
-    assert!(!log.contains("mounted tracefs"), "nothing mounted:\n{log}");
     assert!(healthz, "/healthz answers 200:\n{log}");
     assert!(forwarded, "the OTLP receiver and export work:\n{log}");
     assert!(still_running, "the agent kept running:\n{log}");
     assert!(status.success(), "exit 0 on SIGTERM: {status}\n{log}");
-    assert_eq!(
-        tracefs_mounts(0),
-        host_tracefs,
-        "the host's tracefs untouched"
-    );
 }

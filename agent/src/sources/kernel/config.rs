@@ -30,8 +30,6 @@ pub struct KernelConfig {
     pub poll_interval_ms: u64,
     /// Capacity of the bounded channel from the ring-buffer reader to the pipeline, in events.
     pub channel_capacity: usize,
-    /// Mount tracefs at /sys/kernel/tracing when it is missing (needs CAP_SYS_ADMIN).
-    pub mount_tracefs: bool,
     /// The cgroup v2 directory the request-head program attaches to; it sees the sockets of
     /// every process below it. Unset: the root of the cgroup v2 mount found in
     /// /proc/self/mountinfo (in a pod: mount the host's /sys/fs/cgroup).
@@ -49,7 +47,6 @@ impl Default for KernelConfig {
             ring_buffer_bytes: 8 * 1024 * 1024,
             poll_interval_ms: 10,
             channel_capacity: 65_536,
-            mount_tracefs: true,
             cgroup_root: None,
         }
     }

@@ -28,7 +28,7 @@ pub use clock::MonotonicToWall;
 pub use config::{KernelConfig, RUNTIME_DEFAULT_PORTS};
 pub use probes::{
     CounterMap, INGRESS_PROGRAM, KernelCounters, KernelProbes, PROGRAM_COUNT, RAW_TRACEPOINTS,
-    TRACEFS, TRACEPOINTS, find_cgroup2,
+    find_cgroup2,
 };
 
 use crate::model::{CloseHow, ConnId, KernelEvent, KernelEventKind};
@@ -50,14 +50,6 @@ pub enum KernelError {
         count: usize,
         /// Map capacity.
         max: usize,
-    },
-    /// tracefs is not mounted and could not be mounted.
-    #[error("tracefs is not available ({reason}); tracepoint programs cannot attach")]
-    NoTracefs {
-        /// Whether an existing mount was found.
-        mounted: bool,
-        /// Why not.
-        reason: String,
     },
     /// No cgroup v2 hierarchy is mounted (the ingress program attaches to its root).
     #[error(
@@ -83,7 +75,7 @@ pub enum KernelError {
         #[source]
         source: Box<aya::EbpfError>,
     },
-    /// A program named in `TRACEPOINTS` / `RAW_TRACEPOINTS` is not in the object.
+    /// A program named in `RAW_TRACEPOINTS` (or the ingress program) is not in the object.
     #[error("program {0} missing from the eBPF object")]
     MissingProgram(&'static str),
     /// A map the agent needs is not in the object.
@@ -225,7 +217,6 @@ impl KernelSource {
         let mut probes = KernelProbes::load(
             &config.ports(),
             config.ring_buffer_bytes,
-            config.mount_tracefs,
             config.cgroup_root.as_deref(),
         )?;
         let ring = probes.take_ring_buf()?;

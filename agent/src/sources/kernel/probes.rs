@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
-use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, RawTracePoint, TracePoint};
+use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, RawTracePoint};
 use aya::{Ebpf, EbpfLoader};
 
 use super::KernelError;
@@ -17,16 +17,13 @@ use super::event::raw::{
 static TCP_LIFECYCLE: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcp_lifecycle.bpf.o"));
 
-/// The tracepoint programs with what they attach to (category, name). They need tracefs.
-pub const TRACEPOINTS: &[(&str, &str, &str)] = &[
-    ("iw_inet_sock_set_state", "sock", "inet_sock_set_state"),
-    ("iw_tcp_receive_reset", "tcp", "tcp_receive_reset"),
-];
-
-/// The raw tracepoint programs with the tracepoint they attach to: every socket send and
-/// receive of the node, and the release of TCP sockets. Raw, because these fire for all socket
-/// I/O: a raw tracepoint hands the program the arguments without building a trace record.
+/// The raw tracepoint programs with the tracepoint they attach to: TCP state changes and
+/// resets, every socket send and receive of the node, and the release of TCP sockets. Raw
+/// tracepoints hand the program the arguments without building a trace record first, and need
+/// no tracefs.
 pub const RAW_TRACEPOINTS: &[(&str, &str)] = &[
+    ("iw_inet_sock_set_state", "inet_sock_set_state"),
+    ("iw_tcp_receive_reset", "tcp_receive_reset"),
     ("iw_sock_recv_length", "sock_recv_length"),
     ("iw_sock_send_length", "sock_send_length"),
     ("iw_tcp_destroy_sock", "tcp_destroy_sock"),
@@ -37,10 +34,7 @@ pub const RAW_TRACEPOINTS: &[(&str, &str)] = &[
 pub const INGRESS_PROGRAM: &str = "iw_ingress";
 
 /// How many programs the agent attaches.
-pub const PROGRAM_COUNT: usize = TRACEPOINTS.len() + RAW_TRACEPOINTS.len() + 1;
-
-/// Where tracefs is expected; aya looks here and under debugfs.
-pub const TRACEFS: &str = "/sys/kernel/tracing";
+pub const PROGRAM_COUNT: usize = RAW_TRACEPOINTS.len() + 1;
 
 /// Counters the programs keep per CPU.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -66,14 +60,13 @@ impl KernelProbes {
     /// Loads the programs, attaches them all and fills the watched-port map.
     ///
     /// # Errors
-    /// [`KernelError`] naming the step that failed: tracefs missing, the object not built, the
+    /// [`KernelError`] naming the step that failed: no cgroup v2, the object not built, the
     /// kernel refusing a program (verifier, capabilities) or an attach.
     ///
     /// Minimum kernel: 6.3 (the socket I/O tracepoints), with BTF and a cgroup v2 hierarchy.
     pub fn load(
         ports: &[u16],
         ring_buffer_bytes: u32,
-        mount_tracefs: bool,
         cgroup_root: Option<&Path>,
     ) -> Result<Self, KernelError> {
         if TCP_LIFECYCLE.is_empty() {
@@ -85,7 +78,6 @@ impl KernelProbes {
                 max: IW_MAX_WATCHED_PORTS as usize,
             });
         }
-        ensure_tracefs(mount_tracefs)?;
         let cgroup = match cgroup_root {
             Some(path) => path.to_path_buf(),
             None => find_cgroup2().ok_or(KernelError::NoCgroup2)?,
@@ -115,23 +107,6 @@ impl KernelProbes {
                 .map_err(|source| KernelError::Attach {
                     name,
                     tracepoint: format!("raw_tracepoint/{tracepoint}"),
-                    source,
-                })?;
-        }
-        for (name, category, tracepoint) in TRACEPOINTS {
-            let program: &mut TracePoint = ebpf
-                .program_mut(name)
-                .ok_or(KernelError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| KernelError::Program { name, source })?;
-            program
-                .load()
-                .map_err(|source| KernelError::Program { name, source })?;
-            program
-                .attach(category, tracepoint)
-                .map_err(|source| KernelError::Attach {
-                    name,
-                    tracepoint: format!("{category}/{tracepoint}"),
                     source,
                 })?;
         }
@@ -264,44 +239,6 @@ fn cgroup2_in_mountinfo(mountinfo: &str) -> Option<PathBuf> {
         // process can see, and it still covers the sockets of the processes in it.
         (root == "/").then(|| PathBuf::from(point.replace("\\040", " ")))
     })
-}
-
-/// Mounts tracefs at [`TRACEFS`] when no tracefs is reachable and `mount` allows it.
-fn ensure_tracefs(mount: bool) -> Result<(), KernelError> {
-    let candidates = [TRACEFS, "/sys/kernel/debug/tracing"];
-    if candidates
-        .iter()
-        .any(|p| Path::new(p).join("events").is_dir())
-    {
-        return Ok(());
-    }
-    if !mount {
-        return Err(KernelError::NoTracefs {
-            mounted: false,
-            reason: "mount_tracefs is off".into(),
-        });
-    }
-    let source = c"tracefs";
-    let target = c"/sys/kernel/tracing";
-    // SAFETY: valid NUL-terminated strings and a null data pointer, as mount(2) allows.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            source.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        let err = std::io::Error::last_os_error();
-        return Err(KernelError::NoTracefs {
-            mounted: false,
-            reason: format!("mount -t tracefs tracefs {TRACEFS}: {err} (needs CAP_SYS_ADMIN)"),
-        });
-    }
-    tracing::info!(path = TRACEFS, "mounted tracefs");
-    Ok(())
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones use memcg accounting and
