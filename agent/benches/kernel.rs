@@ -20,8 +20,8 @@ use inferwatch::sources::kernel::{KernelConfig, KernelSource};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-const ROUNDS: usize = 12;
-const ROUND: Duration = Duration::from_millis(800);
+const ROUNDS: usize = 20;
+const ROUND: Duration = Duration::from_millis(600);
 const CHUNKS: usize = 20;
 
 fn serve(listener: TcpListener) {
