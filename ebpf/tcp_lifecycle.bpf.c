@@ -5,31 +5,28 @@
  * No syscall hooks. Attaching anything to the syscall tracepoints (per-syscall trace events or
  * the raw sys_enter/sys_exit) sets the tracing flag on every task of the node, and from then on
  * every syscall of every process takes the kernel's slow entry path: that cost a syscall-bound
- * server 18-20% of its throughput in `cargo xtask bench kernel`. Everything here instead hangs
- * off events that fire only for TCP sockets:
+ * server 18-20% of its throughput in `cargo xtask bench kernel`. Everything here hangs off raw
+ * tracepoints that fire only for sockets:
  *
- *   raw_tracepoint inet_sock_set_state   listen(), handshake done on a watched port (Accepted),
- *                                        peer FIN, our FIN (LocalClosed), TCP_CLOSE
- *   raw_tracepoint tcp_receive_reset     peer RST
- *   cgroup_skb/ingress (root cgroup)     the first segment of each request: its bytes
- *   raw_tracepoint sock_recv_length      the server's first read after that segment: emits the
- *                                        head with the server's tgid (kernel >= 6.3)
- *   raw_tracepoint sock_send_length      server sends: re-arm the head, count writes, writes
- *                                        after the peer left (kernel >= 6.3)
- *   raw_tracepoint tcp_destroy_sock      the socket is released: forget it
+ *   inet_sock_set_state   listen(), handshake done on a watched port (Accepted), peer FIN, our
+ *                         FIN (LocalClosed), TCP_CLOSE
+ *   tcp_receive_reset     peer RST
+ *   sock_recv_length      every socket receive that returned: the first read of each request
+ *                         (RequestHead), its bytes read from the reader's own buffer
+ *   sock_send_length      every socket send that returned: re-arms the head, counts writes,
+ *                         writes after the peer left
+ *   tcp_destroy_sock      the socket is released: forget it
  *
  * Raw tracepoints rather than the trace events of the same names: the program gets the
  * tracepoint's arguments directly, without a perf trace record built (and every address
- * copied) first for each TCP state change on the node; and raw tracepoints need no tracefs.
+ * copied) first; and raw tracepoints need no tracefs.
  *
  * Every connection is keyed by its struct sock address, from the handshake to the release, so
- * no (tgid, fd) mapping is needed. The sock_{send,recv}_length programs run for every socket
- * send and receive on the node and return after one hash miss for anything untracked; the
- * ingress program runs for every received packet and returns after one lookup of its local
- * port in the `watched_ports` bitmap for anything unwatched. The ingress program never drops: it always
- * returns 1 (pass).
+ * no (tgid, fd) mapping is needed. The send and receive programs run for every socket send and
+ * receive on the node and return after one hash miss in `conns` for anything untracked.
  *
- * Minimum kernel: 6.3 (sock_send_length / sock_recv_length), BTF for CO-RE, cgroup v2.
+ * Minimum kernel: 6.3 (sock_send_length / sock_recv_length), BTF for CO-RE. x86_64 (the
+ * syscall registers read in the receive program).
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -44,8 +41,6 @@ char LICENSE[] SEC("license") = "GPL";
 #define AF_INET 2
 #define AF_INET6 10
 #define IPPROTO_TCP 6
-#define ETH_P_IP 0x0800
-#define ETH_P_IPV6 0x86DD
 
 #define TCP_ESTABLISHED 1
 #define TCP_FIN_WAIT1 4
@@ -56,34 +51,20 @@ char LICENSE[] SEC("license") = "GPL";
 #define TCP_LISTEN 10
 
 #define MAX_CONNS 65536
-/* Heads waiting for the server's read: the time between a segment's arrival and the read. */
-#define MAX_PENDING_HEADS 4096
 
 /* Separate words rather than one flags word: each is written by a plain store, from process
- * context (sends, reads) or softirq (ingress, state changes), so no read-modify-write can lose
+ * context (sends, reads) or softirq (state changes), so no read-modify-write can lose
  * another's update and no BPF atomics are needed. */
 struct conn_state {
-	__u32 expect_head;  /* the next segment that starts with a method is a request head */
-	__u32 head_pending; /* a head is in `heads`, waiting for the server's read */
+	__u32 expect_head;  /* the next read that starts with a method is a request head */
 	__u32 peer_closed;  /* the peer sent FIN or RST */
 	__u32 local_closed; /* LocalClosed was emitted */
 	/* Server sends since the last request head: tells a response that was streaming when
 	 * the peer left (> 0) from one not yet started (0), e.g. a non-streaming request whose
 	 * whole body is one write at the end. */
 	__u32 writes_since_head;
-	__u32 _pad;
 };
 
-/* A request head taken on ingress, until the server reads it. */
-struct pending_head {
-	__u32 len;
-	__u32 segment_len;
-	__u8 data[IW_HEAD_MAX];
-};
-
-/* The watched local ports as a bitmap: bit (port & 63) of entry (port >> 6). An array lookup
- * is inlined by the verifier (no helper call, no hashing), which matters because the ingress
- * program asks for every packet the node receives. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, IW_PORT_BITMAP_WORDS);
@@ -99,21 +80,6 @@ struct {
 	__type(key, __u64);
 	__type(value, struct conn_state);
 } conns SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, MAX_PENDING_HEADS);
-	__type(key, __u64);
-	__type(value, struct pending_head);
-} heads SEC(".maps");
-
-/* Staging for a head (too big for the 512-byte stack). */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct pending_head);
-} head_scratch SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -330,81 +296,20 @@ static __always_inline int looks_like_request(const __u8 *b)
 	return 0;
 }
 
-/* Offset of the TCP payload in a cgroup_skb packet (which starts at the network header), or 0
- * when it is not TCP. */
-static __always_inline __u32 tcp_payload_offset(struct __sk_buff *skb)
-{
-	__u32 off;
-	__u8 b = 0;
-	if (skb->protocol == bpf_htons(ETH_P_IP)) {
-		if (bpf_skb_load_bytes(skb, 0, &b, 1))
-			return 0;
-		off = (b & 0x0f) * 4;
-		if (bpf_skb_load_bytes(skb, 9, &b, 1) || b != IPPROTO_TCP)
-			return 0;
-	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
-		/* Extension headers before TCP are not followed: such packets are skipped. */
-		if (bpf_skb_load_bytes(skb, 6, &b, 1) || b != IPPROTO_TCP)
-			return 0;
-		off = 40;
-	} else {
-		return 0;
-	}
-	if (bpf_skb_load_bytes(skb, off + 12, &b, 1))
-		return 0;
-	return off + (b >> 4) * 4;
-}
+/* x86_64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl) of the receives whose
+ * buffer the receive program knows how to find. */
+#define NR_READ 0
+#define NR_READV 19
+#define NR_RECVFROM 45
+#define NR_RECVMSG 47
 
 /*
- * The bytes of each request head, taken on ingress. A cgroup_skb program sees the packet with
- * its payload before the socket queues it; the syscall that later reads it would need a syscall
- * hook (see the top of the file). Attached to the root of the cgroup v2 hierarchy, so it sees
- * every socket of the node. Softirq context: the head waits in `heads` for the server's read.
+ * Any socket receive that returned; process context: the receiving thread. When the connection
+ * expects a request head, the bytes just received are read back from the caller's buffer,
+ * found through the syscall's arguments in the task's saved user registers. That is what a
+ * sys_exit hook would see, without hooking every syscall of the node. Receives that are not
+ * one of the four syscalls (io_uring, recvmmsg) report no head.
  */
-SEC("cgroup_skb/ingress")
-int iw_ingress(struct __sk_buff *skb)
-{
-	if (!port_watched((__u16)skb->local_port))
-		return 1;
-	struct bpf_sock *bsk = skb->sk;
-	if (!bsk)
-		return 1;
-	__u64 sk = (__u64)bsk;
-	struct conn_state *st = bpf_map_lookup_elem(&conns, &sk);
-	if (!st || !st->expect_head)
-		return 1;
-
-	__u32 off = tcp_payload_offset(skb);
-	if (!off || skb->len < off + 4)
-		return 1;
-	__u8 start[4] = {};
-	if (bpf_skb_load_bytes(skb, off, start, sizeof(start)) || !looks_like_request(start))
-		return 1;
-
-	__u32 zero = 0;
-	struct pending_head *h = bpf_map_lookup_elem(&head_scratch, &zero);
-	if (!h)
-		return 1;
-	__u32 avail = skb->len - off;
-	__u32 n = avail;
-	/* IW_HEAD_MAX - 1 so that the mask below keeps the length and proves the bound. */
-	if (n > IW_HEAD_MAX - 1)
-		n = IW_HEAD_MAX - 1;
-	n &= IW_HEAD_MAX - 1;
-	if (n < 4 || bpf_skb_load_bytes(skb, off, h->data, n))
-		return 1;
-	h->len = n;
-	h->segment_len = avail;
-	if (bpf_map_update_elem(&heads, &sk, h, BPF_ANY))
-		return 1;
-	/* One head per request: re-armed by the server's next send. */
-	st->expect_head = 0;
-	st->writes_since_head = 0;
-	st->head_pending = 1;
-	return 1;
-}
-
-/* Any socket receive (read, readv, recv*, io_uring) that returned; process context. */
 SEC("raw_tracepoint/sock_recv_length")
 int BPF_PROG(iw_sock_recv_length, struct sock *sock, int ret, int flags)
 {
@@ -412,23 +317,61 @@ int BPF_PROG(iw_sock_recv_length, struct sock *sock, int ret, int flags)
 		return 0;
 	__u64 sk = (__u64)sock;
 	struct conn_state *st = bpf_map_lookup_elem(&conns, &sk);
-	if (!st || !st->head_pending)
+	if (!st || !st->expect_head)
 		return 0;
-	st->head_pending = 0;
-	struct pending_head *h = bpf_map_lookup_elem(&heads, &sk);
-	if (!h)
+
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	if (!regs)
 		return 0;
-	struct iw_request_head_event *ev = reserve(sizeof(*ev));
-	if (ev) {
-		fill_header(&ev->hdr, IW_EVENT_REQUEST_HEAD, sizeof(*ev), current_tgid(), sk);
-		__u32 n = h->len & (IW_HEAD_MAX - 1);
-		ev->len = n;
-		ev->segment_len = h->segment_len;
-		if (bpf_probe_read_kernel(ev->data, sizeof(ev->data), h->data))
-			ev->len = 0;
-		submit(ev);
+	__u64 buf = 0, buf_len = 0;
+	struct iovec first = {};
+	switch (BPF_CORE_READ(regs, orig_ax)) {
+	case NR_READ:
+	case NR_RECVFROM:
+		buf = BPF_CORE_READ(regs, si);
+		buf_len = BPF_CORE_READ(regs, dx);
+		break;
+	case NR_READV:
+		if (bpf_probe_read_user(&first, sizeof(first), (void *)BPF_CORE_READ(regs, si)))
+			return 0;
+		buf = (__u64)first.iov_base;
+		buf_len = first.iov_len;
+		break;
+	case NR_RECVMSG: {
+		struct user_msghdr msg = {};
+		if (bpf_probe_read_user(&msg, sizeof(msg), (void *)BPF_CORE_READ(regs, si)) ||
+		    bpf_probe_read_user(&first, sizeof(first), msg.msg_iov))
+			return 0;
+		buf = (__u64)first.iov_base;
+		buf_len = first.iov_len;
+		break;
 	}
-	bpf_map_delete_elem(&heads, &sk);
+	default:
+		return 0;
+	}
+
+	__u8 start[4] = {};
+	if (bpf_probe_read_user(start, sizeof(start), (void *)buf) || !looks_like_request(start))
+		return 0;
+	/* One head per request: re-armed by the server's next send. */
+	st->expect_head = 0;
+	st->writes_since_head = 0;
+
+	__u64 n = (__u64)ret;
+	if (n > buf_len)
+		n = buf_len;
+	/* IW_HEAD_MAX - 1 so that the mask below keeps the length and proves the bound. */
+	if (n > IW_HEAD_MAX - 1)
+		n = IW_HEAD_MAX - 1;
+	struct iw_request_head_event *ev = reserve(sizeof(*ev));
+	if (!ev)
+		return 0;
+	fill_header(&ev->hdr, IW_EVENT_REQUEST_HEAD, sizeof(*ev), current_tgid(), sk);
+	ev->read_len = (__u32)ret;
+	if (bpf_probe_read_user(ev->data, n & (IW_HEAD_MAX - 1), (void *)buf))
+		n = 0;
+	ev->len = (__u32)n;
+	submit(ev);
 	return 0;
 }
 
@@ -440,8 +383,7 @@ int BPF_PROG(iw_sock_send_length, struct sock *sock, int ret, int flags)
 	struct conn_state *st = bpf_map_lookup_elem(&conns, &sk);
 	if (!st)
 		return 0;
-	/* The server answers: its peer's next segment that starts with a method is a new
-	 * request. */
+	/* The server answers: its next read that starts with a method is a new request. */
 	if (!st->expect_head)
 		st->expect_head = 1;
 	if (st->writes_since_head < 0xffffffff)
@@ -471,8 +413,6 @@ int BPF_PROG(iw_tcp_destroy_sock, struct sock *sock)
 	 * where the current task is not the server: no tgid. */
 	if (!st->local_closed)
 		emit_simple(IW_EVENT_LOCAL_CLOSED, 0, sk);
-	if (st->head_pending)
-		bpf_map_delete_elem(&heads, &sk);
 	bpf_map_delete_elem(&conns, &sk);
 	return 0;
 }

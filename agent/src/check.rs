@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use crate::config::AgentConfig;
-use crate::sources::kernel::{KernelProbes, find_cgroup2};
+use crate::sources::kernel::KernelProbes;
 
 /// One line of the report.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,7 +20,6 @@ pub struct CheckItem {
 
 /// Linux capabilities the kernel source may need, by number (linux/capability.h).
 const CAPS: &[(u32, &str)] = &[
-    (12, "CAP_NET_ADMIN"),
     (21, "CAP_SYS_ADMIN"),
     (24, "CAP_SYS_RESOURCE"),
     (38, "CAP_PERFMON"),
@@ -73,29 +72,22 @@ pub fn kernel_checks(config: &AgentConfig) -> Vec<CheckItem> {
         Some(caps) => {
             let have_bpf = has_cap(caps, 39) || has_cap(caps, 21);
             let have_perfmon = has_cap(caps, 38) || has_cap(caps, 21);
-            // The request-head program is a cgroup_skb program: a networking type, which the
-            // kernel loads only with CAP_NET_ADMIN.
-            let have_net_admin = has_cap(caps, 12) || has_cap(caps, 21);
             let names: Vec<&str> = CAPS
                 .iter()
                 .filter(|(n, _)| has_cap(caps, *n))
                 .map(|(_, name)| *name)
                 .collect();
             // Name what is missing first: that is what the operator has to add.
-            let missing: Vec<&str> = [
-                ("CAP_BPF", have_bpf),
-                ("CAP_PERFMON", have_perfmon),
-                ("CAP_NET_ADMIN", have_net_admin),
-            ]
-            .iter()
-            .filter(|(_, have)| !have)
-            .map(|(name, _)| *name)
-            .collect();
+            let missing: Vec<&str> = [("CAP_BPF", have_bpf), ("CAP_PERFMON", have_perfmon)]
+                .iter()
+                .filter(|(_, have)| !have)
+                .map(|(name, _)| *name)
+                .collect();
             items.push(item(
                 "capabilities",
-                have_bpf && have_perfmon && have_net_admin,
+                have_bpf && have_perfmon,
                 format!(
-                    "{}effective: {} (needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN, or CAP_SYS_ADMIN)",
+                    "{}effective: {} (needs CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN)",
                     if missing.is_empty() {
                         String::new()
                     } else {
@@ -116,31 +108,14 @@ pub fn kernel_checks(config: &AgentConfig) -> Vec<CheckItem> {
         )),
     }
     let ports = config.kernel.ports();
-    let cgroup = config.kernel.cgroup_root.clone().or_else(find_cgroup2);
-    items.push(item(
-        "cgroup v2",
-        cgroup.as_deref().is_some_and(Path::is_dir),
-        match &cgroup {
-            Some(p) if p.is_dir() => format!(
-                "{} (the request-head program sees the sockets of every process below it)",
-                p.display()
-            ),
-            Some(p) => format!("{} is not a directory", p.display()),
-            None => "no cgroup2 mount in /proc/self/mountinfo; set kernel.cgroup_root".into(),
-        },
-    ));
-    match KernelProbes::load(
-        &ports,
-        config.kernel.ring_buffer_bytes,
-        config.kernel.cgroup_root.as_deref(),
-    ) {
+    match KernelProbes::load(&ports, config.kernel.ring_buffer_bytes) {
         Ok(probes) => {
             drop(probes);
             items.push(item(
                 "load and attach",
                 true,
                 format!(
-                    "{} programs (raw tracepoints and a cgroup ingress program) loaded and attached, then detached; watched ports {ports:?}",
+                    "{} programs (raw tracepoints) loaded and attached, then detached; watched ports {ports:?}",
                     crate::sources::kernel::PROGRAM_COUNT
                 ),
             ));

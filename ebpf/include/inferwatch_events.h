@@ -7,7 +7,7 @@
  *   - fixed-width fields only, explicit padding, no `bool`;
  *   - type ids live in ranges per concern and are never reused:
  *       100..=199  TCP socket lifecycle (sock / tcp tracepoints)
- *       200..=299  HTTP payload on a watched connection (cgroup ingress, socket I/O tracepoints)
+ *       200..=299  HTTP payload on a watched connection (socket I/O tracepoints)
  *   - the agent reads this file through bindgen (agent/build.rs) and asserts sizes and offsets,
  *     so a change here that the Rust side does not follow fails the build.
  *
@@ -17,7 +17,7 @@
 #ifndef INFERWATCH_EVENTS_H
 #define INFERWATCH_EVENTS_H
 
-/* Bytes of the first segment of an HTTP request copied to userspace. The agent parses only the
+/* Bytes of the first read of an HTTP request copied to userspace. The agent parses only the
  * request line and allow-listed headers out of them and drops the rest. Power of two: the
  * BPF side masks the length with IW_HEAD_MAX - 1 to keep the verifier happy. */
 #define IW_HEAD_MAX 2048
@@ -82,14 +82,13 @@ struct iw_accepted_event {
 	__u8 peer_addr[16];
 };
 
-/* The head of an HTTP/1.1 request on a watched connection (also the second and later requests
- * of a keep-alive connection: the flag re-arms when the server sends). The bytes are the first
- * TCP segment of the request, taken on ingress; the event is emitted when the server first
- * reads from the socket after it (process context: the server's tgid, the read's time). */
+/* The first read of an HTTP/1.1 request on a watched connection (also the second and later
+ * requests of a keep-alive connection: the flag re-arms when the server sends). Process
+ * context: the reading thread's tgid, the read's time. */
 struct iw_request_head_event {
 	struct iw_event_header hdr;
-	__u32 len;         /* bytes valid in data[] */
-	__u32 segment_len; /* payload bytes of the segment the head came in */
+	__u32 len;      /* bytes valid in data[] */
+	__u32 read_len; /* what the read returned */
 	__u8 data[IW_HEAD_MAX];
 };
 

@@ -30,10 +30,6 @@ pub struct KernelConfig {
     pub poll_interval_ms: u64,
     /// Capacity of the bounded channel from the ring-buffer reader to the pipeline, in events.
     pub channel_capacity: usize,
-    /// The cgroup v2 directory the request-head program attaches to; it sees the sockets of
-    /// every process below it. Unset: the root of the cgroup v2 mount found in
-    /// /proc/self/mountinfo (in a pod: mount the host's /sys/fs/cgroup).
-    pub cgroup_root: Option<std::path::PathBuf>,
 }
 
 impl Default for KernelConfig {
@@ -47,7 +43,6 @@ impl Default for KernelConfig {
             ring_buffer_bytes: 8 * 1024 * 1024,
             poll_interval_ms: 10,
             channel_capacity: 65_536,
-            cgroup_root: None,
         }
     }
 }

@@ -310,7 +310,7 @@ mod tests {
         let mut ev = iw_request_head_event {
             hdr: header(IW_EVENT_REQUEST_HEAD, size_of::<iw_request_head_event>()),
             len: 5,
-            segment_len: 100,
+            read_len: 100,
             data: [0; IW_HEAD_MAX as usize],
         };
         ev.data[..5].copy_from_slice(b"GET /");

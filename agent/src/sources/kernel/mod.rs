@@ -1,5 +1,5 @@
-//! The kernel source: eBPF programs on TCP and socket tracepoints and a cgroup ingress hook that
-//! report the lifecycle of each HTTP request on a watched port (SPEC §1.1). The design and its
+//! The kernel source: eBPF programs on TCP and socket raw tracepoints that report the lifecycle
+//! of each HTTP request on a watched port (SPEC §1.1). The design and its
 //! costs are in docs/kernel-source.md.
 //!
 //! `KernelProbes` loads and attaches the programs; `KernelSource` reads their ring buffer,
@@ -26,10 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use clock::MonotonicToWall;
 pub use config::{KernelConfig, RUNTIME_DEFAULT_PORTS};
-pub use probes::{
-    CounterMap, INGRESS_PROGRAM, KernelCounters, KernelProbes, PROGRAM_COUNT, RAW_TRACEPOINTS,
-    find_cgroup2,
-};
+pub use probes::{CounterMap, KernelCounters, KernelProbes, PROGRAM_COUNT, RAW_TRACEPOINTS};
 
 use crate::model::{CloseHow, ConnId, KernelEvent, KernelEventKind};
 use event::{RawBody, RawEvent, RawHow};
@@ -51,21 +48,6 @@ pub enum KernelError {
         /// Map capacity.
         max: usize,
     },
-    /// No cgroup v2 hierarchy is mounted (the ingress program attaches to its root).
-    #[error(
-        "no cgroup v2 hierarchy mounted (needed for the request-head program); mount one \
-         (mount -t cgroup2 none /sys/fs/cgroup/unified) or set kernel.cgroup_root"
-    )]
-    NoCgroup2,
-    /// The configured or found cgroup directory could not be opened.
-    #[error("opening the cgroup v2 directory {path}")]
-    Cgroup {
-        /// The directory.
-        path: std::path::PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
     /// Parsing the object or creating its maps failed (BPF_MAP_CREATE, BTF).
     #[error(
         "loading the eBPF object (BPF_MAP_CREATE / BTF); needs CAP_BPF and CAP_PERFMON or root"
@@ -75,7 +57,7 @@ pub enum KernelError {
         #[source]
         source: Box<aya::EbpfError>,
     },
-    /// A program named in `RAW_TRACEPOINTS` (or the ingress program) is not in the object.
+    /// A program named in `RAW_TRACEPOINTS` is not in the object.
     #[error("program {0} missing from the eBPF object")]
     MissingProgram(&'static str),
     /// A map the agent needs is not in the object.
@@ -90,7 +72,7 @@ pub enum KernelError {
         #[source]
         source: aya::programs::ProgramError,
     },
-    /// Attaching a program failed (perf_event_open, raw tracepoint open, cgroup link).
+    /// Attaching a program failed (BPF_RAW_TRACEPOINT_OPEN).
     #[error("attaching {name} to {tracepoint}")]
     Attach {
         /// The program.
@@ -214,11 +196,7 @@ impl KernelSource {
     /// # Errors
     /// See [`KernelError`]; the caller logs it once and runs without this source.
     pub fn build(config: &KernelConfig) -> Result<Self, KernelError> {
-        let mut probes = KernelProbes::load(
-            &config.ports(),
-            config.ring_buffer_bytes,
-            config.cgroup_root.as_deref(),
-        )?;
+        let mut probes = KernelProbes::load(&config.ports(), config.ring_buffer_bytes)?;
         let ring = probes.take_ring_buf()?;
         let counters = Arc::new(probes.take_counters()?);
         Ok(Self {

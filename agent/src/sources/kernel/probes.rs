@@ -1,10 +1,8 @@
 //! Loading and attaching the eBPF programs. `KernelProbes` owns the `Ebpf` object and with it
 //! every link: dropping it detaches all programs.
 
-use std::path::{Path, PathBuf};
-
 use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
-use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, RawTracePoint};
+use aya::programs::RawTracePoint;
 use aya::{Ebpf, EbpfLoader};
 
 use super::KernelError;
@@ -29,12 +27,8 @@ pub const RAW_TRACEPOINTS: &[(&str, &str)] = &[
     ("iw_tcp_destroy_sock", "tcp_destroy_sock"),
 ];
 
-/// The cgroup_skb program that takes request heads on ingress, attached to the root of the
-/// cgroup v2 hierarchy.
-pub const INGRESS_PROGRAM: &str = "iw_ingress";
-
 /// How many programs the agent attaches.
-pub const PROGRAM_COUNT: usize = RAW_TRACEPOINTS.len() + 1;
+pub const PROGRAM_COUNT: usize = RAW_TRACEPOINTS.len();
 
 /// Counters the programs keep per CPU.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -60,15 +54,11 @@ impl KernelProbes {
     /// Loads the programs, attaches them all and fills the watched-port map.
     ///
     /// # Errors
-    /// [`KernelError`] naming the step that failed: no cgroup v2, the object not built, the
+    /// [`KernelError`] naming the step that failed: the object not built, the
     /// kernel refusing a program (verifier, capabilities) or an attach.
     ///
-    /// Minimum kernel: 6.3 (the socket I/O tracepoints), with BTF and a cgroup v2 hierarchy.
-    pub fn load(
-        ports: &[u16],
-        ring_buffer_bytes: u32,
-        cgroup_root: Option<&Path>,
-    ) -> Result<Self, KernelError> {
+    /// Minimum kernel: 6.3 (the socket I/O tracepoints), with BTF.
+    pub fn load(ports: &[u16], ring_buffer_bytes: u32) -> Result<Self, KernelError> {
         if TCP_LIFECYCLE.is_empty() {
             return Err(KernelError::StubObject);
         }
@@ -78,14 +68,6 @@ impl KernelProbes {
                 max: IW_MAX_WATCHED_PORTS as usize,
             });
         }
-        let cgroup = match cgroup_root {
-            Some(path) => path.to_path_buf(),
-            None => find_cgroup2().ok_or(KernelError::NoCgroup2)?,
-        };
-        let cgroup_dir = std::fs::File::open(&cgroup).map_err(|source| KernelError::Cgroup {
-            path: cgroup.clone(),
-            source,
-        })?;
         raise_memlock_rlimit();
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("events", ring_buffer_bytes)
@@ -110,31 +92,6 @@ impl KernelProbes {
                     source,
                 })?;
         }
-        let name = INGRESS_PROGRAM;
-        let program: &mut CgroupSkb = ebpf
-            .program_mut(name)
-            .ok_or(KernelError::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| KernelError::Program { name, source })?;
-        program
-            .load()
-            .map_err(|source| KernelError::Program { name, source })?;
-        // aya attaches with a BPF link (kernel >= 5.7): links always run alongside other
-        // programs on the same cgroup (the kernel rejects the ALLOW_MULTI flag on them, hence
-        // `Single`, which passes no flag), and the program goes away with the agent, even on a
-        // crash.
-        program
-            .attach(
-                &cgroup_dir,
-                CgroupSkbAttachType::Ingress,
-                CgroupAttachMode::Single,
-            )
-            .map_err(|source| KernelError::Attach {
-                name,
-                tracepoint: format!("cgroup_skb/ingress on {}", cgroup.display()),
-                source,
-            })?;
-        tracing::debug!(cgroup = %cgroup.display(), "ingress program attached");
         let mut probes = Self { ebpf };
         for port in ports {
             probes.watch_port(*port)?;
@@ -217,30 +174,6 @@ impl CounterMap {
     }
 }
 
-/// The mount point of the cgroup v2 hierarchy (`/sys/fs/cgroup` on unified systems,
-/// `/sys/fs/cgroup/unified` on hybrid ones), from /proc/self/mountinfo.
-pub fn find_cgroup2() -> Option<PathBuf> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    cgroup2_in_mountinfo(&mountinfo)
-}
-
-/// The first cgroup2 mount whose root is the hierarchy's root, in a mountinfo text: fields are
-/// `id parent major:minor root mount-point options ... - fstype source super-options`.
-fn cgroup2_in_mountinfo(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
-        let (mount, fs) = line.split_once(" - ")?;
-        if fs.split_whitespace().next()? != "cgroup2" {
-            return None;
-        }
-        let mut fields = mount.split_whitespace();
-        let root = fields.nth(3)?;
-        let point = fields.next()?;
-        // A container's own cgroup namespace shows its subtree as "/": that is the best this
-        // process can see, and it still covers the sockets of the processes in it.
-        (root == "/").then(|| PathBuf::from(point.replace("\\040", " ")))
-    })
-}
-
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones use memcg accounting and
 /// ignore it. Raising it can fail without CAP_SYS_RESOURCE: warn, never fail.
 fn raise_memlock_rlimit() {
@@ -255,33 +188,5 @@ fn raise_memlock_rlimit() {
             error = %std::io::Error::last_os_error(),
             "setrlimit(RLIMIT_MEMLOCK) failed; harmless on kernels >= 5.11"
         );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cgroup2_mount_point_from_mountinfo() {
-        let hybrid = "\
-35 24 0:30 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
-36 35 0:31 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw
-37 35 0:32 / /sys/fs/cgroup/systemd rw shared:11 - cgroup cgroup rw,name=systemd
-";
-        assert_eq!(
-            cgroup2_in_mountinfo(hybrid),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
-        let unified =
-            "29 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
-        assert_eq!(
-            cgroup2_in_mountinfo(unified),
-            Some(PathBuf::from("/sys/fs/cgroup"))
-        );
-        // A bind mount of a subtree is not the root of the hierarchy.
-        let subtree = "40 23 0:26 /kubepods /host/cg rw - cgroup2 cgroup2 rw\n";
-        assert_eq!(cgroup2_in_mountinfo(subtree), None);
-        assert_eq!(cgroup2_in_mountinfo("garbage\n\n - \n"), None);
     }
 }
