@@ -325,6 +325,8 @@ int BPF_PROG(iw_sock_recv_length, struct sock *sock, int ret, int flags)
 		return 0;
 	__u64 buf = 0, buf_len = 0;
 	struct iovec first = {};
+	/* Each of the four takes the fd first and the buffer (or iovec, or msghdr) second. */
+	int fd = (int)BPF_CORE_READ(regs, di);
 	switch (BPF_CORE_READ(regs, orig_ax)) {
 	case NR_READ:
 	case NR_RECVFROM:
@@ -367,7 +369,9 @@ int BPF_PROG(iw_sock_recv_length, struct sock *sock, int ret, int flags)
 	if (!ev)
 		return 0;
 	fill_header(&ev->hdr, IW_EVENT_REQUEST_HEAD, sizeof(*ev), current_tgid(), sk);
+	ev->fd = fd;
 	ev->read_len = (__u32)ret;
+	ev->_pad = 0;
 	if (bpf_probe_read_user(ev->data, n & (IW_HEAD_MAX - 1), (void *)buf))
 		n = 0;
 	ev->len = (__u32)n;
@@ -409,10 +413,10 @@ int BPF_PROG(iw_tcp_destroy_sock, struct sock *sock)
 	struct conn_state *st = bpf_map_lookup_elem(&conns, &sk);
 	if (!st)
 		return 0;
-	/* Released without our FIN: the peer had reset it. The release may run in softirq,
-	 * where the current task is not the server: no tgid. */
+	/* Released without our FIN (the peer had reset it, or the server closed with unread data
+	 * and the kernel sent a RST): the release is then the server's close(), in its context. */
 	if (!st->local_closed)
-		emit_simple(IW_EVENT_LOCAL_CLOSED, 0, sk);
+		emit_simple(IW_EVENT_LOCAL_CLOSED, current_tgid(), sk);
 	bpf_map_delete_elem(&conns, &sk);
 	return 0;
 }

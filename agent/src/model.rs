@@ -111,6 +111,8 @@ pub enum KernelEventKind {
     RequestHead {
         /// The connection.
         conn: ConnId,
+        /// The reader's file descriptor of the socket.
+        fd: i32,
         /// The parsed request line and allow-listed headers.
         head: RequestHead,
     },

@@ -418,15 +418,12 @@ fn lifecycle(loopback: &str, io: Io) {
             );
             match e.kind {
                 // The server's read, in its process.
-                KernelEventKind::RequestHead { .. } => assert_eq!(e.pid, Some(me), "{e:?}"),
-                // Our FIN is sent by the server's close(); the release of a reset socket has
-                // no reliable process.
-                KernelEventKind::LocalClosed { .. } => {
-                    assert!(
-                        matches!(e.pid, Some(p) if p == me) || e.pid.is_none(),
-                        "{e:?}"
-                    )
+                KernelEventKind::RequestHead { fd, .. } => {
+                    assert_eq!(e.pid, Some(me), "{e:?}");
+                    assert!(fd > 2, "the server's socket fd: {e:?}");
                 }
+                // Our FIN, or the release of a reset socket: the server's close().
+                KernelEventKind::LocalClosed { .. } => assert_eq!(e.pid, Some(me), "{e:?}"),
                 _ => {}
             }
         }

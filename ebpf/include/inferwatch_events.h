@@ -87,8 +87,10 @@ struct iw_accepted_event {
  * context: the reading thread's tgid, the read's time. */
 struct iw_request_head_event {
 	struct iw_event_header hdr;
+	__s32 fd;       /* the reader's fd of the socket (the read's first argument) */
 	__u32 len;      /* bytes valid in data[] */
 	__u32 read_len; /* what the read returned */
+	__u32 _pad;
 	__u8 data[IW_HEAD_MAX];
 };
 
@@ -108,8 +110,8 @@ struct iw_write_after_peer_close_event {
 	__u64 bytes; /* bytes the send accepted (0 when it failed) */
 };
 
-/* The server closed its side: it sent FIN (close() or shutdown(), process context: its tgid),
- * or released a socket the peer had already reset (tgid 0: the release may run in softirq). */
+/* The server closed its side: it sent FIN (close() or shutdown()), or released a socket the peer
+ * had already reset (its close()). Process context in both: the closing task's tgid. */
 struct iw_local_closed_event {
 	struct iw_event_header hdr;
 };

@@ -30,6 +30,7 @@ fn head(ts: u64, conn: u64, trace: Option<u8>, request_id: Option<&str>) -> Inpu
         ts,
         KernelEventKind::RequestHead {
             conn: ConnId(conn),
+            fd: 9,
             head: RequestHead {
                 method: "POST".into(),
                 path: "/v1/chat/completions".into(),

@@ -29,8 +29,8 @@ const _: () = {
     assert!(size_of::<iw_listen_event>() == 32);
     assert!(size_of::<iw_accepted_event>() == 64);
     assert!(offset_of!(iw_accepted_event, local_addr) == 32);
-    assert!(offset_of!(iw_request_head_event, data) == 32);
-    assert!(size_of::<iw_request_head_event>() == 32 + IW_HEAD_MAX as usize);
+    assert!(offset_of!(iw_request_head_event, data) == 40);
+    assert!(size_of::<iw_request_head_event>() == 40 + IW_HEAD_MAX as usize);
     assert!(size_of::<iw_peer_closed_event>() == 32);
     assert!(size_of::<iw_write_after_peer_close_event>() == 40);
     assert!(size_of::<iw_local_closed_event>() == 24);
@@ -113,6 +113,8 @@ pub enum RawBody<'a> {
     },
     /// `IW_EVENT_REQUEST_HEAD`: the first bytes of the request (borrowed from the ring).
     RequestHead {
+        /// The reader's fd.
+        fd: i32,
         /// The captured bytes.
         data: &'a [u8],
     },
@@ -194,6 +196,7 @@ pub fn decode(bytes: &[u8]) -> Result<RawEvent<'_>, DecodeError> {
                     need: data_at,
                 });
             }
+            let fd: i32 = read(&bytes[offset_of!(iw_request_head_event, fd)..], ty)?;
             let len: u32 = read(&bytes[offset_of!(iw_request_head_event, len)..], ty)?;
             let len = len as usize;
             if len > IW_HEAD_MAX as usize || bytes.len() < data_at + len {
@@ -204,6 +207,7 @@ pub fn decode(bytes: &[u8]) -> Result<RawEvent<'_>, DecodeError> {
                 });
             }
             RawBody::RequestHead {
+                fd,
                 data: &bytes[data_at..data_at + len],
             }
         }
@@ -309,14 +313,22 @@ mod tests {
     fn request_head_borrows_exactly_len_bytes() {
         let mut ev = iw_request_head_event {
             hdr: header(IW_EVENT_REQUEST_HEAD, size_of::<iw_request_head_event>()),
+            fd: 3,
             len: 5,
             read_len: 100,
+            _pad: 0,
             data: [0; IW_HEAD_MAX as usize],
         };
         ev.data[..5].copy_from_slice(b"GET /");
         let bytes = bytes_of(&ev);
         let decoded = decode(&bytes).expect("decodes");
-        assert_eq!(decoded.body, RawBody::RequestHead { data: b"GET /" });
+        assert_eq!(
+            decoded.body,
+            RawBody::RequestHead {
+                fd: 3,
+                data: b"GET /"
+            }
+        );
 
         ev.len = IW_HEAD_MAX + 1;
         assert!(matches!(

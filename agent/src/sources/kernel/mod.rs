@@ -141,8 +141,9 @@ impl EventConverter {
                 local: *local,
                 peer: *peer,
             },
-            RawBody::RequestHead { data } => KernelEventKind::RequestHead {
+            RawBody::RequestHead { fd, data } => KernelEventKind::RequestHead {
                 conn,
+                fd: *fd,
                 head: self.heads.parse(data)?,
             },
             RawBody::PeerClosed {
