@@ -6,7 +6,7 @@
  * the raw sys_enter/sys_exit) sets the tracing flag on every task of the node, and from then on
  * every syscall of every process takes the kernel's slow entry path: that cost a syscall-bound
  * server 18-20% of its throughput in `cargo xtask bench kernel`. Everything here hangs off raw
- * tracepoints that fire only for sockets:
+ * BTF tracepoints (tp_btf) that fire only for sockets:
  *
  *   inet_sock_set_state   listen(), handshake done on a watched port (Accepted), peer FIN, our
  *                         FIN (LocalClosed), TCP_CLOSE
@@ -17,13 +17,15 @@
  *                         writes after the peer left
  *   tcp_destroy_sock      the socket is released: forget it
  *
- * Raw tracepoints rather than the trace events of the same names: the program gets the
+ * BTF tracepoints rather than the trace events of the same names: the program gets the
  * tracepoint's arguments directly, without a perf trace record built (and every address
- * copied) first; and raw tracepoints need no tracefs.
+ * copied) first; the arguments are typed, so the socket's fields are plain loads and the socket
+ * can key socket-local storage; and they need no tracefs.
  *
- * Every connection is keyed by its struct sock address, from the handshake to the release, so
- * no (tgid, fd) mapping is needed. The send and receive programs run for every socket send and
- * receive on the node and return after one hash miss in `conns` for anything untracked.
+ * Every connection's state lives in the socket's own storage (`conns`) and its events are keyed
+ * by the struct sock address, from the handshake to the release, so no (tgid, fd) mapping is
+ * needed. The send and receive programs run for every socket send and receive on the node and
+ * return after one pointer load for anything untracked.
  *
  * Minimum kernel: 6.3 (sock_send_length / sock_recv_length), BTF for CO-RE. x86_64 (the
  * syscall registers read in the receive program).
@@ -50,7 +52,6 @@ char LICENSE[] SEC("license") = "GPL";
 #define TCP_LAST_ACK 9
 #define TCP_LISTEN 10
 
-#define MAX_CONNS 65536
 
 /* Separate words rather than one flags word: each is written by a plain store, from process
  * context (sends, reads) or softirq (state changes), so no read-modify-write can lose
@@ -72,14 +73,21 @@ struct {
 	__type(value, __u64);
 } watched_ports SEC(".maps");
 
-/* Tracked connections, keyed by the struct sock address. LRU: a connection whose release we
- * missed cannot pin an entry forever. */
+/* Tracked connections: socket-local storage, attached to the struct sock itself. A lookup is a
+ * pointer load from the socket (no hashing), which matters because the send and receive
+ * programs ask for every socket operation of the node; and the kernel frees an entry with its
+ * socket, so none can leak. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, MAX_CONNS);
-	__type(key, __u64);
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
 	__type(value, struct conn_state);
 } conns SEC(".maps");
+
+static __always_inline struct conn_state *conn_of(struct sock *sock)
+{
+	return bpf_sk_storage_get(&conns, sock, 0, 0);
+}
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -168,12 +176,15 @@ static __always_inline void emit_simple(__u16 type, __u32 tgid, __u64 sk)
 static __always_inline int on_established(struct sock *sock, __u16 sport)
 {
 	__u64 sk = (__u64)sock;
-	struct conn_state st = {};
-	st.expect_head = 1;
-	if (bpf_map_update_elem(&conns, &sk, &st, BPF_ANY)) {
+	struct conn_state init = {};
+	init.expect_head = 1;
+	struct conn_state *st = bpf_sk_storage_get(&conns, sock, &init, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st) {
 		count(IW_COUNTER_CONN_TABLE_FULL);
 		return 0;
 	}
+	/* A socket is established once; storage left from an earlier use is reset. */
+	*st = init;
 	struct iw_accepted_event *ev = reserve(sizeof(*ev));
 	if (!ev)
 		return 0;
@@ -201,15 +212,15 @@ static __always_inline int on_established(struct sock *sock, __u16 sport)
  * state changes here). */
 static __always_inline __u16 tcp_local_port(struct sock *sock)
 {
-	if (BPF_CORE_READ(sock, sk_protocol) != IPPROTO_TCP)
+	if (sock->sk_protocol != IPPROTO_TCP)
 		return 0;
-	return BPF_CORE_READ(sock, __sk_common.skc_num);
+	return sock->__sk_common.skc_num;
 }
 
 /* BPF_PROG's wrapper takes the raw `ctx` that these bodies do not use. */
 #pragma clang diagnostic ignored "-Wunused-parameter"
 
-SEC("raw_tracepoint/inet_sock_set_state")
+SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(iw_inet_sock_set_state, struct sock *sock, int oldstate, int newstate)
 {
 	__u64 sk = (__u64)sock;
@@ -239,7 +250,7 @@ int BPF_PROG(iw_inet_sock_set_state, struct sock *sock, int oldstate, int newsta
 	}
 
 	/* Every other transition: only tracked connections matter, one lookup. */
-	struct conn_state *st = bpf_map_lookup_elem(&conns, &sk);
+	struct conn_state *st = conn_of(sock);
 	if (!st)
 		return 0;
 
@@ -269,11 +280,11 @@ int BPF_PROG(iw_inet_sock_set_state, struct sock *sock, int oldstate, int newsta
 	return 0;
 }
 
-SEC("raw_tracepoint/tcp_receive_reset")
+SEC("tp_btf/tcp_receive_reset")
 int BPF_PROG(iw_tcp_receive_reset, struct sock *sock)
 {
 	__u64 sk = (__u64)sock;
-	struct conn_state *st = bpf_map_lookup_elem(&conns, &sk);
+	struct conn_state *st = conn_of(sock);
 	if (!st || st->peer_closed)
 		return 0;
 	st->peer_closed = 1;
@@ -310,13 +321,13 @@ static __always_inline int looks_like_request(const __u8 *b)
  * sys_exit hook would see, without hooking every syscall of the node. Receives that are not
  * one of the four syscalls (io_uring, recvmmsg) report no head.
  */
-SEC("raw_tracepoint/sock_recv_length")
+SEC("tp_btf/sock_recv_length")
 int BPF_PROG(iw_sock_recv_length, struct sock *sock, int ret, int flags)
 {
 	if (ret <= 0)
 		return 0;
 	__u64 sk = (__u64)sock;
-	struct conn_state *st = bpf_map_lookup_elem(&conns, &sk);
+	struct conn_state *st = conn_of(sock);
 	if (!st || !st->expect_head)
 		return 0;
 
@@ -380,11 +391,11 @@ int BPF_PROG(iw_sock_recv_length, struct sock *sock, int ret, int flags)
 }
 
 /* Any socket send (write, writev, send*, io_uring) that returned; process context. */
-SEC("raw_tracepoint/sock_send_length")
+SEC("tp_btf/sock_send_length")
 int BPF_PROG(iw_sock_send_length, struct sock *sock, int ret, int flags)
 {
 	__u64 sk = (__u64)sock;
-	struct conn_state *st = bpf_map_lookup_elem(&conns, &sk);
+	struct conn_state *st = conn_of(sock);
 	if (!st)
 		return 0;
 	/* The server answers: its next read that starts with a method is a new request. */
@@ -406,17 +417,17 @@ int BPF_PROG(iw_sock_send_length, struct sock *sock, int ret, int flags)
 }
 
 /* The socket is released (after the server's close, or when the kernel finishes with it). */
-SEC("raw_tracepoint/tcp_destroy_sock")
+SEC("tp_btf/tcp_destroy_sock")
 int BPF_PROG(iw_tcp_destroy_sock, struct sock *sock)
 {
 	__u64 sk = (__u64)sock;
-	struct conn_state *st = bpf_map_lookup_elem(&conns, &sk);
+	struct conn_state *st = conn_of(sock);
 	if (!st)
 		return 0;
 	/* Released without our FIN (the peer had reset it, or the server closed with unread data
 	 * and the kernel sent a RST): the release is then the server's close(), in its context. */
 	if (!st->local_closed)
 		emit_simple(IW_EVENT_LOCAL_CLOSED, current_tgid(), sk);
-	bpf_map_delete_elem(&conns, &sk);
+	bpf_sk_storage_delete(&conns, sock);
 	return 0;
 }

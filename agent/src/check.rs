@@ -115,7 +115,7 @@ pub fn kernel_checks(config: &AgentConfig) -> Vec<CheckItem> {
                 "load and attach",
                 true,
                 format!(
-                    "{} programs (raw tracepoints) loaded and attached, then detached; watched ports {ports:?}",
+                    "{} programs (BTF tracepoints) loaded and attached, then detached; watched ports {ports:?}",
                     crate::sources::kernel::PROGRAM_COUNT
                 ),
             ));

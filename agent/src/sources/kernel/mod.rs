@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use clock::MonotonicToWall;
 pub use config::{KernelConfig, RUNTIME_DEFAULT_PORTS};
-pub use probes::{CounterMap, KernelCounters, KernelProbes, PROGRAM_COUNT, RAW_TRACEPOINTS};
+pub use probes::{CounterMap, KernelCounters, KernelProbes, PROGRAM_COUNT, TRACEPOINTS};
 
 use crate::model::{CloseHow, ConnId, KernelEvent, KernelEventKind};
 use event::{RawBody, RawEvent, RawHow};
@@ -48,6 +48,14 @@ pub enum KernelError {
         /// Map capacity.
         max: usize,
     },
+    /// The kernel's BTF (/sys/kernel/btf/vmlinux) could not be read: the tp_btf programs
+    /// resolve their tracepoints in it.
+    #[error("reading the kernel's BTF from /sys/kernel/btf/vmlinux (CONFIG_DEBUG_INFO_BTF)")]
+    Btf {
+        /// The cause.
+        #[source]
+        source: Box<aya::BtfError>,
+    },
     /// Parsing the object or creating its maps failed (BPF_MAP_CREATE, BTF).
     #[error(
         "loading the eBPF object (BPF_MAP_CREATE / BTF); needs CAP_BPF and CAP_PERFMON or root"
@@ -57,7 +65,7 @@ pub enum KernelError {
         #[source]
         source: Box<aya::EbpfError>,
     },
-    /// A program named in `RAW_TRACEPOINTS` is not in the object.
+    /// A program named in `TRACEPOINTS` is not in the object.
     #[error("program {0} missing from the eBPF object")]
     MissingProgram(&'static str),
     /// A map the agent needs is not in the object.
@@ -72,7 +80,7 @@ pub enum KernelError {
         #[source]
         source: aya::programs::ProgramError,
     },
-    /// Attaching a program failed (BPF_RAW_TRACEPOINT_OPEN).
+    /// Attaching a program failed (BPF_LINK_CREATE / BPF_RAW_TRACEPOINT_OPEN).
     #[error("attaching {name} to {tracepoint}")]
     Attach {
         /// The program.

@@ -1,8 +1,9 @@
 //! Loading and attaching the eBPF programs. `KernelProbes` owns the `Ebpf` object and with it
 //! every link: dropping it detaches all programs.
 
+use aya::Btf;
 use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
-use aya::programs::RawTracePoint;
+use aya::programs::BtfTracePoint;
 use aya::{Ebpf, EbpfLoader};
 
 use super::KernelError;
@@ -15,11 +16,10 @@ use super::event::raw::{
 static TCP_LIFECYCLE: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcp_lifecycle.bpf.o"));
 
-/// The raw tracepoint programs with the tracepoint they attach to: TCP state changes and
-/// resets, every socket send and receive of the node, and the release of TCP sockets. Raw
-/// tracepoints hand the program the arguments without building a trace record first, and need
-/// no tracefs.
-pub const RAW_TRACEPOINTS: &[(&str, &str)] = &[
+/// The BTF tracepoint (tp_btf) programs with the tracepoint they attach to: TCP state changes
+/// and resets, every socket send and receive of the node, and the release of TCP sockets. They
+/// get the tracepoint's typed arguments without a trace record built first, and need no tracefs.
+pub const TRACEPOINTS: &[(&str, &str)] = &[
     ("iw_inet_sock_set_state", "inet_sock_set_state"),
     ("iw_tcp_receive_reset", "tcp_receive_reset"),
     ("iw_sock_recv_length", "sock_recv_length"),
@@ -28,7 +28,7 @@ pub const RAW_TRACEPOINTS: &[(&str, &str)] = &[
 ];
 
 /// How many programs the agent attaches.
-pub const PROGRAM_COUNT: usize = RAW_TRACEPOINTS.len();
+pub const PROGRAM_COUNT: usize = TRACEPOINTS.len();
 
 /// Counters the programs keep per CPU.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -75,22 +75,23 @@ impl KernelProbes {
             .map_err(|source| KernelError::Load {
                 source: Box::new(source),
             })?;
-        for (name, tracepoint) in RAW_TRACEPOINTS {
-            let program: &mut RawTracePoint = ebpf
+        let btf = Btf::from_sys_fs().map_err(|source| KernelError::Btf {
+            source: Box::new(source),
+        })?;
+        for (name, tracepoint) in TRACEPOINTS {
+            let program: &mut BtfTracePoint = ebpf
                 .program_mut(name)
                 .ok_or(KernelError::MissingProgram(name))?
                 .try_into()
                 .map_err(|source| KernelError::Program { name, source })?;
             program
-                .load()
+                .load(tracepoint, &btf)
                 .map_err(|source| KernelError::Program { name, source })?;
-            program
-                .attach(tracepoint)
-                .map_err(|source| KernelError::Attach {
-                    name,
-                    tracepoint: format!("raw_tracepoint/{tracepoint}"),
-                    source,
-                })?;
+            program.attach().map_err(|source| KernelError::Attach {
+                name,
+                tracepoint: format!("raw_tracepoint/{tracepoint}"),
+                source,
+            })?;
         }
         let mut probes = Self { ebpf };
         for port in ports {
