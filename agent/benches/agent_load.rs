@@ -665,8 +665,13 @@ async fn pass_round(
     t: &Target,
     peer: &Peer,
     requests: &Arc<Vec<ExportTraceServiceRequest>>,
-    spans: u64,
 ) -> anyhow::Result<(f64, f64, u64)> {
+    let spans: u64 = requests
+        .iter()
+        .flat_map(|r| &r.resource_spans)
+        .flat_map(|rs| &rs.scope_spans)
+        .map(|ss| ss.spans.len() as u64)
+        .sum();
     const STREAMS: usize = 4;
     let before = peer.count();
     let c0 = cpu_s(t.proc.pid());
@@ -694,9 +699,18 @@ async fn pass_round(
     }
     let wall = start.elapsed().as_secs_f64();
     if t.forwards {
-        let until = Instant::now() + Duration::from_secs(30);
+        let waited = Instant::now();
+        let until = waited + Duration::from_secs(30);
         while peer.count() < before + spans && Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let delivered = peer.count() - before;
+        if delivered != spans {
+            println!(
+                "    {}: {delivered} of {spans} spans reached the peer ({:.1} s waited)",
+                t.name,
+                waited.elapsed().as_secs_f64()
+            );
         }
     }
     // Whatever the process still does after the last response (batching, export).
@@ -710,12 +724,18 @@ async fn pass_through(s: &Settings, rotel: &Path) -> anyhow::Result<()> {
     const BATCH: usize = 512;
     let peer = Peer::default();
     let peer_addr = peer.start().await;
-    let requests: Arc<Vec<_>> = Arc::new(
-        (0..REQUESTS)
-            .map(|i| vllm_request((i * BATCH) as u64, BATCH))
-            .collect(),
-    );
-    let spans = (REQUESTS * BATCH) as u64;
+    // Fresh span ids for every round of every receiver (the agent treats a span it has seen
+    // as a duplicate); built before the round, outside what is measured.
+    let mut next = 0u64;
+    let mut fresh = || {
+        let first = next;
+        next += (REQUESTS * BATCH) as u64;
+        Arc::new(
+            (0..REQUESTS)
+                .map(|i| vllm_request(first + (i * BATCH) as u64, BATCH))
+                .collect::<Vec<_>>(),
+        )
+    };
     let agent = start_agent(s, &s.agent, "pass-through", None, peer_addr).await?;
     let mut targets = vec![
         start_rotel(s, rotel, "rotel-blackhole", None).await?,
@@ -738,7 +758,7 @@ async fn pass_through(s: &Settings, rotel: &Path) -> anyhow::Result<()> {
     println!("  inferwatch: `inferwatch run` (kernel source off) exporting to the same peer");
     // Warm-up round, not counted.
     for t in &targets {
-        pass_round(t, &peer, &requests, spans).await?;
+        pass_round(t, &peer, &fresh()).await?;
     }
     let n = targets.len();
     let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); n];
@@ -751,7 +771,7 @@ async fn pass_through(s: &Settings, rotel: &Path) -> anyhow::Result<()> {
         };
         let mut line = format!("  round {}:", round + 1);
         for i in order {
-            let (r, c, failed) = pass_round(&targets[i], &peer, &requests, spans).await?;
+            let (r, c, failed) = pass_round(&targets[i], &peer, &fresh()).await?;
             line += &format!(
                 " {} {:.0} spans/s {:.2} µs/span{};",
                 targets[i].name,
