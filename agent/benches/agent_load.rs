@@ -116,7 +116,11 @@ impl Peer {
             .await
             .expect("bind peer");
         let addr = listener.local_addr().expect("peer addr");
-        let service = TraceServiceServer::new(self.clone()).max_decoding_message_size(64 << 20);
+        // Compressed requests too: rotel's OTLP exporter may compress whatever it is told.
+        let service = TraceServiceServer::new(self.clone())
+            .max_decoding_message_size(64 << 20)
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+            .accept_compressed(tonic::codec::CompressionEncoding::Zstd);
         tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
             let _ = tonic::transport::Server::builder()
