@@ -70,7 +70,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let shutdown = CancellationToken::new();
                 spawn_signal_handler(shutdown.clone())?;
                 let pipeline = Pipeline::build(config, options).await?;
-                pipeline.run(shutdown).await
+                // The pipeline's loop runs as a task on the workers, not on this thread inside
+                // `block_on`: a task woken by the kernel reader or the OTLP receiver then runs
+                // on the worker that woke it (tokio's LIFO slot) instead of unparking this
+                // thread once per event (a futex wake and two context switches each).
+                tokio::spawn(pipeline.run(shutdown))
+                    .await
+                    .context("the pipeline task panicked")?
             })?;
             Ok(ExitCode::SUCCESS)
         }

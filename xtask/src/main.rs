@@ -50,11 +50,14 @@ enum Task {
     /// Validate deploy/: alert rules (promtool), manifests, the ConfigMap's config, the dashboard,
     /// and that the docs list every config key, metric and span attribute.
     DeployCheck,
-    /// Benchmarks: `kernel` (overhead of the attached programs, reader throughput).
+    /// Benchmarks: `kernel` (overhead of the attached programs, reader throughput), `otlp`,
+    /// `conversations`, `agent` (the whole agent under load from the testbed, and vs rotel).
     Bench {
         /// Which benchmark.
         #[arg(value_enum)]
         which: bench::Which,
+        #[command(flatten)]
+        agent: bench::AgentArgs,
     },
     /// The libFuzzer targets of fuzz/ through cargo-fuzz (installed if missing), 600 s each.
     Fuzz(fuzz::FuzzArgs),
@@ -66,7 +69,7 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::task(),
         Task::Build { release } => build::task(release),
         Task::Test => test::task(),
-        Task::Bench { which } => bench::task(which),
+        Task::Bench { which, agent } => bench::task(which, &agent),
         Task::Demo { scenario } => demo::task(&scenario),
         Task::GpuCheck { bin } => gpu_check::task(bin.as_deref()),
         Task::DeployCheck => deploy_check::run(),

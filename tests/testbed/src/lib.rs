@@ -8,6 +8,7 @@ pub mod config;
 pub mod engine;
 pub mod kv;
 pub mod kvevents;
+pub mod load;
 pub mod nvml;
 pub mod otel;
 pub mod runtime;

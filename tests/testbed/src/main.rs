@@ -1,5 +1,6 @@
 //! `iw-testbed`: the simulated vLLM-compatible runtime (`serve`), the traffic generator
-//! (`traffic`), and both together for a scenario (`run`).
+//! (`traffic`), both together for a scenario (`run`), and open-loop load at a fixed rate
+//! (`load`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use inferwatch_testbed::config::Scenario;
+use inferwatch_testbed::load::{self, LoadOptions};
 use inferwatch_testbed::runtime::{self, ServeOptions};
 use inferwatch_testbed::traffic::{self, TrafficOptions};
 use inferwatch_testbed::truth::JsonlWriter;
@@ -101,6 +103,43 @@ enum Cmd {
         /// Write (and keep updating) the fake NVML's script, as `serve --nvml-script`.
         #[arg(long)]
         nvml_script: Option<PathBuf>,
+    },
+    /// Open-loop load at a fixed rate against a running runtime (`serve`): one tiny streaming
+    /// completion per connection, a share closing early; prints a JSON summary on stdout.
+    Load {
+        /// Target, e.g. http://127.0.0.1:8000.
+        #[arg(long)]
+        target: String,
+        /// Requests per second offered.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        /// Seconds to offer them for.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// `max_tokens` of the requests read to the end.
+        #[arg(long, default_value_t = 4)]
+        max_tokens: u32,
+        /// Share of requests that close (FIN) mid-stream.
+        #[arg(long, default_value_t = 0.0)]
+        abort_share: f64,
+        /// `max_tokens` of the aborting requests.
+        #[arg(long, default_value_t = 64)]
+        abort_max_tokens: u32,
+        /// Tokens an aborting request reads before it closes.
+        #[arg(long, default_value_t = 2)]
+        abort_after: u64,
+        /// Requests in flight at most (beyond: skipped and counted).
+        #[arg(long, default_value_t = 4096)]
+        max_in_flight: u64,
+        /// Client-side truth JSONL of the aborted requests.
+        #[arg(long)]
+        abort_truth: Option<PathBuf>,
+        /// Model name sent.
+        #[arg(long, default_value = "sim-llama-3-8b")]
+        model: String,
+        /// Seed of the trace ids.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
     },
     /// A neighbour process for the fake NVML to list (started by the runtime with `argv[0]` set
     /// to the scenario's neighbour): detaches, prints its pid, sleeps until killed.
@@ -327,6 +366,43 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
                 running.shutdown().await;
                 Ok(())
             }
+        }
+        Cmd::Load {
+            target,
+            rate,
+            duration,
+            max_tokens,
+            abort_share,
+            abort_max_tokens,
+            abort_after,
+            max_in_flight,
+            abort_truth,
+            model,
+            seed,
+        } => {
+            anyhow::ensure!(
+                rate > 0.0 && duration > 0.0,
+                "--rate and --duration must be > 0"
+            );
+            let writer = Arc::new(JsonlWriter::create(abort_truth.as_deref())?);
+            let sum = load::run(
+                LoadOptions {
+                    target: target_addr(&target),
+                    model,
+                    rate,
+                    duration: Duration::from_secs_f64(duration),
+                    max_tokens: max_tokens.max(1),
+                    abort_share,
+                    abort_max_tokens: abort_max_tokens.max(1),
+                    abort_after,
+                    max_in_flight: max_in_flight.max(1),
+                    seed,
+                },
+                writer,
+            )
+            .await;
+            println!("{}", serde_json::to_string(&sum)?);
+            Ok(())
         }
         // Dispatched in `main` before the runtime starts.
         Cmd::Hog { .. } => Ok(()),

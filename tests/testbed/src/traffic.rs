@@ -457,7 +457,9 @@ impl Chunked {
     }
 }
 
-async fn one_request(
+/// One request of `turn` over a fresh connection, as the client of `conv`; the client-side
+/// record and the text received.
+pub async fn one_request(
     conv: &PlannedConversation,
     turn_no: u32,
     turn: &PlannedTurn,
