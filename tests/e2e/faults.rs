@@ -177,7 +177,17 @@ pub fn metric_sum(text: &str, metric: &str, filter: &str) -> f64 {
 
 /// This process's resident set (the in-process agent's included), KiB.
 fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    rss_at("/proc/self/status")
+}
+
+/// The resident set of `pid`, KiB.
+fn rss_of(pid: libc::pid_t) -> u64 {
+    rss_at(&format!("/proc/{pid}/status"))
+}
+
+/// `VmRSS` from a /proc status file, KiB (0 when it cannot be read).
+fn rss_at(status: &str) -> u64 {
+    std::fs::read_to_string(status)
         .ok()
         .and_then(|s| {
             s.lines()
@@ -437,21 +447,6 @@ fn kernel_records_accounted(metrics: &str) -> f64 {
         "inferwatch_events_dropped_total",
         "source=\"kernel\"",
     ) + metric_sum(metrics, "inferwatch_kernel_ringbuf_drops_total", "")
-}
-
-/// The resident set of `pid`, KiB.
-fn rss_of(pid: libc::pid_t) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
 }
 
 /// The state letter of `pid` (`T` when stopped), from /proc/<pid>/stat.
