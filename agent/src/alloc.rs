@@ -10,6 +10,9 @@
 pub const TRIM_THRESHOLD_BYTES: i32 = 16 * 1024 * 1024;
 /// Allocations above this come from mmap (and go back to the kernel when freed).
 pub const MMAP_THRESHOLD_BYTES: i32 = 4 * 1024 * 1024;
+/// malloc arenas. glibc's default (8 per core) lets every tokio worker and blocking thread
+/// grow an arena of its own, each keeping up to the trim threshold of freed memory.
+pub const ARENA_MAX: i32 = 2;
 
 /// Applies the settings (glibc only; a no-op elsewhere). Call once at start-up, before the
 /// threads that allocate start.
@@ -19,5 +22,6 @@ pub fn tune() {
     unsafe {
         libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES);
         libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES);
+        libc::mallopt(libc::M_ARENA_MAX, ARENA_MAX);
     }
 }
