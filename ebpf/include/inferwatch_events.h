@@ -48,7 +48,7 @@ enum iw_close_how {
 /* Index of the per-CPU counters in the `iw_counters` map. */
 enum iw_counter {
 	IW_COUNTER_RINGBUF_DROPS = 0,   /* bpf_ringbuf_reserve failed: ring buffer full */
-	IW_COUNTER_CONN_TABLE_FULL = 1, /* a watched connection could not be tracked */
+	IW_COUNTER_CONN_TABLE_FULL = 1, /* a watched connection could not be tracked (its socket storage not created) */
 	IW_COUNTER_MAX = 2,
 };
 
