@@ -79,10 +79,6 @@ struct user_msghdr {
 	size_t msg_iovlen;
 };
 
-struct task_struct {
-	int __placeholder_unused;
-};
-
 struct in6_addr {
 	__u8 u6_addr8[16];
 };

@@ -485,15 +485,7 @@ async fn connection_flood_overflows_ring_buffer() {
         backend,
         &format!("ring_buffer_bytes = {SMALLEST_RING}\n"),
     );
-    let log = std::fs::File::create(dir.join("agent.log")).expect("log file");
-    let mut agent = tokio::process::Command::new(agent_bin())
-        .arg("run")
-        .arg("-c")
-        .arg(&config)
-        .env("INFERWATCH_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
+    let mut agent = agent_command(&config, &dir)
         .spawn()
         .expect("start inferwatch");
     let pid = agent.id().expect("agent pid") as libc::pid_t;
@@ -692,14 +684,7 @@ async fn sigterm_during_load_flushes_and_exits_zero() {
             free_port()
         ),
     );
-    let log = std::fs::File::create(dir.join("agent.log")).expect("log file");
-    let mut agent = tokio::process::Command::new(agent_bin())
-        .arg("run")
-        .arg("-c")
-        .arg(&config)
-        .env("INFERWATCH_LOG", "info")
-        .stderr(log)
-        .kill_on_drop(true)
+    let mut agent = agent_command(&config, &dir)
         .spawn()
         .expect("start inferwatch");
     let agent_pid = agent.id().expect("agent pid") as libc::pid_t;
@@ -1184,6 +1169,13 @@ fn without_tracefs(command: &mut tokio::process::Command) {
 
 /// The agent binary with `config`, its log in `dir/agent.log`, without tracefs.
 fn spawn_agent_without_tracefs(config: &Path, dir: &Path) -> tokio::process::Child {
+    let mut command = agent_command(config, dir);
+    without_tracefs(&mut command);
+    command.spawn().expect("start inferwatch without tracefs")
+}
+
+/// `inferwatch run -c config`, logging at info to `dir/agent.log`, killed when dropped.
+fn agent_command(config: &Path, dir: &Path) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(agent_bin());
     command
         .arg("run")
@@ -1193,8 +1185,7 @@ fn spawn_agent_without_tracefs(config: &Path, dir: &Path) -> tokio::process::Chi
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(dir.join("agent.log")).expect("log file"))
         .kill_on_drop(true);
-    without_tracefs(&mut command);
-    command.spawn().expect("start inferwatch without tracefs")
+    command
 }
 
 /// SIGTERM, then the exit status (at most 10 s).

@@ -35,7 +35,7 @@ pub const PROGRAM_COUNT: usize = TRACEPOINTS.len();
 pub struct KernelCounters {
     /// Events lost because the ring buffer was full, per CPU.
     pub ringbuf_drops: Vec<u64>,
-    /// Connections that could not be tracked (map full), per CPU.
+    /// Connections that could not be tracked (socket storage not created), per CPU.
     pub conn_table_full: Vec<u64>,
 }
 
@@ -89,7 +89,7 @@ impl KernelProbes {
                 .map_err(|source| KernelError::Program { name, source })?;
             program.attach().map_err(|source| KernelError::Attach {
                 name,
-                tracepoint: format!("raw_tracepoint/{tracepoint}"),
+                tracepoint: format!("tp_btf/{tracepoint}"),
                 source,
             })?;
         }
