@@ -466,7 +466,9 @@ async fn phase(
             Some(Proc::spawn(
                 "perf record",
                 Command::new("perf")
-                    .args(["record", "-F", "999", "-g", "-o"])
+                    // DWARF unwinding: the release build has no frame pointers, and the
+                    // allocator's callers are what a profile of this agent needs.
+                    .args(["record", "-F", "499", "--call-graph", "dwarf,16384", "-o"])
                     .arg(path)
                     .args(["-p", &a.proc.pid().to_string()])
                     .stdout(Stdio::null())

@@ -31,6 +31,7 @@ mod abort;
 mod cold_start;
 mod config;
 mod contention;
+mod index;
 mod join;
 mod kv_eviction;
 mod stats;
@@ -61,6 +62,7 @@ use crate::model::{
     RuntimeKind, RuntimeRequest, UnixNanos,
 };
 use abort::KernelAbortFacts;
+use index::{KeySet, SortedVecMap};
 
 /// One input to the correlator, from any source.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -134,6 +136,20 @@ type HeadKey = (UnixNanos, ConnKey);
 /// A span waiting to settle: when it is due, then its ids (unique).
 type SpanKey = (UnixNanos, [u8; 16], [u8; 8]);
 
+/// Hash tables keyed by what the network sends (addresses, request ids, trace ids): foldhash,
+/// several times cheaper than SipHash per lookup and still seeded per process. Nothing the
+/// correlator decides depends on their iteration order.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
+
+/// The heads claimed during one tick, by the span that claims them.
+#[derive(Debug, Default)]
+struct Claims {
+    heads: FastMap<HeadKey, SpanKey>,
+    /// Whether every waiting span's exact claim is in `heads`, not only the due spans'.
+    complete: bool,
+}
+
 #[derive(Debug)]
 struct Head {
     pid: Option<u32>,
@@ -150,7 +166,7 @@ struct Conn {
     pid: Option<u32>,
     /// Request boundaries by head time; `Some` while the request waits to settle. Settled
     /// entries stay while an older request still needs them as its end.
-    requests: BTreeMap<UnixNanos, Option<Head>>,
+    requests: SortedVecMap<UnixNanos, Option<Head>>,
     peer_closed: Option<PeerClose>,
     /// `false` when the kernel said the response had not started when the peer left: the
     /// writes after the close are then a non-streaming body, not one chunk per token.
@@ -169,7 +185,7 @@ impl Conn {
             local: None,
             peer: None,
             pid: None,
-            requests: BTreeMap::new(),
+            requests: SortedVecMap::default(),
             peer_closed: None,
             writes_are_tokens: true,
             token_writes: 0,
@@ -184,20 +200,12 @@ impl Conn {
 
     /// The kernel-side end of the request read at `head_ts`: the next head, else the close.
     fn request_end(&self, head_ts: UnixNanos) -> Option<UnixNanos> {
-        self.requests
-            .range((Bound::Excluded(head_ts), Bound::Unbounded))
-            .next()
-            .map(|(ts, _)| *ts)
-            .or(self.closed)
+        self.requests.next_key_after(&head_ts).or(self.closed)
     }
 
     /// The peer close and writes after it, when the close fell in this request's interval.
     fn abort_facts(&self, head_ts: UnixNanos) -> KernelAbortFacts {
-        let end = self
-            .requests
-            .range((Bound::Excluded(head_ts), Bound::Unbounded))
-            .next()
-            .map(|(ts, _)| *ts);
+        let end = self.requests.next_key_after(&head_ts);
         match self.peer_closed {
             Some(close) if close.ts >= head_ts && end.is_none_or(|end| close.ts < end) => {
                 KernelAbortFacts {
@@ -212,12 +220,7 @@ impl Conn {
 
     /// Forgets settled boundaries no pending request needs any more.
     fn prune(&mut self) {
-        while let Some(entry) = self.requests.first_entry() {
-            if entry.get().is_some() {
-                break;
-            }
-            entry.remove();
-        }
+        self.requests.remove_leading(Option::is_none);
     }
 }
 
@@ -227,18 +230,18 @@ impl Conn {
 pub struct Correlator {
     config: CorrelatorConfig,
     stats: CorrelatorStats,
-    conns: HashMap<ConnKey, Conn>,
+    conns: FastMap<ConnKey, Conn>,
     /// The generation of the socket now at each kernel address.
-    current: HashMap<ConnId, u32>,
+    current: FastMap<ConnId, u32>,
     /// Connections by first sighting, for evicting the oldest.
     conn_order: BTreeSet<(UnixNanos, ConnKey)>,
     /// Pending heads, by time: the temporal index and the eviction order.
     heads: BTreeSet<HeadKey>,
-    by_trace: HashMap<[u8; 16], BTreeSet<HeadKey>>,
-    by_request_id: HashMap<String, BTreeSet<HeadKey>>,
-    by_peer: HashMap<SocketAddr, BTreeSet<ConnKey>>,
+    by_trace: FastMap<[u8; 16], KeySet<HeadKey>>,
+    by_request_id: FastMap<String, KeySet<HeadKey>>,
+    by_peer: FastMap<SocketAddr, KeySet<ConnKey>>,
     spans: BTreeMap<SpanKey, RuntimeRequest>,
-    span_ids: HashSet<([u8; 16], [u8; 8])>,
+    span_ids: FastSet<([u8; 16], [u8; 8])>,
     /// Listening port -> the pid that listens.
     listeners: BTreeMap<u16, Option<u32>>,
     /// Conversations and per-instance request / KV event logs (SPEC §3.3).
@@ -254,15 +257,15 @@ impl Correlator {
             kv: kv_eviction::KvTracker::new(config.kv_eviction.clone()),
             config,
             stats: CorrelatorStats::default(),
-            conns: HashMap::new(),
-            current: HashMap::new(),
+            conns: FastMap::default(),
+            current: FastMap::default(),
             conn_order: BTreeSet::new(),
             heads: BTreeSet::new(),
-            by_trace: HashMap::new(),
-            by_request_id: HashMap::new(),
-            by_peer: HashMap::new(),
+            by_trace: FastMap::default(),
+            by_request_id: FastMap::default(),
+            by_peer: FastMap::default(),
             spans: BTreeMap::new(),
-            span_ids: HashSet::new(),
+            span_ids: FastSet::default(),
             listeners: BTreeMap::new(),
             gpu: contention::GpuView::default(),
         }
@@ -387,20 +390,23 @@ impl Correlator {
         let mut out = Vec::new();
 
         // Exact rules first for every waiting span, due or not, so that a head an exact rule
-        // names is never taken by a guess.
-        let mut reserved: HashMap<HeadKey, SpanKey> = HashMap::new();
+        // names is never taken by a guess. Spans claim heads in their key order, due ones
+        // first, and a span's claim depends only on the claims before it: so the due spans'
+        // claims are made here, and the later spans' only when a guess (the temporal rule) or
+        // a head about to settle needs them. Most ticks need neither, and the exact rules
+        // then run once per span instead of once per span per tick.
+        let due_end = (now, [u8::MAX; 16], [u8::MAX; 8]);
+        let mut claims = Claims::default();
         let mut matches: BTreeMap<SpanKey, (JoinRule, HeadKey)> = BTreeMap::new();
-        for (key, span) in &self.spans {
-            if let Some((rule, head)) = self.best_exact(span, &reserved) {
-                reserved.insert(head, *key);
-                matches.insert(*key, (rule, head));
-            }
+        self.claim_exact(
+            (Bound::Unbounded, Bound::Included(due_end)),
+            &mut claims,
+            Some(&mut matches),
+        );
+        let due: Vec<SpanKey> = self.spans.range(..=due_end).map(|(key, _)| *key).collect();
+        if due.iter().any(|key| !matches.contains_key(key)) {
+            self.claim_rest(due_end, &mut claims);
         }
-        let due: Vec<SpanKey> = self
-            .spans
-            .range(..=(now, [u8::MAX; 16], [u8::MAX; 8]))
-            .map(|(key, _)| *key)
-            .collect();
         for key in &due {
             if matches.contains_key(key) {
                 continue;
@@ -408,8 +414,8 @@ impl Correlator {
             let Some(span) = self.spans.get(key) else {
                 continue;
             };
-            if let Some(head) = self.best_temporal(span, &reserved) {
-                reserved.insert(head, *key);
+            if let Some(head) = self.best_temporal(span, &claims.heads) {
+                claims.heads.insert(head, *key);
                 matches.insert(*key, (JoinRule::Temporal, head));
             }
         }
@@ -421,7 +427,7 @@ impl Correlator {
             }
         }
 
-        self.settle_heads(now, &reserved, &mut out);
+        self.settle_heads(now, due_end, &mut claims, &mut out);
         self.expire_connections(now);
         let mut out = self.gpu_facts(out);
         out.extend(self.gpu.on_tick(now, &self.config.gpu));
@@ -430,6 +436,34 @@ impl Correlator {
             .on_tick(now, &mut self.stats.kv_eviction, &mut evictions);
         out.extend(evictions.into_iter().map(Output::KvEviction));
         out
+    }
+
+    /// The exact rules' claims of the spans in `range`, in key order, added to `claims`
+    /// (and their matches to `matches` when given).
+    fn claim_exact(
+        &self,
+        range: (Bound<SpanKey>, Bound<SpanKey>),
+        claims: &mut Claims,
+        mut matches: Option<&mut BTreeMap<SpanKey, (JoinRule, HeadKey)>>,
+    ) {
+        for (key, span) in self.spans.range(range) {
+            if let Some((rule, head)) = self.best_exact(span, &claims.heads) {
+                claims.heads.insert(head, *key);
+                if let Some(matches) = matches.as_deref_mut() {
+                    matches.insert(*key, (rule, head));
+                }
+            }
+        }
+    }
+
+    /// Completes `claims` with those of the spans not yet due (after `due_end`), once per
+    /// tick. Taking the due spans' heads in between changes nothing for them: a head a due
+    /// span claimed was never theirs to take.
+    fn claim_rest(&self, due_end: SpanKey, claims: &mut Claims) {
+        if !claims.complete {
+            self.claim_exact((Bound::Excluded(due_end), Bound::Unbounded), claims, None);
+            claims.complete = true;
+        }
     }
 
     fn on_kernel(&mut self, event: KernelEvent) {
@@ -454,7 +488,10 @@ impl Correlator {
                     c.local = Some(local);
                     c.peer = Some(peer);
                     c.pid = event.pid.or(c.pid);
-                    self.by_peer.entry(peer).or_default().insert(key);
+                    self.by_peer
+                        .entry(peer)
+                        .and_modify(|set| set.insert(key))
+                        .or_insert(KeySet::One(key));
                 }
             }
             KernelEventKind::RequestHead { conn, head, .. } => {
@@ -510,7 +547,7 @@ impl Correlator {
             // exporter still gets exactly one `Joined` per span.
             self.stats.evictions.spans += 1;
             self.span_ids.remove(&(oldest.trace_id, oldest.span_id));
-            let none = HashMap::new();
+            let none = FastMap::default();
             let matched = self.best_exact(&oldest, &none).or_else(|| {
                 self.best_temporal(&oldest, &none)
                     .map(|h| (JoinRule::Temporal, h))
@@ -585,11 +622,9 @@ impl Correlator {
         self.conn_order.remove(&(conn.first_seen, key));
         if let Some(peer) = conn.peer
             && let Some(set) = self.by_peer.get_mut(&peer)
+            && set.remove(&key)
         {
-            set.remove(&key);
-            if set.is_empty() {
-                self.by_peer.remove(&peer);
-            }
+            self.by_peer.remove(&peer);
         }
         if self.current.get(&key.id) == Some(&key.generation) {
             self.current.remove(&key.id);
@@ -641,10 +676,18 @@ impl Correlator {
         };
         conn.pid = conn.pid.or(pid);
         if let Some(tp) = head.traceparent {
-            self.by_trace.entry(tp.trace_id).or_default().insert(hk);
+            self.by_trace
+                .entry(tp.trace_id)
+                .and_modify(|set| set.insert(hk))
+                .or_insert(KeySet::One(hk));
         }
         if let Some(id) = &head.request_id {
-            self.by_request_id.entry(id.clone()).or_default().insert(hk);
+            match self.by_request_id.get_mut(id.as_str()) {
+                Some(set) => set.insert(hk),
+                None => {
+                    self.by_request_id.insert(id.clone(), KeySet::One(hk));
+                }
+            }
         }
         conn.requests.insert(ts, Some(Head { pid, head }));
         self.heads.insert(hk);
@@ -654,19 +697,15 @@ impl Correlator {
         self.heads.remove(&hk);
         if let Some(tp) = head.head.traceparent
             && let Some(set) = self.by_trace.get_mut(&tp.trace_id)
+            && set.remove(&hk)
         {
-            set.remove(&hk);
-            if set.is_empty() {
-                self.by_trace.remove(&tp.trace_id);
-            }
+            self.by_trace.remove(&tp.trace_id);
         }
         if let Some(id) = &head.head.request_id
             && let Some(set) = self.by_request_id.get_mut(id)
+            && set.remove(&hk)
         {
-            set.remove(&hk);
-            if set.is_empty() {
-                self.by_request_id.remove(id);
-            }
+            self.by_request_id.remove(id);
         }
     }
 
@@ -700,11 +739,11 @@ impl Correlator {
     fn best_exact(
         &self,
         span: &RuntimeRequest,
-        reserved: &HashMap<HeadKey, SpanKey>,
+        reserved: &FastMap<HeadKey, SpanKey>,
     ) -> Option<(JoinRule, HeadKey)> {
         let usable = |hk: &HeadKey| !reserved.contains_key(hk) && hk.0 <= span.end;
         if let Some(set) = self.by_trace.get(&span.trace_id)
-            && let Some(hk) = closest(span.arrival, set.iter().copied().filter(usable))
+            && let Some(hk) = closest(span.arrival, set.iter().filter(usable))
         {
             return Some((JoinRule::Traceparent, hk));
         }
@@ -712,7 +751,7 @@ impl Correlator {
             let candidates = join::request_id_keys(id, &self.config.request_id_prefixes)
                 .into_iter()
                 .filter_map(|k| self.by_request_id.get(k))
-                .flat_map(|set| set.iter().copied())
+                .flat_map(KeySet::iter)
                 .filter(usable);
             if let Some(hk) = closest(span.arrival, candidates) {
                 return Some((JoinRule::RequestId, hk));
@@ -723,12 +762,12 @@ impl Correlator {
         {
             let candidates = conns
                 .iter()
-                .filter_map(|ck| self.conns.get(ck).map(|c| (ck, c)))
+                .filter_map(|ck| self.conns.get(&ck).map(|c| (ck, c)))
                 .flat_map(|(ck, c)| {
                     c.requests
                         .iter()
                         .filter(|(_, h)| h.is_some())
-                        .map(move |(ts, _)| (*ts, *ck))
+                        .map(move |(ts, _)| (*ts, ck))
                 })
                 .filter(usable)
                 .filter(|hk| {
@@ -747,7 +786,7 @@ impl Correlator {
     fn best_temporal(
         &self,
         span: &RuntimeRequest,
-        reserved: &HashMap<HeadKey, SpanKey>,
+        reserved: &FastMap<HeadKey, SpanKey>,
     ) -> Option<HeadKey> {
         let window = self.config.temporal_window();
         let lo = (span.arrival.saturating_sub(window), ConnKey::MIN);
@@ -888,7 +927,8 @@ impl Correlator {
     fn settle_heads(
         &mut self,
         now: UnixNanos,
-        reserved: &HashMap<HeadKey, SpanKey>,
+        due_end: SpanKey,
+        claims: &mut Claims,
         out: &mut Vec<Output>,
     ) {
         let span_wait = self.config.span_wait();
@@ -896,7 +936,7 @@ impl Correlator {
         let mut settle = Vec::new();
         let mut expire = Vec::new();
         for hk in &self.heads {
-            if reserved.contains_key(hk) {
+            if claims.heads.contains_key(hk) {
                 continue;
             }
             let Some(conn) = self.conns.get(&hk.1) else {
@@ -913,6 +953,12 @@ impl Correlator {
                 _ if now >= hk.0.saturating_add(max_age) => expire.push(*hk),
                 _ => {}
             }
+        }
+        if !claims.complete && (!settle.is_empty() || !expire.is_empty()) {
+            // A head a waiting span names by an exact rule waits for that span.
+            self.claim_rest(due_end, claims);
+            settle.retain(|hk| !claims.heads.contains_key(hk));
+            expire.retain(|hk| !claims.heads.contains_key(hk));
         }
         for hk in expire {
             self.stats.expired_heads += 1;

@@ -31,8 +31,9 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -124,7 +125,7 @@ impl OtlpExportError {
 
 enum Transport {
     Grpc {
-        client: TraceServiceClient<Channel>,
+        client: tonic::client::Grpc<Channel>,
         metadata: MetadataMap,
     },
     Http {
@@ -197,7 +198,7 @@ impl OtlpExporter {
                     .connect_timeout(resolved.timeout)
                     .timeout(resolved.timeout)
                     .connect_lazy();
-                let mut client = TraceServiceClient::new(channel);
+                let mut client = tonic::client::Grpc::new(channel);
                 if gzip {
                     client = client.send_compressed(CompressionEncoding::Gzip);
                 }
@@ -308,10 +309,31 @@ impl OtlpExporter {
         deadline: Option<Instant>,
     ) -> Result<(), ExportTraceServiceRequest> {
         let spans = count(&request);
+        // Encoded once, with the agent's own encoder, and the same bytes sent on every
+        // attempt: cloning the request per attempt (what a typed client needs, since it
+        // takes the message by value) was a tenth of the agent's CPU at 1k requests/s.
+        let body = match self.encode(&request) {
+            Ok(body) => body,
+            Err(e) => {
+                ExportFailed {
+                    sink: SINK_NAME,
+                    error: &e,
+                    retryable: false,
+                }
+                .emit(&self.metrics);
+                SpansDropped {
+                    sink: SINK_NAME,
+                    stage: DropStage::Rejected,
+                    count: spans,
+                }
+                .emit(&self.metrics);
+                return Ok(());
+            }
+        };
         let mut delay = Duration::from_millis(self.config.retry_initial_ms.max(1));
         let max_delay = Duration::from_millis(self.config.retry_max_ms.max(1));
         loop {
-            match self.send(&request).await {
+            match self.send(body.clone()).await {
                 Ok(()) => {
                     SpansExported {
                         sink: SINK_NAME,
@@ -351,14 +373,34 @@ impl OtlpExporter {
         }
     }
 
-    async fn send(&mut self, request: &ExportTraceServiceRequest) -> Result<(), OtlpExportError> {
+    /// The request's body: plain protobuf for gRPC (tonic compresses the frame when asked),
+    /// gzip-compressed for HTTP when asked.
+    fn encode(&self, request: &ExportTraceServiceRequest) -> Result<Bytes, OtlpExportError> {
+        let gzip = matches!(self.transport, Transport::Http { gzip: true, .. });
+        encode_request(request, gzip).map(Bytes::from)
+    }
+
+    async fn send(&mut self, body: Bytes) -> Result<(), OtlpExportError> {
         match &mut self.transport {
             Transport::Grpc { client, metadata } => {
-                let mut req = tonic::Request::new(request.clone());
+                client
+                    .ready()
+                    .await
+                    .map_err(|e| OtlpExportError::GrpcStatus {
+                        code: tonic::Code::Unavailable,
+                        message: format!("service was not ready: {e}"),
+                    })?;
+                let mut req = tonic::Request::new(body);
                 *req.metadata_mut() = metadata.clone();
                 req.set_timeout(self.timeout);
+                req.extensions_mut()
+                    .insert(tonic::GrpcMethod::new(TRACE_SERVICE, "Export"));
                 client
-                    .export(req)
+                    .unary(
+                        req,
+                        http::uri::PathAndQuery::from_static(TRACE_EXPORT_PATH),
+                        PreEncodedCodec,
+                    )
                     .await
                     .map(|_| ())
                     .map_err(|s| OtlpExportError::GrpcStatus {
@@ -372,8 +414,7 @@ impl OtlpExporter {
                 headers,
                 gzip,
             } => {
-                let body = encode_request(request, *gzip)?;
-                let mut req = http::Request::new(Full::new(Bytes::from(body)));
+                let mut req = http::Request::new(Full::new(body));
                 *req.method_mut() = http::Method::POST;
                 *req.uri_mut() = uri.clone();
                 *req.headers_mut() = headers.clone();
@@ -402,6 +443,48 @@ impl OtlpExporter {
                 }
             }
         }
+    }
+}
+
+/// The OTLP trace service, as gRPC names it.
+const TRACE_SERVICE: &str = "opentelemetry.proto.collector.trace.v1.TraceService";
+const TRACE_EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+/// A gRPC codec whose requests are already-encoded `ExportTraceServiceRequest` bytes, so that a
+/// retry resends the same bytes; responses are decoded with prost.
+#[derive(Debug, Clone, Copy, Default)]
+struct PreEncodedCodec;
+
+#[derive(Debug, Clone, Copy, Default)]
+struct PreEncodedEncoder;
+
+impl tonic::codec::Encoder for PreEncodedEncoder {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Bytes,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Codec for PreEncodedCodec {
+    type Encode = Bytes;
+    type Decode = ExportTraceServiceResponse;
+    type Encoder = PreEncodedEncoder;
+    type Decoder = tonic_prost::ProstDecoder<ExportTraceServiceResponse>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        PreEncodedEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::default()
     }
 }
 

@@ -41,7 +41,9 @@ impl Default for KernelConfig {
             tenant_header: "x-tenant-id".into(),
             conversation_header: "x-conversation-id".into(),
             ring_buffer_bytes: 8 * 1024 * 1024,
-            poll_interval_ms: 10,
+            // The correlator's tick: draining more often finds nothing sooner (see
+            // docs/kernel-source.md) and each timer wakeup costs the agent CPU.
+            poll_interval_ms: 100,
             channel_capacity: 65_536,
         }
     }
