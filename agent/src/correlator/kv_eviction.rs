@@ -103,7 +103,11 @@ impl Default for KvEvictionConfig {
             block_size: 16,
             min_prefix_tokens: 256,
             conversation_idle_ms: 30 * 60 * 1000,
-            max_conversations: 1 << 20,
+            // 82 bytes each (`cargo xtask bench conversations`): ~10 MiB. At 100 new
+            // conversations/s, a busy GPU node, that is about 20 minutes of history, the order
+            // of `conversation_idle_ms`; a conversation returning after 131k others on one
+            // node would have lost its prefix to plain LRU pressure anyway.
+            max_conversations: 1 << 17,
             max_tenants: 65_536,
             max_instances: 1024,
             request_log_horizon_ms: 10 * 60 * 1000,
@@ -624,6 +628,10 @@ pub(crate) struct KvTracker {
     /// Instances created from a KV source's name that no span has claimed yet.
     kv_named: std::collections::HashSet<u16>,
     instance_names: Vec<String>,
+    /// The last identity resolved to an instance: a node's spans come from one or a few
+    /// runtimes, and resolving builds the identity's alias strings each time. Instance ids are
+    /// never reassigned, so the cached answer stays right.
+    last_instance: Option<(InstanceIdentity, u16, String)>,
     logs: Vec<InstanceLog>,
     pending: BTreeMap<(UnixNanos, [u8; 16], [u8; 8]), Pending>,
     labels: TenantLabels,
@@ -643,6 +651,7 @@ impl KvTracker {
             instance_ids: HashMap::new(),
             kv_named: std::collections::HashSet::new(),
             instance_names: Vec::new(),
+            last_instance: None,
             logs: Vec::new(),
             pending: BTreeMap::new(),
             counts: BTreeMap::new(),
@@ -725,11 +734,34 @@ impl KvTracker {
         if !self.config.enabled {
             return;
         }
-        let key = instance_key(&req.instance);
+        let cached =
+            matches!(&self.last_instance, Some((identity, ..)) if *identity == req.instance);
+        if !cached {
+            let key = instance_key(&req.instance);
+            let Some(id) = self.resolve_instance(&req.instance, &key, stats) else {
+                return;
+            };
+            self.last_instance = Some((req.instance.clone(), id, key));
+        }
+        // Taken out for the call and put back: the request log borrows the tracker mutably.
+        if let Some((identity, id, key)) = self.last_instance.take() {
+            self.log_request(id, &key, req, conn, stats);
+            self.last_instance = Some((identity, id, key));
+        }
+    }
+
+    /// The instance of a span's exporter, created when new (`None` when the instance table is
+    /// full).
+    fn resolve_instance(
+        &mut self,
+        identity: &InstanceIdentity,
+        key: &str,
+        stats: &mut KvEvictionStats,
+    ) -> Option<u16> {
         // An instance first named by a KV source (by one of its aliases) and then by spans is
         // one instance; an alias never merges two instances that spans told apart.
-        let aliases = instance_aliases(&req.instance);
-        let known = self.instance_ids.get(key.as_str()).copied().or_else(|| {
+        let aliases = instance_aliases(identity);
+        let known = self.instance_ids.get(key).copied().or_else(|| {
             let claimed = aliases.iter().find_map(|a| {
                 self.instance_ids
                     .get(a.as_str())
@@ -741,12 +773,21 @@ impl KvTracker {
             }
             claimed
         });
-        let Some(instance) = known.or_else(|| self.instance_id(&key, stats)) else {
-            return;
-        };
+        let instance = known.or_else(|| self.instance_id(key, stats))?;
         for alias in aliases {
             self.instance_ids.entry(alias).or_insert(instance);
         }
+        Some(instance)
+    }
+
+    fn log_request(
+        &mut self,
+        instance: u16,
+        key: &str,
+        req: &RuntimeRequest,
+        conn: Option<&ConnectionFacts>,
+        stats: &mut KvEvictionStats,
+    ) {
         let tenant_raw = req
             .tenant
             .as_deref()
@@ -788,7 +829,7 @@ impl KvTracker {
         let rate = self.logs[instance as usize].prefill_rate;
         if let (Some(conversation), true) = (&conversation, conv != 0) {
             stats.conversation_turns += 1;
-            self.on_turn(req, &logged, conversation, instance, &key, rate, stats);
+            self.on_turn(req, &logged, conversation, instance, key, rate, stats);
         }
         let log = &mut self.logs[instance as usize];
         if let Some(first) = req.first_token {

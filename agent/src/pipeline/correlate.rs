@@ -687,6 +687,7 @@ impl CorrelateStage {
             ("heads", stats.evictions.heads),
             ("spans", stats.evictions.spans),
             ("listeners", stats.evictions.listeners),
+            ("conversations", stats.kv_eviction.conversations_dropped),
         ] {
             advance_to(
                 &m.correlator_evictions.get_or_create(&TableLabels {
