@@ -3,7 +3,9 @@
 //!
 //! 1. Overhead: a loopback request loop (connect, request, 20 streamed chunks, close) with the
 //!    programs attached vs detached, alternated in rounds within the same run; the median
-//!    throughput of each and their ratio.
+//!    throughput of each and their ratio, and the same for the CPU time the client and server
+//!    threads spend per request (the programs run in those threads, so that is their cost
+//!    itself, and it is much less disturbed than throughput by what else the machine runs).
 //! 2. Reader: a server thread writing as fast as it can to a connection whose peer has left
 //!    (each write is a `WriteAfterPeerClose` event) while the agent's reader drains the ring;
 //!    events per second received, and the drops the kernel counted.
@@ -24,9 +26,22 @@ const ROUNDS: usize = 20;
 const ROUND: Duration = Duration::from_millis(600);
 const CHUNKS: usize = 20;
 
-fn serve(listener: TcpListener) {
+/// CPU time of the calling thread (user + system), in nanoseconds.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given and nothing else.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Serves connections one after the other, publishing its CPU time after each.
+fn serve(listener: TcpListener, cpu_ns: &AtomicU64) {
     let mut buf = [0u8; 4096];
     for stream in listener.incoming() {
+        cpu_ns.store(thread_cpu_ns(), Ordering::Relaxed);
         let Ok(mut stream) = stream else { return };
         if !matches!(stream.read(&mut buf), Ok(n) if n > 0) {
             continue;
@@ -38,7 +53,9 @@ fn serve(listener: TcpListener) {
     }
 }
 
-fn client_loop(addr: std::net::SocketAddr, stop: &AtomicBool, done: &AtomicU64) {
+/// Runs requests until stopped; returns the CPU time it used.
+fn client_loop(addr: std::net::SocketAddr, stop: &AtomicBool, done: &AtomicU64) -> u64 {
+    let start = thread_cpu_ns();
     let mut buf = [0u8; 8192];
     let request = b"POST /v1/completions HTTP/1.1\r\nhost: b\r\nx-request-id: bench\r\ncontent-length: 2\r\n\r\n{}";
     while !stop.load(Ordering::Relaxed) {
@@ -51,19 +68,28 @@ fn client_loop(addr: std::net::SocketAddr, stop: &AtomicBool, done: &AtomicU64) 
         while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
         done.fetch_add(1, Ordering::Relaxed);
     }
+    thread_cpu_ns() - start
 }
 
-/// Requests per second over one round.
-fn measure(addr: std::net::SocketAddr) -> f64 {
+/// One round: requests per second, and the client's and server's CPU time per request (ns).
+fn measure(addr: std::net::SocketAddr, server_cpu: &AtomicU64) -> (f64, f64) {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let (s, d) = (Arc::clone(&stop), Arc::clone(&done));
+    let server_before = server_cpu.load(Ordering::Relaxed);
     let client = thread::spawn(move || client_loop(addr, &s, &d));
     let start = Instant::now();
     thread::sleep(ROUND);
     stop.store(true, Ordering::Relaxed);
-    let _ = client.join();
-    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+    let client_cpu = client.join().unwrap_or(0);
+    let server = server_cpu
+        .load(Ordering::Relaxed)
+        .saturating_sub(server_before);
+    let n = done.load(Ordering::Relaxed);
+    (
+        n as f64 / start.elapsed().as_secs_f64(),
+        (client_cpu + server) as f64 / n.max(1) as f64,
+    )
 }
 
 struct Attached {
@@ -125,31 +151,37 @@ fn median(v: &mut [f64]) -> f64 {
 fn overhead() {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
-    thread::spawn(move || serve(listener));
-    let _ = measure(addr); // warm-up
+    let server_cpu = Arc::new(AtomicU64::new(0));
+    let cpu = Arc::clone(&server_cpu);
+    thread::spawn(move || serve(listener, &cpu));
+    let _ = measure(addr, &server_cpu); // warm-up
     let (mut off, mut on, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut cpu_off, mut cpu_on, mut cpu_ratios) = (Vec::new(), Vec::new(), Vec::new());
     let mut events = 0;
     for round in 0..ROUNDS {
         // Alternate which half of the pair goes first, so that a drift in the machine's load
         // does not favour one side.
-        let (a, b) = if round % 2 == 0 {
-            let a = measure(addr);
+        let ((a, a_cpu), (b, b_cpu)) = if round % 2 == 0 {
+            let a = measure(addr, &server_cpu);
             let attached = attach(addr.port());
-            let b = measure(addr);
+            let b = measure(addr, &server_cpu);
             events += attached.received.load(Ordering::Relaxed);
             attached.detach();
             (a, b)
         } else {
             let attached = attach(addr.port());
-            let b = measure(addr);
+            let b = measure(addr, &server_cpu);
             events += attached.received.load(Ordering::Relaxed);
             attached.detach();
-            let a = measure(addr);
+            let a = measure(addr, &server_cpu);
             (a, b)
         };
         off.push(a);
         on.push(b);
         ratios.push(b / a);
+        cpu_off.push(a_cpu);
+        cpu_on.push(b_cpu);
+        cpu_ratios.push(b_cpu / a_cpu);
     }
     let (m_off, m_on) = (median(&mut off), median(&mut on));
     let mut sorted = ratios.clone();
@@ -163,6 +195,16 @@ fn overhead() {
     println!(
         "  attached/detached: median of per-pair ratios {m_ratio:.3} (IQR {q1:.3}-{q3:.3}) = {:.1}% throughput loss; {events} events received",
         (1.0 - m_ratio) * 100.0
+    );
+    let (c_off, c_on) = (median(&mut cpu_off), median(&mut cpu_on));
+    let mut sorted = cpu_ratios.clone();
+    let c_ratio = median(&mut sorted);
+    let (c1, c3) = (sorted[sorted.len() / 4], sorted[sorted.len() * 3 / 4]);
+    println!(
+        "  CPU of the client + server threads per request: detached {:.1} µs, attached {:.1} µs (medians); median of per-pair ratios {c_ratio:.3} (IQR {c1:.3}-{c3:.3}) = {:+.1}% CPU per request",
+        c_off / 1000.0,
+        c_on / 1000.0,
+        (c_ratio - 1.0) * 100.0
     );
 }
 

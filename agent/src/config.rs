@@ -258,6 +258,7 @@ mod tests {
         assert_eq!(config.kernel.watch_ports, vec![8000, 9000]);
         assert_eq!(config.kernel.tenant_header, "x-org");
         assert_eq!(config.kernel.conversation_header, "x-thread");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -84,7 +84,8 @@ struct iw_accepted_event {
 
 /* The first read of an HTTP/1.1 request on a watched connection (also the second and later
  * requests of a keep-alive connection: the flag re-arms when the server sends). Process
- * context: the reading thread's tgid, the read's time. */
+ * context: the reading thread's tgid, the read's time. The record is variable-length: it ends
+ * after data[len] (hdr.size = offsetof(data) + len), not at data[IW_HEAD_MAX]. */
 struct iw_request_head_event {
 	struct iw_event_header hdr;
 	__s32 fd;       /* the reader's fd of the socket (the read's first argument) */

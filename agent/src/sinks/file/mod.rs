@@ -184,5 +184,6 @@ mod tests {
             &vllm_request(2, 1).resource_spans[0].scope_spans[0].spans[0].span_id
         )));
         assert_eq!(metrics.exported(SINK_NAME), 5);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
