@@ -315,18 +315,7 @@ impl OtlpExporter {
         let body = match self.encode(&request) {
             Ok(body) => body,
             Err(e) => {
-                ExportFailed {
-                    sink: SINK_NAME,
-                    error: &e,
-                    retryable: false,
-                }
-                .emit(&self.metrics);
-                SpansDropped {
-                    sink: SINK_NAME,
-                    stage: DropStage::Rejected,
-                    count: spans,
-                }
-                .emit(&self.metrics);
+                self.count_failure(&e, spans);
                 return Ok(());
             }
         };
@@ -343,20 +332,7 @@ impl OtlpExporter {
                     return Ok(());
                 }
                 Err(e) => {
-                    let retryable = e.retryable();
-                    ExportFailed {
-                        sink: SINK_NAME,
-                        error: &e,
-                        retryable,
-                    }
-                    .emit(&self.metrics);
-                    if !retryable {
-                        SpansDropped {
-                            sink: SINK_NAME,
-                            stage: DropStage::Rejected,
-                            count: spans,
-                        }
-                        .emit(&self.metrics);
+                    if !self.count_failure(&e, spans) {
                         return Ok(());
                     }
                 }
@@ -371,6 +347,27 @@ impl OtlpExporter {
             }
             delay = (delay * 2).min(max_delay);
         }
+    }
+
+    /// Counts a failed attempt, and the request's spans as dropped when `e` is not worth a
+    /// retry; returns whether it is.
+    fn count_failure(&self, e: &OtlpExportError, spans: usize) -> bool {
+        let retryable = e.retryable();
+        ExportFailed {
+            sink: SINK_NAME,
+            error: e,
+            retryable,
+        }
+        .emit(&self.metrics);
+        if !retryable {
+            SpansDropped {
+                sink: SINK_NAME,
+                stage: DropStage::Rejected,
+                count: spans,
+            }
+            .emit(&self.metrics);
+        }
+        retryable
     }
 
     /// The request's body: plain protobuf for gRPC (tonic compresses the frame when asked),
