@@ -162,3 +162,81 @@ fn replayed_head_replaces_the_first_and_leaves_no_stale_index() {
     assert_eq!(c.stats().unjoined_heads, 1);
     assert!(c.by_request_id.is_empty() && c.heads.is_empty() && c.conns.is_empty());
 }
+
+/// A span that is not due yet still keeps the head its traceparent names from an earlier span's
+/// guess: the later spans' exact claims are computed (lazily) before any temporal join.
+#[test]
+fn exact_claim_of_a_later_span_beats_an_earlier_guess() {
+    let mut c = Correlator::new(CorrelatorConfig::default());
+    let mut out = Vec::new();
+    out.extend(c.on_event(accepted(T0, 1, 5000)));
+    out.extend(c.on_event(accepted(T0, 2, 5001)));
+    // H1 carries trace 7 and was read exactly at A's arrival; H2 carries nothing, 100 ms later.
+    out.extend(c.on_event(head(T0 + 1000 * MS, 1, Some(7), None)));
+    out.extend(c.on_event(head(T0 + 1100 * MS, 2, None, None)));
+    // A (trace 1, no ids a head carries) is due at 1 750 ms; B (trace 7) only at 3 250 ms.
+    out.extend(c.on_event(Input::Runtime(span(
+        1,
+        T0 + 1000 * MS,
+        T0 + 1050 * MS,
+        T0 + 1200 * MS,
+        4,
+    ))));
+    out.extend(c.on_event(Input::Runtime(span(
+        7,
+        T0 + 1000 * MS,
+        T0 + 1050 * MS,
+        T0 + 3000 * MS,
+        4,
+    ))));
+    let joined = |out: &[Output], trace: u8| {
+        out.iter().find_map(|o| match o {
+            Output::Joined(j) if j.request.trace_id == [trace; 16] => {
+                Some((j.join, j.connection.as_ref().map(|c| c.conn)))
+            }
+            _ => None,
+        })
+    };
+    out.extend(c.on_tick(T0 + 1800 * MS));
+    assert_eq!(
+        joined(&out, 1),
+        Some((JoinRule::Temporal, Some(ConnId(2)))),
+        "A guesses the unclaimed head, not the closer one B names: {out:?}"
+    );
+    assert_eq!(joined(&out, 7), None, "B is not due yet");
+    out.extend(c.on_tick(T0 + 3400 * MS));
+    assert_eq!(
+        joined(&out, 7),
+        Some((JoinRule::Traceparent, Some(ConnId(1))))
+    );
+}
+
+/// A head whose request ended waits for the not-yet-due span that names it, instead of settling
+/// as unjoined.
+#[test]
+fn head_named_by_a_waiting_span_does_not_settle_alone() {
+    let mut c = Correlator::new(CorrelatorConfig {
+        span_wait_ms: 100,
+        ..CorrelatorConfig::default()
+    });
+    let mut out = Vec::new();
+    out.extend(c.on_event(accepted(T0, 1, 5000)));
+    out.extend(c.on_event(head(T0 + 1000 * MS, 1, Some(7), None)));
+    out.extend(c.on_event(kernel(
+        T0 + 1100 * MS,
+        KernelEventKind::Closed { conn: ConnId(1) },
+    )));
+    out.extend(c.on_event(Input::Runtime(span(
+        7,
+        T0 + 1000 * MS,
+        T0 + 1050 * MS,
+        T0 + 3000 * MS,
+        4,
+    ))));
+    // The head's request ended at 1 100 ms: it would settle at 1 200 ms without a span.
+    out.extend(c.on_tick(T0 + 1300 * MS));
+    assert_eq!(c.stats().unjoined_heads, 0, "{out:?}");
+    out.extend(c.on_tick(T0 + 3400 * MS));
+    assert_eq!(c.stats().joins.traceparent, 1, "{out:?}");
+    assert_eq!(c.stats().unjoined_heads, 0);
+}
