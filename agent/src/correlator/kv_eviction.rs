@@ -35,6 +35,7 @@
 //! a KV event log (cap in blocks) are kept; tenants are interned up to `max_tenants`.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -631,7 +632,7 @@ pub(crate) struct KvTracker {
     /// The last identity resolved to an instance: a node's spans come from one or a few
     /// runtimes, and resolving builds the identity's alias strings each time. Instance ids are
     /// never reassigned, so the cached answer stays right.
-    last_instance: Option<(InstanceIdentity, u16, String)>,
+    last_instance: Option<(InstanceIdentity, u16, Arc<str>)>,
     logs: Vec<InstanceLog>,
     pending: BTreeMap<(UnixNanos, [u8; 16], [u8; 8]), Pending>,
     labels: TenantLabels,
@@ -734,20 +735,18 @@ impl KvTracker {
         if !self.config.enabled {
             return;
         }
-        let cached =
-            matches!(&self.last_instance, Some((identity, ..)) if *identity == req.instance);
-        if !cached {
-            let key = instance_key(&req.instance);
-            let Some(id) = self.resolve_instance(&req.instance, &key, stats) else {
-                return;
-            };
-            self.last_instance = Some((req.instance.clone(), id, key));
-        }
-        // Taken out for the call and put back: the request log borrows the tracker mutably.
-        if let Some((identity, id, key)) = self.last_instance.take() {
-            self.log_request(id, &key, req, conn, stats);
-            self.last_instance = Some((identity, id, key));
-        }
+        let (id, key) = match &self.last_instance {
+            Some((identity, id, key)) if *identity == req.instance => (*id, Arc::clone(key)),
+            _ => {
+                let key: Arc<str> = instance_key(&req.instance).into();
+                let Some(id) = self.resolve_instance(&req.instance, &key, stats) else {
+                    return;
+                };
+                self.last_instance = Some((req.instance.clone(), id, Arc::clone(&key)));
+                (id, key)
+            }
+        };
+        self.log_request(id, &key, req, conn, stats);
     }
 
     /// The instance of a span's exporter, created when new (`None` when the instance table is

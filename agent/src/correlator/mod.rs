@@ -143,11 +143,23 @@ type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
 
 /// The heads claimed during one tick, by the span that claims them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Claims {
     heads: FastMap<HeadKey, SpanKey>,
+    /// The last key a span due at this tick can have.
+    due_end: SpanKey,
     /// Whether every waiting span's exact claim is in `heads`, not only the due spans'.
     complete: bool,
+}
+
+impl Claims {
+    fn at(now: UnixNanos) -> Self {
+        Self {
+            heads: FastMap::default(),
+            due_end: (now, [u8::MAX; 16], [u8::MAX; 8]),
+            complete: false,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -395,8 +407,8 @@ impl Correlator {
         // claims are made here, and the later spans' only when a guess (the temporal rule) or
         // a head about to settle needs them. Most ticks need neither, and the exact rules
         // then run once per span instead of once per span per tick.
-        let due_end = (now, [u8::MAX; 16], [u8::MAX; 8]);
-        let mut claims = Claims::default();
+        let mut claims = Claims::at(now);
+        let due_end = claims.due_end;
         let mut matches: BTreeMap<SpanKey, (JoinRule, HeadKey)> = BTreeMap::new();
         self.claim_exact(
             (Bound::Unbounded, Bound::Included(due_end)),
@@ -405,7 +417,7 @@ impl Correlator {
         );
         let due: Vec<SpanKey> = self.spans.range(..=due_end).map(|(key, _)| *key).collect();
         if due.iter().any(|key| !matches.contains_key(key)) {
-            self.claim_rest(due_end, &mut claims);
+            self.claim_rest(&mut claims);
         }
         for key in &due {
             if matches.contains_key(key) {
@@ -427,7 +439,7 @@ impl Correlator {
             }
         }
 
-        self.settle_heads(now, due_end, &mut claims, &mut out);
+        self.settle_heads(now, &mut claims, &mut out);
         self.expire_connections(now);
         let mut out = self.gpu_facts(out);
         out.extend(self.gpu.on_tick(now, &self.config.gpu));
@@ -456,12 +468,13 @@ impl Correlator {
         }
     }
 
-    /// Completes `claims` with those of the spans not yet due (after `due_end`), once per
+    /// Completes `claims` with those of the spans not yet due, once per
     /// tick. Taking the due spans' heads in between changes nothing for them: a head a due
     /// span claimed was never theirs to take.
-    fn claim_rest(&self, due_end: SpanKey, claims: &mut Claims) {
+    fn claim_rest(&self, claims: &mut Claims) {
         if !claims.complete {
-            self.claim_exact((Bound::Excluded(due_end), Bound::Unbounded), claims, None);
+            let after_due = (Bound::Excluded(claims.due_end), Bound::Unbounded);
+            self.claim_exact(after_due, claims, None);
             claims.complete = true;
         }
     }
@@ -924,13 +937,7 @@ impl Correlator {
 
     /// Heads no span claimed: settle them `span_wait` after the kernel saw them end, or drop
     /// them when they never end.
-    fn settle_heads(
-        &mut self,
-        now: UnixNanos,
-        due_end: SpanKey,
-        claims: &mut Claims,
-        out: &mut Vec<Output>,
-    ) {
+    fn settle_heads(&mut self, now: UnixNanos, claims: &mut Claims, out: &mut Vec<Output>) {
         let span_wait = self.config.span_wait();
         let max_age = self.config.max_request_age();
         let mut settle = Vec::new();
@@ -956,7 +963,7 @@ impl Correlator {
         }
         if !claims.complete && (!settle.is_empty() || !expire.is_empty()) {
             // A head a waiting span names by an exact rule waits for that span.
-            self.claim_rest(due_end, claims);
+            self.claim_rest(claims);
             settle.retain(|hk| !claims.heads.contains_key(hk));
             expire.retain(|hk| !claims.heads.contains_key(hk));
         }
