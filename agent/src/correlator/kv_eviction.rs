@@ -429,12 +429,15 @@ impl ConversationTable {
             }
         }
         self.map.insert(key, record);
-        self.order.push_back((key, record.end));
-        if self.order.len() > 2 * self.cap.max(16) {
+        // Compacted before the push that would grow it past twice the records: the deque
+        // doubles its allocation when full, and compacting after that push kept an allocation
+        // of four times the records (8 MiB at the default cap) for one entry too many.
+        if self.order.len() >= 2 * self.cap.max(16) {
             let map = &self.map;
             self.order
                 .retain(|(k, end)| map.get(k).is_some_and(|r| r.end == *end));
         }
+        self.order.push_back((key, record.end));
     }
 
     /// Forgets the conversations whose last turn ended before `before`, in update order (a
@@ -843,10 +846,12 @@ impl KvTracker {
                 });
             }
         }
-        log.requests.push_back(logged);
-        while log.requests.len() > self.config.max_requests_per_instance.max(1) {
+        // Trimmed before the push, so that the deque never holds one more than the cap (and
+        // doubles its allocation for it).
+        while log.requests.len() >= self.config.max_requests_per_instance.max(1) {
             log.requests.pop_front();
         }
+        log.requests.push_back(logged);
     }
 
     #[allow(
@@ -1264,6 +1269,29 @@ mod tests {
         assert_eq!(t.expire(45), 2);
         assert_eq!(t.len(), 1);
         assert!(t.get(4).is_some());
+    }
+
+    #[test]
+    fn the_update_queue_stays_within_twice_the_records() {
+        let cap = 64;
+        let mut t = ConversationTable::new(cap);
+        // Updates of the same few conversations leave stale queue entries behind; the queue is
+        // compacted before it would grow its allocation past 2 * cap.
+        for end in 0..10_000u64 {
+            t.upsert(
+                end % 8,
+                ConversationRecord {
+                    end,
+                    prompt_tokens: 1,
+                    output_tokens: 1,
+                    tenant: 0,
+                    instance: 0,
+                },
+            );
+            assert!(t.order.len() <= 2 * cap);
+        }
+        assert!(t.order.capacity() <= 2 * cap, "{}", t.order.capacity());
+        assert_eq!(t.len(), 8);
     }
 
     #[test]

@@ -9,9 +9,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
-use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::trace::v1::Span;
 use prometheus_client::metrics::counter::Counter;
 
 use crate::correlator::{
@@ -20,7 +19,7 @@ use crate::correlator::{
 };
 use crate::model::{GpuSample, KernelEvent, KvEventBatch, ProcessIdentity, UnixNanos};
 use crate::privacy::TenantHasher;
-use crate::sinks::batch::{kv_f64, kv_i64, kv_str};
+use crate::sinks::batch::{EncodedGroup, EncodedSpan, SpanGroup, kv_f64, kv_i64, kv_str};
 use crate::sinks::prometheus::findings::{
     AbortLabels, ContentionLabels, FindingMetrics, GpuLabels, GpuProcessLabels, JoinLabels,
     KvEvictionLabels, StartLabels, TableLabels, advance_to,
@@ -28,19 +27,12 @@ use crate::sinks::prometheus::findings::{
 use crate::sinks::{SinkSender, SpanBatch, finding_span};
 use crate::sources::otlp::adapters::{AdapterOptions, adapt};
 
-/// The resource and scope a held span came with, shared by the spans of one received group.
-#[derive(Debug)]
-struct Group {
-    resource: Option<Resource>,
-    resource_schema_url: String,
-    scope: Option<InstrumentationScope>,
-    scope_schema_url: String,
-}
-
+/// A request span waiting for its join: encoded, since it waits for most of a second (see
+/// [`EncodedSpan`]), with the resource and scope it shares with the spans it came with.
 #[derive(Debug)]
 struct Held {
-    group: Arc<Group>,
-    span: Span,
+    group: Arc<SpanGroup>,
+    span: EncodedSpan,
 }
 
 /// A finding, summarised for logs and the demo.
@@ -105,11 +97,6 @@ impl std::fmt::Debug for CorrelateStage {
             .field("sinks", &self.sinks.len())
             .finish_non_exhaustive()
     }
-}
-
-/// Appends attributes to a span.
-fn add(span: &mut Span, attributes: impl IntoIterator<Item = KeyValue>) {
-    span.attributes.extend(attributes);
 }
 
 impl CorrelateStage {
@@ -226,7 +213,7 @@ impl CorrelateStage {
             // a visible share of the agent's CPU. One request comes from one process.
             let mut identified: Option<u32> = None;
             for ss in &mut rs.scope_spans {
-                let mut group: Option<Arc<Group>> = None;
+                let mut group: Option<Arc<SpanGroup>> = None;
                 let spans = std::mem::take(&mut ss.spans);
                 for mut span in spans {
                     let adapted = adapt(&span, resource, &self.adapter);
@@ -247,7 +234,7 @@ impl CorrelateStage {
                             if let Some(r) = resource.as_mut() {
                                 self.hash_tenant_attributes(&mut r.attributes);
                             }
-                            Arc::new(Group {
+                            Arc::new(SpanGroup {
                                 resource,
                                 resource_schema_url: rs.schema_url.clone(),
                                 scope: ss.scope.clone(),
@@ -255,6 +242,7 @@ impl CorrelateStage {
                             })
                         })
                         .clone();
+                    let span = EncodedSpan::new(&span);
                     self.held.insert(key, Held { group, span });
                     if let Some(pid) = request.instance.pid
                         && identified != Some(pid)
@@ -323,10 +311,8 @@ impl CorrelateStage {
         let Some(mut held) = self.held.remove(&(request.trace_id, request.span_id)) else {
             return;
         };
-        add(
-            &mut held.span,
-            [kv_str("inferwatch.join", joined.join.as_str())],
-        );
+        held.span
+            .add_attributes([kv_str("inferwatch.join", joined.join.as_str())]);
         self.outgoing_index
             .insert((request.trace_id, request.span_id), self.outgoing.len());
         self.outgoing.push(held);
@@ -390,7 +376,7 @@ impl CorrelateStage {
         if let Some(n) = &facts.neighbour {
             attributes.extend(neighbour_attributes(n));
         }
-        add(&mut held.span, attributes);
+        held.span.add_attributes(attributes);
     }
 
     fn on_contention(&mut self, finding: GpuContentionFinding) {
@@ -705,27 +691,19 @@ impl CorrelateStage {
         }
         self.outgoing_index.clear();
         let mut batch = SpanBatch::default();
-        // Rebuild one ResourceSpans per received group.
-        let mut by_group: Vec<(Arc<Group>, Vec<Span>)> = Vec::new();
+        // One group per received (resource, scope).
         for held in self.outgoing.drain(..) {
-            match by_group
+            match batch
+                .encoded
                 .iter_mut()
-                .find(|(g, _)| Arc::ptr_eq(g, &held.group))
+                .find(|g| Arc::ptr_eq(&g.group, &held.group))
             {
-                Some((_, spans)) => spans.push(held.span),
-                None => by_group.push((held.group, vec![held.span])),
+                Some(g) => g.spans.push(held.span),
+                None => batch.encoded.push(EncodedGroup {
+                    group: held.group,
+                    spans: vec![held.span],
+                }),
             }
-        }
-        for (group, spans) in by_group {
-            batch.resource_spans.push(ResourceSpans {
-                resource: group.resource.clone(),
-                schema_url: group.resource_schema_url.clone(),
-                scope_spans: vec![ScopeSpans {
-                    scope: group.scope.clone(),
-                    spans,
-                    schema_url: group.scope_schema_url.clone(),
-                }],
-            });
         }
         for span in self.findings.drain(..) {
             batch.push_finding(span);

@@ -10,15 +10,26 @@
 //!   `inferwatch.join`, `inferwatch.start`);
 //! - [`SpanBatch::push_finding`] adds a new span (a finding such as `inferwatch.abort`, built
 //!   with [`finding_span`]) under the agent's own resource, in the request's trace.
+//!
+//! Request spans that wait for their join travel as [`EncodedSpan`]s: a decoded span with its
+//! attributes costs about three and a half times its wire size on the heap (every key and
+//! value is a separate allocation), and the agent holds each one for most of a second, so at
+//! 10k requests/s the decoded form was the largest part of the agent's memory. Enrichment
+//! appends attributes to the bytes (a repeated field may be split anywhere in a message), and
+//! the exporter writes the bytes as they are.
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, span};
+use prost::Message;
+
+use crate::sinks::otlp::encode;
 
 /// The instrumentation scope name of the spans the agent creates.
 pub const AGENT_SCOPE: &str = "inferwatch";
@@ -28,6 +39,8 @@ pub const AGENT_SCOPE: &str = "inferwatch";
 pub struct SpanBatch {
     /// The spans as received, grouped by resource and scope.
     pub resource_spans: Vec<ResourceSpans>,
+    /// Received spans held encoded (see [`EncodedSpan`]), with their resource and scope.
+    pub encoded: Vec<EncodedGroup>,
     /// Spans the agent created (findings), exported under the agent's resource.
     pub findings: Vec<Span>,
 }
@@ -36,7 +49,88 @@ impl From<ExportTraceServiceRequest> for SpanBatch {
     fn from(request: ExportTraceServiceRequest) -> Self {
         Self {
             resource_spans: request.resource_spans,
+            encoded: Vec::new(),
             findings: Vec::new(),
+        }
+    }
+}
+
+/// The resource and scope (with their schema URLs) a group of received spans came with.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SpanGroup {
+    /// The exporting process's resource.
+    pub resource: Option<Resource>,
+    /// The `ResourceSpans` schema URL.
+    pub resource_schema_url: String,
+    /// The instrumentation scope.
+    pub scope: Option<InstrumentationScope>,
+    /// The `ScopeSpans` schema URL.
+    pub scope_schema_url: String,
+}
+
+/// One span as its protobuf encoding (a `Span` message, without the field key and length that
+/// put it in a `ScopeSpans`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedSpan(Vec<u8>);
+
+impl EncodedSpan {
+    /// Encodes `span`, byte for byte as prost would.
+    pub fn new(span: &Span) -> Self {
+        Self(encode::encode_span(span))
+    }
+
+    /// Appends attributes: the decoded span gets them after the ones it had.
+    pub fn add_attributes(&mut self, attributes: impl IntoIterator<Item = KeyValue>) {
+        for kv in attributes {
+            encode::append_attribute(kv, &mut self.0);
+        }
+    }
+
+    /// The encoded bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The span, decoded again.
+    ///
+    /// # Errors
+    /// Only if the bytes are not a `Span`, which [`EncodedSpan::new`] does not produce.
+    pub fn decode(&self) -> Result<Span, prost::DecodeError> {
+        Span::decode(self.0.as_slice())
+    }
+}
+
+/// Encoded spans that share a resource and scope.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncodedGroup {
+    /// Their resource and scope.
+    pub group: Arc<SpanGroup>,
+    /// The spans.
+    pub spans: Vec<EncodedSpan>,
+}
+
+impl EncodedGroup {
+    /// The group as a decoded `ResourceSpans`. A span that does not decode (a bug, never
+    /// input) is left out and logged.
+    pub fn decode(&self) -> ResourceSpans {
+        let spans = self
+            .spans
+            .iter()
+            .filter_map(|s| {
+                s.decode()
+                    .map_err(|e| tracing::error!(error = %e, "an encoded span did not decode"))
+                    .ok()
+            })
+            .collect();
+        let g = &*self.group;
+        ResourceSpans {
+            resource: g.resource.clone(),
+            scope_spans: vec![ScopeSpans {
+                scope: g.scope.clone(),
+                spans,
+                schema_url: g.scope_schema_url.clone(),
+            }],
+            schema_url: g.resource_schema_url.clone(),
         }
     }
 }
@@ -44,10 +138,12 @@ impl From<ExportTraceServiceRequest> for SpanBatch {
 impl SpanBatch {
     /// The number of spans in the batch, findings included.
     pub fn span_count(&self) -> usize {
-        count_spans(&self.resource_spans) + self.findings.len()
+        count_spans(&self.resource_spans)
+            + self.encoded.iter().map(|g| g.spans.len()).sum::<usize>()
+            + self.findings.len()
     }
 
-    /// Every received span with its resource, for the adapters.
+    /// Every received span (not those held encoded) with its resource, for the adapters.
     pub fn spans(&self) -> impl Iterator<Item = (Option<&Resource>, &Span)> {
         self.resource_spans.iter().flat_map(|rs| {
             rs.scope_spans
@@ -101,9 +197,12 @@ impl SpanBatch {
     }
 
     /// The OTLP request to export: the received resource spans unchanged (plus any added
-    /// attributes), then the findings under `agent_resource` and the `inferwatch` scope.
+    /// attributes), then the encoded groups decoded, then the findings under `agent_resource`
+    /// and the `inferwatch` scope. The exporter writes the same thing without decoding
+    /// ([`crate::sinks::otlp::encode_batch`]); this form is for the file sink and tests.
     pub fn to_request(&self, agent_resource: &Resource) -> ExportTraceServiceRequest {
         let mut resource_spans = self.resource_spans.clone();
+        resource_spans.extend(self.encoded.iter().map(EncodedGroup::decode));
         if !self.findings.is_empty() {
             resource_spans.push(findings_resource_spans(
                 agent_resource,
@@ -116,6 +215,7 @@ impl SpanBatch {
     /// Like [`SpanBatch::to_request`], consuming the batch (no copy).
     pub fn into_request(self, agent_resource: &Resource) -> ExportTraceServiceRequest {
         let mut resource_spans = self.resource_spans;
+        resource_spans.extend(self.encoded.iter().map(EncodedGroup::decode));
         if !self.findings.is_empty() {
             resource_spans.push(findings_resource_spans(agent_resource, self.findings));
         }
@@ -125,11 +225,16 @@ impl SpanBatch {
     /// Appends another batch (the exporter merges queued batches into one request).
     pub fn append(&mut self, other: SpanBatch) {
         self.resource_spans.extend(other.resource_spans);
+        self.encoded.extend(other.encoded);
         self.findings.extend(other.findings);
     }
 }
 
-fn findings_resource_spans(agent_resource: &Resource, spans: Vec<Span>) -> ResourceSpans {
+/// The findings' group: the agent's resource and the `inferwatch` scope.
+pub(crate) fn findings_resource_spans(
+    agent_resource: &Resource,
+    spans: Vec<Span>,
+) -> ResourceSpans {
     ResourceSpans {
         resource: Some(agent_resource.clone()),
         scope_spans: vec![ScopeSpans {

@@ -12,16 +12,21 @@
 //!
 //! The structs are destructured without `..`, so that a field added to the generated types
 //! fails to compile here instead of being dropped silently.
+//!
+//! A batch's [`EncodedGroup`]s (request spans held as bytes while they waited for their join)
+//! are written around their spans' bytes, which are copied as they are.
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
+use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use prost::Message;
 use prost::encoding::{
     WireType, bytes, encoded_len_varint, fixed32, fixed64, int32, key_len, message, uint32,
 };
 
-use crate::sinks::batch::count_spans;
+use crate::sinks::SpanBatch;
+use crate::sinks::batch::{EncodedGroup, count_spans, findings_resource_spans};
 
 // Field numbers (opentelemetry/proto/trace/v1/trace.proto, collector/trace/v1/trace_service.proto).
 const REQUEST_RESOURCE_SPANS: u32 = 1;
@@ -50,6 +55,100 @@ pub fn encode_trace_request(request: &ExportTraceServiceRequest) -> Vec<u8> {
     }
     debug_assert_eq!(buf.len(), total);
     buf
+}
+
+/// `batch.into_request(agent_resource)` encoded, without decoding its encoded spans: the
+/// received groups, then the encoded groups, then the findings.
+pub fn encode_batch(batch: SpanBatch, agent_resource: &Resource) -> Vec<u8> {
+    let SpanBatch {
+        resource_spans,
+        encoded,
+        findings,
+    } = batch;
+    let findings_group =
+        (!findings.is_empty()).then(|| findings_resource_spans(agent_resource, findings));
+    let mut lens = Vec::with_capacity(count_spans(&resource_spans) + 2 * resource_spans.len() + 3);
+    let mut total: usize = resource_spans
+        .iter()
+        .map(|rs| field_len(REQUEST_RESOURCE_SPANS, resource_spans_len(rs, &mut lens)))
+        .sum();
+    let group_lens: Vec<(usize, usize)> = encoded.iter().map(encoded_group_len).collect();
+    total += group_lens
+        .iter()
+        .map(|&(rs, _)| field_len(REQUEST_RESOURCE_SPANS, rs))
+        .sum::<usize>();
+    if let Some(rs) = &findings_group {
+        total += field_len(REQUEST_RESOURCE_SPANS, resource_spans_len(rs, &mut lens));
+    }
+    let mut buf = Vec::with_capacity(total);
+    let mut lens = lens.into_iter();
+    for rs in &resource_spans {
+        write_resource_spans(rs, &mut lens, &mut buf);
+    }
+    for (group, (rs_len, ss_len)) in encoded.iter().zip(group_lens) {
+        write_encoded_group(group, rs_len, ss_len, &mut buf);
+    }
+    if let Some(rs) = &findings_group {
+        write_resource_spans(rs, &mut lens, &mut buf);
+    }
+    debug_assert_eq!(buf.len(), total);
+    buf
+}
+
+/// A span's encoding (`span.encode_to_vec()`), for holding it as bytes.
+pub fn encode_span(span: &Span) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(span.encoded_len() + APPEND_ROOM);
+    write_span(span, &mut buf);
+    buf
+}
+
+/// Room left at the end of an encoded span for the attributes the join appends
+/// (`inferwatch.join`, `inferwatch.start`, the GPU), so that appending rarely reallocates.
+const APPEND_ROOM: usize = 96;
+
+/// Appends one attribute to an encoded span (field 9, repeated: decoders append it to the
+/// attributes already read).
+pub fn append_attribute(kv: KeyValue, span: &mut Vec<u8>) {
+    write_key_value(9, &kv, span);
+}
+
+/// The `ResourceSpans` and `ScopeSpans` body lengths of an encoded group.
+fn encoded_group_len(g: &EncodedGroup) -> (usize, usize) {
+    let group = &*g.group;
+    let ss_len = group
+        .scope
+        .as_ref()
+        .map_or(0, |s| message::encoded_len(SS_SCOPE, s))
+        + g.spans
+            .iter()
+            .map(|s| field_len(SS_SPANS, s.as_bytes().len()))
+            .sum::<usize>()
+        + string_len(SS_SCHEMA_URL, &group.scope_schema_url);
+    let rs_len = group
+        .resource
+        .as_ref()
+        .map_or(0, |r| message::encoded_len(RS_RESOURCE, r))
+        + field_len(RS_SCOPE_SPANS, ss_len)
+        + string_len(RS_SCHEMA_URL, &group.resource_schema_url);
+    (rs_len, ss_len)
+}
+
+fn write_encoded_group(g: &EncodedGroup, rs_len: usize, ss_len: usize, buf: &mut Vec<u8>) {
+    let group = &*g.group;
+    put_len_key(REQUEST_RESOURCE_SPANS, rs_len, buf);
+    if let Some(r) = &group.resource {
+        message::encode(RS_RESOURCE, r, buf);
+    }
+    put_len_key(RS_SCOPE_SPANS, ss_len, buf);
+    if let Some(s) = &group.scope {
+        message::encode(SS_SCOPE, s, buf);
+    }
+    for span in &g.spans {
+        put_len_key(SS_SPANS, span.as_bytes().len(), buf);
+        buf.extend_from_slice(span.as_bytes());
+    }
+    write_string(SS_SCHEMA_URL, &group.scope_schema_url, buf);
+    write_string(RS_SCHEMA_URL, &group.resource_schema_url, buf);
 }
 
 /// The key and length prefix of a length-delimited field, as prost's `encode_key` +
@@ -347,5 +446,73 @@ mod tests {
             vec![],
         ));
         same_as_prost(&batch.into_request(&agent_resource(Some("node"))));
+    }
+
+    /// A batch with spans held encoded: written byte for byte as prost writes the decoded
+    /// request, and with appended attributes, decoded to the same request.
+    #[test]
+    fn encoded_groups_are_written_as_their_decoded_request() {
+        use std::sync::Arc;
+
+        use crate::sinks::batch::{EncodedGroup, EncodedSpan, SpanGroup, kv_i64};
+
+        let received = vllm_request(0, 2);
+        let rs = &received.resource_spans[0];
+        let group = Arc::new(SpanGroup {
+            resource: rs.resource.clone(),
+            resource_schema_url: "r".into(),
+            scope: rs.scope_spans[0].scope.clone(),
+            scope_schema_url: String::new(),
+        });
+        let mut batch = SpanBatch::from(vllm_request(10, 3));
+        batch.encoded.push(EncodedGroup {
+            group: Arc::clone(&group),
+            spans: rs.scope_spans[0]
+                .spans
+                .iter()
+                .map(EncodedSpan::new)
+                .collect(),
+        });
+        batch.encoded.push(EncodedGroup {
+            group: Arc::new(SpanGroup::default()),
+            spans: vec![EncodedSpan::new(&Span::default())],
+        });
+        batch.push_finding(finding_span(
+            "inferwatch.abort",
+            [1; 16],
+            [2; 8],
+            1,
+            2,
+            vec![],
+        ));
+        let resource = agent_resource(Some("node"));
+        assert_eq!(batch.span_count(), 3 + 2 + 1 + 1);
+        assert_eq!(
+            encode_batch(batch.clone(), &resource),
+            batch.to_request(&resource).encode_to_vec()
+        );
+
+        // Appended attributes come after the span's own, whatever fields follow them.
+        let mut span = rs.scope_spans[0].spans[0].clone();
+        span.flags = 0x301;
+        span.status = Some(Status {
+            message: "m".into(),
+            code: 1,
+        });
+        let mut encoded = EncodedSpan::new(&span);
+        encoded.add_attributes([kv_str("inferwatch.join", "traceparent"), kv_i64("n", 3)]);
+        let decoded = encoded.decode().expect("decodes");
+        span.attributes
+            .extend([kv_str("inferwatch.join", "traceparent"), kv_i64("n", 3)]);
+        assert_eq!(decoded, span);
+        let mut batch = SpanBatch::default();
+        batch.encoded.push(EncodedGroup {
+            group,
+            spans: vec![encoded],
+        });
+        let wire = encode_batch(batch.clone(), &resource);
+        let back = ExportTraceServiceRequest::decode(wire.as_slice()).expect("decodes");
+        assert_eq!(back, batch.into_request(&resource));
+        assert_eq!(back.resource_spans[0].scope_spans[0].spans[0], span);
     }
 }

@@ -21,7 +21,7 @@
 //! Plain-text endpoints only (`http://`): TLS to the backend is not built in yet.
 
 pub mod config;
-mod encode;
+pub(crate) mod encode;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -243,7 +243,7 @@ impl OtlpExporter {
     /// Exports batches from `queue` until `shutdown` is cancelled (or every sender is gone),
     /// then flushes what is queued for at most `shutdown_flush_ms`.
     pub async fn run(mut self, mut queue: SinkReceiver, shutdown: CancellationToken) {
-        let mut pending: Option<ExportTraceServiceRequest> = None;
+        let mut pending: Option<EncodedRequest> = None;
         loop {
             let batch = tokio::select! {
                 biased;
@@ -253,7 +253,9 @@ impl OtlpExporter {
                     None => break,
                 },
             };
-            let request = self.merge(batch, &mut queue);
+            let Some(request) = self.merge(batch, &mut queue) else {
+                continue;
+            };
             if let Err(request) = self.deliver(request, &shutdown, None).await {
                 pending = Some(request);
                 break;
@@ -266,16 +268,18 @@ impl OtlpExporter {
         if let Some(request) = pending.take()
             && let Err(r) = self.deliver(request, &never, Some(deadline)).await
         {
-            dropped += count(&r);
+            dropped += r.spans;
         }
         while let Some(batch) = queue.try_recv() {
             if Instant::now() >= deadline {
                 dropped += batch.span_count();
                 continue;
             }
-            let request = self.merge(batch, &mut queue);
+            let Some(request) = self.merge(batch, &mut queue) else {
+                continue;
+            };
             if let Err(r) = self.deliver(request, &never, Some(deadline)).await {
-                dropped += count(&r);
+                dropped += r.spans;
             }
         }
         if dropped > 0 {
@@ -288,8 +292,9 @@ impl OtlpExporter {
         }
     }
 
-    /// One request from `first` plus whatever else is queued, up to `max_batch_spans`.
-    fn merge(&self, first: SpanBatch, queue: &mut SinkReceiver) -> ExportTraceServiceRequest {
+    /// One request from `first` plus whatever else is queued, up to `max_batch_spans`,
+    /// encoded; `None` (counted) when encoding failed.
+    fn merge(&self, first: SpanBatch, queue: &mut SinkReceiver) -> Option<EncodedRequest> {
         let mut batch = first;
         while batch.span_count() < self.config.max_batch_spans {
             match queue.try_recv() {
@@ -297,32 +302,36 @@ impl OtlpExporter {
                 None => break,
             }
         }
-        batch.into_request(&self.resource)
+        let spans = batch.span_count();
+        // Encoded once, with the agent's own encoder, and the same bytes sent on every
+        // attempt: cloning the request per attempt (what a typed client needs, since it
+        // takes the message by value) was a tenth of the agent's CPU at 1k requests/s.
+        let gzip = matches!(self.transport, Transport::Http { gzip: true, .. });
+        match encode_batch_body(batch, &self.resource, gzip) {
+            Ok(body) => Some(EncodedRequest {
+                body: Bytes::from(body),
+                spans,
+            }),
+            Err(e) => {
+                self.count_failure(&e, spans);
+                None
+            }
+        }
     }
 
     /// Sends `request`, retrying retryable failures with backoff. Gives the request back when
     /// `stop` is cancelled or `deadline` passes before it was delivered.
     async fn deliver(
         &mut self,
-        request: ExportTraceServiceRequest,
+        request: EncodedRequest,
         stop: &CancellationToken,
         deadline: Option<Instant>,
-    ) -> Result<(), ExportTraceServiceRequest> {
-        let spans = count(&request);
-        // Encoded once, with the agent's own encoder, and the same bytes sent on every
-        // attempt: cloning the request per attempt (what a typed client needs, since it
-        // takes the message by value) was a tenth of the agent's CPU at 1k requests/s.
-        let body = match self.encode(&request) {
-            Ok(body) => body,
-            Err(e) => {
-                self.count_failure(&e, spans);
-                return Ok(());
-            }
-        };
+    ) -> Result<(), EncodedRequest> {
+        let spans = request.spans;
         let mut delay = Duration::from_millis(self.config.retry_initial_ms.max(1));
         let max_delay = Duration::from_millis(self.config.retry_max_ms.max(1));
         loop {
-            match self.send(body.clone()).await {
+            match self.send(request.body.clone()).await {
                 Ok(()) => {
                     SpansExported {
                         sink: SINK_NAME,
@@ -368,13 +377,6 @@ impl OtlpExporter {
             .emit(&self.metrics);
         }
         retryable
-    }
-
-    /// The request's body: plain protobuf for gRPC (tonic compresses the frame when asked),
-    /// gzip-compressed for HTTP when asked.
-    fn encode(&self, request: &ExportTraceServiceRequest) -> Result<Bytes, OtlpExportError> {
-        let gzip = matches!(self.transport, Transport::Http { gzip: true, .. });
-        encode_request(request, gzip).map(Bytes::from)
     }
 
     async fn send(&mut self, body: Bytes) -> Result<(), OtlpExportError> {
@@ -485,6 +487,13 @@ impl tonic::codec::Codec for PreEncodedCodec {
     }
 }
 
+/// An export request's body, ready to send (and to resend), and how many spans it carries.
+#[derive(Debug)]
+struct EncodedRequest {
+    body: Bytes,
+    spans: usize,
+}
+
 /// Encodes an export request as OTLP protobuf, gzip-compressed when asked (the HTTP body).
 ///
 /// # Errors
@@ -493,7 +502,23 @@ pub fn encode_request(
     request: &ExportTraceServiceRequest,
     gzip: bool,
 ) -> Result<Vec<u8>, OtlpExportError> {
-    let raw = encode::encode_trace_request(request);
+    gzip_if(encode::encode_trace_request(request), gzip)
+}
+
+/// Encodes a batch as the export request `batch.into_request(agent_resource)` (the spans held
+/// encoded are copied, not decoded), gzip-compressed when asked.
+///
+/// # Errors
+/// Only when gzip fails, which writing to memory does not do in practice.
+pub fn encode_batch_body(
+    batch: SpanBatch,
+    agent_resource: &Resource,
+    gzip: bool,
+) -> Result<Vec<u8>, OtlpExportError> {
+    gzip_if(encode::encode_batch(batch, agent_resource), gzip)
+}
+
+fn gzip_if(raw: Vec<u8>, gzip: bool) -> Result<Vec<u8>, OtlpExportError> {
     if !gzip {
         return Ok(raw);
     }
@@ -501,8 +526,4 @@ pub fn encode_request(
     let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     encoder.write_all(&raw).map_err(OtlpExportError::Compress)?;
     encoder.finish().map_err(OtlpExportError::Compress)
-}
-
-fn count(request: &ExportTraceServiceRequest) -> usize {
-    super::batch::count_spans(&request.resource_spans)
 }
