@@ -104,11 +104,15 @@ impl Default for KvEvictionConfig {
             block_size: 16,
             min_prefix_tokens: 256,
             conversation_idle_ms: 30 * 60 * 1000,
-            // 82 bytes each (`cargo xtask bench conversations`): ~10 MiB. At 100 new
+            // 7/16 of 2^18: the largest count whose hash table never outgrows 2^18 buckets
+            // (8 MiB). When a full table has used up its free slots on tombstones, hashbrown
+            // rehashes in place while the entries fit in half its capacity (7/8 of the
+            // buckets) and doubles otherwise, so the earlier 2^17 settled at 2^19 buckets
+            // (17 MiB) under steady churn. With the update queue, ~12 MiB in all. At 100 new
             // conversations/s, a busy GPU node, that is about 20 minutes of history, the order
-            // of `conversation_idle_ms`; a conversation returning after 131k others on one
+            // of `conversation_idle_ms`; a conversation returning after 115k others on one
             // node would have lost its prefix to plain LRU pressure anyway.
-            max_conversations: 1 << 17,
+            max_conversations: 114_688,
             max_tenants: 65_536,
             max_instances: 1024,
             request_log_horizon_ms: 10 * 60 * 1000,
@@ -1292,6 +1296,33 @@ mod tests {
         }
         assert!(t.order.capacity() <= 2 * cap, "{}", t.order.capacity());
         assert_eq!(t.len(), 8);
+    }
+
+    /// The default cap is 7/16 of a power of two, and a table at such a cap keeps its bucket
+    /// count under churn (rehashed in place, never doubled); 2M upserts of new keys took a
+    /// table capped at 2^17 to 2^19 buckets.
+    #[test]
+    fn a_full_table_under_churn_keeps_its_buckets() {
+        let default = KvEvictionConfig::default().max_conversations;
+        assert!((default * 16 / 7).is_power_of_two() && default * 16 % 7 == 0);
+        let cap = 7 * 4096 / 16;
+        let mut t = ConversationTable::new(cap);
+        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+        for end in 0..50 * cap as u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let record = ConversationRecord {
+                end,
+                prompt_tokens: 1,
+                output_tokens: 1,
+                tenant: 0,
+                instance: 0,
+            };
+            t.upsert(x, record);
+            assert!(t.map.capacity() <= 4096 * 7 / 8, "{}", t.map.capacity());
+        }
+        assert_eq!(t.len(), cap);
     }
 
     #[test]
