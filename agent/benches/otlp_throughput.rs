@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use inferwatch::correlator::{Correlator, CorrelatorConfig};
 use inferwatch::pipeline::CorrelateStage;
 use inferwatch::sinks::batch::agent_resource;
-use inferwatch::sinks::otlp::{ExportConfig, encode_request};
+use inferwatch::sinks::otlp::{ExportConfig, encode_batch_body};
 use inferwatch::sinks::prometheus::findings::FindingMetrics;
 use inferwatch::sinks::prometheus::metrics::AgentMetrics;
 use inferwatch::sinks::{SinkReceiver, SpanBatch};
@@ -148,7 +148,7 @@ impl FullPath {
                 }
             }
             exported += batch.span_count();
-            let body = encode_request(&batch.into_request(&self.resource), false).expect("encode");
+            let body = encode_batch_body(batch, &self.resource, false).expect("encode");
             black_box(body);
         }
         assert_eq!(exported, received, "every span settles within the tick");

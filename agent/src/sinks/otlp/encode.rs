@@ -16,7 +16,6 @@
 //! A batch's [`EncodedGroup`]s (request spans held as bytes while they waited for their join)
 //! are written around their spans' bytes, which are copied as they are.
 
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
@@ -37,26 +36,6 @@ const SS_SCOPE: u32 = 1;
 const SS_SPANS: u32 = 2;
 const SS_SCHEMA_URL: u32 = 3;
 
-/// The request encoded as `request.encode_to_vec()` would.
-pub fn encode_trace_request(request: &ExportTraceServiceRequest) -> Vec<u8> {
-    let ExportTraceServiceRequest { resource_spans } = request;
-    // Pass 1: the length of every resource group, scope group and span, in the order pass 2
-    // writes them.
-    let mut lens = Vec::with_capacity(count_spans(resource_spans) + 2 * resource_spans.len());
-    let total: usize = resource_spans
-        .iter()
-        .map(|rs| field_len(REQUEST_RESOURCE_SPANS, resource_spans_len(rs, &mut lens)))
-        .sum();
-    // Pass 2: write, taking the lengths back in the same order.
-    let mut buf = Vec::with_capacity(total);
-    let mut lens = lens.into_iter();
-    for rs in resource_spans {
-        write_resource_spans(rs, &mut lens, &mut buf);
-    }
-    debug_assert_eq!(buf.len(), total);
-    buf
-}
-
 /// `batch.into_request(agent_resource)` encoded, without decoding its encoded spans: the
 /// received groups, then the encoded groups, then the findings.
 pub fn encode_batch(batch: SpanBatch, agent_resource: &Resource) -> Vec<u8> {
@@ -67,9 +46,20 @@ pub fn encode_batch(batch: SpanBatch, agent_resource: &Resource) -> Vec<u8> {
     } = batch;
     let findings_group =
         (!findings.is_empty()).then(|| findings_resource_spans(agent_resource, findings));
-    let mut lens = Vec::with_capacity(count_spans(&resource_spans) + 2 * resource_spans.len() + 3);
-    let mut total: usize = resource_spans
-        .iter()
+    encode_groups(&resource_spans, &encoded, findings_group.as_ref())
+}
+
+/// An export request of `received`, then `encoded`, then `findings`.
+fn encode_groups(
+    received: &[ResourceSpans],
+    encoded: &[EncodedGroup],
+    findings: Option<&ResourceSpans>,
+) -> Vec<u8> {
+    let decoded = || received.iter().chain(findings);
+    // Pass 1: the length of every resource group, scope group and span, in the order pass 2
+    // writes them (an encoded group's two lengths are kept apart: its spans' are known).
+    let mut lens = Vec::with_capacity(count_spans(received) + 2 * received.len() + 3);
+    let mut total: usize = decoded()
         .map(|rs| field_len(REQUEST_RESOURCE_SPANS, resource_spans_len(rs, &mut lens)))
         .sum();
     let group_lens: Vec<(usize, usize)> = encoded.iter().map(encoded_group_len).collect();
@@ -77,18 +67,16 @@ pub fn encode_batch(batch: SpanBatch, agent_resource: &Resource) -> Vec<u8> {
         .iter()
         .map(|&(rs, _)| field_len(REQUEST_RESOURCE_SPANS, rs))
         .sum::<usize>();
-    if let Some(rs) = &findings_group {
-        total += field_len(REQUEST_RESOURCE_SPANS, resource_spans_len(rs, &mut lens));
-    }
+    // Pass 2: write, taking the lengths back in the same order.
     let mut buf = Vec::with_capacity(total);
     let mut lens = lens.into_iter();
-    for rs in &resource_spans {
+    for rs in received {
         write_resource_spans(rs, &mut lens, &mut buf);
     }
     for (group, (rs_len, ss_len)) in encoded.iter().zip(group_lens) {
         write_encoded_group(group, rs_len, ss_len, &mut buf);
     }
-    if let Some(rs) = &findings_group {
+    if let Some(rs) = findings {
         write_resource_spans(rs, &mut lens, &mut buf);
     }
     debug_assert_eq!(buf.len(), total);
@@ -367,8 +355,15 @@ mod tests {
     use opentelemetry_proto::tonic::trace::v1::span::{Event, Link};
     use opentelemetry_proto::tonic::trace::v1::{Span, Status};
 
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+
     use super::*;
     use crate::sinks::SpanBatch;
+
+    /// A plain request through the exporter's encoder.
+    fn encode_trace_request(request: &ExportTraceServiceRequest) -> Vec<u8> {
+        encode_groups(&request.resource_spans, &[], None)
+    }
     use crate::sinks::batch::{agent_resource, finding_span, kv_str};
     use crate::sources::otlp::sample::{vllm_request, vllm_span};
 

@@ -31,9 +31,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -494,19 +492,8 @@ struct EncodedRequest {
     spans: usize,
 }
 
-/// Encodes an export request as OTLP protobuf, gzip-compressed when asked (the HTTP body).
-///
-/// # Errors
-/// Only when gzip fails, which writing to memory does not do in practice.
-pub fn encode_request(
-    request: &ExportTraceServiceRequest,
-    gzip: bool,
-) -> Result<Vec<u8>, OtlpExportError> {
-    gzip_if(encode::encode_trace_request(request), gzip)
-}
-
 /// Encodes a batch as the export request `batch.into_request(agent_resource)` (the spans held
-/// encoded are copied, not decoded), gzip-compressed when asked.
+/// encoded are copied, not decoded), gzip-compressed when asked (the HTTP body).
 ///
 /// # Errors
 /// Only when gzip fails, which writing to memory does not do in practice.
@@ -515,10 +502,7 @@ pub fn encode_batch_body(
     agent_resource: &Resource,
     gzip: bool,
 ) -> Result<Vec<u8>, OtlpExportError> {
-    gzip_if(encode::encode_batch(batch, agent_resource), gzip)
-}
-
-fn gzip_if(raw: Vec<u8>, gzip: bool) -> Result<Vec<u8>, OtlpExportError> {
+    let raw = encode::encode_batch(batch, agent_resource);
     if !gzip {
         return Ok(raw);
     }
