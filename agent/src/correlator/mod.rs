@@ -12,10 +12,14 @@
 //! - A `RequestHead` starts a request on its connection; a later head on the same connection
 //!   (keep-alive) or the connection's close ends it. Peer closes and writes after the peer left
 //!   belong to the request current at the peer close.
-//! - A runtime span waits until `max(end, arrival + temporal window) + settle delay`, then
-//!   joins a head: exact rules (traceparent, request id, client address) first, each picking
-//!   the candidate closest in time to the span's arrival; then temporal. It is emitted as a
-//!   [`JoinedRequest`], with an [`AbortFinding`] when the client left while the runtime worked.
+//! - A runtime span waits until `end + settle delay`, then the exact rules (traceparent,
+//!   request id, client address) try to join it, each picking the candidate closest in time to
+//!   the span's arrival: every head they can give it was read before its end. A span they do
+//!   not join waits on until `max(end, arrival + temporal window) + settle delay` and then
+//!   tries them again before the temporal rule. It is emitted as a [`JoinedRequest`], with an
+//!   [`AbortFinding`] when the client left while the runtime worked. Spans therefore settle in
+//!   the order of their ends when exact rules join them; two turns of one conversation keep
+//!   their order unless the earlier one waits for a guess and the later one does not.
 //! - A head no span claimed settles `span_wait_ms` after the kernel saw it end: when the peer
 //!   left and the server kept writing, that is an abort found from the kernel alone.
 //!
@@ -419,9 +423,12 @@ impl Correlator {
             Some(&mut matches),
         );
         let due: Vec<SpanKey> = self.spans.range(..=due_end).map(|(key, _)| *key).collect();
-        if due.iter().any(|key| !matches.contains_key(key)) {
-            self.claim_rest(&mut claims);
-        }
+        // A due span no exact rule joins waits for its temporal time (`guess_at`): heads read
+        // after its arrival, and other spans' exact claims, may still come. Those whose time
+        // has come guess in the order of that time, so that the guesses of one tick do not
+        // depend on which of them had waited.
+        let mut deferred: Vec<(SpanKey, UnixNanos)> = Vec::new();
+        let mut guessing: Vec<(SpanKey, SpanKey)> = Vec::new();
         for key in &due {
             if matches.contains_key(key) {
                 continue;
@@ -429,9 +436,29 @@ impl Correlator {
             let Some(span) = self.spans.get(key) else {
                 continue;
             };
+            let at = self.guess_at(span);
+            if now < at {
+                deferred.push((*key, at));
+            } else {
+                guessing.push(((at, key.1, key.2), *key));
+            }
+        }
+        if !guessing.is_empty() {
+            self.claim_rest(&mut claims);
+            guessing.sort_unstable();
+        }
+        for (_, key) in guessing {
+            let Some(span) = self.spans.get(&key) else {
+                continue;
+            };
             if let Some(head) = self.best_temporal(span, &claims.heads) {
-                claims.heads.insert(head, *key);
-                matches.insert(*key, (JoinRule::Temporal, head));
+                claims.heads.insert(head, key);
+                matches.insert(key, (JoinRule::Temporal, head));
+            }
+        }
+        for (key, at) in deferred {
+            if let Some(span) = self.spans.remove(&key) {
+                self.spans.insert((at, key.1, key.2), span);
             }
         }
         for key in due {
@@ -570,18 +597,22 @@ impl Correlator {
             });
             self.finish_span(oldest, matched, true, &mut out);
         }
-        let settle_at = request
-            .end
-            .max(
-                request
-                    .arrival
-                    .saturating_add(self.config.temporal_window()),
-            )
-            .saturating_add(self.config.settle_delay());
+        // Every head an exact rule can give this span was read before its end, so the exact
+        // rules can decide once the kernel events up to the end have arrived; a span they do
+        // not join then waits on to `guess_at` (`on_tick`).
+        let settle_at = request.end.saturating_add(self.config.settle_delay());
         self.span_ids.insert(ids);
         self.spans
             .insert((settle_at, request.trace_id, request.span_id), request);
         out
+    }
+
+    /// When a span no exact rule joins may take a head by the temporal rule: once every head
+    /// within the window after its arrival, and the kernel events up to its end, have arrived.
+    fn guess_at(&self, span: &RuntimeRequest) -> UnixNanos {
+        span.end
+            .max(span.arrival.saturating_add(self.config.temporal_window()))
+            .saturating_add(self.config.settle_delay())
     }
 
     /// The connection now at `id`, created when first seen.

@@ -240,3 +240,51 @@ fn head_named_by_a_waiting_span_does_not_settle_alone() {
     assert_eq!(c.stats().joins.traceparent, 1, "{out:?}");
     assert_eq!(c.stats().unjoined_heads, 0);
 }
+
+/// A short request an exact rule joins settles `settle_delay` after its end; one only a guess
+/// can join waits out the temporal window after its arrival, since heads read up to then may
+/// still be the closest.
+#[test]
+fn an_exact_join_settles_at_the_end_and_a_guess_waits_for_its_window() {
+    let mut c = Correlator::new(CorrelatorConfig::default());
+    let mut out = Vec::new();
+    out.extend(c.on_event(accepted(T0, 1, 5000)));
+    out.extend(c.on_event(accepted(T0, 2, 5001)));
+    out.extend(c.on_event(head(T0 + 1000 * MS, 1, Some(7), None)));
+    out.extend(c.on_event(head(T0 + 1001 * MS, 2, None, None)));
+    // Both end at 1 010 ms: joinable from 1 260 ms; a guess only from 1 750 ms.
+    for trace in [7, 9] {
+        out.extend(c.on_event(Input::Runtime(span(
+            trace,
+            T0 + 1000 * MS,
+            T0 + 1005 * MS,
+            T0 + 1010 * MS,
+            4,
+        ))));
+    }
+    let joined = |out: &[Output], trace: u8| {
+        out.iter().find_map(|o| match o {
+            Output::Joined(j) if j.request.trace_id == [trace; 16] => {
+                Some((j.join, j.connection.as_ref().map(|c| c.conn)))
+            }
+            _ => None,
+        })
+    };
+    out.extend(c.on_tick(T0 + 1200 * MS));
+    assert!(
+        out.is_empty(),
+        "nothing is due before end + settle delay: {out:?}"
+    );
+    out.extend(c.on_tick(T0 + 1300 * MS));
+    assert_eq!(
+        joined(&out, 7),
+        Some((JoinRule::Traceparent, Some(ConnId(1))))
+    );
+    assert_eq!(joined(&out, 9), None, "the guess waits: {out:?}");
+    assert_eq!(c.state_sizes().pending_spans, 1);
+    out.extend(c.on_tick(T0 + 1700 * MS));
+    assert_eq!(joined(&out, 9), None, "still inside the window: {out:?}");
+    out.extend(c.on_tick(T0 + 1800 * MS));
+    assert_eq!(joined(&out, 9), Some((JoinRule::Temporal, Some(ConnId(2)))));
+    assert_eq!(c.state_sizes().pending_spans, 0);
+}
