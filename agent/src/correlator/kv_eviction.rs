@@ -798,17 +798,14 @@ impl KvTracker {
             .tenant
             .as_deref()
             .or(conn.and_then(|c| c.tenant.as_deref()))
-            .unwrap_or(UNKNOWN_TENANT)
-            .to_string();
+            .unwrap_or(UNKNOWN_TENANT);
         let conversation = req
             .conversation
             .as_deref()
-            .or(conn.and_then(|c| c.conversation.as_deref()))
-            .map(str::to_string);
-        let tenant = self.tenant_id(&tenant_raw, stats);
+            .or(conn.and_then(|c| c.conversation.as_deref()));
+        let tenant = self.tenant_id(tenant_raw, stats);
         let conv = conversation
-            .as_deref()
-            .map(|c| conversation_key(&tenant_raw, c))
+            .map(|c| conversation_key(tenant_raw, c))
             .unwrap_or(0);
         let prompt = req.prompt_tokens.unwrap_or(0);
         let cached = req.cached_tokens.unwrap_or(0).min(prompt);
@@ -833,7 +830,7 @@ impl KvTracker {
 
         // The rate before this request: a victim's own slow prefill must not lower it.
         let rate = self.logs[instance as usize].prefill_rate;
-        if let (Some(conversation), true) = (&conversation, conv != 0) {
+        if let (Some(conversation), true) = (conversation, conv != 0) {
             stats.conversation_turns += 1;
             self.on_turn(req, &logged, conversation, instance, key, rate, stats);
         }

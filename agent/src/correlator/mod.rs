@@ -259,7 +259,7 @@ pub struct Correlator {
     by_trace: FastMap<[u8; 16], KeySet<HeadKey>>,
     by_request_id: FastMap<String, KeySet<HeadKey>>,
     by_peer: FastMap<SocketAddr, KeySet<ConnKey>>,
-    spans: BTreeMap<SpanKey, RuntimeRequest>,
+    spans: BTreeMap<SpanKey, Box<RuntimeRequest>>,
     span_ids: FastSet<([u8; 16], [u8; 8])>,
     /// Listening port -> the pid that listens.
     listeners: BTreeMap<u16, Option<u32>>,
@@ -602,8 +602,10 @@ impl Correlator {
         // not join then waits on to `guess_at` (`on_tick`).
         let settle_at = request.end.saturating_add(self.config.settle_delay());
         self.span_ids.insert(ids);
-        self.spans
-            .insert((settle_at, request.trace_id, request.span_id), request);
+        self.spans.insert(
+            (settle_at, request.trace_id, request.span_id),
+            Box::new(request),
+        );
         out
     }
 
@@ -889,7 +891,7 @@ impl Correlator {
 
     fn finish_span(
         &mut self,
-        span: RuntimeRequest,
+        span: Box<RuntimeRequest>,
         matched: Option<(JoinRule, HeadKey)>,
         early: bool,
         out: &mut Vec<Output>,

@@ -12,10 +12,11 @@ use std::sync::Arc;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 
 use crate::correlator::{
     AbortFinding, ColdStartFinding, Correlator, GpuContentionFinding, Input, JoinRule,
-    JoinedRequest, KvEvictionFinding, NoisyNeighbour, Output, RequestGpuFacts,
+    JoinedRequest, KvEvictionFinding, NoisyNeighbour, Output, RequestGpuFacts, StartKind,
 };
 use crate::model::{GpuSample, KernelEvent, KvEventBatch, ProcessIdentity, UnixNanos};
 use crate::privacy::TenantHasher;
@@ -62,6 +63,8 @@ struct JoinCounters {
     /// The last model name seen, and its `inferwatch_output_tokens_total` counter: spans come
     /// in runs from one runtime serving one model.
     output_tokens: Option<(Option<String>, Counter)>,
+    /// `inferwatch_ttft_seconds` per start kind (cold, warm).
+    ttft: Vec<(StartKind, Histogram)>,
 }
 
 /// Looks up a process's identity, once per pid (`None` when already known or unreadable).
@@ -312,7 +315,7 @@ impl CorrelateStage {
             return;
         };
         held.span
-            .add_attributes([kv_str("inferwatch.join", joined.join.as_str())]);
+            .add_str_attribute("inferwatch.join", joined.join.as_str());
         self.outgoing_index
             .insert((request.trace_id, request.span_id), self.outgoing.len());
         self.outgoing.push(held);
@@ -353,12 +356,7 @@ impl CorrelateStage {
 
     fn on_request_gpu(&mut self, facts: RequestGpuFacts) {
         if let Some(ttft) = facts.ttft_ns {
-            self.metrics
-                .ttft
-                .get_or_create(&StartLabels {
-                    start: facts.start.as_str().to_owned(),
-                })
-                .observe(ttft as f64 / 1e9);
+            self.ttft_histogram(facts.start).observe(ttft as f64 / 1e9);
         }
         let Some(&at) = self.outgoing_index.get(&(facts.trace_id, facts.span_id)) else {
             return;
@@ -366,17 +364,39 @@ impl CorrelateStage {
         let Some(held) = self.outgoing.get_mut(at) else {
             return;
         };
-        let mut attributes = vec![kv_str("inferwatch.start", facts.start.as_str())];
+        held.span
+            .add_str_attribute("inferwatch.start", facts.start.as_str());
         if let Some(gpu) = facts.gpus.first() {
-            attributes.push(kv_str("inferwatch.gpu.uuid", &gpu.uuid));
+            held.span
+                .add_str_attribute("inferwatch.gpu.uuid", &gpu.uuid);
             if let Some(sm) = gpu.sm_util {
-                attributes.push(kv_f64("inferwatch.gpu.sm_util", sm));
+                held.span
+                    .add_attributes([kv_f64("inferwatch.gpu.sm_util", sm)]);
             }
         }
         if let Some(n) = &facts.neighbour {
-            attributes.extend(neighbour_attributes(n));
+            held.span.add_attributes(neighbour_attributes(n));
         }
-        held.span.add_attributes(attributes);
+    }
+
+    /// `inferwatch_ttft_seconds{start}` of `start`, looked up in the family once per kind.
+    fn ttft_histogram(&mut self, start: StartKind) -> &Histogram {
+        let ttft = &mut self.counters.ttft;
+        let at = match ttft.iter().position(|(s, _)| *s == start) {
+            Some(at) => at,
+            None => {
+                let histogram = self
+                    .metrics
+                    .ttft
+                    .get_or_create(&StartLabels {
+                        start: start.as_str().to_owned(),
+                    })
+                    .clone();
+                ttft.push((start, histogram));
+                ttft.len() - 1
+            }
+        };
+        &ttft[at].1
     }
 
     fn on_contention(&mut self, finding: GpuContentionFinding) {

@@ -86,6 +86,11 @@ impl EncodedSpan {
         }
     }
 
+    /// Appends one string attribute.
+    pub fn add_str_attribute(&mut self, key: &str, value: &str) {
+        encode::append_str_attribute(key, value, &mut self.0);
+    }
+
     /// The encoded bytes.
     pub fn as_bytes(&self) -> &[u8] {
         &self.0

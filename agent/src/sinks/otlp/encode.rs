@@ -100,6 +100,19 @@ pub fn append_attribute(kv: KeyValue, span: &mut Vec<u8>) {
     write_key_value(9, &kv, span);
 }
 
+/// Appends a string attribute to an encoded span, the same bytes as [`append_attribute`] with
+/// [`crate::sinks::batch::kv_str`], without building the message (two allocations per
+/// attribute on the per-request path).
+pub fn append_str_attribute(key: &str, value: &str, span: &mut Vec<u8>) {
+    // AnyValue { string_value = 1 }: a oneof member is written even when empty.
+    let any_len = field_len(1, value.len());
+    put_len_key(9, string_len(1, key) + field_len(2, any_len), span);
+    write_string(1, key, span);
+    put_len_key(2, any_len, span);
+    put_len_key(1, value.len(), span);
+    span.extend_from_slice(value.as_bytes());
+}
+
 /// The `ResourceSpans` and `ScopeSpans` body lengths of an encoded group.
 fn encoded_group_len(g: &EncodedGroup) -> (usize, usize) {
     let group = &*g.group;
@@ -441,6 +454,28 @@ mod tests {
             vec![],
         ));
         same_as_prost(&batch.into_request(&agent_resource(Some("node"))));
+    }
+
+    /// The direct string attribute writes what prost writes for the message, empty strings
+    /// included (an empty oneof string is still present, an empty key is not).
+    #[test]
+    fn a_string_attribute_is_written_as_prost_writes_it() {
+        use crate::sinks::batch::kv_str;
+
+        for (key, value) in [
+            ("inferwatch.join", "request_id"),
+            ("k", ""),
+            ("", "v"),
+            ("long", &*"x".repeat(300)),
+        ] {
+            let mut direct = Vec::new();
+            append_str_attribute(key, value, &mut direct);
+            let mut expected = Vec::new();
+            append_attribute(kv_str(key, value), &mut expected);
+            assert_eq!(direct, expected, "{key:?} = {value:?}");
+            let span = Span::decode(direct.as_slice()).expect("decodes as a span");
+            assert_eq!(span.attributes, vec![kv_str(key, value)]);
+        }
     }
 
     /// A batch with spans held encoded: written byte for byte as prost writes the decoded

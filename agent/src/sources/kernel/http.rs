@@ -59,18 +59,25 @@ impl HeadParser {
             path,
             ..RequestHead::default()
         };
+        // The name is matched before the value is read: only allow-listed values are copied
+        // (a head carries a handful of other headers, each an allocation for nothing).
         for h in req.headers.iter() {
-            let Some(value) = header_value(h.value) else {
+            let slot = if h.name.eq_ignore_ascii_case("x-request-id") {
+                &mut head.request_id
+            } else if h.name.eq_ignore_ascii_case("traceparent") {
+                if let Some(value) = header_value(h.value) {
+                    head.traceparent = parse_traceparent(value);
+                }
+                continue;
+            } else if h.name.eq_ignore_ascii_case(&self.tenant_header) {
+                &mut head.tenant
+            } else if h.name.eq_ignore_ascii_case(&self.conversation_header) {
+                &mut head.conversation
+            } else {
                 continue;
             };
-            if h.name.eq_ignore_ascii_case("x-request-id") {
-                head.request_id = Some(value);
-            } else if h.name.eq_ignore_ascii_case("traceparent") {
-                head.traceparent = parse_traceparent(&value);
-            } else if h.name.eq_ignore_ascii_case(&self.tenant_header) {
-                head.tenant = Some(value);
-            } else if h.name.eq_ignore_ascii_case(&self.conversation_header) {
-                head.conversation = Some(value);
+            if let Some(value) = header_value(h.value) {
+                *slot = Some(value.to_owned());
             }
         }
         Some(head)
@@ -84,9 +91,9 @@ fn last_line_end(bytes: &[u8]) -> Option<usize> {
     (last >= first).then_some(last)
 }
 
-fn header_value(raw: &[u8]) -> Option<String> {
+fn header_value(raw: &[u8]) -> Option<&str> {
     let s = std::str::from_utf8(raw).ok()?.trim();
-    (!s.is_empty() && s.len() <= MAX_VALUE_LEN).then(|| s.to_owned())
+    (!s.is_empty() && s.len() <= MAX_VALUE_LEN).then_some(s)
 }
 
 /// Parses a W3C trace-context `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`). All-zero ids are
