@@ -288,3 +288,70 @@ fn an_exact_join_settles_at_the_end_and_a_guess_waits_for_its_window() {
     assert_eq!(joined(&out, 9), Some((JoinRule::Temporal, Some(ConnId(2)))));
     assert_eq!(c.state_sizes().pending_spans, 0);
 }
+
+/// Turn n waits for a guess while turn n+1, joined exactly, settles first: the KV tracker keeps
+/// the later turn, so turn n+2 is checked against turn n+1's history, not turn n's.
+#[test]
+fn a_turn_that_waits_for_a_guess_does_not_replace_the_later_turn() {
+    let mut c = Correlator::new(CorrelatorConfig::default());
+    let turn = |trace: u8, at: u64, prompt: u64, cached: u64| {
+        let mut s = span(
+            trace,
+            T0 + at * MS,
+            T0 + (at + 5) * MS,
+            T0 + (at + 10) * MS,
+            100,
+        );
+        s.conversation = Some("c1".into());
+        s.prompt_tokens = Some(prompt);
+        s.cached_tokens = Some(cached);
+        s.finish_reason = Some("stop".into());
+        s
+    };
+    let mut out = Vec::new();
+    for conn in 1..=3 {
+        out.extend(c.on_event(accepted(T0, conn, 5000 + conn as u16)));
+    }
+    // Turn 1: no id its head carries, so only a guess joins it (not before 1 750 ms).
+    out.extend(c.on_event(head(T0 + 1000 * MS, 1, None, None)));
+    out.extend(c.on_event(Input::Runtime(turn(1, 1000, 900, 0))));
+    // Turn 2, traceparent-joined, due at 1 280 ms: its prompt holds turn 1's 1 000 tokens.
+    out.extend(c.on_event(head(T0 + 1020 * MS, 2, Some(2), None)));
+    out.extend(c.on_event(Input::Runtime(turn(2, 1020, 2900, 1000))));
+    out.extend(c.on_tick(T0 + 1300 * MS));
+    out.extend(c.on_tick(T0 + 1800 * MS));
+    // Turn 3 finds only turn 1's prefix cached, not turn 2's 3 000 tokens.
+    out.extend(c.on_event(head(T0 + 2000 * MS, 3, Some(3), None)));
+    out.extend(c.on_event(Input::Runtime(turn(3, 2000, 3100, 1000))));
+    out.extend(c.on_tick(T0 + 2300 * MS));
+    out.extend(c.on_tick(T0 + 8000 * MS));
+    let joins: Vec<(u8, JoinRule)> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Joined(j) => Some((j.request.trace_id[0], j.join)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        joins,
+        [
+            (2, JoinRule::Traceparent),
+            (1, JoinRule::Temporal),
+            (3, JoinRule::Traceparent)
+        ]
+    );
+    let evictions: Vec<&KvEvictionFinding> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::KvEviction(f) => Some(f),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(evictions.len(), 1, "{out:?}");
+    assert_eq!(evictions[0].trace_id, [3; 16]);
+    assert_eq!(
+        evictions[0].expected_cached_tokens, 2992,
+        "3 000 in 16-token blocks"
+    );
+    assert_eq!(evictions[0].window_start, T0 + 1030 * MS, "turn 2's end");
+}
