@@ -253,6 +253,10 @@ impl ColdStarts {
 
     /// A settled request of instance `pid` (GPU pids `pids`): decides the instance's first
     /// token, and returns the cold-start finding when this request decided it.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one call site (GpuView::on_request), all borrowed from it"
+    )]
     pub(crate) fn on_request(
         &mut self,
         pid: u32,
@@ -260,39 +264,32 @@ impl ColdStarts {
         span: &RuntimeRequest,
         gpus: &[String],
         identity: Option<&ProcessIdentity>,
+        earlier_first_token: Option<UnixNanos>,
         cfg: &GpuDetectionConfig,
     ) -> Option<ColdStartFinding> {
         self.observe(span.arrival);
-        let watch_start = self.watch_start.unwrap_or(span.arrival);
         let r = self.runtime(pid, span.end, cfg);
         if r.decided.is_some() {
             return None;
         }
         r.t_first_request = min_opt(r.t_first_request, span.arrival);
+        if earlier_first_token.is_some() {
+            return None;
+        }
         let first_token = span.first_token?;
         let (t_listen, t_first_request) = (r.t_listen, r.t_first_request);
 
         let t_exec = identity.and_then(|i| i.start_time);
-        let gpu_procs: Vec<(&u32, &GpuProc)> = pids
+        let t_gpu_first = self.gpu_first(pids, first_token);
+        let plateaus: Vec<(UnixNanos, u64)> = pids
             .iter()
-            .filter_map(|p| self.procs.get(p).map(|g| (p, g)))
-            .collect();
-        let t_gpu_first = gpu_procs
-            .iter()
-            .filter(|(_, g)| !g.preexisting && g.first_seen <= first_token)
-            .map(|(_, g)| g.first_seen)
-            .min();
-        let plateaus: Vec<(UnixNanos, u64)> = gpu_procs
-            .iter()
-            .filter(|(_, g)| !g.preexisting)
-            .filter_map(|(p, _)| self.plateau(**p, first_token, cfg.plateau_tolerance_pct))
+            .filter(|p| self.procs.get(p).is_some_and(|g| !g.preexisting))
+            .filter_map(|p| self.plateau(*p, first_token, cfg.plateau_tolerance_pct))
             .collect();
         let t_weights = plateaus.iter().map(|(ts, _)| *ts).max();
         let weights_bytes = (!plateaus.is_empty()).then(|| plateaus.iter().map(|(_, b)| *b).sum());
 
-        let cold = t_exec.is_some_and(|t| t >= watch_start)
-            || t_gpu_first.is_some()
-            || t_listen.is_some_and(|t| t <= first_token);
+        let cold = self.is_cold(pid, pids, identity, first_token);
         if let Some(r) = self.runtimes.get_mut(&pid) {
             r.decided = Some((first_token, cold));
         }
@@ -341,6 +338,58 @@ impl ColdStarts {
             trace_id: span.trace_id,
             span_id: span.span_id,
         })
+    }
+
+    /// When the runtime's GPU processes (not there when the agent started) first appeared, up
+    /// to `first_token`.
+    fn gpu_first(&self, pids: &BTreeSet<u32>, first_token: UnixNanos) -> Option<UnixNanos> {
+        pids.iter()
+            .filter_map(|p| self.procs.get(p))
+            .filter(|g| !g.preexisting && g.first_seen <= first_token)
+            .map(|g| g.first_seen)
+            .min()
+    }
+
+    /// Whether the runtime `pid` cold-started, if its first token came at `first_token`: its
+    /// process started while the agent watched, its GPU processes appeared, or it began to
+    /// listen before that token.
+    fn is_cold(
+        &self,
+        pid: u32,
+        pids: &BTreeSet<u32>,
+        identity: Option<&ProcessIdentity>,
+        first_token: UnixNanos,
+    ) -> bool {
+        let watch_start = self.watch_start.unwrap_or(first_token);
+        let t_listen = self.runtimes.get(&pid).and_then(|r| r.t_listen);
+        identity
+            .and_then(|i| i.start_time)
+            .is_some_and(|t| t >= watch_start)
+            || self.gpu_first(pids, first_token).is_some()
+            || t_listen.is_some_and(|t| t <= first_token)
+    }
+
+    /// The start kind of a request that arrived at `arrival`, settled while a request that got
+    /// the runtime's first token earlier (`first_token`) has not: what the decision will say.
+    pub(crate) fn start_before_decision(
+        &self,
+        pid: u32,
+        pids: &BTreeSet<u32>,
+        identity: Option<&ProcessIdentity>,
+        first_token: UnixNanos,
+        arrival: UnixNanos,
+    ) -> StartKind {
+        if arrival < first_token && self.is_cold(pid, pids, identity, first_token) {
+            StartKind::Cold
+        } else {
+            StartKind::Warm
+        }
+    }
+
+    /// Whether the cold start of the runtime `pid` has been decided (by its first request with
+    /// a first token).
+    pub(crate) fn is_decided(&self, pid: u32) -> bool {
+        self.runtimes.get(&pid).is_some_and(|r| r.decided.is_some())
     }
 
     /// Cold when the instance cold-started and the request arrived before its first token.

@@ -531,9 +531,12 @@ impl GpuView {
 
     /// The facts of a settled request, updating baselines, intervals and cold starts; closed
     /// intervals and a cold-start finding go to `out` before the facts.
+    /// `earlier_first_token`: a request of the same instance that got its first token earlier
+    /// (then) has not settled yet, so this one cannot decide the instance's cold start.
     pub(crate) fn on_request(
         &mut self,
         span: &RuntimeRequest,
+        earlier_first_token: Option<UnixNanos>,
         cfg: &GpuDetectionConfig,
         out: &mut Vec<Output>,
     ) -> RequestGpuFacts {
@@ -562,11 +565,20 @@ impl GpuView {
         let gpus = self.gpus_of(&pids, span.arrival, span.end, gap);
 
         let identity = self.identities.get(&pid).map(|(_, id)| id);
-        if let Some(finding) = self.cold.on_request(pid, &pids, span, &gpus, identity, cfg) {
+        if let Some(finding) =
+            self.cold
+                .on_request(pid, &pids, span, &gpus, identity, earlier_first_token, cfg)
+        {
             self.metrics.cold_start_findings += 1;
             out.push(Output::ColdStart(finding));
         }
-        facts.start = self.cold.start_of(pid, span.arrival);
+        facts.start = match earlier_first_token {
+            Some(first) => {
+                self.cold
+                    .start_before_decision(pid, &pids, identity, first, span.arrival)
+            }
+            None => self.cold.start_of(pid, span.arrival),
+        };
 
         for uuid in &gpus {
             let snaps = self.window(uuid, span.arrival, span.end, gap);

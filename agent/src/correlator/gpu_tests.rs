@@ -388,6 +388,17 @@ fn listen(ts: u64, pid: u32) -> Input {
 /// ramping 8 s -> 20 s, listening at 30 s, first request at 40 s (first token 42 s).
 fn cold_start_inputs(period: u64) -> Vec<(u64, Input)> {
     let pid = 500;
+    let reqs = vec![
+        request(1, pid, T0 + 40 * S, 2 * S, 20 * MS, 10),
+        request(2, pid, T0 + 41 * S, 2 * S, 20 * MS, 10),
+        request(3, pid, T0 + 50 * S, 100 * MS, 20 * MS, 10),
+    ];
+    cold_start_with(period, pid, reqs)
+}
+
+/// A vLLM process (`pid`) started at 1 s that loads weights and listens at 30 s, then serves
+/// `reqs` (each exported at its end).
+fn cold_start_with(period: u64, pid: u32, reqs: Vec<RuntimeRequest>) -> Vec<(u64, Input)> {
     let mut inputs = vec![(T0 + S, identity(pid, "vllm", Some(T0 + S)))];
     let mut d = 0;
     while d < 70 * S {
@@ -410,11 +421,6 @@ fn cold_start_inputs(period: u64) -> Vec<(u64, Input)> {
         d += period;
     }
     inputs.push((T0 + 30 * S, listen(T0 + 30 * S, pid)));
-    let reqs = [
-        request(1, pid, T0 + 40 * S, 2 * S, 20 * MS, 10),
-        request(2, pid, T0 + 41 * S, 2 * S, 20 * MS, 10),
-        request(3, pid, T0 + 50 * S, 100 * MS, 20 * MS, 10),
-    ];
     inputs.extend(reqs.into_iter().map(|r| (r.end, Input::Runtime(r))));
     inputs
 }
@@ -488,6 +494,50 @@ fn cold_start_phases_within_one_sampling_period() {
         );
         let ttft = facts(&out)[0].ttft_ns;
         assert_eq!(ttft, Some(2 * S));
+    }
+}
+
+/// The request that got the first token ends after a shorter one that got its first token
+/// later, so the shorter one settles first (in the same tick, or one tick before): the cold
+/// start still waits for, and names, the first token's request.
+#[test]
+fn the_cold_start_names_the_first_token_not_the_first_settled_request() {
+    let pid = 500;
+    // Request 1: first token at 42.00 s, ends at 42.18 s (10 tokens) or 42.30 s (16); request
+    // 2: first token at 42.05 s, ends at 42.07 s, due at 42.32 s (the 42.5 s tick).
+    for tokens in [10, 16] {
+        let reqs = vec![
+            request(1, pid, T0 + 40 * S, 2 * S, 20 * MS, tokens),
+            request(2, pid, T0 + 40_500 * MS, 1_550 * MS, 20 * MS, 2),
+        ];
+        let out = run(
+            CorrelatorConfig::default(),
+            cold_start_with(100 * MS, pid, reqs),
+        );
+        let found = cold_findings(&out);
+        assert_eq!(found.len(), 1, "{tokens} tokens: {found:#?}");
+        assert_eq!(found[0].t_first_token, T0 + 42 * S, "{tokens} tokens");
+        assert_eq!(
+            found[0].span_id[7], 1,
+            "{tokens} tokens: under request 1's span"
+        );
+        let settled: Vec<u8> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Joined(j) => Some(j.request.span_id[7]),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(settled, [2, 1], "{tokens} tokens: request 2 settles first");
+        let starts: Vec<(u8, StartKind)> = facts(&out)
+            .iter()
+            .map(|f| (f.span_id[7], f.start))
+            .collect();
+        assert_eq!(
+            starts,
+            [(2, StartKind::Cold), (1, StartKind::Cold)],
+            "{tokens} tokens: both arrived before the first token"
+        );
     }
 }
 

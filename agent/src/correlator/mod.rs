@@ -383,12 +383,21 @@ impl Correlator {
         if !self.gpu.active() {
             return out;
         }
+        let earlier: Vec<Option<UnixNanos>> = (0..out.len())
+            .map(|i| match &out[i] {
+                Output::Joined(joined) => {
+                    self.earlier_first_token_pending(&joined.request, &out[i + 1..])
+                }
+                _ => None,
+            })
+            .collect();
         let mut with = Vec::with_capacity(out.len() * 2);
-        for output in out {
+        for (output, earlier) in out.into_iter().zip(earlier) {
             let mut findings = Vec::new();
             let facts = match &output {
                 Output::Joined(joined) => Some(self.gpu.on_request(
                     &joined.request,
+                    earlier,
                     &self.config.gpu,
                     &mut findings,
                 )),
@@ -401,6 +410,36 @@ impl Correlator {
             with.extend(findings);
         }
         with
+    }
+
+    /// The earliest first token of the spans not settled yet (still waiting, or later in this
+    /// tick's `settling`) from the same runtime instance, when before `span`'s, while that instance's
+    /// cold start is undecided. Spans settle in the order of their ends (exact joins) or later
+    /// (guesses), not of their first tokens, and the cold start belongs to the request that got
+    /// the first token: the decision waits for it. A span the runtime has not exported yet
+    /// cannot be waited for. Scans only until the instance is decided.
+    fn earlier_first_token_pending(
+        &self,
+        span: &RuntimeRequest,
+        settling: &[Output],
+    ) -> Option<UnixNanos> {
+        let (Some(pid), Some(first)) = (span.instance.pid, span.first_token) else {
+            return None;
+        };
+        if self.gpu.cold.is_decided(pid) {
+            return None;
+        }
+        let pending = self.spans.values().map(|pending| &**pending);
+        let later_in_tick = settling.iter().filter_map(|o| match o {
+            Output::Joined(joined) => Some(&*joined.request),
+            _ => None,
+        });
+        pending
+            .chain(later_in_tick)
+            .filter(|other| other.instance.pid == Some(pid))
+            .filter_map(|other| other.first_token)
+            .filter(|ft| *ft < first)
+            .min()
     }
 
     /// Settles what is due at `now` (unix nanos, the same clock as the events): spans whose

@@ -71,6 +71,16 @@ fn span(trace: u8, arrival: u64, first: u64, end: u64, tokens: u64) -> RuntimeRe
     }
 }
 
+/// How the span of trace `trace` was joined, and to which connection, when it settled.
+fn joined(out: &[Output], trace: u8) -> Option<(JoinRule, Option<ConnId>)> {
+    out.iter().find_map(|o| match o {
+        Output::Joined(j) if j.request.trace_id == [trace; 16] => {
+            Some((j.join, j.connection.as_ref().map(|c| c.conn)))
+        }
+        _ => None,
+    })
+}
+
 fn aborts(out: &[Output]) -> Vec<&AbortFinding> {
     out.iter()
         .filter_map(|o| match o {
@@ -189,14 +199,6 @@ fn exact_claim_of_a_later_span_beats_an_earlier_guess() {
         T0 + 3000 * MS,
         4,
     ))));
-    let joined = |out: &[Output], trace: u8| {
-        out.iter().find_map(|o| match o {
-            Output::Joined(j) if j.request.trace_id == [trace; 16] => {
-                Some((j.join, j.connection.as_ref().map(|c| c.conn)))
-            }
-            _ => None,
-        })
-    };
     out.extend(c.on_tick(T0 + 1800 * MS));
     assert_eq!(
         joined(&out, 1),
@@ -262,14 +264,6 @@ fn an_exact_join_settles_at_the_end_and_a_guess_waits_for_its_window() {
             4,
         ))));
     }
-    let joined = |out: &[Output], trace: u8| {
-        out.iter().find_map(|o| match o {
-            Output::Joined(j) if j.request.trace_id == [trace; 16] => {
-                Some((j.join, j.connection.as_ref().map(|c| c.conn)))
-            }
-            _ => None,
-        })
-    };
     out.extend(c.on_tick(T0 + 1200 * MS));
     assert!(
         out.is_empty(),

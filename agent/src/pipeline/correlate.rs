@@ -67,6 +67,23 @@ struct JoinCounters {
     ttft: Vec<(StartKind, Histogram)>,
 }
 
+/// The metric of `key` in a small cache of a label family's members, got from the family
+/// (`make`: a label string built and hashed) only the first time.
+fn cached_metric<K: PartialEq + Copy, M>(
+    cache: &mut Vec<(K, M)>,
+    key: K,
+    make: impl FnOnce() -> M,
+) -> &M {
+    let at = match cache.iter().position(|(k, _)| *k == key) {
+        Some(at) => at,
+        None => {
+            cache.push((key, make()));
+            cache.len() - 1
+        }
+    };
+    &cache[at].1
+}
+
 /// Looks up a process's identity, once per pid (`None` when already known or unreadable).
 pub type IdentityResolver = Box<dyn FnMut(u32) -> Option<ProcessIdentity> + Send>;
 
@@ -336,22 +353,14 @@ impl CorrelateStage {
     }
 
     fn join_counter(&mut self, rule: JoinRule) -> &Counter {
-        let joins = &mut self.counters.joins;
-        let at = match joins.iter().position(|(r, _)| *r == rule) {
-            Some(at) => at,
-            None => {
-                let counter = self
-                    .metrics
-                    .joins
-                    .get_or_create(&JoinLabels {
-                        rule: rule.as_str().to_owned(),
-                    })
-                    .clone();
-                joins.push((rule, counter));
-                joins.len() - 1
-            }
-        };
-        &joins[at].1
+        let family = &self.metrics.joins;
+        cached_metric(&mut self.counters.joins, rule, || {
+            family
+                .get_or_create(&JoinLabels {
+                    rule: rule.as_str().to_owned(),
+                })
+                .clone()
+        })
     }
 
     fn on_request_gpu(&mut self, facts: RequestGpuFacts) {
@@ -381,22 +390,14 @@ impl CorrelateStage {
 
     /// `inferwatch_ttft_seconds{start}` of `start`, looked up in the family once per kind.
     fn ttft_histogram(&mut self, start: StartKind) -> &Histogram {
-        let ttft = &mut self.counters.ttft;
-        let at = match ttft.iter().position(|(s, _)| *s == start) {
-            Some(at) => at,
-            None => {
-                let histogram = self
-                    .metrics
-                    .ttft
-                    .get_or_create(&StartLabels {
-                        start: start.as_str().to_owned(),
-                    })
-                    .clone();
-                ttft.push((start, histogram));
-                ttft.len() - 1
-            }
-        };
-        &ttft[at].1
+        let family = &self.metrics.ttft;
+        cached_metric(&mut self.counters.ttft, start, || {
+            family
+                .get_or_create(&StartLabels {
+                    start: start.as_str().to_owned(),
+                })
+                .clone()
+        })
     }
 
     fn on_contention(&mut self, finding: GpuContentionFinding) {
