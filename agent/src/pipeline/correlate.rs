@@ -28,7 +28,7 @@ use crate::sinks::prometheus::findings::{
 use crate::sinks::{SinkSender, SpanBatch, finding_span};
 use crate::sources::otlp::adapters::{AdapterOptions, adapt};
 
-/// A request span waiting for its join: encoded, since it waits for most of a second (see
+/// A request span waiting for its join: encoded, since it waits a few hundred ms or more (see
 /// [`EncodedSpan`]), with the resource and scope it shares with the spans it came with.
 #[derive(Debug)]
 struct Held {
