@@ -531,8 +531,9 @@ impl GpuView {
 
     /// The facts of a settled request, updating baselines, intervals and cold starts; closed
     /// intervals and a cold-start finding go to `out` before the facts.
-    /// `earlier_first_token`: a request of the same instance that got its first token earlier
-    /// (then) has not settled yet, so this one cannot decide the instance's cold start.
+    ///
+    /// `earlier_first_token`: the first token of a request of the same instance that got it
+    /// before this one and has not settled yet; this one then cannot decide the cold start.
     pub(crate) fn on_request(
         &mut self,
         span: &RuntimeRequest,

@@ -383,8 +383,10 @@ impl Correlator {
         if !self.gpu.active() {
             return out;
         }
-        let earlier: Vec<Option<UnixNanos>> = (0..out.len())
-            .map(|i| match &out[i] {
+        let earlier: Vec<Option<UnixNanos>> = out
+            .iter()
+            .enumerate()
+            .map(|(i, output)| match output {
                 Output::Joined(joined) => {
                     self.earlier_first_token_pending(&joined.request, &out[i + 1..])
                 }
@@ -413,11 +415,11 @@ impl Correlator {
     }
 
     /// The earliest first token of the spans not settled yet (still waiting, or later in this
-    /// tick's `settling`) from the same runtime instance, when before `span`'s, while that instance's
-    /// cold start is undecided. Spans settle in the order of their ends (exact joins) or later
-    /// (guesses), not of their first tokens, and the cold start belongs to the request that got
-    /// the first token: the decision waits for it. A span the runtime has not exported yet
-    /// cannot be waited for. Scans only until the instance is decided.
+    /// tick's `settling`) from the same runtime instance, when before `span`'s, while that
+    /// instance's cold start is undecided. Spans settle in the order of their ends (exact
+    /// joins) or later (guesses), not of their first tokens, and the cold start belongs to the
+    /// request that got the first token: the decision waits for it. A span the runtime has not
+    /// exported yet cannot be waited for. Scans only until the instance is decided.
     fn earlier_first_token_pending(
         &self,
         span: &RuntimeRequest,

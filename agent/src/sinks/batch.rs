@@ -15,9 +15,9 @@
 //! attributes costs about three and a half times its wire size on the heap (every key and
 //! value is a separate allocation), and the agent holds each one for a few hundred milliseconds
 //! (most of a second when only a guess can join it), so at 10k requests/s the decoded form was
-//! the largest part of the agent's memory. Enrichment
-//! appends attributes to the bytes (a repeated field may be split anywhere in a message), and
-//! the exporter writes the bytes as they are.
+//! the largest part of the agent's memory. Enrichment appends attributes to the bytes (a
+//! repeated field may be split anywhere in a message), and the exporter writes the bytes as
+//! they are.
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
