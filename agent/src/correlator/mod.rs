@@ -17,8 +17,9 @@
 //!   the span's arrival: every head they can give it was read before its end. A span they do
 //!   not join waits on until `max(end, arrival + temporal window) + settle delay` and then
 //!   tries them again before the temporal rule. It is emitted as a [`JoinedRequest`], with an
-//!   [`AbortFinding`] when the client left while the runtime worked. Spans therefore settle in
-//!   the order of their ends when exact rules join them; two turns of one conversation keep
+//!   [`AbortFinding`] when the client left while the runtime worked. The spans of an instance
+//!   whose cold start is undecided wait that long even when joined (see `on_tick`). Spans
+//!   therefore settle in the order of their ends when exact rules join them; two turns of one conversation keep
 //!   their order unless the earlier one waits for a guess and the later one does not.
 //! - A head no span claimed settles `span_wait_ms` after the kernel saw it end: when the peer
 //!   left and the server kept writing, that is an abort found from the kernel alone.
@@ -467,20 +468,23 @@ impl Correlator {
         // A due span no exact rule joins waits for its temporal time (`guess_at`): heads read
         // after its arrival, and other spans' exact claims, may still come. Those whose time
         // has come guess in the order of that time, so that the guesses of one tick do not
-        // depend on which of them had waited.
+        // depend on which of them had waited. A span of an instance whose cold start is not
+        // decided waits too, even when joined: settling by end would let a short request
+        // decide (and tag the others) before the one that got the first token has arrived.
         let mut deferred: Vec<(SpanKey, UnixNanos)> = Vec::new();
         let mut guessing: Vec<(SpanKey, SpanKey)> = Vec::new();
         for key in &due {
-            if matches.contains_key(key) {
-                continue;
-            }
             let Some(span) = self.spans.get(key) else {
                 continue;
             };
+            let joined = matches.contains_key(key);
+            if joined && !self.cold_start_open(span) {
+                continue;
+            }
             let at = self.guess_at(span);
             if now < at {
                 deferred.push((*key, at));
-            } else {
+            } else if !joined {
                 guessing.push(((at, key.1, key.2), *key));
             }
         }
@@ -648,6 +652,17 @@ impl Correlator {
             Box::new(request),
         );
         out
+    }
+
+    /// Whether `span` may still decide its instance's cold start: GPU facts are computed, it
+    /// has a first token, and its instance's cold start is not decided yet.
+    fn cold_start_open(&self, span: &RuntimeRequest) -> bool {
+        self.gpu.active()
+            && span.first_token.is_some()
+            && span
+                .instance
+                .pid
+                .is_some_and(|pid| !self.gpu.cold.is_decided(pid))
     }
 
     /// When a span no exact rule joins may take a head by the temporal rule: once every head

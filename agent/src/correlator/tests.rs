@@ -349,3 +349,50 @@ fn a_turn_that_waits_for_a_guess_does_not_replace_the_later_turn() {
     );
     assert_eq!(evictions[0].window_start, T0 + 1030 * MS, "turn 2's end");
 }
+
+/// While an instance's cold start is undecided (GPU facts on), its joined spans wait for the
+/// temporal window as well, so that the first requests settle in the order they came, not of
+/// their ends; once decided, joined spans settle at their end again.
+#[test]
+fn joined_spans_wait_while_their_instance_cold_start_is_undecided() {
+    let mut c = Correlator::new(CorrelatorConfig::default());
+    let mut out = Vec::new();
+    out.extend(c.on_event(Input::Process(crate::model::ProcessIdentity {
+        pid: 42,
+        executable: Some("vllm".into()),
+        container_id: None,
+        pod_uid: None,
+        start_time: Some(T0 - 3_600_000 * MS),
+        parent_pid: Some(1),
+    })));
+    let on_instance = |trace: u8, at: u64| {
+        let mut s = span(
+            trace,
+            T0 + at * MS,
+            T0 + (at + 5) * MS,
+            T0 + (at + 10) * MS,
+            4,
+        );
+        s.instance.pid = Some(42);
+        Input::Runtime(s)
+    };
+    out.extend(c.on_event(accepted(T0, 1, 5000)));
+    out.extend(c.on_event(accepted(T0, 2, 5001)));
+    out.extend(c.on_event(head(T0 + 1000 * MS, 1, Some(7), None)));
+    out.extend(c.on_event(on_instance(7, 1000)));
+    out.extend(c.on_tick(T0 + 1300 * MS));
+    assert_eq!(joined(&out, 7), None, "undecided: waits for 1 750 ms");
+    out.extend(c.on_tick(T0 + 1800 * MS));
+    assert_eq!(
+        joined(&out, 7),
+        Some((JoinRule::Traceparent, Some(ConnId(1))))
+    );
+    out.extend(c.on_event(head(T0 + 2000 * MS, 2, Some(8), None)));
+    out.extend(c.on_event(on_instance(8, 2000)));
+    out.extend(c.on_tick(T0 + 2300 * MS));
+    assert_eq!(
+        joined(&out, 8),
+        Some((JoinRule::Traceparent, Some(ConnId(2)))),
+        "decided: settles at its end + settle delay"
+    );
+}
