@@ -205,7 +205,7 @@ impl SpanBatch {
     /// The OTLP request to export: the received resource spans unchanged (plus any added
     /// attributes), then the encoded groups decoded, then the findings under `agent_resource`
     /// and the `inferwatch` scope. The exporter writes the same thing without decoding
-    /// ([`crate::sinks::otlp::encode_batch`]); this form is for the file sink and tests.
+    /// ([`crate::sinks::otlp::encode_batch_body`]); this form is for the file sink and tests.
     pub fn to_request(&self, agent_resource: &Resource) -> ExportTraceServiceRequest {
         let mut resource_spans = self.resource_spans.clone();
         resource_spans.extend(self.encoded.iter().map(EncodedGroup::decode));
