@@ -353,7 +353,7 @@ impl ColdStarts {
     /// Whether the runtime `pid` cold-started, if its first token came at `first_token`: its
     /// process started while the agent watched, its GPU processes appeared, or it began to
     /// listen before that token.
-    fn is_cold(
+    pub(crate) fn is_cold(
         &self,
         pid: u32,
         pids: &BTreeSet<u32>,

@@ -440,6 +440,22 @@ impl GpuView {
     }
 
     /// The pids that are the instance: itself and its children.
+    /// Whether the cold start of `span`'s instance is open and would be one: not decided yet,
+    /// and cold if decided by a first token no later than `span`'s. The predicate only grows
+    /// with the first token, so for an instance it says warm for (one that started before the
+    /// agent, say) any request may decide without changing the outcome.
+    pub(crate) fn cold_start_pending(&self, span: &RuntimeRequest) -> bool {
+        let (Some(pid), Some(first)) = (span.instance.pid, span.first_token) else {
+            return false;
+        };
+        if self.cold.is_decided(pid) {
+            return false;
+        }
+        let identity = self.identities.get(&pid).map(|(_, id)| id);
+        self.cold
+            .is_cold(pid, &self.instance_pids(pid), identity, first)
+    }
+
     fn instance_pids(&self, pid: u32) -> BTreeSet<u32> {
         let mut pids: BTreeSet<u32> = self
             .identities

@@ -654,15 +654,10 @@ impl Correlator {
         out
     }
 
-    /// Whether `span` may still decide its instance's cold start: GPU facts are computed, it
-    /// has a first token, and its instance's cold start is not decided yet.
+    /// Whether `span` may still decide its instance's cold start, and which request decides
+    /// matters: GPU facts are computed and the instance's start, undecided, looks cold.
     fn cold_start_open(&self, span: &RuntimeRequest) -> bool {
-        self.gpu.active()
-            && span.first_token.is_some()
-            && span
-                .instance
-                .pid
-                .is_some_and(|pid| !self.gpu.cold.is_decided(pid))
+        self.gpu.active() && self.gpu.cold_start_pending(span)
     }
 
     /// When a span no exact rule joins may take a head by the temporal rule: once every head

@@ -350,9 +350,10 @@ fn a_turn_that_waits_for_a_guess_does_not_replace_the_later_turn() {
     assert_eq!(evictions[0].window_start, T0 + 1030 * MS, "turn 2's end");
 }
 
-/// While an instance's cold start is undecided (GPU facts on), its joined spans wait for the
-/// temporal window as well, so that the first requests settle in the order they came, not of
-/// their ends; once decided, joined spans settle at their end again.
+/// While the cold start of an instance that started under the agent is undecided (GPU facts
+/// on), its joined spans wait for the temporal window as well, so that the first requests
+/// settle in the order they came, not of their ends; once decided, joined spans settle at their
+/// end again.
 #[test]
 fn joined_spans_wait_while_their_instance_cold_start_is_undecided() {
     let mut c = Correlator::new(CorrelatorConfig::default());
@@ -362,7 +363,8 @@ fn joined_spans_wait_while_their_instance_cold_start_is_undecided() {
         executable: Some("vllm".into()),
         container_id: None,
         pod_uid: None,
-        start_time: Some(T0 - 3_600_000 * MS),
+        // Started with the first request the agent saw: a cold start.
+        start_time: Some(T0 + 1000 * MS),
         parent_pid: Some(1),
     })));
     let on_instance = |trace: u8, at: u64| {
