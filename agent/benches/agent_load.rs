@@ -24,6 +24,7 @@
 //!
 //! Environment: `INFERWATCH_BENCH_RATES` (requests/s, comma-separated; default 1000,10000),
 //! `INFERWATCH_BENCH_DURATION` (seconds measured per rate; default 30), `_WARMUP` (5),
+//! `_PERF_FREQ` (the `--perf` sampling frequency, Hz; 499),
 //! `_ABORT_SHARE` (0.02), `_NO_BASELINE=1`, `_PEER_ROUNDS` (5), `_PERF` (a path: `perf record`
 //! the agent over the window of the highest rate), `_COMPARE_AGENT` (another `inferwatch`
 //! binary, e.g. a build from before a change: run too at each rate, before this one),
@@ -468,7 +469,16 @@ async fn phase(
                 Command::new("perf")
                     // DWARF unwinding: the release build has no frame pointers, and the
                     // allocator's callers are what a profile of this agent needs.
-                    .args(["record", "-F", "499", "--call-graph", "dwarf,16384", "-o"])
+                    // INFERWATCH_BENCH_PERF_FREQ: at 1k requests/s the agent is busy ~3 % of
+                    // the time, so 499 Hz gives too few samples to read a profile from.
+                    .args([
+                        "record",
+                        "-F",
+                        &perf_frequency(),
+                        "--call-graph",
+                        "dwarf,16384",
+                    ])
+                    .arg("-o")
                     .arg(path)
                     .args(["-p", &a.proc.pid().to_string()])
                     .stdout(Stdio::null())
@@ -895,4 +905,12 @@ async fn main() -> anyhow::Result<()> {
         ),
     }
     Ok(())
+}
+
+/// The `perf record` sampling frequency (`INFERWATCH_BENCH_PERF_FREQ`, default 499 Hz).
+fn perf_frequency() -> String {
+    std::env::var("INFERWATCH_BENCH_PERF_FREQ")
+        .ok()
+        .filter(|f| f.parse::<u32>().is_ok_and(|f| f > 0))
+        .unwrap_or_else(|| "499".to_owned())
 }

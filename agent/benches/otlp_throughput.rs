@@ -2,7 +2,8 @@
 //! of the same bytes, in the same run. Realistic vLLM `llm_request` spans in requests of 512.
 //!
 //! - decode only: `prost` decode of each request, as the gRPC / HTTP receivers do first.
-//! - full path: decode -> [`validate`] (the receiver's limits) -> [`CorrelateStage::on_spans`]
+//! - full path: decode as the receiver does (spans kept encoded: [`RawTraceRequest`]) ->
+//!   [`validate`] (every span walked, the receiver's limits) -> [`CorrelateStage::on_spans`]
 //!   (adapt, hold for the join, feed the correlator) -> [`CorrelateStage::on_tick`] far
 //!   enough ahead that every span settles (enriched, regrouped, queued) -> drain the sink
 //!   queue, merge and encode as the OTLP exporter does -> discard.
@@ -22,14 +23,15 @@ use std::time::{Duration, Instant};
 
 use inferwatch::correlator::{Correlator, CorrelatorConfig};
 use inferwatch::pipeline::CorrelateStage;
+use inferwatch::sinks::SinkReceiver;
 use inferwatch::sinks::batch::agent_resource;
 use inferwatch::sinks::otlp::{ExportConfig, encode_batch_body};
 use inferwatch::sinks::prometheus::findings::FindingMetrics;
 use inferwatch::sinks::prometheus::metrics::AgentMetrics;
-use inferwatch::sinks::{SinkReceiver, SpanBatch};
 use inferwatch::sources::otlp::adapters::AdapterOptions;
 use inferwatch::sources::otlp::sample::vllm_request;
-use inferwatch::sources::otlp::{OtlpReceiverConfig, validate};
+use inferwatch::sources::otlp::wire::{SpanView, WireLimits};
+use inferwatch::sources::otlp::{OtlpReceiverConfig, RawTraceRequest, validate};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use prometheus_client::registry::Registry;
@@ -126,16 +128,20 @@ impl FullPath {
 
     /// One received request, all the way to encoded bytes; returns the spans exported.
     fn run(&mut self, body: &[u8]) -> usize {
-        let request = ExportTraceServiceRequest::decode(body).expect("valid bench input");
-        validate(&request, &self.receiver).expect("within limits");
-        let batch = SpanBatch::from(request);
-        let received = batch.span_count();
-        let last_end = batch
-            .spans()
-            .map(|(_, s)| s.end_time_unix_nano)
+        let mut request = RawTraceRequest::decode(body).expect("valid bench input");
+        validate(&mut request, &self.receiver).expect("within limits");
+        let received = request.span_count();
+        // (Read here for the tick below; counted in the full path's time, against it.)
+        let last_end = request
+            .resource_spans
+            .iter()
+            .flat_map(|rs| rs.scope_spans.iter())
+            .flat_map(|ss| ss.spans.iter())
+            .filter_map(|s| SpanView::parse(s, WireLimits::unlimited()).ok())
+            .map(|s| s.end_time_unix_nano)
             .max()
             .unwrap_or(0);
-        self.stage.on_spans(batch);
+        self.stage.on_spans(request);
         self.stage.on_tick(last_end + self.settle_horizon);
         let mut exported = 0;
         while let Some(first) = self.queue.try_recv() {

@@ -11,16 +11,17 @@
 use std::path::Path;
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
 
 use crate::config::AgentConfig;
-use crate::sinks::SpanBatch;
 use crate::sources::kernel::event::{self, raw};
 use crate::sources::kernel::http::{HeadParser, parse_traceparent};
 use crate::sources::kernel::{EventConverter, KernelConfig, MonotonicToWall};
 use crate::sources::kvevents;
-use crate::sources::otlp::adapters::{AdapterOptions, adapt};
-use crate::sources::otlp::{OtlpReceiverConfig, validate};
+use crate::sources::otlp::adapters::{AdapterOptions, adapt, adapt_decoded};
+use crate::sources::otlp::wire::{SpanView, WireLimits};
+use crate::sources::otlp::{OtlpReceiverConfig, RawTraceRequest, validate, validate_decoded};
 
 /// The fuzz targets, by the name of their folder under `fuzz/corpus/`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,32 +67,56 @@ impl Target {
 }
 
 /// OTLP receiver path: the bytes as an OTLP/protobuf body (what gRPC and `application/x-protobuf`
-/// decode) and as an OTLP/JSON body (what `application/json` decodes with serde_json); each
-/// request that decodes goes through [`validate`] with the default limits and, if it passes,
-/// every span through [`adapt`].
+/// decode: spans kept encoded, [`RawTraceRequest`]) and as an OTLP/JSON body (what
+/// `application/json` decodes with serde_json); each request goes through [`validate`] with the
+/// default limits and, if it passes, every span through [`adapt`].
+///
+/// The span walker is also held to prost, which it replaced on this path: [`validate`] accepts
+/// a protobuf body exactly when prost decodes it whole and [`validate_decoded`] accepts that,
+/// and every accepted span adapts the same read in place as decoded by prost.
 pub fn otlp(data: &[u8]) {
     let config = OtlpReceiverConfig::default();
     let options = AdapterOptions::from(&config);
-    if let Ok(request) = ExportTraceServiceRequest::decode(data) {
-        otlp_request(request, &config, &options);
-    }
+    let by_prost = ExportTraceServiceRequest::decode(data)
+        .is_ok_and(|request| validate_decoded(&request, &config).is_ok());
+    let accepted = match RawTraceRequest::decode(data) {
+        Ok(request) => otlp_request(request, &config, &options),
+        Err(_) => false,
+    };
+    assert_eq!(
+        accepted, by_prost,
+        "the receiver and prost disagree on whether this request is valid"
+    );
     if let Ok(request) = serde_json::from_slice::<ExportTraceServiceRequest>(data) {
-        otlp_request(request, &config, &options);
+        otlp_request(RawTraceRequest::from(request), &config, &options);
     }
 }
 
+/// Validates and adapts a request as the receiver and the pipeline do; true when accepted.
 fn otlp_request(
-    request: ExportTraceServiceRequest,
+    mut request: RawTraceRequest,
     config: &OtlpReceiverConfig,
     options: &AdapterOptions,
-) {
-    if validate(&request, config).is_err() {
-        return;
+) -> bool {
+    if validate(&mut request, config).is_err() {
+        return false;
     }
-    let batch = SpanBatch::from(request);
-    for (resource, span) in batch.spans() {
-        let _ = adapt(span, resource, options);
+    for rs in &request.resource_spans {
+        for bytes in rs.scope_spans.iter().flat_map(|ss| ss.spans.iter()) {
+            let view = SpanView::parse(bytes, WireLimits::from(config));
+            assert!(view.is_ok(), "a validated span does not read: {view:?}");
+            let Ok(view) = view else { continue };
+            let decoded = Span::decode(bytes.as_slice());
+            assert!(decoded.is_ok(), "a validated span does not decode");
+            let Ok(decoded) = decoded else { continue };
+            assert_eq!(
+                adapt(&view, rs.resource.as_ref(), options),
+                adapt_decoded(&decoded, rs.resource.as_ref(), options),
+                "the span adapts differently read in place and decoded"
+            );
+        }
     }
+    true
 }
 
 /// Kernel path: the bytes as one ring-buffer record ([`event::decode`], then

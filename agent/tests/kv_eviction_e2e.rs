@@ -14,7 +14,7 @@ use std::time::Duration;
 use inferwatch::correlator::{Correlator, CorrelatorConfig, Input, KvEvictionFinding, Output};
 use inferwatch::model::{KvEventBatch, RuntimeRequest};
 use inferwatch::sources::kvevents::{KvEventsConfig, KvEventsEndpoint, KvEventsSource};
-use inferwatch::sources::otlp::adapters::{AdapterOptions, adapt};
+use inferwatch::sources::otlp::adapters::{AdapterOptions, adapt_decoded};
 use inferwatch_testbed::config::Scenario;
 use inferwatch_testbed::runtime::{self, ServeOptions};
 use inferwatch_testbed::traffic::{self, TrafficOptions};
@@ -43,7 +43,7 @@ impl TraceService for Sink {
                 out.extend(
                     ss.spans
                         .iter()
-                        .filter_map(|span| adapt(span, rs.resource.as_ref(), &options)),
+                        .filter_map(|span| adapt_decoded(span, rs.resource.as_ref(), &options)),
                 );
             }
         }

@@ -26,7 +26,9 @@ use crate::sinks::prometheus::findings::{
     KvEvictionLabels, StartLabels, TableLabels, advance_to,
 };
 use crate::sinks::{SinkSender, SpanBatch, finding_span};
+use crate::sources::otlp::RawTraceRequest;
 use crate::sources::otlp::adapters::{AdapterOptions, adapt};
+use crate::sources::otlp::wire::{SpanView, WireLimits, rewrite_str_attributes};
 
 /// A request span waiting for its join: encoded, since it waits a few hundred ms or more (see
 /// [`EncodedSpan`]), with the resource and scope it shares with the spans it came with.
@@ -155,8 +157,26 @@ impl CorrelateStage {
         self
     }
 
-    /// Replaces the tenant attribute's string value by its hash. Runs after `adapt`, so the
-    /// correlator still joins on the raw id.
+    /// A received span's bytes with the tenant attribute's value hashed (when hashing is on
+    /// and the span has one). Runs after `adapt`, so the correlator still joins on the raw id.
+    fn hash_tenant_in_span(&self, span: Vec<u8>) -> Vec<u8> {
+        let Some(hasher) = &self.tenant_hasher else {
+            return span;
+        };
+        let mut out = Vec::new();
+        if rewrite_str_attributes(
+            &span,
+            &self.adapter.tenant_attribute,
+            |tenant| hasher.hash(tenant),
+            &mut out,
+        ) {
+            out
+        } else {
+            span
+        }
+    }
+
+    /// Replaces the tenant attribute's string value by its hash (a decoded resource).
     fn hash_tenant_attributes(&self, attributes: &mut [KeyValue]) {
         let Some(hasher) = &self.tenant_hasher else {
             return;
@@ -222,48 +242,55 @@ impl CorrelateStage {
         }
     }
 
-    /// A batch of received spans: runtime request spans are held for their join, everything
-    /// else is forwarded at once.
-    pub fn on_spans(&mut self, mut batch: SpanBatch) {
+    /// A request from the OTLP receiver: each span the adapters recognise is held until its
+    /// join (and given to the correlator), every other span forwarded as it came. Spans stay
+    /// the bytes they arrived as (see [`crate::sources::otlp::request`]); only tenant hashing
+    /// rewrites one.
+    pub fn on_spans(&mut self, request: RawTraceRequest) {
         let mut outputs = Vec::new();
-        for rs in &mut batch.resource_spans {
-            let resource = rs.resource.as_ref();
+        let mut forwarded = SpanBatch::default();
+        for rs in request.resource_spans {
             // The exporting process is looked up once per resource, not once per span: each
             // lookup reads /proc/<pid>/stat (to tell a reused pid), which at 10k spans/s was
             // a visible share of the agent's CPU. One request comes from one process.
             let mut identified: Option<u32> = None;
-            for ss in &mut rs.scope_spans {
-                let mut group: Option<Arc<SpanGroup>> = None;
-                let spans = std::mem::take(&mut ss.spans);
-                for mut span in spans {
-                    let adapted = adapt(&span, resource, &self.adapter);
-                    self.hash_tenant_attributes(&mut span.attributes);
+            // The resource as exported: its tenant hashed too.
+            let mut exported_resource = rs.resource.clone();
+            if let Some(r) = exported_resource.as_mut() {
+                self.hash_tenant_attributes(&mut r.attributes);
+            }
+            for ss in rs.scope_spans {
+                let group = Arc::new(SpanGroup {
+                    resource: exported_resource.clone(),
+                    resource_schema_url: rs.schema_url.clone(),
+                    scope: ss.scope,
+                    scope_schema_url: ss.schema_url,
+                });
+                let mut passed = Vec::new();
+                for bytes in ss.spans {
+                    // The receiver validated every span, so this reads; a span that does not
+                    // is forwarded as it came.
+                    let adapted = SpanView::parse(&bytes, WireLimits::unlimited())
+                        .ok()
+                        .and_then(|view| adapt(&view, rs.resource.as_ref(), &self.adapter));
+                    let span = EncodedSpan::from_received(self.hash_tenant_in_span(bytes));
                     let Some(request) = adapted else {
-                        ss.spans.push(span);
+                        passed.push(span);
                         continue;
                     };
                     let key = (request.trace_id, request.span_id);
                     if self.held.len() >= self.max_held || self.held.contains_key(&key) {
                         self.held_overflow += 1;
-                        ss.spans.push(span);
+                        passed.push(span);
                         continue;
                     }
-                    let group = group
-                        .get_or_insert_with(|| {
-                            let mut resource = rs.resource.clone();
-                            if let Some(r) = resource.as_mut() {
-                                self.hash_tenant_attributes(&mut r.attributes);
-                            }
-                            Arc::new(SpanGroup {
-                                resource,
-                                resource_schema_url: rs.schema_url.clone(),
-                                scope: ss.scope.clone(),
-                                scope_schema_url: ss.schema_url.clone(),
-                            })
-                        })
-                        .clone();
-                    let span = EncodedSpan::new(&span);
-                    self.held.insert(key, Held { group, span });
+                    self.held.insert(
+                        key,
+                        Held {
+                            group: group.clone(),
+                            span,
+                        },
+                    );
                     if let Some(pid) = request.instance.pid
                         && identified != Some(pid)
                     {
@@ -274,16 +301,16 @@ impl CorrelateStage {
                     }
                     outputs.extend(self.correlator.on_event(Input::Runtime(request)));
                 }
-            }
-            rs.scope_spans.retain(|ss| !ss.spans.is_empty());
-            // The spans forwarded as received keep this resource: hash its tenant too.
-            if let Some(r) = rs.resource.as_mut() {
-                self.hash_tenant_attributes(&mut r.attributes);
+                if !passed.is_empty() {
+                    forwarded.encoded.push(EncodedGroup {
+                        group,
+                        spans: passed,
+                    });
+                }
             }
         }
-        batch.resource_spans.retain(|rs| !rs.scope_spans.is_empty());
-        if !batch.resource_spans.is_empty() {
-            self.send(batch);
+        if !forwarded.encoded.is_empty() {
+            self.send(forwarded);
         }
         self.handle(outputs);
     }
@@ -813,9 +840,112 @@ mod tests {
             finding_metrics,
         );
         // Two requests (resources) of 64 spans each, from the same process.
-        stage.on_spans(SpanBatch::from(vllm_request(0, 64)));
-        stage.on_spans(SpanBatch::from(vllm_request(64, 64)));
+        stage.on_spans(RawTraceRequest::from(vllm_request(0, 64)));
+        stage.on_spans(RawTraceRequest::from(vllm_request(64, 64)));
         assert_eq!(stage.held_len(), 128);
         assert_eq!(lookups.load(Ordering::Relaxed), 2);
+    }
+
+    /// The tenant attribute of a decoded span.
+    fn tenant_of(span: &Span) -> Option<String> {
+        span.attributes
+            .iter()
+            .find(|kv| kv.key == "tenant.id")
+            .and_then(|kv| kv.value.as_ref())
+            .and_then(|v| match &v.value {
+                Some(any_value::Value::StringValue(s)) => Some(s.clone()),
+                _ => None,
+            })
+    }
+
+    #[test]
+    fn received_spans_leave_as_they_came_with_only_the_tenant_hashed() {
+        let mut registry = Registry::default();
+        let metrics = Arc::new(AgentMetrics::register(&mut registry));
+        let finding_metrics = Arc::new(FindingMetrics::register(&mut registry));
+        let (tx, mut queue) = ExportConfig::default().queue(metrics);
+        let hasher = TenantHasher::new("key");
+        let mut stage = CorrelateStage::new(
+            Correlator::new(CorrelatorConfig::default()),
+            Box::new(|_| None),
+            AdapterOptions::default(),
+            vec![tx],
+            finding_metrics,
+        )
+        .with_tenant_hasher(Some(hasher));
+        let mut request = vllm_request(0, 2);
+        // A span no adapter reads, with a tenant, after the two request spans.
+        let other = Span {
+            trace_id: vec![7; 16],
+            span_id: vec![8; 8],
+            name: "db.query".into(),
+            attributes: vec![kv_str("tenant.id", "acme"), kv_str("db.system", "pg")],
+            ..Default::default()
+        };
+        request.resource_spans[0].scope_spans[0]
+            .spans
+            .push(other.clone());
+        let received = request.resource_spans[0].scope_spans[0].spans.clone();
+        stage.on_spans(RawTraceRequest::from(request));
+
+        // The span no adapter reads leaves at once, its tenant hashed and nothing else changed.
+        let now = queue
+            .try_recv()
+            .expect("the unknown span is forwarded at once");
+        assert_eq!(now.span_count(), 1);
+        let mut forwarded = now.encoded[0].spans[0].decode().expect("decodes");
+        assert_eq!(tenant_of(&forwarded), Some(hasher.hash("acme")));
+        forwarded.attributes[0] = kv_str("tenant.id", "acme");
+        assert_eq!(forwarded, other);
+        let group = &now.encoded[0].group;
+        assert_eq!(
+            group.scope.as_ref().map(|s| s.name.as_str()),
+            Some("vllm.entrypoints.openai.api_server")
+        );
+
+        // The request spans leave once settled: their own attributes in order, the tenant
+        // hashed, the agent's appended after them.
+        stage.on_tick(1_760_000_100_000_000_000);
+        let settled = queue.try_recv().expect("the request spans settle");
+        let spans: Vec<Span> = settled
+            .encoded
+            .iter()
+            .flat_map(|g| g.spans.iter())
+            .map(|s| s.decode().expect("decodes"))
+            .collect();
+        assert_eq!(spans.len(), 2);
+        for span in spans {
+            let original = received
+                .iter()
+                .find(|r| r.span_id == span.span_id)
+                .expect("one of the request spans");
+            let n = original.attributes.len();
+            assert_eq!(
+                tenant_of(&span),
+                tenant_of(original).map(|t| hasher.hash(&t))
+            );
+            let mut own = span.attributes[..n].to_vec();
+            let at = own
+                .iter()
+                .position(|kv| kv.key == "tenant.id")
+                .expect("tenant");
+            own[at] = original.attributes[at].clone();
+            assert_eq!(own, original.attributes);
+            assert!(
+                span.attributes[n..]
+                    .iter()
+                    .all(|kv| kv.key.starts_with("inferwatch."))
+            );
+            assert_eq!(
+                Span {
+                    attributes: Vec::new(),
+                    ..span
+                },
+                Span {
+                    attributes: Vec::new(),
+                    ..original.clone()
+                }
+            );
+        }
     }
 }

@@ -33,12 +33,12 @@ use crate::sinks::prometheus::findings::{
 };
 use crate::sinks::prometheus::metrics::AgentMetrics;
 use crate::sinks::prometheus::{PrometheusSink, Readiness};
-use crate::sinks::{SinkReceiver, SinkSender, SpanBatch};
+use crate::sinks::{SinkReceiver, SinkSender};
 use crate::sources::kernel::{CounterMap, KernelSource, KernelStats};
 use crate::sources::kvevents::KvEventsSource;
 use crate::sources::nvml::{NvmlCounters, NvmlSource};
-use crate::sources::otlp::OtlpReceiver;
 use crate::sources::otlp::adapters::AdapterOptions;
+use crate::sources::otlp::{OtlpReceiver, RawTraceRequest};
 use crate::sources::procfs::ProcReader;
 
 /// How often the correlator's clock advances (and settled spans are forwarded).
@@ -89,7 +89,7 @@ pub struct Pipeline {
     nvml_capacity: usize,
     kv_events: Option<KvEventsSource>,
     kv_capacity: usize,
-    otlp: Option<(OtlpReceiver, mpsc::Receiver<SpanBatch>)>,
+    otlp: Option<(OtlpReceiver, mpsc::Receiver<RawTraceRequest>)>,
     exporter: Option<(OtlpExporter, SinkReceiver)>,
     file: Option<(FileSink, SinkReceiver)>,
     prometheus: Option<PrometheusSink>,
@@ -504,7 +504,7 @@ impl Pipeline {
     }
 }
 
-async fn recv_spans(rx: &mut Option<mpsc::Receiver<SpanBatch>>) -> Option<SpanBatch> {
+async fn recv_spans(rx: &mut Option<mpsc::Receiver<RawTraceRequest>>) -> Option<RawTraceRequest> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,

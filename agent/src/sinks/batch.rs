@@ -80,6 +80,12 @@ impl EncodedSpan {
         Self(encode::encode_span(span))
     }
 
+    /// A received span's bytes, kept as they are. The receiver checked that they decode as a
+    /// `Span` (`sources::otlp::validate`): the exporter writes them unchecked.
+    pub fn from_received(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+
     /// Appends attributes: the decoded span gets them after the ones it had.
     pub fn add_attributes(&mut self, attributes: impl IntoIterator<Item = KeyValue>) {
         for kv in attributes {

@@ -17,7 +17,7 @@ use prost::Message;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::{Accepted, OtlpError, Shared};
+use super::{Accepted, OtlpError, RawTraceRequest, Shared};
 use crate::sinks::prometheus::metrics::{Protocol, RejectReason};
 
 #[derive(Clone, Copy)]
@@ -175,12 +175,15 @@ async fn export(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bod
     }
 }
 
-fn decode(format: Format, bytes: &[u8]) -> Result<ExportTraceServiceRequest, String> {
+fn decode(format: Format, bytes: &[u8]) -> Result<RawTraceRequest, String> {
     match format {
-        Format::Protobuf => ExportTraceServiceRequest::decode(bytes).map_err(|e| e.to_string()),
+        // The spans stay encoded (see `super::request`); `validate` walks them.
+        Format::Protobuf => RawTraceRequest::decode(bytes).map_err(|e| e.to_string()),
         // serde_json stops at 128 levels of nesting, so a deep JSON AnyValue cannot overflow
-        // the stack either.
-        Format::Json => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
+        // the stack either. JSON is the slow path: decoded, then each span encoded.
+        Format::Json => serde_json::from_slice::<ExportTraceServiceRequest>(bytes)
+            .map(RawTraceRequest::from)
+            .map_err(|e| e.to_string()),
     }
 }
 

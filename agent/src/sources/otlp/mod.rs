@@ -1,39 +1,46 @@
 //! The OTLP trace receiver: OTLP/gRPC (`TraceService/Export`) and OTLP/HTTP
 //! (`POST /v1/traces`, protobuf or JSON, optionally gzip), plus the runtime [`adapters`].
 //!
-//! Each accepted request is checked against the configured limits and sent, whole, as one
-//! [`SpanBatch`] onto a bounded channel to the pipeline. The receiver never waits on that
+//! Requests are decoded as [`RawTraceRequest`]s (each span kept as its protobuf bytes: see
+//! [`request`]). Each accepted request is checked against the configured limits and sent,
+//! whole, onto a bounded channel to the pipeline. The receiver never waits on that
 //! channel: when it is full the request is dropped, counted and answered UNAVAILABLE (gRPC) /
 //! 503 (HTTP), which the OTLP exporters treat as retryable.
 //!
 //! Hostile input is bounded three ways: the request size (`max_request_bytes`, checked before
 //! buffering on HTTP and by tonic's framing on gRPC, and again after decompression); prost's
 //! decoder recursion limit (100 nested messages, so a deeply nested `AnyValue` fails to decode
-//! instead of overflowing the stack); and [`validate`] (attribute counts and `AnyValue` depth).
+//! instead of overflowing the stack), which [`wire`]'s span walker keeps too; and [`validate`]
+//! (every span well-formed, attribute counts and `AnyValue` depth).
 
 pub mod adapters;
 pub mod config;
 mod grpc;
 mod http;
+pub mod request;
 pub mod sample;
 #[cfg(test)]
 mod tests;
 mod tls;
+pub mod wire;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::trace::v1::Span;
+use prost::Message;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 pub use self::config::OtlpReceiverConfig;
+pub use self::request::RawTraceRequest;
 pub use self::tls::TlsError;
+use self::wire::{SpanView, WireError, WireLimits};
 use crate::internal_events::{OtlpRequestRejected, OtlpSpansReceived, SpansDropped};
-use crate::sinks::SpanBatch;
 use crate::sinks::prometheus::metrics::{AgentMetrics, DropStage, Protocol, RejectReason};
 
 /// Errors of the OTLP receiver.
@@ -85,11 +92,22 @@ pub enum LimitError {
     },
 }
 
+/// Why a decoded request was refused by [`validate`].
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InvalidRequest {
+    /// A limit was broken.
+    #[error(transparent)]
+    Limit(#[from] LimitError),
+    /// A span is not a `Span` message (the request as a whole does not decode).
+    #[error("a span does not decode: {0}")]
+    MalformedSpan(String),
+}
+
 /// The sending side of the receiver -> pipeline channel.
-pub type SpanSender = mpsc::Sender<SpanBatch>;
+pub type SpanSender = mpsc::Sender<RawTraceRequest>;
 
 /// Creates the bounded receiver -> pipeline channel with the configured capacity.
-pub fn channel(config: &OtlpReceiverConfig) -> (SpanSender, mpsc::Receiver<SpanBatch>) {
+pub fn channel(config: &OtlpReceiverConfig) -> (SpanSender, mpsc::Receiver<RawTraceRequest>) {
     mpsc::channel(config.queue_capacity.max(1))
 }
 
@@ -106,27 +124,26 @@ pub(crate) struct Shared {
 /// What [`Shared::accept`] decided.
 pub(crate) enum Accepted {
     Ok,
-    Invalid(LimitError),
+    Invalid(InvalidRequest),
     QueueFull,
 }
 
 impl Shared {
     /// Validates a decoded request and queues it for the pipeline.
-    pub(crate) fn accept(
-        &self,
-        protocol: Protocol,
-        request: ExportTraceServiceRequest,
-    ) -> Accepted {
-        if let Err(e) = validate(&request, &self.config) {
-            self.reject(protocol, RejectReason::LimitExceeded, &e.to_string());
+    pub(crate) fn accept(&self, protocol: Protocol, mut request: RawTraceRequest) -> Accepted {
+        if let Err(e) = validate(&mut request, &self.config) {
+            let reason = match e {
+                InvalidRequest::Limit(_) => RejectReason::LimitExceeded,
+                InvalidRequest::MalformedSpan(_) => RejectReason::Malformed,
+            };
+            self.reject(protocol, reason, &e.to_string());
             return Accepted::Invalid(e);
         }
-        let batch = SpanBatch::from(request);
-        let count = batch.span_count();
+        let count = request.span_count();
         if count == 0 {
             return Accepted::Ok;
         }
-        match self.sender.try_send(batch) {
+        match self.sender.try_send(request) {
             Ok(()) => {
                 OtlpSpansReceived { protocol, count }.emit(&self.metrics);
                 Accepted::Ok
@@ -173,8 +190,50 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Checks attribute counts and `AnyValue` depth everywhere in the request.
+/// Checks that every span decodes, and attribute counts and `AnyValue` depth everywhere in the
+/// request: what prost's decoding of the whole request and the limits refused before spans were
+/// kept encoded.
+///
+/// A span that decodes but is not in the canonical form the span walker reads (a singular
+/// message field written twice, which prost merges; no SDK writes that) is decoded by prost,
+/// checked, and replaced by prost's encoding of it, so the pipeline only sees spans it can read.
 pub fn validate(
+    request: &mut RawTraceRequest,
+    config: &OtlpReceiverConfig,
+) -> Result<(), InvalidRequest> {
+    let limits = (config.max_attributes, config.max_value_depth);
+    let wire_limits = WireLimits::from(config);
+    for rs in &mut request.resource_spans {
+        if let Some(resource) = &rs.resource {
+            check_attrs("resource", &resource.attributes, limits)?;
+        }
+        for ss in &mut rs.scope_spans {
+            if let Some(scope) = &ss.scope {
+                check_attrs("scope", &scope.attributes, limits)?;
+            }
+            for bytes in &mut ss.spans {
+                match SpanView::parse(bytes, wire_limits) {
+                    Ok(_) => {}
+                    Err(WireError::Limit(e)) => return Err(e.into()),
+                    Err(WireError::Malformed(e)) => {
+                        return Err(InvalidRequest::MalformedSpan(e.to_string()));
+                    }
+                    Err(WireError::NotCanonical) => {
+                        let span = Span::decode(bytes.as_slice())
+                            .map_err(|e| InvalidRequest::MalformedSpan(e.to_string()))?;
+                        check_span(&span, limits)?;
+                        *bytes = span.encode_to_vec();
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// [`validate`]'s limits on a decoded request: what the receiver checked before spans were
+/// kept encoded, kept as the reference the fuzz target holds [`validate`] to.
+pub fn validate_decoded(
     request: &ExportTraceServiceRequest,
     config: &OtlpReceiverConfig,
 ) -> Result<(), LimitError> {
@@ -188,15 +247,21 @@ pub fn validate(
                 check_attrs("scope", &scope.attributes, limits)?;
             }
             for span in &ss.spans {
-                check_attrs("span", &span.attributes, limits)?;
-                for event in &span.events {
-                    check_attrs("event", &event.attributes, limits)?;
-                }
-                for link in &span.links {
-                    check_attrs("link", &link.attributes, limits)?;
-                }
+                check_span(span, limits)?;
             }
         }
+    }
+    Ok(())
+}
+
+/// The limits on a decoded span's attribute lists.
+fn check_span(span: &Span, limits: (usize, usize)) -> Result<(), LimitError> {
+    check_attrs("span", &span.attributes, limits)?;
+    for event in &span.events {
+        check_attrs("event", &event.attributes, limits)?;
+    }
+    for link in &span.links {
+        check_attrs("link", &link.attributes, limits)?;
     }
     Ok(())
 }

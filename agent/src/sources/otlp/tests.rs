@@ -13,7 +13,9 @@ use bytes::{Buf, BufMut, Bytes};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use opentelemetry_proto::tonic::common::v1::{AnyValue, ArrayValue, any_value};
 use prost::Message;
 use serde_json::Value;
@@ -22,14 +24,14 @@ use tokio_util::sync::CancellationToken;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Code, Status};
 
-use super::adapters::{AdapterOptions, adapt_batch};
+use super::adapters::{AdapterOptions, adapt_request};
 use super::sample::vllm_request;
 use super::{OtlpReceiver, OtlpReceiverConfig, channel};
 use crate::model::{RuntimeKind, RuntimeRequest};
 use crate::sinks::batch::{kv_i64, kv_str};
 use crate::sinks::otlp::{ExportConfig, ExportProtocol, OtlpExporter};
 use crate::sinks::prometheus::metrics::{AgentMetrics, DropStage, Protocol, RejectReason};
-use crate::sinks::{SinkSender, finding_span};
+use crate::sinks::{SinkSender, SpanBatch, finding_span};
 
 // ---------------------------------------------------------------- harness
 
@@ -165,8 +167,15 @@ async fn start_agent(receiver: OtlpReceiverConfig, export: Option<ExportConfig>)
     let options = AdapterOptions::from(&receiver);
     let forward = export_tx.clone();
     tokio::spawn(async move {
-        while let Some(mut batch) = rx.recv().await {
-            for r in adapt_batch(&batch, &options) {
+        while let Some(request) = rx.recv().await {
+            let adapted = adapt_request(&request, &options);
+            // The raw request encodes to the bytes it was read from: decoded here so that the
+            // test enriches prost messages.
+            let mut batch = SpanBatch::from(
+                ExportTraceServiceRequest::decode(request.encode_to_vec().as_slice())
+                    .expect("the receiver validated every span"),
+            );
+            for r in adapted {
                 // What the correlator will do: mark the join, add a finding in the trace.
                 batch.add_attributes(
                     &r.trace_id,

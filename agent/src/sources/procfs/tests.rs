@@ -185,3 +185,53 @@ fn reads_this_process_and_caches_it() {
         "a missing pid is a read error"
     );
 }
+
+/// A fake procfs root holding one process whose `stat` says it started at `start_ticks`.
+fn fake_proc(name: &str, pid: u32, start_ticks: u64) -> PathBuf {
+    let root = std::env::temp_dir().join(format!("iw-procfs-{name}-{}", std::process::id()));
+    let dir = root.join(pid.to_string());
+    std::fs::create_dir_all(&dir).expect("fake /proc/<pid>");
+    write_stat(&root, pid, start_ticks);
+    std::fs::write(dir.join("comm"), "vllm\n").expect("comm");
+    root
+}
+
+fn write_stat(root: &Path, pid: u32, start_ticks: u64) {
+    // Fields 3..=21 (state .. itrealvalue), then 22: starttime.
+    let stat = format!(
+        "{pid} (vllm) S 1 {} {start_ticks} 0 0\n",
+        ["0"; 17].join(" ")
+    );
+    std::fs::write(root.join(pid.to_string()).join("stat"), stat).expect("stat");
+}
+
+#[test]
+fn a_cached_identity_is_trusted_for_the_recheck_interval() {
+    let pid = 4242;
+    let root = fake_proc("trusted", pid, 500);
+    let mut reader = ProcReader::new(&root, 8).with_recheck(Duration::from_secs(3600));
+    assert!(reader.identity_if_new(pid).is_some(), "first sighting");
+    // Within the interval the cache answers without reading: even a gone process.
+    std::fs::remove_file(root.join(pid.to_string()).join("stat")).expect("rm stat");
+    assert!(reader.identity_if_new(pid).is_none(), "cached, not read");
+    assert_eq!(reader.identity(pid).expect("cached").pid, pid);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn a_reused_pid_is_told_apart_once_the_interval_passed() {
+    let pid = 4243;
+    let root = fake_proc("reused", pid, 500);
+    let mut reader = ProcReader::new(&root, 8).with_recheck(Duration::ZERO);
+    let first = reader.identity_if_new(pid).expect("first sighting");
+    assert!(
+        reader.identity_if_new(pid).is_none(),
+        "same start time: cached"
+    );
+    write_stat(&root, pid, 900);
+    let second = reader
+        .identity_if_new(pid)
+        .expect("a new process under the same pid");
+    assert_ne!(first.start_time, second.start_time);
+    let _ = std::fs::remove_dir_all(&root);
+}

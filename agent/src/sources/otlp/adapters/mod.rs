@@ -8,7 +8,8 @@
 //! adapters only read.
 //!
 //! The attributes are read in one pass ([`Fields::read`]) whatever the runtime, so adapting
-//! costs one scan of the attribute list per span.
+//! costs one scan of the attribute list per span. Spans are read in place from their protobuf
+//! encoding ([`SpanView`]): nothing is decoded that no adapter reads.
 
 pub mod genai;
 pub mod sglang;
@@ -19,13 +20,14 @@ pub mod vllm;
 
 use std::net::{IpAddr, SocketAddr};
 
-use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::Span;
+use prost::Message;
 
-use super::OtlpReceiverConfig;
+use super::wire::{AttributeView, SpanView, ValueView, WireLimits};
+use super::{OtlpReceiverConfig, RawTraceRequest};
 use crate::model::{InstanceIdentity, RuntimeKind, RuntimeRequest};
-use crate::sinks::SpanBatch;
 
 /// What the adapters need from the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,12 +58,12 @@ pub const TOKEN_EVENT_NAMES: &[&str] = &["token", "gen_ai.token", "new_token", "
 
 /// Maps one span to a runtime request, or `None` when no adapter recognises it.
 pub fn adapt(
-    span: &Span,
+    span: &SpanView<'_>,
     resource: Option<&Resource>,
     options: &AdapterOptions,
 ) -> Option<RuntimeRequest> {
     let kind = classify(span)?;
-    let fields = Fields::read(&span.attributes, options);
+    let fields = Fields::read(span.attributes(), options);
     let kind = match kind {
         Some(k) => k,
         // Not a known runtime span name: GenAI conventions only when it reports usage.
@@ -85,27 +87,45 @@ pub fn adapt(
     Some(request)
 }
 
-/// Adapts every span of a batch.
-pub fn adapt_batch(batch: &SpanBatch, options: &AdapterOptions) -> Vec<RuntimeRequest> {
-    batch
-        .spans()
-        .filter_map(|(resource, span)| adapt(span, resource, options))
-        .collect()
+/// [`adapt`] for a decoded span (OTLP/JSON, tests, tools): encoded, then read like a received
+/// one, so both take the same path.
+pub fn adapt_decoded(
+    span: &Span,
+    resource: Option<&Resource>,
+    options: &AdapterOptions,
+) -> Option<RuntimeRequest> {
+    let bytes = span.encode_to_vec();
+    // prost's own encoding is canonical and within prost's limits: it always reads.
+    let view = SpanView::parse(&bytes, WireLimits::unlimited()).ok()?;
+    adapt(&view, resource, options)
+}
+
+/// Adapts every span of a request.
+pub fn adapt_request(request: &RawTraceRequest, options: &AdapterOptions) -> Vec<RuntimeRequest> {
+    let mut out = Vec::new();
+    for rs in &request.resource_spans {
+        for span in rs.scope_spans.iter().flat_map(|ss| ss.spans.iter()) {
+            if let Ok(view) = SpanView::parse(span, WireLimits::unlimited()) {
+                out.extend(adapt(&view, rs.resource.as_ref(), options));
+            }
+        }
+    }
+    out
 }
 
 /// `Some(Some(kind))` for a known span name, `Some(None)` for "maybe GenAI", `None` for a
 /// span that cannot be a request (no attributes at all).
-fn classify(span: &Span) -> Option<Option<RuntimeKind>> {
+fn classify(span: &SpanView<'_>) -> Option<Option<RuntimeKind>> {
     if span.name == vllm::SPAN_NAME {
         return Some(Some(RuntimeKind::Vllm));
     }
     if span.name.starts_with(sglang::SPAN_PREFIX) {
         return Some(Some(RuntimeKind::Sglang));
     }
-    if tgi::SPAN_NAMES.contains(&span.name.as_str()) {
+    if tgi::SPAN_NAMES.contains(&span.name) {
         return Some(Some(RuntimeKind::Tgi));
     }
-    if span.attributes.is_empty() {
+    if span.attribute_count == 0 {
         return None;
     }
     Some(None)
@@ -113,13 +133,13 @@ fn classify(span: &Span) -> Option<Option<RuntimeKind>> {
 
 fn base(
     kind: RuntimeKind,
-    span: &Span,
+    span: &SpanView<'_>,
     resource: Option<&Resource>,
     fields: &Fields<'_>,
 ) -> Option<RuntimeRequest> {
-    let trace_id: [u8; 16] = span.trace_id.as_slice().try_into().ok()?;
-    let span_id: [u8; 8] = span.span_id.as_slice().try_into().ok()?;
-    let parent_span_id = <[u8; 8]>::try_from(span.parent_span_id.as_slice())
+    let trace_id: [u8; 16] = span.trace_id.try_into().ok()?;
+    let span_id: [u8; 8] = span.span_id.try_into().ok()?;
+    let parent_span_id = <[u8; 8]>::try_from(span.parent_span_id)
         .ok()
         .filter(|p| p != &[0; 8]);
     let client = match (fields.client_address, fields.client_port) {
@@ -131,9 +151,8 @@ fn base(
         _ => None,
     };
     let token_times = span
-        .events
-        .iter()
-        .filter(|e| TOKEN_EVENT_NAMES.contains(&e.name.as_str()))
+        .events()
+        .filter(|e| TOKEN_EVENT_NAMES.contains(&e.name))
         .map(|e| e.time_unix_nano)
         .collect();
     Some(RuntimeRequest {
@@ -166,15 +185,36 @@ pub fn instance(resource: Option<&Resource>) -> InstanceIdentity {
         .map(|r| r.attributes.as_slice())
         .unwrap_or_default()
     {
+        let value = kv
+            .value
+            .as_ref()
+            .and_then(|v| v.value.as_ref())
+            .map_or(ValueView::Empty, scalar_view);
         match kv.key.as_str() {
-            "service.name" => id.service_name = str_of(kv).map(str::to_owned),
-            "service.instance.id" => id.service_instance_id = str_of(kv).map(str::to_owned),
-            "host.name" => id.host_name = str_of(kv).map(str::to_owned),
-            "process.pid" => id.pid = u64_of(kv).and_then(|p| u32::try_from(p).ok()),
+            "service.name" => id.service_name = str_of(&value).map(str::to_owned),
+            "service.instance.id" => id.service_instance_id = str_of(&value).map(str::to_owned),
+            "host.name" => id.host_name = str_of(&value).map(str::to_owned),
+            "process.pid" => id.pid = u64_of(&value).and_then(|p| u32::try_from(p).ok()),
             _ => {}
         }
     }
     id
+}
+
+/// A decoded (resource) attribute value as the view the readers below take; arrays, key-value
+/// lists and profiles' string-table indexes, which no resource attribute the adapters read
+/// holds, as `Empty`.
+fn scalar_view(value: &Value) -> ValueView<'_> {
+    match value {
+        Value::StringValue(s) => ValueView::Str(s),
+        Value::BoolValue(b) => ValueView::Bool(*b),
+        Value::IntValue(i) => ValueView::Int(*i),
+        Value::DoubleValue(d) => ValueView::Double(*d),
+        Value::BytesValue(b) => ValueView::Bytes(b),
+        Value::ArrayValue(_) | Value::KvlistValue(_) | Value::StringValueStrindex(_) => {
+            ValueView::Empty
+        }
+    }
 }
 
 /// Every attribute any adapter reads, collected in one pass over the span's attributes.
@@ -220,10 +260,10 @@ pub struct Fields<'a> {
 
 impl<'a> Fields<'a> {
     /// Reads the known attributes from `attrs`.
-    pub fn read(attrs: &'a [KeyValue], options: &AdapterOptions) -> Self {
+    pub fn read(attrs: impl Iterator<Item = AttributeView<'a>>, options: &AdapterOptions) -> Self {
         let mut f = Fields::default();
-        for kv in attrs {
-            let key = kv.key.as_str();
+        for AttributeView { key, value } in attrs {
+            let kv = &value;
             if key == options.tenant_attribute {
                 f.tenant = str_of(kv);
                 continue;
@@ -269,46 +309,42 @@ impl<'a> Fields<'a> {
     }
 }
 
-fn value(kv: &KeyValue) -> Option<&Value> {
-    kv.value.as_ref().and_then(|v: &AnyValue| v.value.as_ref())
-}
-
 /// A string attribute's value.
-pub fn str_of(kv: &KeyValue) -> Option<&str> {
-    match value(kv)? {
-        Value::StringValue(s) => Some(s),
+pub fn str_of<'a>(value: &ValueView<'a>) -> Option<&'a str> {
+    match *value {
+        ValueView::Str(s) => Some(s),
         _ => None,
     }
 }
 
 /// A non-negative integer attribute, also accepted as a whole double or a decimal string
 /// (TGI records counts with `format!("{:?}")`).
-pub fn u64_of(kv: &KeyValue) -> Option<u64> {
-    match value(kv)? {
-        Value::IntValue(i) => u64::try_from(*i).ok(),
-        Value::DoubleValue(d) if *d >= 0.0 && d.fract() == 0.0 && *d < u64::MAX as f64 => {
-            Some(*d as u64)
+pub fn u64_of(value: &ValueView<'_>) -> Option<u64> {
+    match *value {
+        ValueView::Int(i) => u64::try_from(i).ok(),
+        ValueView::Double(d) if d >= 0.0 && d.fract() == 0.0 && d < u64::MAX as f64 => {
+            Some(d as u64)
         }
-        Value::StringValue(s) => s.trim().parse().ok(),
+        ValueView::Str(s) => s.trim().parse().ok(),
         _ => None,
     }
 }
 
 /// A floating-point attribute (an integer is accepted too).
-pub fn f64_of(kv: &KeyValue) -> Option<f64> {
-    match value(kv)? {
-        Value::DoubleValue(d) if d.is_finite() => Some(*d),
-        Value::IntValue(i) => Some(*i as f64),
+pub fn f64_of(value: &ValueView<'_>) -> Option<f64> {
+    match *value {
+        ValueView::Double(d) if d.is_finite() => Some(d),
+        ValueView::Int(i) => Some(i as f64),
         _ => None,
     }
 }
 
 /// A string, or the first string of a string array.
-fn first_str(kv: &KeyValue) -> Option<String> {
-    match value(kv)? {
-        Value::StringValue(s) => Some(s.clone()),
-        Value::ArrayValue(a) => a.values.iter().find_map(|v| match &v.value {
-            Some(Value::StringValue(s)) => Some(s.clone()),
+fn first_str(value: &ValueView<'_>) -> Option<String> {
+    match value {
+        ValueView::Str(s) => Some((*s).to_owned()),
+        ValueView::Array(a) => a.values().find_map(|v| match v {
+            ValueView::Str(s) => Some(s.to_owned()),
             _ => None,
         }),
         _ => None,

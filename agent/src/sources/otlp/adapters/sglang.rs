@@ -9,15 +9,14 @@
 //! first-token times live on the child spans, which this per-span adapter does not join: the
 //! children pass through untouched and the correlator can refine them.
 
-use opentelemetry_proto::tonic::trace::v1::Span;
-
 use super::{Fields, secs_to_ns};
 use crate::model::RuntimeRequest;
+use crate::sources::otlp::wire::SpanView;
 
 /// The root span's name prefix.
 pub const SPAN_PREFIX: &str = "Req ";
 
-pub(super) fn fill(request: &mut RuntimeRequest, span: &Span, fields: &Fields<'_>) {
+pub(super) fn fill(request: &mut RuntimeRequest, span: &SpanView<'_>, fields: &Fields<'_>) {
     if request.request_id.is_none() {
         let rid = span.name[SPAN_PREFIX.len()..].trim();
         if !rid.is_empty() {

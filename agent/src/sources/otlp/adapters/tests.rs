@@ -39,7 +39,8 @@ fn resource() -> Resource {
 #[test]
 fn vllm_llm_request() {
     let s = vllm_span(3);
-    let r = adapt(&s, Some(&resource()), &AdapterOptions::default()).expect("vllm span adapts");
+    let r =
+        adapt_decoded(&s, Some(&resource()), &AdapterOptions::default()).expect("vllm span adapts");
     assert_eq!(r.runtime, RuntimeKind::Vllm);
     assert_eq!(r.request_id.as_deref(), Some("chatcmpl-0000000000000003"));
     assert_eq!(r.model.as_deref(), Some("meta-llama/Llama-3.1-8B-Instruct"));
@@ -60,7 +61,7 @@ fn vllm_llm_request() {
 fn vllm_end_falls_back_to_e2e() {
     let mut s = span("llm_request", vec![kv_f64("gen_ai.latency.e2e", 1.5)]);
     s.end_time_unix_nano = 0;
-    let r = adapt(&s, None, &AdapterOptions::default()).expect("adapts");
+    let r = adapt_decoded(&s, None, &AdapterOptions::default()).expect("adapts");
     assert_eq!(r.end, START + 1_500_000_000);
 }
 
@@ -86,7 +87,7 @@ fn genai_conventions_with_configured_keys() {
             kv_str("gen_ai.response.finish_reasons", "length"),
         ],
     );
-    let r = adapt(&s, None, &options).expect("GenAI span adapts");
+    let r = adapt_decoded(&s, None, &options).expect("GenAI span adapts");
     assert_eq!(r.runtime, RuntimeKind::GenAi);
     assert_eq!(r.prompt_tokens, Some(28_000));
     assert_eq!(r.cached_tokens, Some(0));
@@ -108,7 +109,8 @@ fn sglang_root_span() {
             kv_i64("cached_tokens", 256),
         ],
     );
-    let r = adapt(&s, Some(&resource()), &AdapterOptions::default()).expect("sglang adapts");
+    let r =
+        adapt_decoded(&s, Some(&resource()), &AdapterOptions::default()).expect("sglang adapts");
     assert_eq!(r.runtime, RuntimeKind::Sglang);
     assert_eq!(r.request_id.as_deref(), Some("8f3a2c1d"));
     assert_eq!(r.prompt_tokens, Some(500));
@@ -117,7 +119,7 @@ fn sglang_root_span() {
     assert_eq!(r.instance.service_name.as_deref(), Some("sglang"));
     // Its children (stages) are not requests.
     assert_eq!(
-        adapt(&span("Prefill", vec![]), None, &AdapterOptions::default()),
+        adapt_decoded(&span("Prefill", vec![]), None, &AdapterOptions::default()),
         None
     );
 }
@@ -136,14 +138,14 @@ fn tgi_generate_stream() {
             kv_str("generated_tokens", "124"),
         ],
     );
-    let r = adapt(&s, None, &AdapterOptions::default()).expect("tgi adapts");
+    let r = adapt_decoded(&s, None, &AdapterOptions::default()).expect("tgi adapts");
     assert_eq!(r.runtime, RuntimeKind::Tgi);
     assert_eq!(r.queue_ns, Some(12_500_000));
     assert_eq!(r.prompt_tokens, Some(900));
     assert_eq!(r.output_tokens, Some(124));
     // A span merely named `generate` without TGI's fields is not a TGI request.
     assert_eq!(
-        adapt(
+        adapt_decoded(
             &span("generate", vec![kv_str("x", "y")]),
             None,
             &AdapterOptions::default()
@@ -181,7 +183,7 @@ fn token_events_become_token_times() {
             ..Default::default()
         }))
         .collect();
-    let r = adapt(&s, None, &AdapterOptions::default()).expect("adapts");
+    let r = adapt_decoded(&s, None, &AdapterOptions::default()).expect("adapts");
     assert_eq!(r.token_times, vec![START + 10, START + 20, START + 30]);
     assert_eq!(
         r.first_token,
@@ -192,7 +194,7 @@ fn token_events_become_token_times() {
 
 #[test]
 fn unknown_spans_give_none_and_pass_through_untouched() {
-    use crate::sinks::SpanBatch;
+    use crate::sources::otlp::RawTraceRequest;
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans};
 
@@ -206,7 +208,7 @@ fn unknown_spans_give_none_and_pass_through_untouched() {
     ];
     for s in &unknown {
         assert_eq!(
-            adapt(s, None, &AdapterOptions::default()),
+            adapt_decoded(s, None, &AdapterOptions::default()),
             None,
             "{}",
             s.name
@@ -222,15 +224,13 @@ fn unknown_spans_give_none_and_pass_through_untouched() {
             ..Default::default()
         }],
     };
-    let batch = SpanBatch::from(request.clone());
-    assert!(adapt_batch(&batch, &AdapterOptions::default()).is_empty());
-    let out = batch.into_request(&crate::sinks::batch::agent_resource(None));
-    assert_eq!(out, request, "forwarded byte for byte");
+    let raw = RawTraceRequest::from(request);
+    assert!(adapt_request(&raw, &AdapterOptions::default()).is_empty());
 }
 
 #[test]
 fn malformed_ids_give_none() {
     let mut s = vllm_span(1);
     s.trace_id = vec![1, 2, 3];
-    assert_eq!(adapt(&s, None, &AdapterOptions::default()), None);
+    assert_eq!(adapt_decoded(&s, None, &AdapterOptions::default()), None);
 }
