@@ -24,7 +24,8 @@
 //!
 //! Environment: `INFERWATCH_BENCH_RATES` (requests/s, comma-separated; default 1000,10000),
 //! `INFERWATCH_BENCH_DURATION` (seconds measured per rate; default 30), `_WARMUP` (5),
-//! `_PERF_FREQ` (the `--perf` sampling frequency, Hz; 499),
+//! `_PERF_FREQ` (the `--perf` sampling frequency, Hz; 499), `_DELAYS_FILE` (a path: every
+//! abort's rate, client close time and detection delay appended to it),
 //! `_ABORT_SHARE` (0.02), `_NO_BASELINE=1`, `_PEER_ROUNDS` (5), `_PERF` (a path: `perf record`
 //! the agent over the window of the highest rate), `_COMPARE_AGENT` (another `inferwatch`
 //! binary, e.g. a build from before a change: run too at each rate, before this one),
@@ -582,6 +583,29 @@ async fn phase(
             out.aborts_found += 1;
             out.delay_ms
                 .push(at.saturating_sub(c.close_ns) as f64 / 1e6);
+        }
+    }
+    // INFERWATCH_BENCH_DELAYS_FILE: every abort's client close (unix ns) and delay (ms),
+    // appended, to see when in the run the slow ones happened.
+    if let Ok(path) = std::env::var("INFERWATCH_BENCH_DELAYS_FILE") {
+        let lines: String = sent
+            .iter()
+            .filter_map(|c| {
+                let at = arrived.get(&c.trace_id)?;
+                Some(format!(
+                    "{rate} {} {:.1}\n",
+                    c.close_ns,
+                    at.saturating_sub(c.close_ns) as f64 / 1e6
+                ))
+            })
+            .collect();
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, lines.as_bytes()));
+        if let Err(e) = written {
+            eprintln!("writing {path}: {e}");
         }
     }
     out.delay_ms.sort_by(f64::total_cmp);

@@ -28,7 +28,7 @@ use crate::sinks::prometheus::findings::{
 use crate::sinks::{SinkSender, SpanBatch, finding_span};
 use crate::sources::otlp::RawTraceRequest;
 use crate::sources::otlp::adapters::{AdapterOptions, adapt};
-use crate::sources::otlp::wire::{SpanView, WireLimits, rewrite_str_attributes};
+use crate::sources::otlp::wire::{SpanView, rewrite_str_attributes};
 
 /// A request span waiting for its join: encoded, since it waits a few hundred ms or more (see
 /// [`EncodedSpan`]), with the resource and scope it shares with the spans it came with.
@@ -268,10 +268,9 @@ impl CorrelateStage {
                 });
                 let mut passed = Vec::new();
                 for bytes in ss.spans {
-                    // The receiver validated every span, so this reads; a span that does not
-                    // is forwarded as it came.
-                    let adapted = SpanView::parse(&bytes, WireLimits::unlimited())
-                        .ok()
+                    // The receiver validated every span (`validate`), so only the top level
+                    // is read here; a span that does not read is forwarded as it came.
+                    let adapted = SpanView::read_validated(&bytes)
                         .and_then(|view| adapt(&view, rs.resource.as_ref(), &self.adapter));
                     let span = EncodedSpan::from_received(self.hash_tenant_in_span(bytes));
                     let Some(request) = adapted else {

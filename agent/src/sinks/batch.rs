@@ -24,6 +24,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bytes::Buf;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
@@ -70,37 +71,77 @@ pub struct SpanGroup {
 }
 
 /// One span as its protobuf encoding (a `Span` message, without the field key and length that
-/// put it in a `ScopeSpans`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EncodedSpan(Vec<u8>);
+/// put it in a `ScopeSpans`): the span's own bytes, then the attributes the agent appended.
+///
+/// The two parts are kept apart because the received bytes come at their exact size: appending
+/// to them would reallocate and copy the whole span for every enriched request (a fortieth of
+/// the agent's CPU at 1k requests/s). The exporter writes one after the other.
+#[derive(Debug, Clone)]
+pub struct EncodedSpan {
+    body: Vec<u8>,
+    added: Vec<u8>,
+}
+
+/// Room for the attributes the agent appends to a request span (join, start kind, GPU facts:
+/// ~100-250 bytes), taken once at the first append.
+const ADDED_CAPACITY: usize = 256;
 
 impl EncodedSpan {
     /// Encodes `span`, byte for byte as prost would.
     pub fn new(span: &Span) -> Self {
-        Self(encode::encode_span(span))
+        Self::from_received(encode::encode_span(span))
     }
 
     /// A received span's bytes, kept as they are. The receiver checked that they decode as a
     /// `Span` (`sources::otlp::validate`): the exporter writes them unchecked.
     pub fn from_received(bytes: Vec<u8>) -> Self {
-        Self(bytes)
+        Self {
+            body: bytes,
+            added: Vec::new(),
+        }
+    }
+
+    /// The buffer appended attributes go to.
+    fn added(&mut self) -> &mut Vec<u8> {
+        if self.added.capacity() == 0 {
+            self.added.reserve(ADDED_CAPACITY);
+        }
+        &mut self.added
     }
 
     /// Appends attributes: the decoded span gets them after the ones it had.
     pub fn add_attributes(&mut self, attributes: impl IntoIterator<Item = KeyValue>) {
         for kv in attributes {
-            encode::append_attribute(kv, &mut self.0);
+            encode::append_attribute(kv, self.added());
         }
     }
 
     /// Appends one string attribute.
     pub fn add_str_attribute(&mut self, key: &str, value: &str) {
-        encode::append_str_attribute(key, value, &mut self.0);
+        encode::append_str_attribute(key, value, self.added());
     }
 
-    /// The encoded bytes.
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+    /// The length of the encoding.
+    pub fn len(&self) -> usize {
+        self.body.len() + self.added.len()
+    }
+
+    /// True for an empty span (every field at its default).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends the encoding to `buf`.
+    pub fn write_to(&self, buf: &mut Vec<u8>) {
+        buf.extend_from_slice(&self.body);
+        buf.extend_from_slice(&self.added);
+    }
+
+    /// The encoding in one buffer.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(self.len());
+        self.write_to(&mut buf);
+        buf
     }
 
     /// The span, decoded again.
@@ -108,9 +149,23 @@ impl EncodedSpan {
     /// # Errors
     /// Only if the bytes are not a `Span`, which [`EncodedSpan::new`] does not produce.
     pub fn decode(&self) -> Result<Span, prost::DecodeError> {
-        Span::decode(self.0.as_slice())
+        Span::decode(self.body.as_slice().chain(self.added.as_slice()))
     }
 }
+
+/// Equal when the encodings are, however they are split.
+impl PartialEq for EncodedSpan {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len()
+            && self
+                .body
+                .iter()
+                .chain(&self.added)
+                .eq(other.body.iter().chain(&other.added))
+    }
+}
+
+impl Eq for EncodedSpan {}
 
 /// Encoded spans that share a resource and scope.
 #[derive(Debug, Clone, PartialEq)]

@@ -122,7 +122,7 @@ fn encoded_group_len(g: &EncodedGroup) -> (usize, usize) {
         .map_or(0, |s| message::encoded_len(SS_SCOPE, s))
         + g.spans
             .iter()
-            .map(|s| field_len(SS_SPANS, s.as_bytes().len()))
+            .map(|s| field_len(SS_SPANS, s.len()))
             .sum::<usize>()
         + string_len(SS_SCHEMA_URL, &group.scope_schema_url);
     let rs_len = group
@@ -145,8 +145,8 @@ fn write_encoded_group(g: &EncodedGroup, rs_len: usize, ss_len: usize, buf: &mut
         message::encode(SS_SCOPE, s, buf);
     }
     for span in &g.spans {
-        put_len_key(SS_SPANS, span.as_bytes().len(), buf);
-        buf.extend_from_slice(span.as_bytes());
+        put_len_key(SS_SPANS, span.len(), buf);
+        span.write_to(buf);
     }
     write_string(SS_SCHEMA_URL, &group.scope_schema_url, buf);
     write_string(RS_SCHEMA_URL, &group.resource_schema_url, buf);

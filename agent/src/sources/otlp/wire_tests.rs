@@ -443,6 +443,22 @@ fn attributes_match<'a>(
 }
 
 fn view_matches(view: &SpanView<'_>, span: &Span) -> Result<(), String> {
+    // The pipeline's top-level read of a validated span gives the same view.
+    let fast = SpanView::read_validated(view.bytes()).ok_or("read_validated refused it")?;
+    fn fields<'a>(v: &SpanView<'a>) -> (&'a [u8], &'a [u8], &'a [u8], &'a str, u64, u64, usize) {
+        (
+            v.trace_id,
+            v.span_id,
+            v.parent_span_id,
+            v.name,
+            v.start_time_unix_nano,
+            v.end_time_unix_nano,
+            v.attribute_count,
+        )
+    }
+    if fields(&fast) != fields(view) {
+        return Err(format!("read_validated {fast:?} vs parse {view:?}"));
+    }
     if view.trace_id != span.trace_id.as_slice()
         || view.span_id != span.span_id.as_slice()
         || view.parent_span_id != span.parent_span_id.as_slice()
@@ -1598,4 +1614,16 @@ fn parse_timing() {
         bytes.len(),
         vllm_like(7).attributes.len()
     );
+}
+
+#[test]
+fn read_validated_refuses_a_top_level_that_does_not_read() {
+    let bytes = vllm_like(3).encode_to_vec();
+    assert!(SpanView::read_validated(&bytes).is_some());
+    // Cut inside the last field: its length runs past the end.
+    assert!(SpanView::read_validated(&bytes[..bytes.len() - 1]).is_none());
+    // A stray end-group key.
+    let mut stray = bytes.clone();
+    stray.push(0x0c);
+    assert!(SpanView::read_validated(&stray).is_none());
 }
