@@ -25,7 +25,7 @@
 //! Environment: `INFERWATCH_BENCH_RATES` (requests/s, comma-separated; default 1000,10000),
 //! `INFERWATCH_BENCH_DURATION` (seconds measured per rate; default 30), `_WARMUP` (5),
 //! `_PERF_FREQ` (the `--perf` sampling frequency, Hz; 499), `_DELAYS_FILE` (a path: every
-//! abort's rate, client close time and detection delay appended to it),
+//! abort's rate, client close time and detection delay, or `missed`, appended to it),
 //! `_ABORT_SHARE` (0.02), `_NO_BASELINE=1`, `_PEER_ROUNDS` (5), `_PERF` (a path: `perf record`
 //! the agent over the window of the highest rate), `_COMPARE_AGENT` (another `inferwatch`
 //! binary, e.g. a build from before a change: run too at each rate, before this one),
@@ -590,13 +590,13 @@ async fn phase(
     if let Ok(path) = std::env::var("INFERWATCH_BENCH_DELAYS_FILE") {
         let lines: String = sent
             .iter()
-            .filter_map(|c| {
-                let at = arrived.get(&c.trace_id)?;
-                Some(format!(
+            .map(|c| match arrived.get(&c.trace_id) {
+                Some(at) => format!(
                     "{rate} {} {:.1}\n",
                     c.close_ns,
                     at.saturating_sub(c.close_ns) as f64 / 1e6
-                ))
+                ),
+                None => format!("{rate} {} missed\n", c.close_ns),
             })
             .collect();
         let written = std::fs::OpenOptions::new()

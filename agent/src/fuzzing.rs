@@ -19,7 +19,7 @@ use crate::sources::kernel::event::{self, raw};
 use crate::sources::kernel::http::{HeadParser, parse_traceparent};
 use crate::sources::kernel::{EventConverter, KernelConfig, MonotonicToWall};
 use crate::sources::kvevents;
-use crate::sources::otlp::adapters::{AdapterOptions, adapt, adapt_decoded};
+use crate::sources::otlp::adapters::{AdapterOptions, adapt, adapt_decoded, instance};
 use crate::sources::otlp::wire::{SpanView, WireLimits};
 use crate::sources::otlp::{OtlpReceiverConfig, RawTraceRequest, validate, validate_decoded};
 
@@ -110,7 +110,7 @@ fn otlp_request(
             assert!(decoded.is_ok(), "a validated span does not decode");
             let Ok(decoded) = decoded else { continue };
             assert_eq!(
-                adapt(&view, rs.resource.as_ref(), options),
+                adapt(&view, &instance(rs.resource.as_ref()), options),
                 adapt_decoded(&decoded, rs.resource.as_ref(), options),
                 "the span adapts differently read in place and decoded"
             );

@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -194,13 +195,13 @@ impl RuntimeKind {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceIdentity {
     /// `service.name`.
-    pub service_name: Option<String>,
+    pub service_name: Option<Arc<str>>,
     /// `service.instance.id`.
-    pub service_instance_id: Option<String>,
+    pub service_instance_id: Option<Arc<str>>,
     /// `process.pid`.
     pub pid: Option<u32>,
     /// `host.name`.
-    pub host_name: Option<String>,
+    pub host_name: Option<Arc<str>>,
 }
 
 /// One inference request as the runtime reported it, whatever the runtime (SPEC §1.2).

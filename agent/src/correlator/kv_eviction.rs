@@ -261,7 +261,7 @@ pub struct KvEvictionSizes {
 pub fn instance_aliases(identity: &InstanceIdentity) -> Vec<String> {
     let mut out = Vec::new();
     if let Some(id) = &identity.service_instance_id {
-        out.push(id.clone());
+        out.push(id.to_string());
     }
     if let Some(pid) = identity.pid {
         out.push(format!("pid:{pid}"));
@@ -276,7 +276,7 @@ pub fn instance_aliases(identity: &InstanceIdentity) -> Vec<String> {
 
 pub fn instance_key(identity: &InstanceIdentity) -> String {
     if let Some(id) = &identity.service_instance_id {
-        return id.clone();
+        return id.to_string();
     }
     if let Some(pid) = identity.pid {
         return format!("pid:{pid}");

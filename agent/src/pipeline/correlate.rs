@@ -27,7 +27,7 @@ use crate::sinks::prometheus::findings::{
 };
 use crate::sinks::{SinkSender, SpanBatch, finding_span};
 use crate::sources::otlp::RawTraceRequest;
-use crate::sources::otlp::adapters::{AdapterOptions, adapt};
+use crate::sources::otlp::adapters::{AdapterOptions, adapt, instance};
 use crate::sources::otlp::wire::{SpanView, rewrite_str_attributes};
 
 /// A request span waiting for its join: encoded, since it waits a few hundred ms or more (see
@@ -254,6 +254,7 @@ impl CorrelateStage {
             // lookup reads /proc/<pid>/stat (to tell a reused pid), which at 10k spans/s was
             // a visible share of the agent's CPU. One request comes from one process.
             let mut identified: Option<u32> = None;
+            let identity = instance(rs.resource.as_ref());
             // The resource as exported: its tenant hashed too.
             let mut exported_resource = rs.resource.clone();
             if let Some(r) = exported_resource.as_mut() {
@@ -271,7 +272,7 @@ impl CorrelateStage {
                     // The receiver validated every span (`validate`), so only the top level
                     // is read here; a span that does not read is forwarded as it came.
                     let adapted = SpanView::read_validated(&bytes)
-                        .and_then(|view| adapt(&view, rs.resource.as_ref(), &self.adapter));
+                        .and_then(|view| adapt(&view, &identity, &self.adapter));
                     let span = EncodedSpan::from_received(self.hash_tenant_in_span(bytes));
                     let Some(request) = adapted else {
                         passed.push(span);

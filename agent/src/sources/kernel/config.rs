@@ -40,10 +40,12 @@ impl Default for KernelConfig {
             watch_runtime_ports: false,
             tenant_header: "x-tenant-id".into(),
             conversation_header: "x-conversation-id".into(),
-            // Heads are recorded at their real length, so 4 MiB holds about a second of 10k
-            // requests/s; the agent's RSS counts the ring twice (its pages are mapped twice
-            // so that a record can wrap around the end).
-            ring_buffer_bytes: 4 * 1024 * 1024,
+            // Heads are recorded at their real length, so 2 MiB holds about half a second of
+            // 10k requests/s: five times the reader's interval, and the programs wake the
+            // reader at a quarter full (~125 ms at that rate). The agent's RSS counts the ring
+            // twice (its pages are mapped twice so that a record can wrap around the end): 4
+            // MiB was 8 MiB of the RSS target's 64 (docs/performance.md).
+            ring_buffer_bytes: 2 * 1024 * 1024,
             // The correlator's tick: draining more often finds nothing sooner (see
             // docs/kernel-source.md) and each timer wakeup costs the agent CPU.
             poll_interval_ms: 100,

@@ -19,6 +19,7 @@ pub mod tgi;
 pub mod vllm;
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::resource::v1::Resource;
@@ -56,10 +57,12 @@ impl From<&OtlpReceiverConfig> for AdapterOptions {
 /// Span event names read as one output token each (their times become `token_times`).
 pub const TOKEN_EVENT_NAMES: &[&str] = &["token", "gen_ai.token", "new_token", "output_token"];
 
-/// Maps one span to a runtime request, or `None` when no adapter recognises it.
+/// Maps one span to a runtime request, or `None` when no adapter recognises it. `instance` is
+/// the exporting process's identity from the span's resource ([`instance`]), read once per
+/// resource rather than per span.
 pub fn adapt(
     span: &SpanView<'_>,
-    resource: Option<&Resource>,
+    instance: &InstanceIdentity,
     options: &AdapterOptions,
 ) -> Option<RuntimeRequest> {
     let kind = classify(span)?;
@@ -74,7 +77,7 @@ pub fn adapt(
     if kind == RuntimeKind::Tgi && fields.tgi_queue_time.is_none() && !fields.is_genai() {
         return None;
     }
-    let mut request = base(kind, span, resource, &fields)?;
+    let mut request = base(kind, span, instance, &fields)?;
     match kind {
         RuntimeKind::Vllm => vllm::fill(&mut request, &fields),
         RuntimeKind::Sglang => sglang::fill(&mut request, span, &fields),
@@ -97,16 +100,17 @@ pub fn adapt_decoded(
     let bytes = span.encode_to_vec();
     // prost's own encoding is canonical and within prost's limits: it always reads.
     let view = SpanView::parse(&bytes, WireLimits::unlimited()).ok()?;
-    adapt(&view, resource, options)
+    adapt(&view, &instance(resource), options)
 }
 
 /// Adapts every span of a request.
 pub fn adapt_request(request: &RawTraceRequest, options: &AdapterOptions) -> Vec<RuntimeRequest> {
     let mut out = Vec::new();
     for rs in &request.resource_spans {
+        let identity = instance(rs.resource.as_ref());
         for span in rs.scope_spans.iter().flat_map(|ss| ss.spans.iter()) {
             if let Ok(view) = SpanView::parse(span, WireLimits::unlimited()) {
-                out.extend(adapt(&view, rs.resource.as_ref(), options));
+                out.extend(adapt(&view, &identity, options));
             }
         }
     }
@@ -134,7 +138,7 @@ fn classify(span: &SpanView<'_>) -> Option<Option<RuntimeKind>> {
 fn base(
     kind: RuntimeKind,
     span: &SpanView<'_>,
-    resource: Option<&Resource>,
+    instance: &InstanceIdentity,
     fields: &Fields<'_>,
 ) -> Option<RuntimeRequest> {
     let trace_id: [u8; 16] = span.trace_id.try_into().ok()?;
@@ -165,7 +169,8 @@ fn base(
         tenant: fields.tenant.map(str::to_owned),
         conversation: fields.conversation.map(str::to_owned),
         client,
-        instance: instance(resource),
+        // Shared strings: a clone per span, not three allocations.
+        instance: instance.clone(),
         arrival: span.start_time_unix_nano,
         queue_ns: None,
         first_token: None,
@@ -191,9 +196,9 @@ pub fn instance(resource: Option<&Resource>) -> InstanceIdentity {
             .and_then(|v| v.value.as_ref())
             .map_or(ValueView::Empty, scalar_view);
         match kv.key.as_str() {
-            "service.name" => id.service_name = str_of(&value).map(str::to_owned),
-            "service.instance.id" => id.service_instance_id = str_of(&value).map(str::to_owned),
-            "host.name" => id.host_name = str_of(&value).map(str::to_owned),
+            "service.name" => id.service_name = str_of(&value).map(Arc::from),
+            "service.instance.id" => id.service_instance_id = str_of(&value).map(Arc::from),
+            "host.name" => id.host_name = str_of(&value).map(Arc::from),
             "process.pid" => id.pid = u64_of(&value).and_then(|p| u32::try_from(p).ok()),
             _ => {}
         }
