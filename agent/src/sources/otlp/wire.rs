@@ -553,6 +553,20 @@ pub struct SpanView<'a> {
 }
 
 impl<'a> SpanView<'a> {
+    /// A view of `bytes` with every field at its default, before a walk fills it.
+    fn empty(bytes: &'a [u8]) -> Self {
+        SpanView {
+            bytes,
+            trace_id: &[],
+            span_id: &[],
+            parent_span_id: &[],
+            name: "",
+            start_time_unix_nano: 0,
+            end_time_unix_nano: 0,
+            attribute_count: 0,
+        }
+    }
+
     /// Walks the whole span once. Ok exactly when `Span::decode(bytes)` succeeds (at the depth
     /// of a span inside an export request), [`super::validate`] would accept the span's
     /// attribute lists (the span's, every event's and every link's: at most
@@ -566,16 +580,7 @@ impl<'a> SpanView<'a> {
     /// limit found (events', links' and values' limits in wire order, the span's own
     /// attribute count last).
     pub fn parse(bytes: &'a [u8], limits: WireLimits) -> Result<Self, WireError> {
-        let mut view = SpanView {
-            bytes,
-            trace_id: &[],
-            span_id: &[],
-            parent_span_id: &[],
-            name: "",
-            start_time_unix_nano: 0,
-            end_time_unix_nano: 0,
-            attribute_count: 0,
-        };
+        let mut view = SpanView::empty(bytes);
         let mut checker = Checker {
             limits,
             limit: None,
@@ -637,16 +642,7 @@ impl<'a> SpanView<'a> {
     /// the agent's CPU. `None` when the top level does not read (bytes that never passed
     /// `parse`); nested content that does not is skipped by the iterators, as after `parse`.
     pub fn read_validated(bytes: &'a [u8]) -> Option<Self> {
-        let mut view = SpanView {
-            bytes,
-            trace_id: &[],
-            span_id: &[],
-            parent_span_id: &[],
-            name: "",
-            start_time_unix_nano: 0,
-            end_time_unix_nano: 0,
-            attribute_count: 0,
-        };
+        let mut view = SpanView::empty(bytes);
         let mut fields = Fields::new(bytes);
         for (tag, raw) in fields.by_ref() {
             match (tag, raw) {
