@@ -73,7 +73,8 @@ impl Target {
 ///
 /// The span walker is also held to prost, which it replaced on this path: [`validate`] accepts
 /// a protobuf body exactly when prost decodes it whole and [`validate_decoded`] accepts that,
-/// and every accepted span adapts the same read in place as decoded by prost.
+/// and every accepted span adapts the same read in place (fully walked, or only its top level
+/// as the pipeline reads it) as decoded by prost.
 pub fn otlp(data: &[u8]) {
     let config = OtlpReceiverConfig::default();
     let options = AdapterOptions::from(&config);
@@ -109,10 +110,20 @@ fn otlp_request(
             let decoded = Span::decode(bytes.as_slice());
             assert!(decoded.is_ok(), "a validated span does not decode");
             let Ok(decoded) = decoded else { continue };
+            let identity = instance(rs.resource.as_ref());
+            let adapted = adapt(&view, &identity, options);
             assert_eq!(
-                adapt(&view, &instance(rs.resource.as_ref()), options),
+                adapted,
                 adapt_decoded(&decoded, rs.resource.as_ref(), options),
                 "the span adapts differently read in place and decoded"
+            );
+            // The pipeline's read of a validated span (top level only) adapts the same.
+            let top = SpanView::read_validated(bytes);
+            assert!(top.is_some(), "a validated span's top level does not read");
+            assert_eq!(
+                top.and_then(|top| adapt(&top, &identity, options)),
+                adapted,
+                "the span adapts differently read by the pipeline"
             );
         }
     }
