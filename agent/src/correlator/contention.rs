@@ -439,7 +439,6 @@ impl GpuView {
         }
     }
 
-    /// The pids that are the instance: itself and its children.
     /// Whether the cold start of `span`'s instance is open and would be one: not decided yet,
     /// and cold if decided by a first token no later than `span`'s. The predicate only grows
     /// with the first token, so for an instance it says warm for (one that started before the
@@ -456,6 +455,7 @@ impl GpuView {
             .is_cold(pid, &self.instance_pids(pid), identity, first)
     }
 
+    /// The pids that are the instance: itself and its children.
     fn instance_pids(&self, pid: u32) -> BTreeSet<u32> {
         let mut pids: BTreeSet<u32> = self
             .identities

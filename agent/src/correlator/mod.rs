@@ -19,8 +19,9 @@
 //!   tries them again before the temporal rule. It is emitted as a [`JoinedRequest`], with an
 //!   [`AbortFinding`] when the client left while the runtime worked. The spans of an instance
 //!   whose cold start is undecided wait that long even when joined (see `on_tick`). Spans
-//!   therefore settle in the order of their ends when exact rules join them; two turns of one conversation keep
-//!   their order unless the earlier one waits for a guess and the later one does not.
+//!   therefore settle in the order of their ends when exact rules join them; two turns of one
+//!   conversation keep their order unless the earlier one waits for a guess and the later one
+//!   does not.
 //! - A head no span claimed settles `span_wait_ms` after the kernel saw it end: when the peer
 //!   left and the server kept writing, that is an abort found from the kernel alone.
 //!

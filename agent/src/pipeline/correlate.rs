@@ -256,7 +256,7 @@ impl CorrelateStage {
             let mut identified: Option<u32> = None;
             let identity = instance(rs.resource.as_ref());
             // The resource as exported: its tenant hashed too.
-            let mut exported_resource = rs.resource.clone();
+            let mut exported_resource = rs.resource;
             if let Some(r) = exported_resource.as_mut() {
                 self.hash_tenant_attributes(&mut r.attributes);
             }

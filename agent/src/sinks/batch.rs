@@ -137,13 +137,6 @@ impl EncodedSpan {
         buf.extend_from_slice(&self.added);
     }
 
-    /// The encoding in one buffer.
-    pub fn to_vec(&self) -> Vec<u8> {
-        let mut buf = Vec::with_capacity(self.len());
-        self.write_to(&mut buf);
-        buf
-    }
-
     /// The span, decoded again.
     ///
     /// # Errors

@@ -156,7 +156,8 @@ fn write_encoded_group(g: &EncodedGroup, rs_len: usize, ss_len: usize, buf: &mut
 /// `encode_varint` write them; the loop form keeps the common one-byte case to a compare and a
 /// push into the (pre-sized) buffer, where prost's generic `BufMut` path costs several times
 /// that, and these two varints are most of what the encoder writes itself.
-fn put_len_key(tag: u32, len: usize, buf: &mut Vec<u8>) {
+/// The key and length of a length-delimited field.
+pub(crate) fn put_len_key(tag: u32, len: usize, buf: &mut Vec<u8>) {
     put_varint(u64::from(tag << 3 | WireType::LengthDelimited as u32), buf);
     put_varint(len as u64, buf);
 }
@@ -170,7 +171,8 @@ fn put_varint(mut v: u64, buf: &mut Vec<u8>) {
 }
 
 /// Key + length prefix + body of a length-delimited field.
-fn field_len(tag: u32, len: usize) -> usize {
+/// The encoded size of a length-delimited field whose body is `len` bytes.
+pub(crate) fn field_len(tag: u32, len: usize) -> usize {
     key_len(tag) + encoded_len_varint(len as u64) + len
 }
 

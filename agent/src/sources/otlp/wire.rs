@@ -55,9 +55,10 @@
 //! skip groups with a counter instead of recursion. Nothing here allocates, except prost's own
 //! error value inside `decode_varint` / `decode_key` on malformed input (dropped at once).
 
-use prost::encoding::{WireType, decode_key, decode_varint, encode_key, encode_varint};
+use prost::encoding::{WireType, decode_key, decode_varint};
 
 use super::{LimitError, OtlpReceiverConfig};
+use crate::sinks::otlp::encode::{field_len, put_len_key};
 
 /// The recursion budget prost has left when it reads a span's fields inside an
 /// `ExportTraceServiceRequest`: 100 at the request, minus one per message entered (the
@@ -945,8 +946,7 @@ fn rewrite(
 /// Writes span field 9 (`attributes`) holding the `KeyValue` `body` with its value field
 /// replaced by a string `AnyValue`, in the value's place; the other fields are copied.
 fn write_key_value(body: &[u8], new: &str, out: &mut Vec<u8>) -> Walk<()> {
-    let value_len = key_len(ANY_STRING) + varint_len(new.len()) + new.len();
-    let value_field_len = key_len(KV_VALUE) + varint_len(value_len) + value_len;
+    let value_len = field_len(ANY_STRING, new.len());
     // Find the value field (one, the span being canonical); the rest is copied around it.
     let mut buf = body;
     let mut value_range = None;
@@ -966,25 +966,14 @@ fn write_key_value(body: &[u8], new: &str, out: &mut Vec<u8>) -> Walk<()> {
         // A string value was found, so there is a value field; kept total for safety.
         None => (body, &[][..]),
     };
-    let kv_len = before.len() + value_field_len + after.len();
-    encode_key(SPAN_ATTRIBUTES, WireType::LengthDelimited, out);
-    encode_varint(kv_len as u64, out);
+    let kv_len = before.len() + field_len(KV_VALUE, value_len) + after.len();
+    put_len_key(SPAN_ATTRIBUTES, kv_len, out);
     out.extend_from_slice(before);
-    encode_key(KV_VALUE, WireType::LengthDelimited, out);
-    encode_varint(value_len as u64, out);
-    encode_key(ANY_STRING, WireType::LengthDelimited, out);
-    encode_varint(new.len() as u64, out);
+    put_len_key(KV_VALUE, value_len, out);
+    put_len_key(ANY_STRING, new.len(), out);
     out.extend_from_slice(new.as_bytes());
     out.extend_from_slice(after);
     Ok(())
-}
-
-fn key_len(tag: u32) -> usize {
-    prost::encoding::key_len(tag)
-}
-
-fn varint_len(value: usize) -> usize {
-    prost::encoding::encoded_len_varint(value as u64)
 }
 
 #[cfg(test)]

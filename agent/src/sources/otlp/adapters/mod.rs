@@ -103,13 +103,14 @@ pub fn adapt_decoded(
     adapt(&view, &instance(resource), options)
 }
 
-/// Adapts every span of a request.
+/// Adapts every span of a request that passed [`super::validate`] (or was built from decoded
+/// spans), reading each span's top level as the pipeline does.
 pub fn adapt_request(request: &RawTraceRequest, options: &AdapterOptions) -> Vec<RuntimeRequest> {
     let mut out = Vec::new();
     for rs in &request.resource_spans {
         let identity = instance(rs.resource.as_ref());
         for span in rs.scope_spans.iter().flat_map(|ss| ss.spans.iter()) {
-            if let Ok(view) = SpanView::parse(span, WireLimits::unlimited()) {
+            if let Some(view) = SpanView::read_validated(span) {
                 out.extend(adapt(&view, &identity, options));
             }
         }
@@ -268,38 +269,37 @@ impl<'a> Fields<'a> {
     pub fn read(attrs: impl Iterator<Item = AttributeView<'a>>, options: &AdapterOptions) -> Self {
         let mut f = Fields::default();
         for AttributeView { key, value } in attrs {
-            let kv = &value;
             if key == options.tenant_attribute {
-                f.tenant = str_of(kv);
+                f.tenant = str_of(&value);
                 continue;
             }
             if key == options.conversation_attribute {
-                f.conversation = str_of(kv);
+                f.conversation = str_of(&value);
                 continue;
             }
             match key {
-                "gen_ai.request.id" | "rid" => f.request_id = str_of(kv),
-                "gen_ai.request.model" => f.model = str_of(kv),
-                "gen_ai.response.model" => f.response_model = str_of(kv),
-                "gen_ai.operation.name" => f.operation = str_of(kv),
-                "client.address" => f.client_address = str_of(kv),
-                "client.port" => f.client_port = u64_of(kv),
-                "gen_ai.usage.prompt_tokens" | "prompt_tokens" => f.prompt_tokens = u64_of(kv),
-                "gen_ai.usage.input_tokens" => f.input_tokens = u64_of(kv),
+                "gen_ai.request.id" | "rid" => f.request_id = str_of(&value),
+                "gen_ai.request.model" => f.model = str_of(&value),
+                "gen_ai.response.model" => f.response_model = str_of(&value),
+                "gen_ai.operation.name" => f.operation = str_of(&value),
+                "client.address" => f.client_address = str_of(&value),
+                "client.port" => f.client_port = u64_of(&value),
+                "gen_ai.usage.prompt_tokens" | "prompt_tokens" => f.prompt_tokens = u64_of(&value),
+                "gen_ai.usage.input_tokens" => f.input_tokens = u64_of(&value),
                 "gen_ai.usage.completion_tokens" | "completion_tokens" | "generated_tokens" => {
-                    f.completion_tokens = u64_of(kv)
+                    f.completion_tokens = u64_of(&value)
                 }
-                "gen_ai.usage.output_tokens" => f.output_tokens = u64_of(kv),
+                "gen_ai.usage.output_tokens" => f.output_tokens = u64_of(&value),
                 "gen_ai.usage.cache_read.input_tokens" | "cached_tokens" => {
-                    f.cached_tokens = u64_of(kv)
+                    f.cached_tokens = u64_of(&value)
                 }
                 "gen_ai.response.finish_reasons" | "finish_reason" => {
-                    f.finish_reason = first_str(kv)
+                    f.finish_reason = first_str(&value)
                 }
-                "gen_ai.latency.time_in_queue" => f.time_in_queue_s = f64_of(kv),
-                "gen_ai.latency.time_to_first_token" => f.time_to_first_token_s = f64_of(kv),
-                "gen_ai.latency.e2e" => f.e2e_s = f64_of(kv),
-                "queue_time" => f.tgi_queue_time = str_of(kv),
+                "gen_ai.latency.time_in_queue" => f.time_in_queue_s = f64_of(&value),
+                "gen_ai.latency.time_to_first_token" => f.time_to_first_token_s = f64_of(&value),
+                "gen_ai.latency.e2e" => f.e2e_s = f64_of(&value),
+                "queue_time" => f.tgi_queue_time = str_of(&value),
                 _ => {}
             }
         }
