@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use inferwatch::sources::kernel::{KernelConfig, KernelSource};
+use inferwatch::sources::kernel::{KernelConfig, KernelSource, batch_capacity};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -111,7 +111,7 @@ fn attach(port: u16) -> Attached {
     let source = runtime
         .block_on(async { KernelSource::build(&config) })
         .unwrap_or_else(|e| panic!("kernel source (run as root): {e:#?}"));
-    let (tx, mut rx) = mpsc::channel(config.channel_capacity);
+    let (tx, mut rx) = mpsc::channel(batch_capacity(config.channel_capacity));
     let shutdown = CancellationToken::new();
     let received = Arc::new(AtomicU64::new(0));
     let token = shutdown.clone();
@@ -120,8 +120,8 @@ fn attach(port: u16) -> Attached {
     });
     let counter = Arc::clone(&received);
     runtime.spawn(async move {
-        while rx.recv().await.is_some() {
-            counter.fetch_add(1, Ordering::Relaxed);
+        while let Some(batch) = rx.recv().await {
+            counter.fetch_add(batch.len() as u64, Ordering::Relaxed);
         }
     });
     Attached {
@@ -257,7 +257,7 @@ fn reader() {
         .map(|c| c.ringbuf_drops.iter().sum())
         .unwrap_or(0);
 
-    let (tx, mut rx) = mpsc::channel(config.channel_capacity);
+    let (tx, mut rx) = mpsc::channel(batch_capacity(config.channel_capacity));
     let shutdown = CancellationToken::new();
     let (received, drain_secs) = runtime.block_on(async {
         let reader = tokio::spawn(source.run(tx, shutdown.clone()));
@@ -266,7 +266,7 @@ fn reader() {
         // The first events of the connection (Accepted, PeerClosed, Closed) come too.
         while received < EVENTS {
             match tokio::time::timeout(Duration::from_secs(2), rx.recv()).await {
-                Ok(Some(_)) => received += 1,
+                Ok(Some(batch)) => received += batch.len() as u64,
                 _ => break,
             }
         }

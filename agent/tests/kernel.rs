@@ -19,7 +19,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use inferwatch::model::{CloseHow, ConnId, KernelEvent, KernelEventKind};
-use inferwatch::sources::kernel::{KernelConfig, KernelSource};
+use inferwatch::sources::kernel::{KernelConfig, KernelSource, batch_capacity};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -232,14 +232,14 @@ fn start_capture(ports: Vec<u16>) -> Capture {
     let source = runtime
         .block_on(async { KernelSource::build(&config) })
         .unwrap_or_else(|e| panic!("loading the kernel source: {e:#?}"));
-    let (tx, mut rx) = mpsc::channel(65_536);
+    let (tx, mut rx) = mpsc::channel(batch_capacity(65_536));
     let shutdown = CancellationToken::new();
     let events = Arc::new(Mutex::new(Vec::new()));
     runtime.spawn(source.run(tx, shutdown.clone()));
     let sink = Arc::clone(&events);
     runtime.spawn(async move {
-        while let Some(ev) = rx.recv().await {
-            sink.lock().expect("events lock").push(ev);
+        while let Some(batch) = rx.recv().await {
+            sink.lock().expect("events lock").extend(batch);
         }
     });
     Capture {

@@ -34,7 +34,7 @@ use crate::sinks::prometheus::findings::{
 use crate::sinks::prometheus::metrics::AgentMetrics;
 use crate::sinks::prometheus::{PrometheusSink, Readiness};
 use crate::sinks::{SinkReceiver, SinkSender};
-use crate::sources::kernel::{CounterMap, KernelSource, KernelStats};
+use crate::sources::kernel::{CounterMap, KernelSource, KernelStats, batch_capacity};
 use crate::sources::kvevents::KvEventsSource;
 use crate::sources::nvml::{NvmlCounters, NvmlSource};
 use crate::sources::otlp::adapters::AdapterOptions;
@@ -375,7 +375,8 @@ impl Pipeline {
             });
         }
 
-        let (kernel_tx, mut kernel_rx) = mpsc::channel::<KernelEvent>(kernel_capacity.max(1));
+        let (kernel_tx, mut kernel_rx) =
+            mpsc::channel::<Vec<KernelEvent>>(batch_capacity(kernel_capacity));
         let mut kernel_monitor = None;
         if let Some(parts) = kernel {
             kernel_monitor = Some((Arc::clone(&parts.stats), Arc::clone(&parts.counters)));
@@ -442,12 +443,14 @@ impl Pipeline {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                event = kernel_rx.recv(), if kernel_open => match event {
-                    Some(event) => {
-                        if options.print_events {
-                            println!("{}", serde_json::to_string(&event)?);
+                batch = kernel_rx.recv(), if kernel_open => match batch {
+                    Some(batch) => {
+                        for event in batch {
+                            if options.print_events {
+                                println!("{}", serde_json::to_string(&event)?);
+                            }
+                            stage.on_kernel(event);
                         }
-                        stage.on_kernel(event);
                     }
                     None => kernel_open = false,
                 },
@@ -483,8 +486,10 @@ impl Pipeline {
         sources_stop.cancel();
         while sources.join_next().await.is_some() {}
         // Whatever the sources had queued, then a final settle: everything pending becomes due.
-        while let Ok(event) = kernel_rx.try_recv() {
-            stage.on_kernel(event);
+        while let Ok(batch) = kernel_rx.try_recv() {
+            for event in batch {
+                stage.on_kernel(event);
+            }
         }
         while let Ok(sample) = gpu_rx.try_recv() {
             stage.on_gpu(sample);

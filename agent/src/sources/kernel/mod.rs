@@ -5,8 +5,8 @@
 //! `KernelProbes` loads and attaches the programs; `KernelSource` reads their ring buffer,
 //! decodes each record (`event::decode`), converts kernel time to wall-clock time, parses
 //! request heads down to the allow-listed headers (`http::HeadParser`) and sends typed
-//! [`KernelEvent`]s on a bounded channel. A full channel drops the event and counts it; the
-//! reader never blocks the ring.
+//! [`KernelEvent`]s on a bounded channel, in batches of up to [`BATCH_EVENTS`]. A full channel
+//! drops the batch and counts its events; the reader never blocks the ring.
 
 mod clock;
 mod config;
@@ -31,6 +31,18 @@ pub use probes::{CounterMap, KernelCounters, KernelProbes, PROGRAM_COUNT, TRACEP
 use crate::model::{CloseHow, ConnId, KernelEvent, KernelEventKind};
 use event::{RawBody, RawEvent, RawHow};
 use http::HeadParser;
+
+/// Most events sent in one message on the pipeline's channel. The reader drains the ring a few
+/// times a second and each drain finds hundreds of events: one message per event cost the
+/// pipeline a wakeup of its select loop each (its futures re-armed every time), one per batch
+/// costs that once per batch. The bound keeps a batch's allocation small and lets the pipeline
+/// interleave other sources' work between batches.
+pub const BATCH_EVENTS: usize = 256;
+
+/// The channel capacity, in batches, that bounds the queued events to `events`.
+pub fn batch_capacity(events: usize) -> usize {
+    events.div_ceil(BATCH_EVENTS).max(1)
+}
 
 /// Errors of the kernel source, each naming the operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -118,7 +130,7 @@ pub struct KernelStats {
     pub unknown_types: AtomicU64,
     /// Request heads that were not HTTP/1.x requests after all.
     pub unparsed_heads: AtomicU64,
-    /// Events dropped because the pipeline's channel was full.
+    /// Events dropped because the pipeline's channel was full (whole batches).
     pub channel_full: AtomicU64,
 }
 
@@ -228,12 +240,13 @@ impl KernelSource {
         Arc::clone(&self.counters)
     }
 
-    /// Reads the ring buffer until `shutdown`, sending events on `tx` (dropping and counting
-    /// when it is full). Returns the probes so that the caller decides when to detach; dropping
-    /// them detaches every program.
+    /// Reads the ring buffer until `shutdown`, sending events on `tx` in batches of up to
+    /// [`BATCH_EVENTS`] (a batch is dropped and its events counted when the channel is full;
+    /// size the channel with [`batch_capacity`]). Returns the probes so that the caller decides
+    /// when to detach; dropping them detaches every program.
     pub async fn run(
         self,
-        tx: mpsc::Sender<KernelEvent>,
+        tx: mpsc::Sender<Vec<KernelEvent>>,
         shutdown: CancellationToken,
     ) -> Result<KernelProbes, KernelError> {
         let Self {
@@ -254,6 +267,7 @@ impl KernelSource {
         // otherwise it drains on this timer.
         let mut tick = tokio::time::interval(poll_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut batch = Vec::new();
         loop {
             // Readiness is cleared before draining: a wakeup during the drain sets it again.
             tokio::select! {
@@ -281,17 +295,85 @@ impl KernelSource {
                     continue;
                 };
                 drop(item);
-                match tx.try_send(event) {
-                    Ok(()) => {
-                        stats.events.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        stats.channel_full.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => return Ok(probes),
+                if batch.capacity() == 0 {
+                    batch.reserve_exact(BATCH_EVENTS);
                 }
+                batch.push(event);
+                if batch.len() >= BATCH_EVENTS && !send_batch(&tx, &mut batch, &stats) {
+                    return Ok(probes);
+                }
+            }
+            if !batch.is_empty() && !send_batch(&tx, &mut batch, &stats) {
+                return Ok(probes);
             }
         }
         Ok(probes)
+    }
+}
+
+/// Sends `batch` (leaving it empty), counting its events as sent or dropped. False when the
+/// pipeline is gone.
+fn send_batch(
+    tx: &mpsc::Sender<Vec<KernelEvent>>,
+    batch: &mut Vec<KernelEvent>,
+    stats: &KernelStats,
+) -> bool {
+    let n = batch.len() as u64;
+    match tx.try_send(std::mem::take(batch)) {
+        Ok(()) => {
+            stats.events.fetch_add(n, Ordering::Relaxed);
+            true
+        }
+        Err(mpsc::error::TrySendError::Full(mut back)) => {
+            stats.channel_full.fetch_add(n, Ordering::Relaxed);
+            // The allocation is kept for the next batch.
+            back.clear();
+            *batch = back;
+            true
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(n: u64) -> KernelEvent {
+        KernelEvent {
+            ts: n,
+            pid: None,
+            kind: KernelEventKind::Closed { conn: ConnId(n) },
+        }
+    }
+
+    #[test]
+    fn batch_capacity_bounds_the_queued_events() {
+        assert_eq!(batch_capacity(65_536), 65_536 / BATCH_EVENTS);
+        assert_eq!(batch_capacity(BATCH_EVENTS + 1), 2);
+        assert_eq!(batch_capacity(0), 1);
+    }
+
+    #[test]
+    fn a_full_channel_drops_the_batch_and_counts_its_events() {
+        let stats = KernelStats::default();
+        let (tx, mut rx) = mpsc::channel(1);
+        let mut batch: Vec<KernelEvent> = (0..3).map(event).collect();
+        assert!(send_batch(&tx, &mut batch, &stats));
+        assert!(batch.is_empty());
+        assert_eq!(stats.events.load(Ordering::Relaxed), 3);
+
+        batch.extend((3..5).map(event));
+        assert!(send_batch(&tx, &mut batch, &stats), "full is not closed");
+        assert!(batch.is_empty(), "the dropped events are gone");
+        assert!(batch.capacity() >= 2, "the allocation is kept for the next batch");
+        assert_eq!(stats.channel_full.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.events.load(Ordering::Relaxed), 3);
+
+        let got = rx.try_recv().expect("the first batch");
+        assert_eq!(got, (0..3).map(event).collect::<Vec<_>>());
+        drop(rx);
+        batch.push(event(9));
+        assert!(!send_batch(&tx, &mut batch, &stats), "closed: the reader stops");
     }
 }
