@@ -366,7 +366,10 @@ mod tests {
         batch.extend((3..5).map(event));
         assert!(send_batch(&tx, &mut batch, &stats), "full is not closed");
         assert!(batch.is_empty(), "the dropped events are gone");
-        assert!(batch.capacity() >= 2, "the allocation is kept for the next batch");
+        assert!(
+            batch.capacity() >= 2,
+            "the allocation is kept for the next batch"
+        );
         assert_eq!(stats.channel_full.load(Ordering::Relaxed), 2);
         assert_eq!(stats.events.load(Ordering::Relaxed), 3);
 
@@ -374,6 +377,9 @@ mod tests {
         assert_eq!(got, (0..3).map(event).collect::<Vec<_>>());
         drop(rx);
         batch.push(event(9));
-        assert!(!send_batch(&tx, &mut batch, &stats), "closed: the reader stops");
+        assert!(
+            !send_batch(&tx, &mut batch, &stats),
+            "closed: the reader stops"
+        );
     }
 }
