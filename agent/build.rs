@@ -23,6 +23,7 @@ fn main() {
 
     println!("cargo:rerun-if-env-changed=INFERWATCH_EBPF_STUB");
     println!("cargo:rerun-if-env-changed=CLANG");
+    println!("cargo:rerun-if-env-changed=INFERWATCH_EBPF_CFLAGS");
     println!(
         "cargo:rerun-if-changed={}",
         include.join("inferwatch_events.h").display()
@@ -100,6 +101,13 @@ fn compile(clang: &str, src: &Path, include: &Path, obj: &Path) {
             "-Werror",
         ])
         .arg(format!("-I{}", include.display()))
+        // Extra flags for the diagnostic builds of `cargo xtask bench kernel --floor`
+        // (`-DIW_DIAG_EMPTY`, `-DIW_DIAG_NO_RING`); unset in every normal build.
+        .args(
+            env::var("INFERWATCH_EBPF_CFLAGS")
+                .unwrap_or_default()
+                .split_whitespace(),
+        )
         .arg("-c")
         .arg(src)
         .arg("-o")

@@ -40,6 +40,16 @@
 
 char LICENSE[] SEC("license") = "GPL";
 
+/* Diagnostic builds for `cargo xtask bench kernel --floor` only (set through
+ * INFERWATCH_EBPF_CFLAGS, never in a normal build): IW_DIAG_EMPTY makes every program return at
+ * once, so the bench measures what the attachments alone cost; IW_DIAG_NO_RING runs everything
+ * but writes no record, which measures the ring's share. */
+#ifdef IW_DIAG_EMPTY
+#define IW_DIAG_RETURN return 0
+#else
+#define IW_DIAG_RETURN do {} while (0)
+#endif
+
 #define AF_INET 2
 #define AF_INET6 10
 #define IPPROTO_TCP 6
@@ -120,6 +130,9 @@ struct {
 
 static __always_inline void *reserve(__u64 size)
 {
+#ifdef IW_DIAG_NO_RING
+	return 0;
+#endif
 	void *ev = bpf_ringbuf_reserve(&events, size, 0);
 	if (!ev)
 		count(IW_COUNTER_RINGBUF_DROPS);
@@ -237,6 +250,7 @@ static __always_inline __u16 tcp_local_port(struct sock *sock)
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(iw_inet_sock_set_state, struct sock *sock, int oldstate, int newstate)
 {
+	IW_DIAG_RETURN;
 	__u64 sk = (__u64)sock;
 
 	if (newstate == TCP_LISTEN) {
@@ -297,6 +311,7 @@ int BPF_PROG(iw_inet_sock_set_state, struct sock *sock, int oldstate, int newsta
 SEC("tp_btf/tcp_receive_reset")
 int BPF_PROG(iw_tcp_receive_reset, struct sock *sock)
 {
+	IW_DIAG_RETURN;
 	__u64 sk = (__u64)sock;
 	struct conn_state *st = conn_of(sock);
 	if (!st || st->peer_closed)
@@ -338,6 +353,7 @@ static __always_inline int looks_like_request(const __u8 *b)
 SEC("tp_btf/sock_recv_length")
 int BPF_PROG(iw_sock_recv_length, struct sock *sock, int ret, int flags)
 {
+	IW_DIAG_RETURN;
 	if (ret <= 0)
 		return 0;
 	__u64 sk = (__u64)sock;
@@ -403,6 +419,9 @@ int BPF_PROG(iw_sock_recv_length, struct sock *sock, int ret, int flags)
 	ev->read_len = (__u32)ret;
 	ev->_pad = 0;
 	ev->len = (__u32)n;
+#ifdef IW_DIAG_NO_RING
+	return 0;
+#endif
 	if (bpf_ringbuf_output(&events, ev, size, wakeup_flags()))
 		count(IW_COUNTER_RINGBUF_DROPS);
 	return 0;
@@ -412,6 +431,7 @@ int BPF_PROG(iw_sock_recv_length, struct sock *sock, int ret, int flags)
 SEC("tp_btf/sock_send_length")
 int BPF_PROG(iw_sock_send_length, struct sock *sock, int ret, int flags)
 {
+	IW_DIAG_RETURN;
 	__u64 sk = (__u64)sock;
 	struct conn_state *st = conn_of(sock);
 	if (!st)
@@ -438,6 +458,7 @@ int BPF_PROG(iw_sock_send_length, struct sock *sock, int ret, int flags)
 SEC("tp_btf/tcp_destroy_sock")
 int BPF_PROG(iw_tcp_destroy_sock, struct sock *sock)
 {
+	IW_DIAG_RETURN;
 	__u64 sk = (__u64)sock;
 	struct conn_state *st = conn_of(sock);
 	if (!st)

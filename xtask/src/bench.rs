@@ -48,6 +48,31 @@ pub struct AgentArgs {
     pub peer_rounds: usize,
 }
 
+/// Options of `bench kernel` (ignored by the others).
+#[derive(Debug, Clone, Args)]
+pub struct KernelArgs {
+    /// Also run the bench on two diagnostic builds of the programs, to split the overhead:
+    /// every program returning at once (what the attachments alone cost), then everything but
+    /// the ring-buffer records; the real programs last (each build recompiles the agent).
+    #[arg(long)]
+    pub floor: bool,
+}
+
+/// The diagnostic builds of `bench kernel --floor`: label and the clang flags
+/// (`INFERWATCH_EBPF_CFLAGS`, read by agent/build.rs); the real build last, so that the target
+/// directory is left with it.
+const KERNEL_FLOOR_BUILDS: &[(&str, &str)] = &[
+    (
+        "attachments only: every program returns at once",
+        "-DIW_DIAG_EMPTY",
+    ),
+    (
+        "everything but the ring: no record written",
+        "-DIW_DIAG_NO_RING",
+    ),
+    ("the real programs", ""),
+];
+
 fn target_dir() -> PathBuf {
     std::env::var("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -64,7 +89,16 @@ fn rotel_agent() -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
-pub fn task(which: Which, agent: &AgentArgs) -> anyhow::Result<()> {
+pub fn task(which: Which, agent: &AgentArgs, kernel: &KernelArgs) -> anyhow::Result<()> {
+    if matches!(which, Which::Kernel) && kernel.floor {
+        for (label, cflags) in KERNEL_FLOOR_BUILDS {
+            println!("== {label} (INFERWATCH_EBPF_CFLAGS={cflags:?})");
+            run(cargo()
+                .args(["bench", "-p", "inferwatch", "--bench", "kernel"])
+                .env("INFERWATCH_EBPF_CFLAGS", cflags))?;
+        }
+        return Ok(());
+    }
     let bench = match which {
         Which::Kernel => "kernel",
         Which::Otlp => "otlp_throughput",

@@ -58,6 +58,8 @@ enum Task {
         which: bench::Which,
         #[command(flatten)]
         agent: bench::AgentArgs,
+        #[command(flatten)]
+        kernel: bench::KernelArgs,
     },
     /// The libFuzzer targets of fuzz/ through cargo-fuzz (installed if missing), 600 s each.
     Fuzz(fuzz::FuzzArgs),
@@ -69,7 +71,11 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::task(),
         Task::Build { release } => build::task(release),
         Task::Test => test::task(),
-        Task::Bench { which, agent } => bench::task(which, &agent),
+        Task::Bench {
+            which,
+            agent,
+            kernel,
+        } => bench::task(which, &agent, &kernel),
         Task::Demo { scenario } => demo::task(&scenario),
         Task::GpuCheck { bin } => gpu_check::task(bin.as_deref()),
         Task::DeployCheck => deploy_check::run(),
