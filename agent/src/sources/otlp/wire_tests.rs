@@ -1497,16 +1497,7 @@ fn hostile_nesting_fails_without_overflowing_the_stack() {
         }
         assert!(decode_in_request(&bytes).is_err());
         // The lazy readers do not recurse either.
-        let view = SpanView {
-            bytes: &bytes,
-            trace_id: &[],
-            span_id: &[],
-            parent_span_id: &[],
-            name: "",
-            start_time_unix_nano: 0,
-            end_time_unix_nano: 0,
-            attribute_count: 0,
-        };
+        let view = SpanView::empty(&bytes);
         assert_eq!(view.attributes().count(), 1);
     }
     // 10 000 nested unknown groups.
