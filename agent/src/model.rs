@@ -116,6 +116,10 @@ pub enum KernelEventKind {
         fd: i32,
         /// The parsed request line and allow-listed headers.
         head: RequestHead,
+        /// The connection's send sequence when the head was read (the socket's `write_seq`:
+        /// bytes the server had written on it, mod 2^32), when the kernel gave it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        send_seq: Option<u32>,
     },
     /// The peer left (FIN or RST) while the connection was open.
     PeerClosed {
@@ -123,11 +127,12 @@ pub enum KernelEventKind {
         conn: ConnId,
         /// FIN or RST.
         how: CloseHow,
-        /// Server writes on the connection since the current request's head, when the kernel
-        /// counted them: 0 means the response had not started (a non-streaming request, whose
-        /// body is one write at the end), so writes after the close are not token chunks.
+        /// The connection's send sequence when the peer left, when the kernel gave it. Equal
+        /// to the current request head's: the response had not started (a non-streaming
+        /// request, whose body is one write at the end), so writes after the close are not
+        /// token chunks.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        writes_before: Option<u32>,
+        send_seq: Option<u32>,
     },
     /// The server wrote to a connection after its peer had left.
     WriteAfterPeerClose {

@@ -93,6 +93,24 @@ fn wait_peer_gone(stream: &TcpStream) -> bool {
     n == 1
 }
 
+/// The response header the server writes first.
+const RESPONSE_HEADER: &str =
+    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+/// The terminating chunk of a complete response.
+const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// The `i`th chunk of a response, as written.
+fn chunk(i: usize) -> String {
+    let data = format!("data: {{\"token\": {i}}}\n\n");
+    format!("{:x}\r\n{data}\r\n", data.len())
+}
+
+/// Bytes of a response up to (not including) chunk `n`.
+fn response_bytes(n: usize) -> u32 {
+    let chunks: usize = (0..n).map(|i| chunk(i).len()).sum();
+    (RESPONSE_HEADER.len() + chunks) as u32
+}
+
 /// What the server did per request id: how many writes it attempted after it saw the peer go.
 type ServerLog = Arc<Mutex<HashMap<String, usize>>>;
 
@@ -119,8 +137,7 @@ fn serve_conn(mut stream: TcpStream, io: Io, log: ServerLog) {
         let close_after: Option<usize> = target
             .split_once("close_after=")
             .and_then(|(_, v)| v.parse().ok());
-        let header = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
-        if sys_write(&mut stream, io, header.as_bytes()).is_err() {
+        if sys_write(&mut stream, io, RESPONSE_HEADER.as_bytes()).is_err() {
             return;
         }
         let mut after_gone = 0usize;
@@ -130,12 +147,10 @@ fn serve_conn(mut stream: TcpStream, io: Io, log: ServerLog) {
                 peer_gone = wait_peer_gone(&stream);
                 assert!(peer_gone, "client of {request_id} did not go away");
             }
-            let data = format!("data: {{\"token\": {i}}}\n\n");
-            let chunk = format!("{:x}\r\n{data}\r\n", data.len());
             if peer_gone {
                 after_gone += 1;
             }
-            if sys_write(&mut stream, io, chunk.as_bytes()).is_err() {
+            if sys_write(&mut stream, io, chunk(i).as_bytes()).is_err() {
                 break;
             }
             thread::sleep(CHUNK_GAP);
@@ -144,7 +159,7 @@ fn serve_conn(mut stream: TcpStream, io: Io, log: ServerLog) {
         if peer_gone {
             return;
         }
-        if sys_write(&mut stream, io, b"0\r\n\r\n").is_err() {
+        if sys_write(&mut stream, io, LAST_CHUNK).is_err() {
             return;
         }
     }
@@ -465,18 +480,22 @@ fn lifecycle(loopback: &str, io: Io) {
         let s = shapes(&evs);
         assert_eq!(s[1], format!("head:{id}"), "{s:?}");
         assert_eq!(s[2], format!("peer_closed:{}", how.as_str()), "{s:?}");
-        // The response was streaming when the client left: the header and 3 chunks.
-        assert!(
-            matches!(
-                evs[2].kind,
-                KernelEventKind::PeerClosed {
-                    writes_before: Some(4),
-                    ..
-                }
-            ),
-            "{:?}",
-            evs[2]
-        );
+        // The response was streaming when the client left: the socket's send sequence
+        // moved by the header and 3 chunks between the head and the close.
+        let (
+            KernelEventKind::RequestHead {
+                send_seq: Some(at_head),
+                ..
+            },
+            KernelEventKind::PeerClosed {
+                send_seq: Some(at_close),
+                ..
+            },
+        ) = (&evs[1].kind, &evs[2].kind)
+        else {
+            panic!("no send sequences: {:?} {:?}", evs[1], evs[2]);
+        };
+        assert_eq!(at_close.wrapping_sub(*at_head), response_bytes(3), "{id}");
         let expected = server[id];
         assert!(expected >= 1, "the server wrote after {id}'s client left");
         assert_eq!(
@@ -534,6 +553,24 @@ fn lifecycle(loopback: &str, io: Io) {
             "local_closed",
             "closed"
         ],
+        "{ka_seq:#?}"
+    );
+    // The second head comes after the whole first response, and the client's FIN after the
+    // whole second one.
+    let seqs: Vec<u32> = ka_seq
+        .iter()
+        .filter_map(|e| match e.kind {
+            KernelEventKind::RequestHead { send_seq, .. }
+            | KernelEventKind::PeerClosed { send_seq, .. } => send_seq,
+            _ => None,
+        })
+        .collect();
+    let whole = response_bytes(CHUNKS) + LAST_CHUNK.len() as u32;
+    assert_eq!(
+        seqs.windows(2)
+            .map(|w| w[1].wrapping_sub(w[0]))
+            .collect::<Vec<_>>(),
+        [whole, whole],
         "{ka_seq:#?}"
     );
 

@@ -48,7 +48,7 @@ enum iw_close_how {
 /* Index of the per-CPU counters in the `iw_counters` map. */
 enum iw_counter {
 	IW_COUNTER_RINGBUF_DROPS = 0,   /* bpf_ringbuf_reserve failed: ring buffer full */
-	IW_COUNTER_CONN_TABLE_FULL = 1, /* a watched connection could not be tracked (its socket storage not created) */
+	IW_COUNTER_CONN_STATE_ALLOC = 1, /* a reset connection's state (socket storage) could not be created: its release's LocalClosed is lost */
 	IW_COUNTER_MAX = 2,
 };
 
@@ -82,24 +82,25 @@ struct iw_accepted_event {
 	__u8 peer_addr[16];
 };
 
-/* The first read of an HTTP/1.1 request on a watched connection (also the second and later
- * requests of a keep-alive connection: the flag re-arms when the server sends). Process
- * context: the reading thread's tgid, the read's time. The record is variable-length: it ends
- * after data[len] (hdr.size = offsetof(data) + len), not at data[IW_HEAD_MAX]. */
+/* A read on a watched connection whose bytes start like an HTTP/1.x request line: the first
+ * read of each request (also the second and later requests of a keep-alive connection).
+ * Process context: the reading thread's tgid, the read's time. The record is variable-length:
+ * it ends after data[len] (hdr.size = offsetof(data) + len), not at data[IW_HEAD_MAX]. */
 struct iw_request_head_event {
 	struct iw_event_header hdr;
 	__s32 fd;       /* the reader's fd of the socket (the read's first argument) */
 	__u32 len;      /* bytes valid in data[] */
 	__u32 read_len; /* what the read returned */
-	__u32 _pad;
+	__u32 send_seq; /* the socket's write_seq: bytes the server had written, mod 2^32 */
 	__u8 data[IW_HEAD_MAX];
 };
 
 /* The peer sent FIN (socket entered CLOSE_WAIT) or RST while the connection was open. */
 struct iw_peer_closed_event {
 	struct iw_event_header hdr;
-	__u32 how;              /* enum iw_close_how */
-	__u32 writes_since_head; /* server writes since the last request head (saturating) */
+	__u32 how;      /* enum iw_close_how */
+	__u32 send_seq; /* the socket's write_seq then: equal to the last head's when the
+			 * response had not started */
 };
 
 /* The server sent on a connection whose peer had already left (any send: write, writev,

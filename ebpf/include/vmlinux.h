@@ -91,6 +91,7 @@ struct sock_common {
 	__be16 skc_dport;
 	__u16 skc_num;
 	unsigned short skc_family;
+	volatile unsigned char skc_state; /* TCP_* */
 	struct in6_addr skc_v6_daddr;
 	struct in6_addr skc_v6_rcv_saddr;
 };
@@ -99,6 +100,20 @@ struct sock_common {
 struct sock {
 	struct sock_common __sk_common;
 	__u16 sk_protocol;
+	__u8 sk_shutdown; /* RCV_SHUTDOWN: the peer's FIN came, or the connection was reset */
+	/* The socket's BPF local storage (any program's), NULL when it has none. Read directly
+	 * by the programs as a cheap test before the storage helper; declared as `void *`
+	 * because only its being NULL is used (CO-RE matches pointer fields of any type). */
+	void *sk_bpf_storage;
+};
+
+/* Past struct sock: read with a helper (inet_sport) or through bpf_skc_to_tcp_sock(). */
+struct inet_sock {
+	__be16 inet_sport; /* the local port, kept after the kernel releases skc_num */
+};
+
+struct tcp_sock {
+	__u32 write_seq; /* end of the data the application has written (plus SYN / FIN) */
 };
 
 #pragma clang attribute pop

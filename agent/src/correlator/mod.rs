@@ -186,6 +186,8 @@ struct Conn {
     /// entries stay while an older request still needs them as its end.
     requests: SortedVecMap<UnixNanos, Option<Head>>,
     peer_closed: Option<PeerClose>,
+    /// The time and send sequence of the latest request head that carried one.
+    head_send_seq: Option<(UnixNanos, u32)>,
     /// `false` when the kernel said the response had not started when the peer left: the
     /// writes after the close are then a non-streaming body, not one chunk per token.
     writes_are_tokens: bool,
@@ -205,6 +207,7 @@ impl Conn {
             pid: None,
             requests: SortedVecMap::default(),
             peer_closed: None,
+            head_send_seq: None,
             writes_are_tokens: true,
             token_writes: 0,
             last_write: None,
@@ -583,21 +586,37 @@ impl Correlator {
                         .or_insert(KeySet::One(key));
                 }
             }
-            KernelEventKind::RequestHead { conn, head, .. } => {
+            KernelEventKind::RequestHead {
+                conn,
+                head,
+                send_seq,
+                ..
+            } => {
                 let key = self.conn_for(conn, ts);
+                if let Some(seq) = send_seq
+                    && let Some(c) = self.conns.get_mut(&key)
+                    && c.head_send_seq.is_none_or(|(at, _)| at <= ts)
+                {
+                    c.head_send_seq = Some((ts, seq));
+                }
                 self.insert_head(key, ts, event.pid, head);
             }
             KernelEventKind::PeerClosed {
                 conn,
                 how,
-                writes_before,
+                send_seq,
             } => {
                 let key = self.conn_for(conn, ts);
                 if let Some(c) = self.conns.get_mut(&key)
                     && c.peer_closed.is_none_or(|first| ts < first.ts)
                 {
                     c.peer_closed = Some(PeerClose { ts, how });
-                    c.writes_are_tokens = writes_before != Some(0);
+                    // Nothing written since the request's head: the response had not started.
+                    let not_started = matches!(
+                        (send_seq, c.head_send_seq),
+                        (Some(now), Some((head_ts, at_head))) if head_ts <= ts && now == at_head
+                    );
+                    c.writes_are_tokens = !not_started;
                 }
             }
             KernelEventKind::WriteAfterPeerClose { conn, bytes, errno } => {

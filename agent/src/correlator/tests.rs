@@ -43,6 +43,7 @@ fn head(ts: u64, conn: u64, trace: Option<u8>, request_id: Option<&str>) -> Inpu
                 tenant: Some("acme".into()),
                 conversation: None,
             },
+            send_seq: None,
         },
     )
 }
@@ -101,7 +102,7 @@ fn traceparent_join_with_interpolated_abort() {
         KernelEventKind::PeerClosed {
             conn: ConnId(1),
             how: CloseHow::Rst,
-            writes_before: None,
+            send_seq: None,
         },
     )));
     // 100 tokens decoded from +100 ms to +1100 ms; the client left at +600 ms.
@@ -397,4 +398,68 @@ fn joined_spans_wait_while_their_instance_cold_start_is_undecided() {
         Some((JoinRule::Traceparent, Some(ConnId(2)))),
         "decided: settles at its end + settle delay"
     );
+}
+
+/// The kernel's send sequences say whether the response had started when the client left:
+/// unchanged since the head, the writes after the close are one non-streaming body, not tokens.
+#[test]
+fn send_sequences_tell_token_writes_from_a_whole_body() {
+    for (close_seq, method, tokens_after) in [
+        (4_096 + 700, TokenCountMethod::KernelWrites, 5),
+        (4_096, TokenCountMethod::Interpolated, 50),
+    ] {
+        let mut c = Correlator::new(CorrelatorConfig::default());
+        c.on_event(accepted(T0, 1, 5000));
+        c.on_event(kernel(
+            T0 + MS,
+            KernelEventKind::RequestHead {
+                conn: ConnId(1),
+                fd: 9,
+                head: RequestHead {
+                    method: "POST".into(),
+                    path: "/v1/completions".into(),
+                    traceparent: Some(TraceParent {
+                        trace_id: [7; 16],
+                        parent_id: [7; 8],
+                        flags: 1,
+                    }),
+                    ..RequestHead::default()
+                },
+                send_seq: Some(4_096),
+            },
+        ));
+        c.on_event(kernel(
+            T0 + 600 * MS,
+            KernelEventKind::PeerClosed {
+                conn: ConnId(1),
+                how: CloseHow::Fin,
+                send_seq: Some(close_seq),
+            },
+        ));
+        for i in 0..5 {
+            c.on_event(kernel(
+                T0 + (610 + 10 * i) * MS,
+                KernelEventKind::WriteAfterPeerClose {
+                    conn: ConnId(1),
+                    bytes: 40,
+                    errno: 0,
+                },
+            ));
+        }
+        c.on_event(Input::Runtime(span(
+            7,
+            T0 + 2 * MS,
+            T0 + 100 * MS,
+            T0 + 1100 * MS,
+            100,
+        )));
+        let out = c.on_tick(T0 + 2000 * MS);
+        let found = aborts(&out);
+        assert_eq!(found.len(), 1, "{out:?}");
+        assert_eq!(found[0].method, method, "close at send_seq {close_seq}");
+        assert_eq!(
+            found[0].tokens_after, tokens_after,
+            "close at send_seq {close_seq}"
+        );
+    }
 }

@@ -622,15 +622,15 @@ fn update_kernel_metrics(metrics: &FindingMetrics, stats: &KernelStats, counters
                     *drops,
                 );
             }
-            // Connections the kernel could not track (its table full): their events are lost
-            // before the ring, so they count as drops of the kernel source.
+            // Reset connections the kernel could not mark (socket storage not allocated): the
+            // LocalClosed of their release is lost before the ring, a drop of the kernel source.
             let labels = SourceDropLabels {
                 source: "kernel".into(),
-                reason: "conn_table_full".into(),
+                reason: "conn_state_alloc".into(),
             };
             advance_to(
                 &metrics.events_dropped.get_or_create(&labels),
-                c.conn_table_full.iter().sum(),
+                c.conn_state_alloc.iter().sum(),
             );
         }
         Err(err) => tracing::debug!(error = %error_chain(&err), "reading the kernel counters"),

@@ -115,6 +115,8 @@ pub enum RawBody<'a> {
     RequestHead {
         /// The reader's fd.
         fd: i32,
+        /// The socket's `write_seq` at the read: bytes the server had written, mod 2^32.
+        send_seq: u32,
         /// The captured bytes.
         data: &'a [u8],
     },
@@ -122,8 +124,9 @@ pub enum RawBody<'a> {
     PeerClosed {
         /// FIN or RST.
         how: RawHow,
-        /// Server writes since the last request head.
-        writes_since_head: u32,
+        /// The socket's `write_seq` then (equal to the last head's: the response had not
+        /// started).
+        send_seq: u32,
     },
     /// `IW_EVENT_WRITE_AFTER_PEER_CLOSE`.
     WriteAfterPeerClose {
@@ -197,6 +200,7 @@ pub fn decode(bytes: &[u8]) -> Result<RawEvent<'_>, DecodeError> {
                 });
             }
             let fd: i32 = read(&bytes[offset_of!(iw_request_head_event, fd)..], ty)?;
+            let send_seq: u32 = read(&bytes[offset_of!(iw_request_head_event, send_seq)..], ty)?;
             let len: u32 = read(&bytes[offset_of!(iw_request_head_event, len)..], ty)?;
             let len = len as usize;
             if len > IW_HEAD_MAX as usize || bytes.len() < data_at + len {
@@ -208,6 +212,7 @@ pub fn decode(bytes: &[u8]) -> Result<RawEvent<'_>, DecodeError> {
             }
             RawBody::RequestHead {
                 fd,
+                send_seq,
                 data: &bytes[data_at..data_at + len],
             }
         }
@@ -226,7 +231,7 @@ pub fn decode(bytes: &[u8]) -> Result<RawEvent<'_>, DecodeError> {
             };
             RawBody::PeerClosed {
                 how,
-                writes_since_head: ev.writes_since_head,
+                send_seq: ev.send_seq,
             }
         }
         IW_EVENT_WRITE_AFTER_PEER_CLOSE => {
@@ -316,7 +321,7 @@ mod tests {
             fd: 3,
             len: 5,
             read_len: 100,
-            _pad: 0,
+            send_seq: 77,
             data: [0; IW_HEAD_MAX as usize],
         };
         ev.data[..5].copy_from_slice(b"GET /");
@@ -326,6 +331,7 @@ mod tests {
             decoded.body,
             RawBody::RequestHead {
                 fd: 3,
+                send_seq: 77,
                 data: b"GET /"
             }
         );
@@ -351,7 +357,7 @@ mod tests {
         let bad_how = iw_peer_closed_event {
             hdr: header(IW_EVENT_PEER_CLOSED, 32),
             how: 9,
-            writes_since_head: 0,
+            send_seq: 0,
         };
         assert!(matches!(
             decode(&bytes_of(&bad_how)),

@@ -176,6 +176,26 @@ mod tests {
     }
 
     #[test]
+    fn rejects_body_reads_that_start_like_a_method() {
+        // The kernel tests every read of a watched connection by its first four bytes, so a
+        // body read on its own can arrive here; only a whole request line passes.
+        for body in [
+            &b"POST the rest of the prompt, which\nwent on\r\nfor lines"[..],
+            b"GET the weather for Paris\r\n\r\n",
+            b"PUT it back HTTP/2\r\n\r\n",
+            b"DELETE",
+            b"OPTIONS  \r\n",
+        ] {
+            assert_eq!(
+                parser().parse(body),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
     fn traceparent_validation() {
         assert!(parse_traceparent(TP).is_some());
         assert!(

@@ -92,6 +92,15 @@ pub enum KernelError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    /// Detaching a program failed.
+    #[error("detaching {name} failed")]
+    Detach {
+        /// The program.
+        name: &'static str,
+        /// The cause.
+        #[source]
+        source: aya::programs::ProgramError,
+    },
     /// Attaching a program failed (BPF_LINK_CREATE / BPF_RAW_TRACEPOINT_OPEN).
     #[error("attaching {name} to {tracepoint}")]
     Attach {
@@ -161,21 +170,19 @@ impl EventConverter {
                 local: *local,
                 peer: *peer,
             },
-            RawBody::RequestHead { fd, data } => KernelEventKind::RequestHead {
+            RawBody::RequestHead { fd, send_seq, data } => KernelEventKind::RequestHead {
                 conn,
                 fd: *fd,
                 head: self.heads.parse(data)?,
+                send_seq: Some(*send_seq),
             },
-            RawBody::PeerClosed {
-                how,
-                writes_since_head,
-            } => KernelEventKind::PeerClosed {
+            RawBody::PeerClosed { how, send_seq } => KernelEventKind::PeerClosed {
                 conn,
                 how: match how {
                     RawHow::Fin => CloseHow::Fin,
                     RawHow::Rst => CloseHow::Rst,
                 },
-                writes_before: Some(*writes_since_head),
+                send_seq: Some(*send_seq),
             },
             RawBody::WriteAfterPeerClose { bytes, errno } => KernelEventKind::WriteAfterPeerClose {
                 conn,

@@ -4,11 +4,12 @@
 use aya::Btf;
 use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
 use aya::programs::BtfTracePoint;
+use aya::programs::tp_btf::BtfTracePointLinkId;
 use aya::{Ebpf, EbpfLoader};
 
 use super::KernelError;
 use super::event::raw::{
-    IW_COUNTER_CONN_TABLE_FULL, IW_COUNTER_RINGBUF_DROPS, IW_MAX_WATCHED_PORTS,
+    IW_COUNTER_CONN_STATE_ALLOC, IW_COUNTER_RINGBUF_DROPS, IW_MAX_WATCHED_PORTS,
 };
 
 /// The compiled object of `ebpf/tcp_lifecycle.bpf.c` (empty when built with
@@ -35,13 +36,16 @@ pub const PROGRAM_COUNT: usize = TRACEPOINTS.len();
 pub struct KernelCounters {
     /// Events lost because the ring buffer was full, per CPU.
     pub ringbuf_drops: Vec<u64>,
-    /// Connections that could not be tracked (socket storage not created), per CPU.
-    pub conn_table_full: Vec<u64>,
+    /// Reset connections whose mark (socket storage) could not be created, per CPU: the
+    /// `LocalClosed` of their release is lost.
+    pub conn_state_alloc: Vec<u64>,
 }
 
 /// The loaded and attached programs. Dropping it detaches them.
 pub struct KernelProbes {
     ebpf: Ebpf,
+    /// The attached programs' links, by program name; empty while detached.
+    links: Vec<(&'static str, BtfTracePointLinkId)>,
 }
 
 impl std::fmt::Debug for KernelProbes {
@@ -79,25 +83,57 @@ impl KernelProbes {
             source: Box::new(source),
         })?;
         for (name, tracepoint) in TRACEPOINTS {
-            let program: &mut BtfTracePoint = ebpf
-                .program_mut(name)
-                .ok_or(KernelError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| KernelError::Program { name, source })?;
-            program
+            program(&mut ebpf, name)?
                 .load(tracepoint, &btf)
                 .map_err(|source| KernelError::Program { name, source })?;
-            program.attach().map_err(|source| KernelError::Attach {
-                name,
-                tracepoint: format!("tp_btf/{tracepoint}"),
-                source,
-            })?;
         }
-        let mut probes = Self { ebpf };
+        let mut probes = Self {
+            ebpf,
+            links: Vec::with_capacity(TRACEPOINTS.len()),
+        };
+        probes.attach()?;
         for port in ports {
             probes.watch_port(*port)?;
         }
         Ok(probes)
+    }
+
+    /// Attaches every loaded program that is not attached.
+    ///
+    /// # Errors
+    /// [`KernelError::Attach`] for the first program the kernel refused; those attached before
+    /// it stay attached.
+    pub fn attach(&mut self) -> Result<(), KernelError> {
+        for (name, tracepoint) in TRACEPOINTS {
+            if self.links.iter().any(|(linked, _)| linked == name) {
+                continue;
+            }
+            let link =
+                program(&mut self.ebpf, name)?
+                    .attach()
+                    .map_err(|source| KernelError::Attach {
+                        name,
+                        tracepoint: format!("tp_btf/{tracepoint}"),
+                        source,
+                    })?;
+            self.links.push((name, link));
+        }
+        Ok(())
+    }
+
+    /// Detaches every program and keeps them loaded, with their maps: [`Self::attach`] puts them
+    /// back in a few syscalls. The kernel bench alternates the two to compare a loop with and
+    /// without the programs, without reloading them (BTF parsing and verification) each time.
+    ///
+    /// # Errors
+    /// [`KernelError::Detach`] for a program the kernel would not detach.
+    pub fn detach(&mut self) -> Result<(), KernelError> {
+        while let Some((name, link)) = self.links.pop() {
+            program(&mut self.ebpf, name)?
+                .detach(link)
+                .map_err(|source| KernelError::Detach { name, source })?;
+        }
+        Ok(())
     }
 
     /// Adds a local port to the watched set (a bit in the kernel's port bitmap).
@@ -144,7 +180,7 @@ impl KernelProbes {
     }
 }
 
-/// The programs' per-CPU counters (ring-buffer drops, connection table full).
+/// The programs' per-CPU counters (ring-buffer drops, reset connections left unmarked).
 pub struct CounterMap {
     array: PerCpuArray<MapData, u64>,
 }
@@ -170,9 +206,20 @@ impl CounterMap {
         };
         Ok(KernelCounters {
             ringbuf_drops: read(IW_COUNTER_RINGBUF_DROPS)?,
-            conn_table_full: read(IW_COUNTER_CONN_TABLE_FULL)?,
+            conn_state_alloc: read(IW_COUNTER_CONN_STATE_ALLOC)?,
         })
     }
+}
+
+/// The loaded object's program `name`, as the BTF tracepoint program it is.
+fn program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut BtfTracePoint, KernelError> {
+    ebpf.program_mut(name)
+        .ok_or(KernelError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| KernelError::Program { name, source })
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones use memcg accounting and
