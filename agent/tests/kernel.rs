@@ -137,11 +137,19 @@ fn serve_conn(mut stream: TcpStream, io: Io, log: ServerLog) {
         let close_after: Option<usize> = target
             .split_once("close_after=")
             .and_then(|(_, v)| v.parse().ok());
-        if sys_write(&mut stream, io, RESPONSE_HEADER.as_bytes()).is_err() {
-            return;
-        }
         let mut after_gone = 0usize;
         let mut peer_gone = false;
+        // `GET /stream?before_header`: the client leaves before the first response byte (a
+        // non-streaming request that timed out); the whole response is then written after.
+        if target.ends_with("before_header") {
+            peer_gone = wait_peer_gone(&stream);
+            assert!(peer_gone, "client of {request_id} did not go away");
+            after_gone += 1;
+        }
+        if sys_write(&mut stream, io, RESPONSE_HEADER.as_bytes()).is_err() {
+            log.lock().expect("log lock").insert(request_id, after_gone);
+            return;
+        }
         for i in 0..CHUNKS {
             if close_after == Some(i) {
                 peer_gone = wait_peer_gone(&stream);
@@ -387,7 +395,24 @@ fn lifecycle(loopback: &str, io: Io) {
     read_response(&mut ka);
     drop(ka);
 
-    // 5. The unwatched port.
+    // 5. Leaves before the response started.
+    let mut early = TcpStream::connect(watched_addr).expect("connect");
+    let early_addr = early.local_addr().expect("addr");
+    early
+        .write_all(request("early-1", "/stream?before_header").as_bytes())
+        .expect("send");
+    // Once the server has read the request (as a client that times out does, long after):
+    // the kernel has reported its head. The reader drains every 100 ms.
+    capture.wait_for("early-1's head", |events| {
+        events.iter().any(|e| {
+            matches!(&e.kind, KernelEventKind::RequestHead { head, .. }
+                if head.request_id.as_deref() == Some("early-1"))
+        })
+    });
+    early.shutdown(Shutdown::Both).expect("shutdown");
+    drop(early);
+
+    // 6. The unwatched port.
     let mut other = TcpStream::connect(unwatched_addr).expect("connect");
     other
         .write_all(request("unwatched-1", "/stream").as_bytes())
@@ -395,7 +420,7 @@ fn lifecycle(loopback: &str, io: Io) {
     read_response(&mut other);
     drop(other);
 
-    let clients = [complete_addr, fin_addr, rst_addr, ka_addr];
+    let clients = [complete_addr, fin_addr, rst_addr, ka_addr, early_addr];
     let events = capture.wait_for("every watched connection to close", |events| {
         clients
             .iter()
@@ -541,6 +566,34 @@ fn lifecycle(loopback: &str, io: Io) {
             );
         }
     }
+
+    // The client left before the first response byte: the send sequence is where the head
+    // left it, and everything the server wrote afterwards is a write after the peer left.
+    let early_seq = seq(early_addr);
+    let early_shapes = shapes(&early_seq);
+    assert_eq!(
+        early_shapes[..3],
+        ["accepted", "head:early-1", "peer_closed:fin"]
+    );
+    let (
+        KernelEventKind::RequestHead {
+            send_seq: Some(at_head),
+            ..
+        },
+        KernelEventKind::PeerClosed {
+            send_seq: Some(at_close),
+            ..
+        },
+    ) = (&early_seq[1].kind, &early_seq[2].kind)
+    else {
+        panic!("no send sequences: {early_seq:#?}");
+    };
+    assert_eq!(at_close, at_head, "{early_seq:#?}");
+    assert_eq!(
+        writes_after(&early_seq),
+        server["early-1"],
+        "{early_shapes:?}"
+    );
 
     let ka_seq = seq(ka_addr);
     assert_eq!(
