@@ -340,6 +340,23 @@ fn shape(e: &KernelEvent) -> String {
 }
 
 /// Whether the connection accepted at `events[start]` has closed.
+/// The send sequences of a lifetime's first head and the peer's close (its 2nd and 3rd events).
+fn head_and_close_seqs(evs: &[KernelEvent]) -> (u32, u32) {
+    match (&evs[1].kind, &evs[2].kind) {
+        (
+            KernelEventKind::RequestHead {
+                send_seq: Some(at_head),
+                ..
+            },
+            KernelEventKind::PeerClosed {
+                send_seq: Some(at_close),
+                ..
+            },
+        ) => (*at_head, *at_close),
+        _ => panic!("no head and close with send sequences: {evs:#?}"),
+    }
+}
+
 fn closed(events: &[KernelEvent], (start, conn): (usize, ConnId)) -> bool {
     events[start..]
         .iter()
@@ -507,20 +524,8 @@ fn lifecycle(loopback: &str, io: Io) {
         assert_eq!(s[2], format!("peer_closed:{}", how.as_str()), "{s:?}");
         // The response was streaming when the client left: the socket's send sequence
         // moved by the header and 3 chunks between the head and the close.
-        let (
-            KernelEventKind::RequestHead {
-                send_seq: Some(at_head),
-                ..
-            },
-            KernelEventKind::PeerClosed {
-                send_seq: Some(at_close),
-                ..
-            },
-        ) = (&evs[1].kind, &evs[2].kind)
-        else {
-            panic!("no send sequences: {:?} {:?}", evs[1], evs[2]);
-        };
-        assert_eq!(at_close.wrapping_sub(*at_head), response_bytes(3), "{id}");
+        let (at_head, at_close) = head_and_close_seqs(&evs);
+        assert_eq!(at_close.wrapping_sub(at_head), response_bytes(3), "{id}");
         let expected = server[id];
         assert!(expected >= 1, "the server wrote after {id}'s client left");
         assert_eq!(
@@ -575,19 +580,7 @@ fn lifecycle(loopback: &str, io: Io) {
         early_shapes[..3],
         ["accepted", "head:early-1", "peer_closed:fin"]
     );
-    let (
-        KernelEventKind::RequestHead {
-            send_seq: Some(at_head),
-            ..
-        },
-        KernelEventKind::PeerClosed {
-            send_seq: Some(at_close),
-            ..
-        },
-    ) = (&early_seq[1].kind, &early_seq[2].kind)
-    else {
-        panic!("no send sequences: {early_seq:#?}");
-    };
+    let (at_head, at_close) = head_and_close_seqs(&early_seq);
     assert_eq!(at_close, at_head, "{early_seq:#?}");
     assert_eq!(
         writes_after(&early_seq),
