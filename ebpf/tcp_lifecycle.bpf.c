@@ -73,12 +73,6 @@ char LICENSE[] SEC("license") = "GPL";
 #define RCV_SHUTDOWN 1
 
 
-/* Set on a watched connection that reached TCP_CLOSE without our FIN (a reset, either way):
- * the server's later release of the socket is then its close, reported as LocalClosed. */
-struct release_mark {
-	__u32 release_is_local_close;
-};
-
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, IW_PORT_BITMAP_WORDS);
@@ -86,13 +80,15 @@ struct {
 	__type(value, __u64);
 } watched_ports SEC(".maps");
 
-/* Reset connections awaiting their release: socket-local storage, which the kernel frees
- * with the socket, so none can leak and none needs deleting. */
+/* Watched connections that reached TCP_CLOSE without our FIN (a reset, either way), awaiting
+ * their release, which is then the server's close (LocalClosed). An entry's presence is the
+ * mark; its byte is unused. Socket-local storage: the kernel frees it with the socket, so none
+ * can leak and none needs deleting. */
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, int);
-	__type(value, struct release_mark);
+	__type(value, __u8);
 } release_marks SEC(".maps");
 
 struct {
@@ -234,13 +230,15 @@ static __always_inline int on_established(struct sock *sock, __u16 sport)
 	return 0;
 }
 
-/* The local port of a TCP socket, or 0 for another protocol (SCTP, DCCP and MPTCP also report
- * state changes here; Unix and UDP sockets sends and receives). */
-static __always_inline __u16 tcp_local_port(struct sock *sock)
+/* The local port of a TCP socket when it is watched, else 0: another protocol (SCTP, DCCP and
+ * MPTCP also report state changes here; Unix and UDP sockets send and receive) or a port not
+ * in the set. */
+static __always_inline __u16 watched_port(struct sock *sock)
 {
 	if (sock->sk_protocol != IPPROTO_TCP)
 		return 0;
-	return sock->__sk_common.skc_num;
+	__u16 sport = sock->__sk_common.skc_num;
+	return port_watched(sport) ? sport : 0;
 }
 
 /* A connection of a watched server: TCP, on a watched local port, not the listener. The agent
@@ -248,8 +246,7 @@ static __always_inline __u16 tcp_local_port(struct sock *sock)
  * before the agent started are watched from then on, without an Accepted. */
 static __always_inline int watched(struct sock *sock)
 {
-	__u16 sport = tcp_local_port(sock);
-	return sport && sock->__sk_common.skc_state != TCP_LISTEN && port_watched(sport);
+	return sock->__sk_common.skc_state != TCP_LISTEN && watched_port(sock);
 }
 
 /* The local port of a TCP socket in its transition to TCP_CLOSE, or 0. The kernel has released
@@ -266,10 +263,7 @@ static __always_inline __u16 closing_local_port(struct sock *sock)
  * storage (nearly all) are answered by one load, without the storage helper. */
 static __always_inline int release_marked(struct sock *sock)
 {
-	if (!sock->sk_bpf_storage)
-		return 0;
-	struct release_mark *mark = bpf_sk_storage_get(&release_marks, sock, 0, 0);
-	return mark && mark->release_is_local_close;
+	return sock->sk_bpf_storage && bpf_sk_storage_get(&release_marks, sock, 0, 0);
 }
 
 /* Our FIN went out in these states: a close from them is not a reset. */
@@ -290,8 +284,8 @@ int BPF_PROG(iw_inet_sock_set_state, struct sock *sock, int oldstate, int newsta
 
 	if (newstate == TCP_LISTEN) {
 		/* listen() runs in process context: the current task is the server. */
-		__u16 sport = tcp_local_port(sock);
-		if (!sport || !port_watched(sport))
+		__u16 sport = watched_port(sock);
+		if (!sport)
 			return 0;
 		struct iw_listen_event *ev = reserve(sizeof(*ev));
 		if (!ev)
@@ -306,8 +300,8 @@ int BPF_PROG(iw_inet_sock_set_state, struct sock *sock, int oldstate, int newsta
 
 	if (oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED) {
 		/* Passive open completed (softirq context: no pid). */
-		__u16 sport = tcp_local_port(sock);
-		if (!sport || !port_watched(sport))
+		__u16 sport = watched_port(sock);
+		if (!sport)
 			return 0;
 		return on_established(sock, sport);
 	}
@@ -340,7 +334,7 @@ int BPF_PROG(iw_inet_sock_set_state, struct sock *sock, int oldstate, int newsta
 		 * socket (its sends to it, EPIPE, are writes after the peer left, and count), and
 		 * its close will send nothing: mark the socket so that its release reports it. */
 		if (!after_our_fin(oldstate)) {
-			struct release_mark mark = { .release_is_local_close = 1 };
+			__u8 mark = 1;
 			if (!bpf_sk_storage_get(&release_marks, sock, &mark,
 						BPF_SK_STORAGE_GET_F_CREATE))
 				count(IW_COUNTER_CONN_STATE_ALLOC);
