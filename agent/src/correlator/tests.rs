@@ -463,3 +463,49 @@ fn send_sequences_tell_token_writes_from_a_whole_body() {
         );
     }
 }
+
+/// A closed connection is forgotten `settle_delay` after its close once nothing on it is
+/// pending, a connection that stays open `connection_idle` after its last event, and a head
+/// no span claims settles `span_wait` after its connection's close.
+#[test]
+fn connections_are_forgotten_after_their_close_or_when_idle() {
+    let config = CorrelatorConfig {
+        span_wait_ms: 1_000,
+        connection_idle_ms: 10_000,
+        ..CorrelatorConfig::default()
+    };
+    let mut c = Correlator::new(config);
+    let closed = |ts: u64, conn: u64| kernel(ts, KernelEventKind::Closed { conn: ConnId(conn) });
+    // 1: closed at 1 s. 2: never closed. 3: a head, closed at 0.5 s.
+    c.on_event(accepted(T0 + MS, 1, 5001));
+    c.on_event(accepted(T0 + MS, 2, 5002));
+    c.on_event(accepted(T0 + MS, 3, 5003));
+    c.on_event(head(T0 + 2 * MS, 3, None, None));
+    c.on_event(closed(T0 + 500 * MS, 3));
+    c.on_event(closed(T0 + 1_000 * MS, 1));
+    let connections = |c: &Correlator| c.state_sizes().connections;
+
+    c.on_tick(T0 + 1_249 * MS);
+    assert_eq!(
+        connections(&c),
+        3,
+        "the settle delay after 1's close has not passed"
+    );
+    c.on_tick(T0 + 1_250 * MS);
+    assert_eq!(connections(&c), 2, "1 is forgotten; 3 waits for its head");
+    assert_eq!(c.state_sizes().pending_heads, 1);
+    c.on_tick(T0 + 1_499 * MS);
+    assert_eq!(c.state_sizes().pending_heads, 1);
+    c.on_tick(T0 + 1_500 * MS);
+    assert_eq!(
+        c.state_sizes().pending_heads,
+        0,
+        "span_wait after the close"
+    );
+    assert_eq!(c.stats().unjoined_heads, 1);
+    assert_eq!(connections(&c), 1, "3 goes with its head");
+    c.on_tick(T0 + 10_000 * MS);
+    assert_eq!(connections(&c), 1, "2 saw its last event at 1 ms");
+    c.on_tick(T0 + 10_001 * MS);
+    assert_eq!(connections(&c), 0);
+}
