@@ -56,6 +56,14 @@ pub struct ExportConfig {
     pub queue_max_batches: usize,
     /// Most spans merged into one export request.
     pub max_batch_spans: usize,
+    /// Least time between the starts of two export requests, in milliseconds. Spans that
+    /// come sooner wait and go together (or when `max_batch_spans` are waiting); after a
+    /// quiet spell the first batch goes at once. 0 sends each batch as it comes.
+    pub min_send_interval_ms: u64,
+    /// Spans that make an export request go before `min_send_interval_ms` is up. Waiting
+    /// spans are held in memory, so this bounds what the interval adds to the agent's RSS
+    /// at high rates (at 10k requests/s, ~1 MiB per 1 024 spans).
+    pub send_batch_spans: usize,
     /// First retry delay after a retryable failure, in milliseconds (doubles per attempt).
     pub retry_initial_ms: u64,
     /// Longest retry delay, in milliseconds.
@@ -76,6 +84,8 @@ impl Default for ExportConfig {
             queue_max_spans: 65_536,
             queue_max_batches: 1024,
             max_batch_spans: 4096,
+            min_send_interval_ms: 1_000,
+            send_batch_spans: 512,
             retry_initial_ms: 100,
             retry_max_ms: 5_000,
             shutdown_flush_ms: 5_000,

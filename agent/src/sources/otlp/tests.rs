@@ -134,6 +134,8 @@ struct Agent {
     metrics: Arc<AgentMetrics>,
     export: Option<SinkSender>,
     adapted: mpsc::UnboundedReceiver<RuntimeRequest>,
+    /// Export requests received, either protocol.
+    requests: Arc<std::sync::atomic::AtomicUsize>,
     shutdown: CancellationToken,
 }
 
@@ -166,8 +168,11 @@ async fn start_agent(receiver: OtlpReceiverConfig, export: Option<ExportConfig>)
     let (adapted_tx, adapted) = mpsc::unbounded_channel();
     let options = AdapterOptions::from(&receiver);
     let forward = export_tx.clone();
+    let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = requests.clone();
     tokio::spawn(async move {
         while let Some(request) = rx.recv().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let adapted = adapt_request(&request, &options);
             // The raw request encodes to the bytes it was read from: decoded here so that the
             // test enriches prost messages.
@@ -206,6 +211,7 @@ async fn start_agent(receiver: OtlpReceiverConfig, export: Option<ExportConfig>)
         metrics,
         export: export_tx,
         adapted,
+        requests,
         shutdown,
     }
 }
@@ -365,6 +371,32 @@ async fn http_exporter_delivers_gzip_protobuf() {
         3 + 3,
         "3 spans + 3 findings"
     );
+}
+
+/// Export requests go at most once per `min_send_interval_ms`: the first at once, the batches
+/// that come within the interval after it together in one request.
+#[tokio::test(flavor = "multi_thread")]
+async fn exporter_merges_the_batches_of_one_send_interval() {
+    let sink = start_agent(ephemeral(), None).await;
+    let mut export = export_to(format!("http://{}", sink.grpc), ExportProtocol::Grpc);
+    export.min_send_interval_ms = 3_000;
+    let agent = start_agent(ephemeral(), Some(export)).await;
+    let received = || sink.metrics.received(Protocol::Grpc);
+    let requests = || sink.requests.load(std::sync::atomic::Ordering::SeqCst);
+
+    raw_grpc(agent.grpc, vllm_request(0, 1).encode_to_vec())
+        .await
+        .expect("valid request accepted");
+    wait_until("the first batch exported", || received() == 2).await;
+    assert_eq!(requests(), 1);
+    // Five batches (a span and its finding each) within the interval: one request.
+    for i in 1..6 {
+        raw_grpc(agent.grpc, vllm_request(i, 1).encode_to_vec())
+            .await
+            .expect("valid request accepted");
+    }
+    wait_until("the five batches exported", || received() == 2 + 10).await;
+    assert_eq!(requests(), 2, "the five batches went in one request");
 }
 
 // ---------------------------------------------------------------- backend down
