@@ -57,12 +57,13 @@ pub struct ExportConfig {
     /// Most spans merged into one export request.
     pub max_batch_spans: usize,
     /// Least time between the starts of two export requests, in milliseconds. Spans that
-    /// come sooner wait and go together (or when `max_batch_spans` are waiting); after a
+    /// come sooner wait and go together (or once `send_batch_spans` are waiting); after a
     /// quiet spell the first batch goes at once. 0 sends each batch as it comes.
     pub min_send_interval_ms: u64,
-    /// Spans that make an export request go before `min_send_interval_ms` is up. Waiting
-    /// spans are held in memory, so this bounds what the interval adds to the agent's RSS
-    /// at high rates (at 10k requests/s, ~1 MiB per 1 024 spans).
+    /// Waiting spans that make an export request go before `min_send_interval_ms` is up.
+    /// Waiting spans are held in memory (a vLLM span is ~0.75 KB on the wire), so this bounds
+    /// what the interval adds to the agent's RSS; at high rates each tick's batch is more
+    /// than this and goes at once.
     pub send_batch_spans: usize,
     /// First retry delay after a retryable failure, in milliseconds (doubles per attempt).
     pub retry_initial_ms: u64,

@@ -307,8 +307,9 @@ impl OtlpExporter {
     /// `until` has passed or `shutdown` is cancelled).
     ///
     /// Why wait: every export request costs the agent about as much as a hundred spans of it
-    /// (HTTP/2 framing, the response, the wakeups of the exporter and connection tasks), so at
-    /// 1k requests/s one request per pipeline tick was a tenth of the agent's CPU.
+    /// (HTTP/2 framing, the response, the wakeups of the exporter and connection tasks): at
+    /// 1k requests/s, one request per pipeline tick cost 7-14 % of the agent's CPU more than
+    /// one a second (docs/performance.md).
     async fn gather(
         first: SpanBatch,
         until: Instant,
