@@ -1150,18 +1150,16 @@ impl Correlator {
         let closed = closed_before
             .into_iter()
             .flat_map(|before| self.closed.range(..=(before, ConnKey::MAX)));
-        let idle = idle_since
-            .into_iter()
-            .flat_map(|since| self.conn_order.range(..=(since, ConnKey::MAX)))
-            .filter(|(_, key)| {
-                self.conns
-                    .get(key)
-                    .is_some_and(|c| idle_since.is_some_and(|since| c.last_seen <= since))
-            });
+        let conns = &self.conns;
+        let idle = idle_since.into_iter().flat_map(|since| {
+            self.conn_order
+                .range(..=(since, ConnKey::MAX))
+                .filter(move |(_, key)| conns.get(key).is_some_and(|c| c.last_seen <= since))
+        });
         let done: Vec<ConnKey> = closed
             .chain(idle)
             .map(|(_, key)| *key)
-            .filter(|key| self.conns.get(key).is_some_and(|c| !c.has_pending()))
+            .filter(|key| conns.get(key).is_some_and(|c| !c.has_pending()))
             .collect();
         for key in done {
             self.remove_conn(key, false);
