@@ -267,6 +267,10 @@ pub struct KvEventBatch {
     pub seq: Option<u64>,
     /// vLLM's data-parallel rank, when sent.
     pub data_parallel_rank: Option<i64>,
+    /// Events of a type this agent does not know, skipped by the decoder (counted so that a
+    /// runtime that adds an event type shows up instead of silently thinning the evidence).
+    #[serde(default)]
+    pub unknown_events: u32,
     /// The events, in order.
     pub events: Vec<KvEvent>,
 }

@@ -35,7 +35,7 @@ use crate::sinks::prometheus::metrics::AgentMetrics;
 use crate::sinks::prometheus::{PrometheusSink, Readiness};
 use crate::sinks::{SinkReceiver, SinkSender};
 use crate::sources::kernel::{CounterMap, KernelSource, KernelStats, batch_capacity};
-use crate::sources::kvevents::KvEventsSource;
+use crate::sources::kvevents::{KvEventsCounters, KvEventsSource};
 use crate::sources::nvml::{NvmlCounters, NvmlSource};
 use crate::sources::otlp::adapters::AdapterOptions;
 use crate::sources::otlp::{OtlpReceiver, RawTraceRequest};
@@ -409,7 +409,9 @@ impl Pipeline {
         }
         let (kv_tx, mut kv_rx) = mpsc::channel::<KvEventBatch>(kv_capacity.max(1));
         let mut kv_open = kv_events.is_some();
+        let mut kv_counters = None;
         if let Some(source) = kv_events {
+            kv_counters = Some(source.counters());
             sources.spawn(source.run(kv_tx, sources_stop.clone()));
         } else {
             drop(kv_tx);
@@ -473,6 +475,9 @@ impl Pipeline {
                 _ = monitor.tick() => {
                     if let Some((stats, counters)) = &kernel_monitor {
                         update_kernel_metrics(&finding_metrics, stats, counters);
+                    }
+                    if let Some(counters) = &kv_counters {
+                        update_kv_events_metrics(&finding_metrics, counters);
                     }
                     if let Some(counters) = &nvml_counters {
                         update_nvml_metrics(&finding_metrics, counters);
@@ -587,6 +592,34 @@ fn update_nvml_metrics(metrics: &FindingMetrics, counters: &NvmlCounters) {
     ] {
         let labels = SourceDropLabels {
             source: "nvml".into(),
+            reason: reason.into(),
+        };
+        advance_to(&metrics.events_dropped.get_or_create(&labels), value);
+    }
+}
+
+fn update_kv_events_metrics(metrics: &FindingMetrics, counters: &KvEventsCounters) {
+    let kv = SourceLabels {
+        source: "kv_events".into(),
+    };
+    advance_to(
+        &metrics.events_received.get_or_create(&kv),
+        counters.messages.load(Ordering::Relaxed),
+    );
+    for (reason, value) in [
+        ("channel_full", counters.dropped.load(Ordering::Relaxed)),
+        (
+            "decode_error",
+            counters.decode_errors.load(Ordering::Relaxed),
+        ),
+        ("sequence_gap", counters.missing.load(Ordering::Relaxed)),
+        (
+            "unknown_type",
+            counters.unknown_events.load(Ordering::Relaxed),
+        ),
+    ] {
+        let labels = SourceDropLabels {
+            source: "kv_events".into(),
             reason: reason.into(),
         };
         advance_to(&metrics.events_dropped.get_or_create(&labels), value);

@@ -5,11 +5,20 @@
 //! # Wire format (vLLM `vllm/distributed/kv_events.py`)
 //! Each message has three frames: the topic, an 8-byte big-endian sequence number, and a
 //! msgpack payload. The payload is a `KVEventBatch`, a msgspec `array_like` struct:
-//! `[ts (float seconds), [event, ...], data_parallel_rank (optional)]`. Each event is a tagged
-//! `array_like` struct whose first element is its class name:
-//! `["BlockStored", block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium]`,
-//! `["BlockRemoved", block_hashes, medium]`, `["AllBlocksCleared"]`; trailing fields left at
-//! their defaults may be omitted. Block hashes are integers (older vLLM) or bytes (newer vLLM,
+//! `[ts (float seconds), [event, ...], data_parallel_rank (optional)]`. Events come in two
+//! encodings, both read:
+//! - vLLM 0.32 (seen from a running 0.32, `tests/real-vllm/fixtures`): each event is a map
+//!   keyed by field name with a `"type"` entry: `{"type": "BlockStored", "block_hashes",
+//!   "parent_block_hash", "token_ids", "block_size", "lora_id", "medium", "lora_name",
+//!   "extra_keys", "group_idx", "kv_cache_spec_kind"}`, `{"type": "BlockRemoved",
+//!   "block_hashes", "medium", "group_idx"}`;
+//! - older vLLM and SGLang: each event is an array tagged by its class name, fields in order:
+//!   `["BlockStored", block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium]`,
+//!   `["BlockRemoved", block_hashes, medium]`, `["AllBlocksCleared"]`; trailing fields left at
+//!   their defaults may be omitted.
+//!
+//! Unknown fields are ignored and events of unknown types are skipped and counted. Block
+//! hashes are integers (older vLLM) or bytes (newer vLLM,
 //! SHA-256): bytes are folded to 64 bits. Token ids are counted and dropped here: they are
 //! prompt content and never leave the source.
 //!
@@ -80,6 +89,8 @@ pub struct KvEventsCounters {
     pub missing: AtomicU64,
     /// Batches dropped because the channel to the correlator was full.
     pub dropped: AtomicU64,
+    /// Events of unknown types, skipped inside otherwise decoded batches.
+    pub unknown_events: AtomicU64,
 }
 
 /// Decodes one ZMQ message (`[topic, seq, payload]` frames) from `instance`.
@@ -120,43 +131,11 @@ pub fn decode_payload(payload: &[u8], instance: &str) -> Result<KvEventBatch, De
     };
     let data_parallel_rank = fields.get(2).and_then(Value::as_i64);
     let mut out = Vec::with_capacity(events.len());
+    let mut unknown_events = 0u32;
     for event in events {
-        let Value::Array(ev) = event else {
-            return Err(DecodeError::Shape("event is not an array"));
-        };
-        let tag = ev.first().and_then(Value::as_str);
-        let hashes = |v: Option<&Value>| -> Result<Vec<u64>, DecodeError> {
-            match v {
-                Some(Value::Array(items)) => items
-                    .iter()
-                    .map(|h| block_hash(h).ok_or(DecodeError::Shape("block hash")))
-                    .collect(),
-                _ => Err(DecodeError::Shape("block_hashes is not an array")),
-            }
-        };
-        let opt_str = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
-        match tag {
-            Some("BlockStored") => out.push(KvEvent::BlockStored {
-                block_hashes: hashes(ev.get(1))?,
-                parent_block_hash: ev.get(2).and_then(block_hash),
-                num_tokens: match ev.get(3) {
-                    Some(Value::Array(t)) => u32::try_from(t.len()).unwrap_or(u32::MAX),
-                    _ => 0,
-                },
-                block_size: ev
-                    .get(4)
-                    .and_then(Value::as_u64)
-                    .and_then(|b| u32::try_from(b).ok())
-                    .unwrap_or(0),
-                lora_id: ev.get(5).and_then(Value::as_i64),
-                medium: opt_str(ev.get(6)),
-            }),
-            Some("BlockRemoved") => out.push(KvEvent::BlockRemoved {
-                block_hashes: hashes(ev.get(1))?,
-                medium: opt_str(ev.get(2)),
-            }),
-            Some("AllBlocksCleared") => out.push(KvEvent::AllBlocksCleared),
-            _ => return Err(DecodeError::Shape("unknown event tag")),
+        match decode_event(event)? {
+            Some(e) => out.push(e),
+            None => unknown_events = unknown_events.saturating_add(1),
         }
     }
     Ok(KvEventBatch {
@@ -164,8 +143,88 @@ pub fn decode_payload(payload: &[u8], instance: &str) -> Result<KvEventBatch, De
         instance: instance.to_string(),
         seq: None,
         data_parallel_rank,
+        unknown_events,
         events: out,
     })
+}
+
+/// The fields of one event, whichever of the two encodings carried it: vLLM 0.32 sends each
+/// event as a map keyed by field name with a `"type"` entry; older vLLM and SGLang send an
+/// array tagged by its first element, the fields in declaration order.
+enum EventFields<'a> {
+    Map(&'a [(rmpv::Value, rmpv::Value)]),
+    Array(&'a [rmpv::Value]),
+}
+
+impl<'a> EventFields<'a> {
+    /// The field called `name`, declared at `position` (counted after the array form's tag).
+    fn get(&self, name: &str, position: usize) -> Option<&'a rmpv::Value> {
+        match self {
+            Self::Map(entries) => entries
+                .iter()
+                .find(|(k, _)| k.as_str() == Some(name))
+                .map(|(_, v)| v)
+                .filter(|v| !v.is_nil()),
+            Self::Array(items) => items.get(position + 1).filter(|v| !v.is_nil()),
+        }
+    }
+}
+
+/// Decodes one event; `None` for an event type this agent does not know (skipped and counted,
+/// so that a runtime adding a type does not cost the batch's other events). Unknown fields are
+/// ignored.
+fn decode_event(event: &rmpv::Value) -> Result<Option<KvEvent>, DecodeError> {
+    use rmpv::Value;
+    let (tag, fields) = match event {
+        Value::Map(entries) => (
+            entries
+                .iter()
+                .find(|(k, _)| k.as_str() == Some("type"))
+                .and_then(|(_, v)| v.as_str()),
+            EventFields::Map(entries),
+        ),
+        Value::Array(items) => (
+            items.first().and_then(Value::as_str),
+            EventFields::Array(items),
+        ),
+        _ => return Err(DecodeError::Shape("event is neither a map nor an array")),
+    };
+    let Some(tag) = tag else {
+        return Err(DecodeError::Shape("event has no type"));
+    };
+    let hashes = |v: Option<&Value>| -> Result<Vec<u64>, DecodeError> {
+        match v {
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|h| block_hash(h).ok_or(DecodeError::Shape("block hash")))
+                .collect(),
+            _ => Err(DecodeError::Shape("block_hashes is not an array")),
+        }
+    };
+    let opt_str = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
+    Ok(Some(match tag {
+        "BlockStored" => KvEvent::BlockStored {
+            block_hashes: hashes(fields.get("block_hashes", 0))?,
+            parent_block_hash: fields.get("parent_block_hash", 1).and_then(block_hash),
+            num_tokens: match fields.get("token_ids", 2) {
+                Some(Value::Array(t)) => u32::try_from(t.len()).unwrap_or(u32::MAX),
+                _ => 0,
+            },
+            block_size: fields
+                .get("block_size", 3)
+                .and_then(Value::as_u64)
+                .and_then(|b| u32::try_from(b).ok())
+                .unwrap_or(0),
+            lora_id: fields.get("lora_id", 4).and_then(Value::as_i64),
+            medium: opt_str(fields.get("medium", 5)),
+        },
+        "BlockRemoved" => KvEvent::BlockRemoved {
+            block_hashes: hashes(fields.get("block_hashes", 0))?,
+            medium: opt_str(fields.get("medium", 1)),
+        },
+        "AllBlocksCleared" => KvEvent::AllBlocksCleared,
+        _ => return Ok(None),
+    }))
 }
 
 fn secs_to_nanos(ts: f64) -> UnixNanos {
@@ -273,6 +332,9 @@ async fn subscribe(
         .map_err(zmq("subscribe"))?;
     tracing::info!(endpoint = %ep.endpoint, instance = %ep.instance, "subscribed to KV events");
     let mut last_seq: Option<u64> = None;
+    // A publisher whose encoding this agent does not read sends nothing but undecodable
+    // messages: one warning per connection says so, the rest are counted.
+    let mut warned = false;
     loop {
         let msg = socket.recv().await.map_err(zmq("recv"))?;
         counters.messages.fetch_add(1, Ordering::Relaxed);
@@ -281,7 +343,17 @@ async fn subscribe(
             Ok(b) => b,
             Err(e) => {
                 counters.decode_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(error = %e, endpoint = %ep.endpoint, "KV event message skipped");
+                if warned {
+                    tracing::debug!(error = %e, endpoint = %ep.endpoint, "KV event message skipped");
+                } else {
+                    warned = true;
+                    tracing::warn!(
+                        error = %e,
+                        endpoint = %ep.endpoint,
+                        "KV event message not decoded: skipped, and counted with the further ones in \
+                         inferwatch_events_dropped_total (source kv_events, reason decode_error)"
+                    );
+                }
                 continue;
             }
         };
@@ -293,6 +365,9 @@ async fn subscribe(
                 .fetch_add(seq - last - 1, Ordering::Relaxed);
         }
         last_seq = batch.seq.or(last_seq);
+        counters
+            .unknown_events
+            .fetch_add(u64::from(batch.unknown_events), Ordering::Relaxed);
         match tx.try_send(batch) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -375,6 +450,148 @@ mod tests {
         );
     }
 
+    /// The ZMQ messages a real vLLM 0.32 published (`tests/real-vllm/fixtures`, recorded from
+    /// the real-vLLM tier): 9 prompts of 1000 tokens through a 150-block cache, then a
+    /// two-turn conversation.
+    fn recorded_vllm_0_32() -> Vec<Vec<Vec<u8>>> {
+        let text = include_str!("../../../../tests/real-vllm/fixtures/kv_events_vllm_0.32.jsonl");
+        text.lines()
+            .map(|line| {
+                let v: serde_json::Value = serde_json::from_str(line).expect("fixture line");
+                v["frames"]
+                    .as_array()
+                    .expect("frames")
+                    .iter()
+                    .map(|f| hex::decode(f.as_str().expect("hex")).expect("hex frame"))
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn decodes_the_map_encoded_events_of_a_real_vllm_0_32() {
+        let messages = recorded_vllm_0_32();
+        assert_eq!(messages.len(), 12);
+        let batches: Vec<KvEventBatch> = messages
+            .iter()
+            .map(|m| {
+                let frames: Vec<&[u8]> = m.iter().map(Vec::as_slice).collect();
+                decode_message(&frames, "vllm").expect("a real vLLM message decodes")
+            })
+            .collect();
+        let seqs: Vec<u64> = batches.iter().filter_map(|b| b.seq).collect();
+        assert_eq!(seqs, (0..12).collect::<Vec<_>>());
+        // The first prompt fills 22 whole blocks of 32 (704 tokens), with no parent.
+        let KvEvent::BlockStored {
+            block_hashes,
+            parent_block_hash,
+            num_tokens,
+            block_size,
+            lora_id,
+            medium,
+        } = &batches[0].events[0]
+        else {
+            panic!("first event: {:?}", batches[0].events[0]);
+        };
+        assert_eq!(
+            (
+                block_hashes.len(),
+                *parent_block_hash,
+                *num_tokens,
+                *block_size
+            ),
+            (22, None, 704, 32)
+        );
+        assert_eq!((lora_id, medium.as_deref()), (&None, Some("GPU")));
+        assert_eq!(batches[0].data_parallel_rank, Some(0));
+        assert!(batches.iter().all(|b| b.unknown_events == 0));
+        // From the sixth prompt on the cache is full: each batch removes blocks one event per
+        // block, then stores the new prompt's, in the same batch.
+        let removed: usize = batches[5]
+            .events
+            .iter()
+            .map(|e| match e {
+                KvEvent::BlockRemoved { block_hashes, .. } => block_hashes.len(),
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(removed, 29);
+        assert!(matches!(
+            batches[5].events.last(),
+            Some(KvEvent::BlockStored { .. })
+        ));
+        // The conversation's second turn chains onto its first turn's last block.
+        let last_hash = |b: &KvEventBatch| match b.events.last() {
+            Some(KvEvent::BlockStored { block_hashes, .. }) => block_hashes.last().copied(),
+            _ => None,
+        };
+        let parent = match batches[11].events.last() {
+            Some(KvEvent::BlockStored {
+                parent_block_hash, ..
+            }) => *parent_block_hash,
+            other => panic!("{other:?}"),
+        };
+        assert!(parent.is_some());
+        assert_eq!(parent, last_hash(&batches[10]));
+    }
+
+    #[test]
+    fn map_events_ignore_unknown_fields_and_skip_unknown_types() {
+        let map = |entries: Vec<(&str, Value)>| {
+            Value::Map(entries.into_iter().map(|(k, v)| (k.into(), v)).collect())
+        };
+        let batch = Value::Array(vec![
+            Value::F64(2.0),
+            Value::Array(vec![
+                map(vec![
+                    ("type", "BlockStored".into()),
+                    ("a_field_from_the_future", Value::from(1u64)),
+                    ("block_hashes", Value::Array(vec![Value::from(3u64)])),
+                    ("parent_block_hash", Value::from(2u64)),
+                    (
+                        "token_ids",
+                        Value::Array((0..16).map(Value::from).collect()),
+                    ),
+                    ("block_size", Value::from(16u64)),
+                ]),
+                map(vec![("type", "BlockUpdated".into())]),
+                map(vec![
+                    ("block_hashes", Value::Array(vec![Value::from(3u64)])),
+                    ("type", "BlockRemoved".into()),
+                ]),
+            ]),
+            Value::from(1i64),
+        ]);
+        let b = decode_payload(&encode(&batch), "i").expect("decodes");
+        assert_eq!(b.unknown_events, 1);
+        assert_eq!(b.data_parallel_rank, Some(1));
+        assert_eq!(
+            b.events,
+            vec![
+                KvEvent::BlockStored {
+                    block_hashes: vec![3],
+                    parent_block_hash: Some(2),
+                    num_tokens: 16,
+                    block_size: 16,
+                    lora_id: None,
+                    medium: None,
+                },
+                KvEvent::BlockRemoved {
+                    block_hashes: vec![3],
+                    medium: None,
+                },
+            ]
+        );
+        let untyped = encode(&Value::Array(vec![
+            Value::F64(2.0),
+            Value::Array(vec![map(vec![("block_hashes", Value::Array(vec![]))])]),
+        ]));
+        assert!(matches!(
+            decode_payload(&untyped, "i"),
+            Err(DecodeError::Shape("event has no type"))
+        ));
+    }
+
     #[test]
     fn rejects_bad_messages_without_panicking() {
         assert!(matches!(
@@ -389,7 +606,7 @@ mod tests {
         assert!(decode_message(&[b"", &seq, &[0xc1]], "i").is_err());
         let odd = encode(&Value::Array(vec![
             Value::F64(1.0),
-            Value::Array(vec![Value::Array(vec!["Nope".into()])]),
+            Value::Array(vec![Value::Array(vec!["BlockRemoved".into(), 7.into()])]),
         ]));
         assert!(matches!(
             decode_message(&[b"", &seq, &odd], "i"),
