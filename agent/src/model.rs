@@ -73,6 +73,9 @@ pub struct RequestHead {
     pub tenant: Option<String>,
     /// The configured conversation header (default `x-conversation-id`).
     pub conversation: Option<String>,
+    /// The top-level `"model"` of a JSON body, when the captured bytes reach it (vLLM's span
+    /// carries no model name; this one stands in).
+    pub model: Option<String>,
 }
 
 /// One event from the kernel source.

@@ -1002,6 +1002,11 @@ impl Correlator {
             return;
         };
         self.stats.joins.record(rule);
+        // vLLM's span names no model: the request body's `"model"` stands in (SPEC §1.2).
+        let mut span = span;
+        if span.model.is_none() {
+            span.model = head.head.model.clone();
+        }
         let finding = facts.close.and_then(|(t_c, how)| {
             let (tokens_after, tokens_total, method) =
                 abort::tokens_after_with_span(&span, t_c, facts.token_writes)?;
@@ -1131,7 +1136,7 @@ impl Correlator {
                 t_s_from_span: false,
                 conn: hk.1.id,
                 tenant: head.head.tenant,
-                model: None,
+                model: head.head.model,
                 join: JoinRule::Unjoined,
             };
             self.stats

@@ -42,6 +42,7 @@ fn head(ts: u64, conn: u64, trace: Option<u8>, request_id: Option<&str>) -> Inpu
                 }),
                 tenant: Some("acme".into()),
                 conversation: None,
+                model: None,
             },
             send_seq: None,
         },

@@ -34,7 +34,11 @@ impl HeadParser {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(bytes) {
-            Ok(httparse::Status::Complete(_)) => return self.extract(&req),
+            Ok(httparse::Status::Complete(body_start)) => {
+                let mut head = self.extract(&req)?;
+                head.model = bytes.get(body_start..).and_then(body_model);
+                return Some(head);
+            }
             Ok(httparse::Status::Partial) => {}
             Err(_) => return None,
         }
@@ -82,6 +86,67 @@ impl HeadParser {
         }
         Some(head)
     }
+}
+
+/// Longest model name kept from a body.
+const MAX_MODEL_LEN: usize = 128;
+
+/// The top-level `"model"` string of a JSON object body, read from a prefix of it (the kernel
+/// captures a bounded prefix, so the body is usually cut). Strings are skipped whole, so a
+/// `"model"` inside a message or a nested object is never taken; only the value's characters
+/// are copied, and only when it is a short plain string (no escapes).
+fn body_model(body: &[u8]) -> Option<String> {
+    let mut depth = 0u32;
+    let mut i = 0;
+    // Whether the last string closed at depth 1 in key position was `"model"`.
+    let mut key_is_model = false;
+    let mut expect_key = false;
+    while i < body.len() {
+        match body[i] {
+            b'{' | b'[' => {
+                depth += 1;
+                expect_key = depth == 1 && body[i] == b'{';
+                key_is_model = false;
+            }
+            b'}' | b']' => depth = depth.checked_sub(1)?,
+            b',' => {
+                expect_key = depth == 1;
+                key_is_model = false;
+            }
+            b':' => expect_key = false,
+            b'"' => {
+                let start = i + 1;
+                let end = string_end(body, start)?;
+                let text = &body[start..end];
+                if depth == 1 && expect_key {
+                    key_is_model = text == b"model";
+                } else if depth == 1 && key_is_model {
+                    let value = std::str::from_utf8(text).ok()?;
+                    return (!value.is_empty()
+                        && value.len() <= MAX_MODEL_LEN
+                        && !value.contains('\\'))
+                    .then(|| value.to_owned());
+                }
+                i = end;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Index of the quote closing the JSON string whose text starts at `start`.
+fn string_end(bytes: &[u8], start: usize) -> Option<usize> {
+    let mut i = start;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' => i += 2,
+            b'"' => return Some(i),
+            _ => i += 1,
+        }
+    }
+    None
 }
 
 /// End of the last complete header line (just after its `\r\n`), past the request line.
@@ -137,6 +202,33 @@ mod tests {
     }
 
     const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn reads_the_top_level_model_of_the_body() {
+        let parse = |body: &str| {
+            let bytes = format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            parser().parse(bytes.as_bytes()).expect("head").model
+        };
+        assert_eq!(
+            parse(r#"{"model":"m","stream":true}"#).as_deref(),
+            Some("m")
+        );
+        // The OpenAI client writes the messages first; a "model" inside them is not the model.
+        assert_eq!(
+            parse(r#"{"messages":[{"role":"user","content":"the \"model\": x","model":"no"}], "model" : "llama-3", "n":1}"#)
+                .as_deref(),
+            Some("llama-3")
+        );
+        assert_eq!(parse(r#"{"tools":{"model":"nested"},"stream":true}"#), None);
+        // Cut before the value ends, not a string, or no body at all: nothing.
+        assert_eq!(parse(r#"{"messages":[],"model":"lla"#), None);
+        assert_eq!(parse(r#"{"model":7}"#), None);
+        assert_eq!(parse(""), None);
+        assert_eq!(parse(r#"["model","m"]"#), None);
+    }
 
     #[test]
     fn keeps_only_allow_listed_headers() {
