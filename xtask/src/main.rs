@@ -9,6 +9,7 @@ mod demo;
 mod deploy_check;
 mod fuzz;
 mod gpu_check;
+mod real_vllm;
 mod setup;
 mod test;
 mod util;

@@ -69,5 +69,10 @@ pub fn task() -> anyhow::Result<()> {
     if !deny_installed {
         run(crate::util::cargo().args(["install", "--locked", "cargo-deny"]))?;
     }
+    if crate::real_vllm::skipped()? {
+        eprintln!("*** INFERWATCH_SKIP_REAL_RUNTIME=1: the real vLLM is not installed ***");
+    } else {
+        crate::real_vllm::ensure()?;
+    }
     Ok(())
 }

@@ -1,0 +1,384 @@
+//! The real-vLLM tier: the agent against a real vLLM 0.32 (the CPU build, a small random-weight
+//! model), on the real kernel, with the official `openai` client as the user. What the agent
+//! reports is checked against what vLLM itself did (its request log and its own counters).
+//!
+//! Needs root (the kernel programs) and the environment `cargo xtask setup` installs under
+//! `target/real-vllm/`; without it the tier says SKIPPED, loudly, unless
+//! `INFERWATCH_REQUIRE_REAL_RUNTIME=1` (set by `cargo xtask test`) makes that a failure.
+
+#[allow(dead_code)]
+#[path = "../e2e/harness.rs"]
+mod harness;
+mod rig;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::json;
+
+use harness::{Received, attr, now_ns, scratch};
+use rig::{Exporter, Install, rig};
+
+/// One request of a client plan (`client.py`).
+fn step(id: &str, max_tokens: u32, stream: bool, abandon_after: Option<u32>) -> serde_json::Value {
+    json!({
+        "request_id": id,
+        "max_tokens": max_tokens,
+        "stream": stream,
+        "abandon_after": abandon_after,
+        "words": 30,
+        "headers": {"x-tenant-id": "acme"},
+    })
+}
+
+/// What `client.py` reported for one request.
+#[derive(Debug, Clone, serde::Deserialize)]
+struct ClientRecord {
+    request_id: Option<String>,
+    abandoned: bool,
+    chunks: u64,
+    response_id: Option<String>,
+    /// Content chunks the tap read after its FIN (half-closing clients only).
+    chunks_after_close: Option<u64>,
+}
+
+/// Runs `client.py` with `plan` against `base_url`; returns its records by request id.
+async fn run_client(
+    install: &Install,
+    base_url: &str,
+    plan: &[serde_json::Value],
+    dir: &Path,
+) -> HashMap<String, ClientRecord> {
+    let plan_path = dir.join("plan.json");
+    let out = dir.join("client.jsonl");
+    std::fs::write(&plan_path, serde_json::to_vec(plan).expect("plan")).expect("write plan");
+    let status = tokio::process::Command::new(&install.python)
+        .arg(harness::workspace().join("tests/real-vllm/client.py"))
+        .arg(base_url)
+        .arg(&plan_path)
+        .arg(&out)
+        .status()
+        .await
+        .expect("run client.py");
+    assert!(status.success(), "client.py failed: {status}");
+    std::fs::read_to_string(&out)
+        .expect("client records")
+        .lines()
+        .map(|l| {
+            let r: ClientRecord = serde_json::from_str(l).expect("client record");
+            (r.request_id.clone().unwrap_or_default(), r)
+        })
+        .collect()
+}
+
+/// Waits until `done` holds for the collector's spans or `secs` pass; returns the spans.
+async fn spans_until(
+    collector: &harness::Collector,
+    secs: u64,
+    done: impl Fn(&[Received]) -> bool,
+) -> Vec<Received> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let spans = collector.spans();
+        if done(&spans) || tokio::time::Instant::now() > deadline {
+            return spans;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The forwarded `llm_request` spans of request id `chatcmpl-<id>`.
+fn request_spans<'a>(spans: &'a [Received], id: &str) -> Vec<&'a Received> {
+    let want = format!("chatcmpl-{id}");
+    spans
+        .iter()
+        .filter(|r| {
+            r.span.name == "llm_request"
+                && attr(&r.span, "gen_ai.request.id").as_deref() == Some(&want)
+        })
+        .collect()
+}
+
+/// The agent's abort findings for request id `id`.
+fn abort_findings<'a>(spans: &'a [Received], id: &str) -> Vec<&'a Received> {
+    let prefixed = format!("chatcmpl-{id}");
+    spans
+        .iter()
+        .filter(|r| {
+            r.span.name == "inferwatch.abort"
+                && attr(&r.span, "gen_ai.request.id").is_some_and(|v| v == id || v == prefixed)
+        })
+        .collect()
+}
+
+/// A Prometheus sample's value, summed over the label sets that contain every `labels` pair.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn spans_pass_through_joined_by_traceparent_and_request_id() {
+    let Some(rig) = rig() else { return };
+    rig.run(async {
+        let dir = scratch("real-vllm-joins");
+        let trace = format!("{:032x}", now_ns());
+        let parent = "b7ad6b7169203331";
+        let mut traced = step("rv-join-tp", 12, true, None);
+        traced["traceparent"] = json!(format!("00-{trace}-{parent}-01"));
+        let plan = vec![
+            traced,
+            step("rv-join-rid", 12, true, None),
+            step("rv-join-json", 6, false, None),
+        ];
+        let tokens_before = metric(
+            &rig.scrape().await,
+            "inferwatch_output_tokens_total",
+            &[("model", "m")],
+        );
+        let clients = run_client(&rig.install, &rig.base_url(), &plan, &dir).await;
+        let ids = ["rv-join-tp", "rv-join-rid", "rv-join-json"];
+        let spans = spans_until(&rig.collector, 30, |s| {
+            ids.iter().all(|id| request_spans(s, id).len() == 1)
+        })
+        .await;
+        for id in ids {
+            let found = request_spans(&spans, id);
+            assert_eq!(found.len(), 1, "{id}: one forwarded llm_request span");
+            let span = &found[0].span;
+            let client = &clients[id];
+            assert_eq!(
+                client.response_id.as_deref(),
+                Some(format!("chatcmpl-{id}").as_str()),
+                "vLLM derives its response id from x-request-id"
+            );
+            assert_eq!(
+                attr(span, "gen_ai.usage.completion_tokens"),
+                Some(client.chunks.to_string()),
+                "{id}: the span's output tokens are what the client received"
+            );
+            let expected_join = if id == "rv-join-tp" {
+                assert_eq!(hex::encode(&span.trace_id), trace, "the client's trace");
+                assert_eq!(hex::encode(&span.parent_span_id), parent);
+                "traceparent"
+            } else {
+                "request_id"
+            };
+            assert_eq!(
+                attr(span, "inferwatch.join").as_deref(),
+                Some(expected_join),
+                "{id}"
+            );
+        }
+        // vLLM's span names no model; the agent takes it from the request body.
+        let metrics = rig.scrape().await;
+        let tokens = metric(
+            &metrics,
+            "inferwatch_output_tokens_total",
+            &[("model", "m")],
+        );
+        assert_eq!(tokens - tokens_before, 12.0 + 12.0 + 6.0, "{metrics}");
+    });
+}
+
+#[test]
+fn abandoned_streams_are_measured_against_what_vllm_did() {
+    let Some(rig) = rig() else { return };
+    rig.run(async {
+        let dir = scratch("real-vllm-aborts");
+        // Even requests are abandoned: half of them by the `openai` client (break, close), half
+        // by the tap, which sends its FIN and keeps reading what vLLM still writes.
+        let plan: Vec<_> = (0..12)
+            .map(|i| {
+                let abandon = (i % 2 == 0).then_some(3 + i);
+                let mut s = step(&format!("rv-abort-{i}"), 200, true, abandon);
+                s["seed"] = json!(i);
+                s["half_close"] = json!(i % 4 == 2);
+                s
+            })
+            .collect();
+        let generated_before =
+            rig::vllm_counter(rig.vllm.port, "vllm:generation_tokens_total").await;
+        let clients = run_client(&rig.install, &rig.base_url(), &plan, &dir).await;
+        // Let vLLM notice the last close and the agent settle what it saw.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let generated = rig::vllm_counter(rig.vllm.port, "vllm:generation_tokens_total").await
+            - generated_before;
+        let received: u64 = clients.values().map(|c| c.chunks).sum();
+        let abandoned: Vec<&ClientRecord> = clients.values().filter(|c| c.abandoned).collect();
+        assert_eq!(abandoned.len(), 6);
+        let log = std::fs::read_to_string(&rig.vllm.log).expect("vLLM log");
+        let spans = spans_until(&rig.collector, 20, |s| {
+            clients.values().filter(|c| !c.abandoned).all(|c| {
+                !request_spans(s, c.request_id.as_deref().unwrap_or_default()).is_empty()
+            })
+        })
+        .await;
+        let claimed = |id: &str| -> u64 {
+            let findings = abort_findings(&spans, id);
+            assert!(findings.len() <= 1, "{id}: {} findings", findings.len());
+            findings
+                .iter()
+                .map(|f| {
+                    assert_eq!(
+                        attr(&f.span, "inferwatch.abort.method").as_deref(),
+                        Some("kernel_writes"),
+                        "{id}: no span, so the kernel's writes count"
+                    );
+                    attr(&f.span, "inferwatch.abort.tokens_after")
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .expect("tokens_after")
+                })
+                .sum()
+        };
+        let (mut claimed_all, mut claimed_tapped, mut tapped_truth) = (0, 0, 0);
+        for c in &abandoned {
+            let id = c.request_id.as_deref().unwrap_or_default();
+            // What vLLM did: it logged the abort, and it sends no span for such a request.
+            assert!(
+                log.contains(&format!("Request chatcmpl-{id} aborted")),
+                "vLLM logged no abort for {id}"
+            );
+            assert!(
+                request_spans(&spans, id).is_empty(),
+                "vLLM 0.32 exports no span for a request aborted because its client left ({id})"
+            );
+            let after = claimed(id);
+            claimed_all += after;
+            if let Some(truth) = c.chunks_after_close {
+                claimed_tapped += after;
+                tapped_truth += truth;
+            }
+        }
+        for c in clients.values().filter(|c| !c.abandoned) {
+            let id = c.request_id.as_deref().unwrap_or_default();
+            assert_eq!(request_spans(&spans, id).len(), 1, "{id}");
+            assert_eq!(claimed(id), 0, "{id}: not aborted");
+        }
+        // vLLM's own counter bounds what can have been generated after the clients left.
+        let unreceived = generated as u64 - received;
+        eprintln!(
+            "real vLLM aborts: {} abandoned; the tap saw {tapped_truth} chunks written after its FIN, the agent counted {claimed_tapped} for those; \
+             vLLM generated {unreceived} tokens no client read, the agent counted {claimed_all} after the clients left",
+            abandoned.len()
+        );
+        assert_eq!(
+            claimed_tapped, tapped_truth,
+            "tokens written after the client's FIN: the agent against the tap"
+        );
+        assert!(claimed_all <= unreceived, "the agent claims more than vLLM generated");
+    });
+}
+
+#[test]
+fn kv_events_of_a_real_vllm_decode() {
+    let Some(rig) = rig() else { return };
+    rig.run(async {
+        let dir = scratch("real-vllm-kv");
+        let source = [("source", "kv_events")];
+        let before = rig.scrape().await;
+        // Distinct long prompts through the 150-block cache: stores, then removals.
+        let plan: Vec<_> = (0..7)
+            .map(|i| {
+                let mut s = step(&format!("rv-kv-{i}"), 2, false, None);
+                s["words"] = json!(900);
+                s["seed"] = json!(1000 + i);
+                s
+            })
+            .collect();
+        run_client(&rig.install, &rig.base_url(), &plan, &dir).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = rig.scrape().await;
+        let received = metric(&after, "inferwatch_events_received_total", &source)
+            - metric(&before, "inferwatch_events_received_total", &source);
+        assert!(
+            received >= 7.0,
+            "KV event messages received: {received}\n{after}"
+        );
+        for reason in ["decode_error", "unknown_type", "sequence_gap"] {
+            let dropped = metric(
+                &after,
+                "inferwatch_events_dropped_total",
+                &[("source", "kv_events"), ("reason", reason)],
+            );
+            assert_eq!(dropped, 0.0, "{reason}\n{after}");
+        }
+    });
+}
+
+#[test]
+fn startup_spans_and_the_http_exporter() {
+    let Some(rig) = rig() else { return };
+    // The shared vLLM's start-up, exported while the agent ran, passed through it.
+    let startup = rig.collector.spans();
+    let names: Vec<&str> = startup.iter().map(|r| r.span.name.as_str()).collect();
+    for phase in [
+        "Overall Loading",
+        "EngineCoreProc init",
+        "Load weights",
+        "Allocate KV cache",
+    ] {
+        assert!(
+            names.contains(&phase),
+            "start-up span {phase:?} in {names:?}"
+        );
+    }
+    assert!(names.iter().any(|n| n.starts_with("Warmup (")), "{names:?}");
+    let loading = startup
+        .iter()
+        .find(|r| r.span.name == "Overall Loading")
+        .map(|r| (r.span.start_time_unix_nano, r.span.end_time_unix_nano))
+        .expect("Overall Loading");
+    assert!(
+        rig.vllm.spawned_ns <= loading.0 && loading.1 <= rig.vllm.ready_ns,
+        "vLLM's loading {loading:?} lies between its spawn and its first /health answer ({}, {})",
+        rig.vllm.spawned_ns,
+        rig.vllm.ready_ns
+    );
+    // A second vLLM exporting over OTLP/HTTP (protobuf) to the agent's HTTP receiver.
+    let log = rig::log_path("http-exporter");
+    let endpoint = format!("http://{}/v1/traces", rig.agent_otlp_http);
+    let mut child = rig::spawn_vllm(
+        &rig.install,
+        rig.spare_port,
+        &endpoint,
+        Exporter::HttpProtobuf,
+        None,
+        &log,
+    );
+    rig::wait_ready(&mut child, rig.spare_port, &log);
+    let base = format!("http://127.0.0.1:{}/v1", rig.spare_port);
+    rig.run(async {
+        let dir = scratch("real-vllm-http");
+        let plan = vec![step("rv-http-1", 8, true, None)];
+        let clients = run_client(&rig.install, &base, &plan, &dir).await;
+        let spans = spans_until(&rig.collector, 30, |s| {
+            request_spans(s, "rv-http-1").len() == 1
+        })
+        .await;
+        let found = request_spans(&spans, "rv-http-1");
+        assert_eq!(found.len(), 1, "the span came over OTLP/HTTP");
+        assert_eq!(
+            attr(&found[0].span, "inferwatch.join").as_deref(),
+            Some("request_id")
+        );
+        assert_eq!(
+            attr(&found[0].span, "gen_ai.usage.completion_tokens"),
+            Some(clients["rv-http-1"].chunks.to_string())
+        );
+        let loading = spans
+            .iter()
+            .filter(|r| r.span.name == "Overall Loading")
+            .count();
+        assert_eq!(loading, 2, "both starts' Overall Loading spans");
+    });
+    rig::stop_vllm(child);
+}
