@@ -209,9 +209,8 @@ pub fn log_path(name: &str) -> PathBuf {
     dir.join(format!("{name}-{}.log", std::process::id()))
 }
 
-/// Starts `vllm serve` on `port` with the tier's settings: the small model, float32, a 150-block
-/// prefix cache of 32-token blocks (4.8k tokens, small enough for evictions), request logging,
-/// spans to `otlp`, and KV events on `kv_port` when given. Its own process group; told to stop
+/// Starts `vllm serve` on `port` with the tier's settings (`tests/real-vllm/serve.json`), spans
+/// to `otlp`, and KV events on `kv_port` when given. Its own process group; told to stop
 /// when the spawning thread ends.
 pub fn spawn_vllm(
     install: &Install,
@@ -223,21 +222,31 @@ pub fn spawn_vllm(
 ) -> Child {
     let out = std::fs::File::create(log).expect("vLLM log");
     let err = out.try_clone().expect("vLLM log");
+    let settings: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(workspace().join("tests/real-vllm/serve.json"))
+            .expect("tests/real-vllm/serve.json"),
+    )
+    .expect("serve.json parses");
+    let strings = |v: &serde_json::Value| v.as_str().expect("a string").to_owned();
     let mut cmd = Command::new(&install.vllm);
     cmd.arg("serve")
         .arg(&install.model)
-        .args(["--served-model-name", "m", "--dtype", "float32"])
-        .args(["--max-model-len", "2100", "--block-size", "32"])
-        .args(["--num-gpu-blocks-override", "150"])
+        .args(
+            settings["args"]
+                .as_array()
+                .expect("args")
+                .iter()
+                .map(strings),
+        )
+        .envs(
+            settings["env"]
+                .as_object()
+                .expect("env")
+                .iter()
+                .map(|(k, v)| (k.clone(), strings(v))),
+        )
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .arg("--enable-log-requests")
         .args(["--otlp-traces-endpoint", otlp])
-        .env("HF_HUB_OFFLINE", "1")
-        .env("VLLM_TARGET_DEVICE", "cpu")
-        .env("VLLM_CPU_KVCACHE_SPACE", "1")
-        // The span exporter batches for 100 ms instead of the SDK's 5 s.
-        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-        .env("PYTHONUNBUFFERED", "1")
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err);

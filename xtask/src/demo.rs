@@ -18,6 +18,17 @@ use serde_json::Value;
 
 use crate::util::{cargo, is_root, root, run};
 
+mod vllm;
+
+/// Which runtime the demo plays against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Runtime {
+    /// The bundled testbed: fast, with exact ground truth, and the fake GPU.
+    Testbed,
+    /// The real vLLM (CPU build, small local model; installed on first use).
+    Vllm,
+}
+
 /// Everything the demo counted from the exported spans.
 #[derive(Debug, Default)]
 struct Tally {
@@ -364,7 +375,10 @@ fn real_gpu() -> bool {
     Path::new("/dev/nvidiactl").exists()
 }
 
-pub fn task(scenario: &str) -> anyhow::Result<()> {
+pub fn task(scenario: &str, runtime: Runtime) -> anyhow::Result<()> {
+    if runtime == Runtime::Vllm {
+        return vllm::task();
+    }
     run(cargo().args([
         "build",
         "-p",

@@ -37,9 +37,12 @@ enum Task {
     Test,
     /// The agent against the bundled testbed: a scenario mixing the four problems, findings live.
     Demo {
-        /// Scenario name under tests/scenarios/.
+        /// Scenario name under tests/scenarios/ (testbed runtime).
         #[arg(long, default_value = "demo")]
         scenario: String,
+        /// The runtime: the bundled testbed (default, fast) or the real vLLM.
+        #[arg(long, value_enum, default_value = "testbed")]
+        runtime: demo::Runtime,
     },
     /// The NVML source on a real NVIDIA GPU with PyTorch (tests/gpu-check/gpu_check.sh): builds
     /// the `nvml_dump` example (release) unless `--bin` names a prebuilt one.
@@ -77,7 +80,7 @@ fn main() -> anyhow::Result<()> {
             agent,
             kernel,
         } => bench::task(which, &agent, &kernel),
-        Task::Demo { scenario } => demo::task(&scenario),
+        Task::Demo { scenario, runtime } => demo::task(&scenario, runtime),
         Task::GpuCheck { bin } => gpu_check::task(bin.as_deref()),
         Task::DeployCheck => deploy_check::run(),
         Task::Fuzz(args) => fuzz::task(args),
