@@ -365,6 +365,9 @@ fn real_gpu() -> bool {
 }
 
 pub fn task(scenario: &str) -> anyhow::Result<()> {
+    // The build's packages first (the same path as `cargo xtask setup --for demo`): installed
+    // as root, named with their install command otherwise, before a build that would fail.
+    crate::setup::ensure(crate::setup::DEMO, "demo", &crate::setup::Host::current())?;
     run(cargo().args([
         "build",
         "-p",

@@ -3,7 +3,8 @@
 use crate::util::{cargo, is_root, run, run_tests};
 
 pub fn task() -> anyhow::Result<()> {
-    crate::setup::task()?;
+    let setup = crate::setup::Host::current();
+    crate::setup::ensure(crate::setup::TEST, "test", &setup)?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args([
         "clippy",
