@@ -399,7 +399,7 @@ pub fn task(scenario: &str) -> anyhow::Result<()> {
     }
     if !is_root() {
         eprintln!(
-            "note: not root, so the kernel (eBPF) source cannot load; the agent runs on the runtime's spans only (run `sudo cargo xtask demo` for the full picture)"
+            "note: not root, so the kernel (eBPF) source cannot load; the agent runs on the runtime's spans only (run it as root for the full picture: `sudo -E env \"PATH=$PATH\" cargo xtask demo`)"
         );
     }
     let (runtime_port, grpc, http, metrics) =

@@ -7,6 +7,7 @@ mod bench;
 mod build;
 mod demo;
 mod deploy_check;
+mod doc_links;
 mod fuzz;
 mod gpu_check;
 mod setup;

@@ -315,7 +315,7 @@ impl Plan {
         }
         format!(
             "`cargo xtask {task}` needs packages this machine lacks: {what}. Install them with \
-             `{}`, or run `cargo xtask {task}` as root, which installs them itself.",
+             `{}`, then run `cargo xtask {task}` again (as root it installs them itself).",
             self.apt_command()
         )
     }
@@ -487,7 +487,7 @@ mod tests {
             "{message}"
         );
         assert!(
-            message.contains("run `cargo xtask demo` as root"),
+            message.contains("then run `cargo xtask demo` again"),
             "{message}"
         );
         // One paragraph, nothing of the tests' needs.

@@ -35,7 +35,7 @@ pub fn task() -> anyhow::Result<()> {
         tests.env("INFERWATCH_REQUIRE_KERNEL_TESTS", "1");
     } else {
         eprintln!(
-            "*** not root: the kernel tests will be SKIPPED (run `sudo cargo xtask test`) ***"
+            "*** not root: the kernel tests will be SKIPPED (run `cargo xtask test` as root) ***"
         );
     }
     let totals = run_tests(&mut tests)?;
