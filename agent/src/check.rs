@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use crate::config::AgentConfig;
+use crate::internal_events::ErrorChain;
 use crate::sources::kernel::KernelProbes;
 
 /// One line of the report.
@@ -165,16 +166,9 @@ pub fn nvml_checks(config: &crate::sources::nvml::NvmlConfig) -> Vec<CheckItem> 
     items
 }
 
-/// `err` and its causes on one line.
+/// `err` and its causes on one line ([`ErrorChain`], the agent's one formatter of them).
 pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut cause = err.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
+    ErrorChain(err).to_string()
 }
 
 fn kernel_at_least(release: &str, major: u32, minor: u32) -> bool {
@@ -205,6 +199,49 @@ pub fn render(items: &[CheckItem]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An error whose message is `text` and whose cause is `cause`.
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<Layer>>);
+
+    impl std::fmt::Display for Layer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+
+    #[test]
+    fn error_chain_is_one_line_without_repeats() {
+        let err = Layer(
+            "loading NVML",
+            Some(Box::new(Layer(
+                "libnvidia-ml.so.1: cannot open shared object file",
+                Some(Box::new(Layer(
+                    "libnvidia-ml.so.1: cannot open shared object file",
+                    Some(Box::new(Layer("No such file or directory", None))),
+                ))),
+            ))),
+        );
+        assert_eq!(
+            error_chain(&err),
+            "loading NVML: libnvidia-ml.so.1: cannot open shared object file: No such file or directory"
+        );
+        // A message that already ends with its cause's text.
+        let err = Layer(
+            "binding 0.0.0.0:9464: Address already in use",
+            Some(Box::new(Layer("Address already in use", None))),
+        );
+        assert_eq!(
+            error_chain(&err),
+            "binding 0.0.0.0:9464: Address already in use"
+        );
+    }
 
     #[test]
     fn kernel_versions() {

@@ -3,7 +3,7 @@
 //! Each target is one function from untrusted bytes to nothing: it feeds the bytes to the same
 //! public decoders the agent runs on network and kernel input and checks that they return
 //! (an error is fine; a panic, a hang or an unbounded allocation is the bug). The fuzz crate and
-//! `agent/tests/fuzz_regressions.rs` both call these, so the committed corpora and crash
+//! `agent/tests/fuzz_regressions.rs` both call these, so the seeds and the committed crash
 //! reproducers are replayed by a plain `cargo test` on every CI run, without libFuzzer.
 //!
 //! Not part of the agent's API: hidden from the docs, and free to change with the targets.
@@ -23,7 +23,8 @@ use crate::sources::otlp::adapters::{AdapterOptions, adapt, adapt_decoded, insta
 use crate::sources::otlp::wire::{SpanView, WireLimits};
 use crate::sources::otlp::{OtlpReceiverConfig, RawTraceRequest, validate, validate_decoded};
 
-/// The fuzz targets, by the name of their folder under `fuzz/corpus/`.
+/// The fuzz targets, by the name of their folders under `fuzz/regressions/` and the working
+/// corpus `target/fuzz/corpus/`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
     /// OTLP/protobuf and OTLP/JSON trace requests through `validate` and the adapters.

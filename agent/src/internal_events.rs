@@ -122,15 +122,23 @@ impl ExportFailed<'_> {
     }
 }
 
-/// Formats an error with its `source()` chain on one line.
-pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+/// Formats an error with its `source()` chain on one line (`outer: cause: root cause`), the way
+/// `anyhow`'s `{:#}` does, for logs and `inferwatch check`.
+pub struct ErrorChain<'a>(pub &'a dyn std::error::Error);
 
 impl std::fmt::Display for ErrorChain<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
+        let mut last = self.0.to_string();
+        f.write_str(&last)?;
         let mut source = self.0.source();
         while let Some(e) = source {
-            write!(f, ": {e}")?;
+            // Some errors repeat their cause in their own message (aya's map errors,
+            // libloading's): a cause already said is not said twice.
+            let text = e.to_string();
+            if !last.ends_with(&text) {
+                write!(f, ": {text}")?;
+            }
+            last = text;
             source = e.source();
         }
         Ok(())

@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 use inferwatch::cli::{Cli, Command};
 use inferwatch::config::AgentConfig;
+use inferwatch::internal_events::ErrorChain;
 use inferwatch::pipeline::{Pipeline, RunOptions};
 use tokio_util::sync::CancellationToken;
 
@@ -14,10 +15,12 @@ fn main() -> ExitCode {
     inferwatch::alloc::tune();
     let cli = Cli::parse();
     init_logging();
+    // An error is one paragraph, its causes joined on one line, whatever RUST_BACKTRACE says
+    // (returning `anyhow::Result` from `main` would print a debug dump with a backtrace).
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("inferwatch: {err:#}");
+            eprintln!("inferwatch: {}", ErrorChain(err.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -89,7 +89,7 @@ pub struct KernelEvent {
     pub kind: KernelEventKind,
 }
 
-/// The kinds of kernel events (SPEC §1.1).
+/// The kinds of kernel events (contract §1.1).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum KernelEventKind {
@@ -212,7 +212,7 @@ pub struct InstanceIdentity {
     pub host_name: Option<Arc<str>>,
 }
 
-/// One inference request as the runtime reported it, whatever the runtime (SPEC §1.2).
+/// One inference request as the runtime reported it, whatever the runtime (contract §1.2).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RuntimeRequest {
     /// Which adapter produced it.
@@ -308,7 +308,7 @@ pub enum KvEvent {
     AllBlocksCleared,
 }
 
-/// One GPU as the NVML source saw it at a sample (SPEC §1.3). A field is `None` when its NVML
+/// One GPU as the NVML source saw it at a sample (contract §1.3). A field is `None` when its NVML
 /// call failed this time (not supported on this GPU, MIG, a transient error).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GpuStat {
@@ -328,7 +328,7 @@ pub struct GpuStat {
     pub memory_total: Option<u64>,
 }
 
-/// One process on one GPU at a sample (SPEC §1.3).
+/// One process on one GPU at a sample (contract §1.3).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GpuProcessStat {
     /// The GPU's uuid.
@@ -356,7 +356,7 @@ pub struct GpuSample {
     pub processes: Vec<GpuProcessStat>,
 }
 
-/// Who a process is (SPEC §1.4), from `/proc/<pid>/comm`, `/proc/<pid>/cgroup` and
+/// Who a process is (contract §1.4), from `/proc/<pid>/comm`, `/proc/<pid>/cgroup` and
 /// `/proc/<pid>/stat`. Exported as `process.pid`, `process.executable.name`, `container.id`,
 /// `k8s.pod.uid`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,10 +1,10 @@
-//! Replays the fuzzers' committed inputs without libFuzzer: every file of `fuzz/corpus/<target>/`
-//! and `fuzz/regressions/<target>/`, plus the generated seeds, through the same target bodies
-//! (`inferwatch::fuzzing`) that `cargo xtask fuzz` runs. A panic here is a fuzzing finding
-//! coming back.
+//! Replays the fuzzers' inputs without libFuzzer: the seeds built from the tests' fixtures
+//! (`inferwatch::fuzzing::seeds`) and every committed crash reproducer of
+//! `fuzz/regressions/<target>/`, through the same target bodies (`inferwatch::fuzzing`) that
+//! `cargo xtask fuzz` runs. A panic here is a fuzzing finding coming back.
 //!
-//! `cargo run -p inferwatch --example write_fuzz_seeds` writes the seeds into the corpus
-//! folders (before a `cargo fuzz cmin`).
+//! The fuzzers' working corpora stay out of git, under `target/fuzz/corpus/` (`cargo xtask
+//! fuzz` writes the seeds there first).
 
 use std::path::{Path, PathBuf};
 
@@ -51,42 +51,59 @@ fn replay(kind: &str, target: Target) -> usize {
 }
 
 fn replay_all(target: Target) {
-    for (name, data) in seeds(target) {
-        if std::panic::catch_unwind(|| target.run(&data)).is_err() {
+    let seeds = seeds(target);
+    assert!(
+        !seeds.is_empty(),
+        "no seeds for fuzz target {}",
+        target.name()
+    );
+    for (name, data) in &seeds {
+        if std::panic::catch_unwind(|| target.run(data)).is_err() {
             panic!("fuzz target {} panicked on seed {name}", target.name());
         }
     }
-    let corpus = replay("corpus", target);
     let regressions = replay("regressions", target);
-    assert!(
-        corpus > 0,
-        "no committed corpus under fuzz/corpus/{}",
-        target.name()
-    );
     eprintln!(
-        "{}: {corpus} corpus inputs, {regressions} regressions replayed",
-        target.name()
+        "{}: {} seeds, {regressions} regressions replayed",
+        target.name(),
+        seeds.len()
     );
 }
 
 #[test]
-fn otlp_corpus_and_regressions() {
+fn otlp_seeds_and_regressions() {
     replay_all(Target::Otlp);
 }
 
 #[test]
-fn kernel_head_corpus_and_regressions() {
+fn kernel_head_seeds_and_regressions() {
     replay_all(Target::KernelHead);
 }
 
 #[test]
-fn kv_events_corpus_and_regressions() {
+fn kv_events_seeds_and_regressions() {
     replay_all(Target::KvEvents);
 }
 
 #[test]
-fn config_corpus_and_regressions() {
+fn config_seeds_and_regressions() {
     replay_all(Target::Config);
+}
+
+/// The committed reproducers are the ones this test replays: a folder named after no target
+/// would be skipped silently.
+#[test]
+fn regression_folders_are_named_after_targets() {
+    let Ok(entries) = std::fs::read_dir(fuzz_dir().join("regressions")) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        assert!(
+            Target::ALL.iter().any(|t| t.name() == name),
+            "fuzz/regressions/{name} is not a fuzz target's folder"
+        );
+    }
 }
 
 #[test]

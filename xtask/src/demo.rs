@@ -376,6 +376,13 @@ fn real_gpu() -> bool {
 }
 
 pub fn task(scenario: &str, runtime: Runtime) -> anyhow::Result<()> {
+    // The build's packages first (the same path as `cargo xtask setup --for demo`): installed
+    // as root, named with their install command otherwise, before a build that would fail.
+    let needs = match runtime {
+        Runtime::Testbed => crate::setup::DEMO,
+        Runtime::Vllm => crate::setup::DEMO_VLLM,
+    };
+    crate::setup::ensure(needs, "demo", &crate::setup::Host::current())?;
     if runtime == Runtime::Vllm {
         return vllm::task();
     }
@@ -410,7 +417,7 @@ pub fn task(scenario: &str, runtime: Runtime) -> anyhow::Result<()> {
     }
     if !is_root() {
         eprintln!(
-            "note: not root, so the kernel (eBPF) source cannot load; the agent runs on the runtime's spans only (run `sudo cargo xtask demo` for the full picture)"
+            "note: not root, so the kernel (eBPF) source cannot load; the agent runs on the runtime's spans only (run it as root for the full picture: `sudo -E env \"PATH=$PATH\" cargo xtask demo`)"
         );
     }
     let (runtime_port, grpc, http, metrics) =

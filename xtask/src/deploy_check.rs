@@ -1,5 +1,6 @@
 //! `cargo xtask deploy-check` (also run by `cargo xtask test`): validates `deploy/` and the docs
-//! that must follow the code.
+//! that must follow the code, and that every relative link of the Markdown resolves inside the
+//! repository (`doc_links`).
 //!
 //! One line per check. Every check runs even when an earlier one failed; the task fails at the
 //! end if any did. YAML-level work (classifying documents, the structural checks of the custom
@@ -43,6 +44,9 @@ pub fn run() -> anyhow::Result<()> {
         ("metric names", metric_names),
         ("docs: configuration keys", config_keys_documented),
         ("docs: metrics and spans", reference_documented),
+        ("docs: relative links", |ctx| {
+            crate::doc_links::check(&ctx.root)
+        }),
     ];
     let mut failed = Vec::new();
     for (name, check) in checks {

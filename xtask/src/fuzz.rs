@@ -2,20 +2,22 @@
 //! of `fuzz/` through cargo-fuzz (installed when missing), one after the other.
 //!
 //! Only the stable toolchain is assumed: cargo-fuzz passes nightly `-Z` flags to rustc, so the
-//! runs set `RUSTC_BOOTSTRAP=1`. Each run starts from `fuzz/corpus/<target>/` (new inputs are
-//! added there) and also reads `fuzz/regressions/<target>/`; libFuzzer is bounded per input
+//! runs set `RUSTC_BOOTSTRAP=1`. Each run works in `target/fuzz/corpus/<target>/`, outside git
+//! (new inputs are added there and kept between runs), into which the seeds built from the
+//! tests' fixtures (`inferwatch::fuzzing::seeds`) are written first, and also reads
+//! `fuzz/regressions/<target>/`; libFuzzer is bounded per input
 //! (`-timeout`, `-max_len`) and in memory (`-rss_limit_mb`, `-malloc_limit_mb`), so a hang or
 //! an unbounded allocation fails the run like a crash. A failing input lands in
 //! `fuzz/artifacts/<target>/`: move it to `fuzz/regressions/<target>/` with the fix, where
 //! `agent/tests/fuzz_regressions.rs` replays it on every `cargo test`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use clap::ValueEnum;
 
-use crate::util::{cargo, have_cargo_subcommand, root, run};
+use crate::util::{cargo, have_cargo_subcommand, root, run, target_dir};
 
 /// A fuzz target of `fuzz/fuzz_targets/`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -86,7 +88,7 @@ pub struct FuzzArgs {
     /// Sanitizer to build with.
     #[arg(long, value_enum, default_value_t = Sanitizer::Address)]
     pub sanitizer: Sanitizer,
-    /// After the runs, minimise each corpus in place (`cargo fuzz cmin`).
+    /// After the runs, minimise each working corpus in place (`cargo fuzz cmin`).
     #[arg(long)]
     pub cmin: bool,
     /// One target; all of them when left out.
@@ -99,6 +101,20 @@ pub fn task(args: FuzzArgs) -> anyhow::Result<()> {
         run(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
     }
     let targets = args.target.map_or(Target::ALL.to_vec(), |t| vec![t]);
+    // The seeds of every target, from the agent's own fixtures, into the working corpora.
+    let corpora = corpus_root();
+    std::fs::create_dir_all(&corpora).with_context(|| format!("creating {}", corpora.display()))?;
+    run(cargo()
+        .args([
+            "run",
+            "-q",
+            "-p",
+            "inferwatch",
+            "--example",
+            "write_fuzz_seeds",
+            "--",
+        ])
+        .arg(&corpora))?;
     let mut failed = Vec::new();
     for target in targets {
         if let Err(e) = fuzz(target, &args) {
@@ -114,7 +130,7 @@ pub fn task(args: FuzzArgs) -> anyhow::Result<()> {
         }
         if args.cmin {
             run(fuzz_cmd("cmin", target, args.sanitizer)
-                .arg(Path::new("corpus").join(target.name()))
+                .arg(corpora.join(target.name()))
                 .args(["--", &format!("-max_len={}", target.max_len())]))?;
         }
     }
@@ -140,10 +156,14 @@ fn fuzz_cmd(verb: &str, target: Target, sanitizer: Sanitizer) -> Command {
     cmd
 }
 
+/// `target/fuzz/corpus/`: the working corpora, one folder per target.
+fn corpus_root() -> PathBuf {
+    target_dir().join("fuzz/corpus")
+}
+
 fn fuzz(target: Target, args: &FuzzArgs) -> anyhow::Result<()> {
-    let corpus = Path::new("corpus").join(target.name());
+    let corpus = corpus_root().join(target.name());
     let regressions = Path::new("regressions").join(target.name());
-    std::fs::create_dir_all(root().join("fuzz").join(&corpus))?;
     let mut cmd = fuzz_cmd("run", target, args.sanitizer);
     cmd.arg(&corpus);
     if root().join("fuzz").join(&regressions).is_dir() {

@@ -1,18 +1,21 @@
 //! Project tasks: `cargo xtask <setup|build|test|bench|demo|deploy-check|gpu-check|fuzz>`.
 //!
 //! One file per subcommand; every external command goes through `util::run`, which prints it
-//! and names it when it fails.
+//! and names it when it fails. `setup` decides what each task needs installed.
 
 mod bench;
 mod build;
 mod demo;
 mod deploy_check;
+mod doc_links;
 mod fuzz;
 mod gpu_check;
 mod real_vllm;
 mod setup;
 mod test;
 mod util;
+
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
@@ -25,8 +28,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Task {
-    /// Install what the build and the tests need (apt, pip venv) when root; else print the commands.
-    Setup,
+    /// Install what the demo or the tests need (Debian packages as root, the Python venv,
+    /// cargo-deny); without root, name what is missing and the command that installs it.
+    Setup(setup::SetupArgs),
     /// Build the agent (debug unless --release).
     Build {
         /// Build with optimisations.
@@ -36,6 +40,7 @@ enum Task {
     /// Setup, then fmt --check, clippy -D warnings, unit tests and the kernel tests (as root).
     Test,
     /// The agent against the bundled testbed: a scenario mixing the four problems, findings live.
+    /// Installs what the build needs first (as root; without root it says what to run).
     Demo {
         /// Scenario name under tests/scenarios/ (testbed runtime).
         #[arg(long, default_value = "demo")]
@@ -69,10 +74,22 @@ enum Task {
     Fuzz(fuzz::FuzzArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+/// Runs the task; an error is printed as one paragraph (the `{:#}` chain), never as a debug
+/// dump with a backtrace, whatever `RUST_BACKTRACE` says.
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Task::Setup => setup::task(),
+    match dispatch(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(task: Task) -> anyhow::Result<()> {
+    match task {
+        Task::Setup(args) => setup::task(&args),
         Task::Build { release } => build::task(release),
         Task::Test => test::task(),
         Task::Bench {

@@ -19,6 +19,7 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 
+use crate::setup::{Host, Missing};
 use crate::util::{root, run};
 
 /// The vLLM release the tier is pinned to.
@@ -43,6 +44,46 @@ pub fn skipped() -> anyhow::Result<bool> {
     Ok(skip)
 }
 
+/// What `cargo xtask setup` lacks of the real vLLM: nothing when it is installed and its stamp
+/// is current, or when the developer skips it (under CI a skip is refused by [`install`]).
+pub fn missing(host: &Host) -> Missing {
+    if skipped().unwrap_or(false) || current().is_some() {
+        return Missing::default();
+    }
+    Missing {
+        what: vec![format!(
+            "the real vLLM {VLLM_VERSION} under {}",
+            dir().display()
+        )],
+        apt: crate::setup::venv_packages(host).into_iter().collect(),
+    }
+}
+
+/// Installs the real vLLM (the setup component's step).
+pub fn install(_host: &Host) -> anyhow::Result<()> {
+    if skipped()? {
+        eprintln!("*** INFERWATCH_SKIP_REAL_RUNTIME=1: the real vLLM is not installed ***");
+        return Ok(());
+    }
+    ensure().map(|_| ())
+}
+
+/// The installed environment when its stamp matches the install inputs.
+fn current() -> Option<RealVllm> {
+    let installed = RealVllm {
+        vllm: dir().join("venv/bin/vllm"),
+        model: dir().join("model"),
+    };
+    let want = stamp_text(
+        &root().join("tests/real-vllm/requirements.txt"),
+        &root().join("tests/real-vllm/make_model.py"),
+    )
+    .ok()?;
+    (std::fs::read_to_string(dir().join("installed.stamp")).is_ok_and(|s| s == want)
+        && installed.vllm.exists())
+    .then_some(installed)
+}
+
 /// The installed environment.
 #[derive(Debug, Clone)]
 pub struct RealVllm {
@@ -62,14 +103,14 @@ pub fn ensure() -> anyhow::Result<RealVllm> {
     let stamp = dir.join("installed.stamp");
     let requirements = root().join("tests/real-vllm/requirements.txt");
     let make_model = root().join("tests/real-vllm/make_model.py");
+    if let Some(installed) = current() {
+        return Ok(installed);
+    }
     let want = stamp_text(&requirements, &make_model)?;
     let installed = RealVllm {
         vllm: venv.join("bin/vllm"),
         model: model.clone(),
     };
-    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == want) && installed.vllm.exists() {
-        return Ok(installed);
-    }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let step = |n: u32, what: &str| eprintln!("[real vLLM {n}/6] {what}");
 

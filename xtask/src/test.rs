@@ -3,7 +3,8 @@
 use crate::util::{cargo, is_root, run, run_tests};
 
 pub fn task() -> anyhow::Result<()> {
-    crate::setup::task()?;
+    let setup = crate::setup::Host::current();
+    crate::setup::ensure(crate::setup::TEST, "test", &setup)?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args([
         "clippy",
@@ -32,9 +33,13 @@ pub fn task() -> anyhow::Result<()> {
     if is_root() {
         // As root the kernel tests must run: a skip would hide a broken kernel source.
         tests.env("INFERWATCH_REQUIRE_KERNEL_TESTS", "1");
+        // And so must the real-vLLM tier, unless a developer skipped it (never under CI).
+        if !crate::real_vllm::skipped()? {
+            tests.env("INFERWATCH_REQUIRE_REAL_RUNTIME", "1");
+        }
     } else {
         eprintln!(
-            "*** not root: the kernel tests will be SKIPPED (run `sudo cargo xtask test`) ***"
+            "*** not root: the kernel tests will be SKIPPED (run `cargo xtask test` as root) ***"
         );
     }
     let totals = run_tests(&mut tests)?;

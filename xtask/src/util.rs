@@ -12,6 +12,13 @@ pub fn root() -> PathBuf {
     manifest.parent().map(PathBuf::from).unwrap_or(manifest)
 }
 
+/// Cargo's target folder: `$CARGO_TARGET_DIR`, or `target/` in the workspace.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
 /// Prints `cmd`, runs it in the workspace root, and fails naming it if it fails.
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     if cmd.get_current_dir().is_none() {

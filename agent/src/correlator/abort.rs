@@ -1,4 +1,4 @@
-//! The billed-after-abort finding (SPEC §3.1): the client left, the runtime kept decoding.
+//! The billed-after-abort finding (contract §3.1): the client left, the runtime kept decoding.
 
 use serde::{Deserialize, Serialize};
 

@@ -1,4 +1,4 @@
-//! The cold-start latency floor (SPEC §3.2) and the `inferwatch.start = cold | warm` tag.
+//! The cold-start latency floor (contract §3.2) and the `inferwatch.start = cold | warm` tag.
 //!
 //! # Phase times of a runtime instance
 //! - `t_exec`: the process start (`/proc/<pid>/stat`, from `Input::Process`);
@@ -68,7 +68,7 @@ impl ColdStartPhase {
     }
 }
 
-/// The cold-start floor of one runtime instance (SPEC §3.2): the `inferwatch.cold_start` span
+/// The cold-start floor of one runtime instance (contract §3.2): the `inferwatch.cold_start` span
 /// (in the trace of the request that got the first token) and an observation of
 /// `inferwatch_cold_start_floor_seconds`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

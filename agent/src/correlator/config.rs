@@ -8,8 +8,8 @@ use crate::model::UnixNanos;
 
 const NANOS_PER_MILLI: u64 = 1_000_000;
 
-/// The correlator's settings (SPEC §2, §3.1, §6): join window, settle delays, and the caps and
-/// time-outs that keep its memory bounded whatever the traffic.
+/// The correlator's settings (contract §2, §3.1, §6): join window, settle delays, and the caps
+/// and time-outs that keep its memory bounded whatever the traffic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CorrelatorConfig {
@@ -55,7 +55,7 @@ pub struct CorrelatorConfig {
     /// Sizes, in bytes, of writes after the peer left that are framing rather than a token
     /// chunk. The default, 14, is the OpenAI-compatible stream terminator `data: [DONE]\n\n`.
     pub framing_write_bytes: Vec<u64>,
-    /// Cross-tenant KV-cache eviction (SPEC §3.3): conversation tracking and its bounds.
+    /// Cross-tenant KV-cache eviction (contract §3.3): conversation tracking and its bounds.
     pub kv_eviction: KvEvictionConfig,
     /// GPU contention and cold-start detection: thresholds and the bounds of their state.
     pub gpu: GpuDetectionConfig,

@@ -1,4 +1,4 @@
-//! GPU contention (SPEC §3.4) and the GPU side of every request (SPEC §4.1:
+//! GPU contention (contract §3.4) and the GPU side of every request (contract §4.1:
 //! `inferwatch.gpu.uuid`, `inferwatch.gpu.sm_util`).
 //!
 //! # Definitions
@@ -44,12 +44,12 @@ const MS: u64 = 1_000_000;
 #[serde(deny_unknown_fields, default)]
 pub struct GpuDetectionConfig {
     /// Others' summed SM utilisation, in percent, at or above which a GPU counts as shared
-    /// (SPEC §3.4: 30).
+    /// (contract §3.4: 30).
     pub neighbour_sm_pct: u32,
     /// Time per output token, in percent of the instance's baseline, at or above which its
-    /// decode counts as slowed (SPEC §3.4: 150, i.e. 1.5x).
+    /// decode counts as slowed (contract §3.4: 150, i.e. 1.5x).
     pub tpot_inflation_pct: u32,
-    /// How far back the baseline reaches, in milliseconds (SPEC §3.4: 10 minutes).
+    /// How far back the baseline reaches, in milliseconds (contract §3.4: 10 minutes).
     pub baseline_window_ms: u64,
     /// Fewest uncontended requests in the window for a baseline to exist.
     pub baseline_min_requests: usize,
@@ -114,7 +114,7 @@ impl Default for GpuDetectionConfig {
     }
 }
 
-/// The process that took the GPU (SPEC §4.1 `inferwatch.noisy_neighbour.*`).
+/// The process that took the GPU (contract §4.1 `inferwatch.noisy_neighbour.*`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NoisyNeighbour {
     /// The GPU shared.
@@ -152,7 +152,7 @@ pub struct AffectedRequest {
     pub request_id: Option<String>,
 }
 
-/// GPU contention on one GPU of one runtime instance (SPEC §3.4): the
+/// GPU contention on one GPU of one runtime instance (contract §3.4): the
 /// `inferwatch.gpu_contention` span(s) and `inferwatch_gpu_contention_seconds_total`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GpuContentionFinding {

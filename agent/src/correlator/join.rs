@@ -1,4 +1,4 @@
-//! The join of SPEC §2: which rule tied a runtime span to a request read on a connection, and
+//! The join of contract §2: which rule tied a runtime span to a request read on a connection, and
 //! what the connection showed.
 
 use std::net::SocketAddr;

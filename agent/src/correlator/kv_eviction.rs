@@ -1,5 +1,5 @@
-//! Cross-tenant KV-cache eviction (SPEC §3.3): per runtime instance, which conversation lost its
-//! warm prefix between two turns, and whose burst evicted it.
+//! Cross-tenant KV-cache eviction (contract §3.3): per runtime instance, which conversation lost
+//! its warm prefix between two turns, and whose burst evicted it.
 //!
 //! # Detection
 //! For turn n+1 of a conversation on the same instance as turn n, the expected cached tokens are

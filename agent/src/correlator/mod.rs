@@ -1,5 +1,5 @@
 //! The sans-IO correlator: joins kernel events and runtime spans per request and returns
-//! findings (SPEC §2, §3.1).
+//! findings (contract §2, §3.1).
 //!
 //! No clock, socket, task or file inside: time comes from the events' timestamps and from
 //! [`Correlator::on_tick`]. The same inputs give the same outputs whatever their order, as long
@@ -105,16 +105,16 @@ pub enum Output {
     Joined(JoinedRequest),
     /// Tokens billed after the client aborted.
     Abort(AbortFinding),
-    /// A conversation's warm prefix was evicted between two turns (SPEC §3.3).
+    /// A conversation's warm prefix was evicted between two turns (contract §3.3).
     KvEviction(KvEvictionFinding),
     /// The GPU side of a settled request: `inferwatch.start`, its GPUs and their SM
     /// utilisation, and the noisy neighbour when it was decoded during contention. Emitted
     /// right after the request's `Joined` (same trace and span id), once the correlator has
     /// received any `Gpu` or `Process` input.
     RequestGpu(RequestGpuFacts),
-    /// Another process on the runtime's GPU slowed its decode (SPEC §3.4).
+    /// Another process on the runtime's GPU slowed its decode (contract §3.4).
     GpuContention(GpuContentionFinding),
-    /// A runtime instance's cold-start floor and its phases (SPEC §3.2).
+    /// A runtime instance's cold-start floor and its phases (contract §3.2).
     ColdStart(ColdStartFinding),
 }
 
@@ -273,7 +273,7 @@ pub struct Correlator {
     span_ids: FastSet<([u8; 16], [u8; 8])>,
     /// Listening port -> the pid that listens.
     listeners: BTreeMap<u16, Option<u32>>,
-    /// Conversations and per-instance request / KV event logs (SPEC §3.3).
+    /// Conversations and per-instance request / KV event logs (contract §3.3).
     kv: kv_eviction::KvTracker,
     /// GPU samples, process identities, contention and cold starts.
     gpu: contention::GpuView,

@@ -451,7 +451,7 @@ impl CorrelateStage {
         ];
         attributes.extend(neighbour_attributes(&finding.neighbour));
         // One span in each affected request's trace, so the backend shows it inside the
-        // request (SPEC §4.1); the list is bounded by the correlator.
+        // request (contract §4.1); the list is bounded by the correlator.
         for affected in &finding.affected {
             self.findings.push(finding_span(
                 "inferwatch.gpu_contention",

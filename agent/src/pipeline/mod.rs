@@ -279,7 +279,7 @@ impl Pipeline {
             not_running.push("OTLP receiver: disabled in the config".into());
             None
         };
-        // SPEC §6: run on whatever works; but with no source at all the agent would only
+        // contract §6: run on whatever works; but with no source at all the agent would only
         // serve empty metrics, which hides the failure from the orchestrator. Exit instead.
         if kernel.is_none() && nvml.is_none() && otlp.is_none() && kv_events.is_none() {
             return Err(NoSourceError {

@@ -1,6 +1,6 @@
-//! Metrics of the findings (SPEC §4.2) and of the sources' health, registered once at start-up.
-//! They are updated by the correlate stage and the source monitors; the scrape handler only
-//! encodes.
+//! Metrics of the findings (contract §4.2) and of the sources' health, registered once at
+//! start-up. They are updated by the correlate stage and the source monitors; the scrape handler
+//! only encodes.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

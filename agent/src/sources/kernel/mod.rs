@@ -1,5 +1,5 @@
 //! The kernel source: eBPF programs on TCP and socket raw tracepoints that report the lifecycle
-//! of each HTTP request on a watched port (SPEC §1.1). The design and its
+//! of each HTTP request on a watched port (contract §1.1). The design and its
 //! costs are in docs/kernel-source.md.
 //!
 //! `KernelProbes` loads and attaches the programs; `KernelSource` reads their ring buffer,

@@ -1,5 +1,5 @@
 //! The KV event source: subscribes to vLLM's / SGLang's ZMQ PUB stream of KV-cache events and
-//! hands [`KvEventBatch`]es to the correlator (SPEC §1.2, optional block-level evidence for
+//! hands [`KvEventBatch`]es to the correlator (contract §1.2, optional block-level evidence for
 //! §3.3).
 //!
 //! # Wire format (vLLM `vllm/distributed/kv_events.py`)

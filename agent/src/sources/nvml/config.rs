@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 /// The shortest poll period NVML is asked for: its process samples are not finer.
 pub const MIN_PERIOD_MS: u64 = 100;
 
-/// The NVML (GPU) source (SPEC §1.3).
+/// The NVML (GPU) source (contract §1.3).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NvmlConfig {

@@ -1,4 +1,4 @@
-//! The NVML source (SPEC §1.3): per GPU uuid, name, SM and memory utilisation, memory used /
+//! The NVML source (contract §1.3): per GPU uuid, name, SM and memory utilisation, memory used /
 //! total; per process used memory and SM / memory utilisation samples.
 //!
 //! [`NvmlSource::build`] loads the library (`libnvidia-ml.so.1`, or `library_path`) and finds

@@ -1,4 +1,4 @@
-//! Process identity (SPEC §1.4): pid -> executable name, container id, pod uid and start time,
+//! Process identity (contract §1.4): pid -> executable name, container id, pod uid and start time,
 //! read from `/proc/<pid>/{comm,cgroup,stat}`.
 //!
 //! The parsers ([`parse_cgroup`], [`parse_stat_start_ticks`], [`parse_boot_time`]) are pure
