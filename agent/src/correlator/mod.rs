@@ -1002,7 +1002,7 @@ impl Correlator {
             return;
         };
         self.stats.joins.record(rule);
-        // vLLM's span names no model: the request body's `"model"` stands in (SPEC §1.2).
+        // vLLM's span names no model: the request body's `"model"` stands in (contract §1.2).
         let mut span = span;
         if span.model.is_none() {
             span.model = head.head.model.clone();
