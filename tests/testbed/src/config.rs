@@ -84,6 +84,10 @@ pub struct RuntimeConfig {
     pub contention: Vec<ContentionConfig>,
     /// Add one span event per output token.
     pub token_events: bool,
+    /// Export a span for a request aborted because its client left. vLLM 0.32 exports none
+    /// (its `llm_request` span is made only when the engine finishes a request; seen on the
+    /// real vLLM): the default, so that the fast tier stays true to the real runtime.
+    pub abort_spans: bool,
     /// `run` starts the runtime as a separate process (`iw-testbed serve`) so the agent sees
     /// a real scale-from-zero (exec, load, listen); otherwise in-process.
     pub separate_process: bool,
@@ -108,6 +112,7 @@ impl Default for RuntimeConfig {
             load_weights_ms: 0.0,
             contention: Vec::new(),
             token_events: false,
+            abort_spans: false,
             separate_process: false,
             kv_events_endpoint: None,
         }

@@ -227,6 +227,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Running> {
         truth,
         model: opts.runtime.model.clone(),
         token_events: opts.runtime.token_events,
+        abort_spans: opts.runtime.abort_spans,
     });
     tasks.push(tokio::spawn(engine.clone().run()));
     tasks.push(tokio::spawn(server::serve(server, listener)));

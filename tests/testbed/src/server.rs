@@ -35,6 +35,8 @@ pub struct Server {
     pub model: String,
     /// Add per-token span events.
     pub token_events: bool,
+    /// Export a span for a request aborted because its client left (vLLM 0.32 does not).
+    pub abort_spans: bool,
 }
 
 struct Head {
@@ -505,7 +507,7 @@ impl Server {
         let abort_ns = gone.at.map(|(t, _)| t);
         let tokens_after_abort =
             abort_ns.map_or(0, |a| token_times.iter().filter(|&&t| t > a).count() as u64);
-        let (trace_id, span_id) = self.spans.emit(&SpanFacts {
+        let facts = SpanFacts {
             traceparent,
             model: self.model.clone(),
             request_id: runtime_id.clone(),
@@ -530,7 +532,22 @@ impl Server {
             } else {
                 Vec::new()
             },
-        });
+        };
+        // vLLM makes its span when the engine finishes a request: one aborted because its
+        // client left gets none (its trace id, when the client sent one, is still the truth's).
+        let (trace_id, span_id) = if finish == "abort" && !self.abort_spans {
+            (
+                facts
+                    .traceparent
+                    .as_deref()
+                    .and_then(|tp| tp.split('-').nth(1))
+                    .unwrap_or_default()
+                    .to_owned(),
+                String::new(),
+            )
+        } else {
+            self.spans.emit(&facts)
+        };
         self.truth.write(&TruthRecord::Request(RequestTruth {
             request_id: xrid,
             runtime_request_id: runtime_id,

@@ -105,10 +105,11 @@ pub fn task() -> anyhow::Result<()> {
     let mut vllm = spawn_vllm(&install, port, grpc, kv, &out.join("vllm.log"))?;
     let result = play(&install, port, &out, &traces, &clients, &mut vllm, start);
     stop_group(&mut vllm);
+    // SIGTERM: the agent settles what it still holds and flushes it to the file.
     stop(&mut agent);
-    let (mut tally, truth) = result?;
-    let mut offset = 0;
+    let (mut tally, mut offset, generated) = result?;
     read_new(&traces, &mut offset, &mut tally);
+    let truth = ground_truth(&tally, &out, &clients, generated);
     println!("{}", tally.render(start.elapsed()));
     let startup: Vec<&str> = tally_startup(&traces);
     println!(
@@ -126,7 +127,8 @@ pub fn task() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits for vLLM, plays the clients, and returns the tally and the ground-truth line.
+/// Waits for vLLM, plays the clients, and returns the tally, how far it read the traces, and
+/// the tokens vLLM generated meanwhile (its own counter).
 fn play(
     install: &real_vllm::RealVllm,
     port: u16,
@@ -135,7 +137,7 @@ fn play(
     clients: &Path,
     vllm: &mut Child,
     start: Instant,
-) -> anyhow::Result<(Tally, String)> {
+) -> anyhow::Result<(Tally, u64, f64)> {
     let mut tally = Tally::default();
     let mut offset = 0u64;
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -199,12 +201,18 @@ fn play(
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-    // Let the last spans arrive and settle.
+    // Let the last spans arrive.
     std::thread::sleep(Duration::from_secs(3));
     if live && shown > 0 {
         print!("\x1b[{shown}A\x1b[J");
     }
     let generated = vllm_counter(port, "vllm:generation_tokens_total") - generated_before;
+    Ok((tally, offset, generated))
+}
+
+/// The ground-truth line: what vLLM did (its request log, its token counter against what the
+/// clients read) beside what the agent found.
+fn ground_truth(tally: &Tally, out: &Path, clients: &Path, generated: f64) -> String {
     let records: Vec<Value> = std::fs::read_to_string(clients)
         .unwrap_or_default()
         .lines()
@@ -231,15 +239,14 @@ fn play(
             Some((*id, *t))
         })
         .collect();
-    let truth = format!(
+    format!(
         "ground truth (from vLLM): {} streams abandoned, {logged} of them logged as aborted by vLLM; vLLM generated {} tokens, {} of them never read by a client; the agent made {} abort findings on them, {} tokens after the client left",
         abandoned.len(),
         generated as u64,
         (generated as u64).saturating_sub(read),
         found.len(),
         found.values().sum::<u64>()
-    );
-    Ok((tally, truth))
+    )
 }
 
 /// The names of the vLLM start-up spans the agent forwarded.
