@@ -90,6 +90,8 @@ pub struct RuntimeConfig {
     /// Publish vLLM-compatible KV events (ZMQ PUB, msgpack `KVEventBatch`) on this endpoint
     /// (`tcp://127.0.0.1:5557`; port 0 picks one). None: no KV events.
     pub kv_events_endpoint: Option<String>,
+    /// Which runtime's spans, ids and headers to produce: `vllm` (default), `sglang`, `tgi`.
+    pub flavor: crate::flavor::Flavor,
 }
 
 impl Default for RuntimeConfig {
@@ -110,6 +112,7 @@ impl Default for RuntimeConfig {
             token_events: false,
             separate_process: false,
             kv_events_endpoint: None,
+            flavor: crate::flavor::Flavor::Vllm,
         }
     }
 }

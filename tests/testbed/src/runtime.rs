@@ -116,7 +116,10 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Running> {
     let t0 = now_ns();
     let exec_ns = process_start_ns(t0).min(t0);
     let truth = Arc::new(JsonlWriter::create(opts.truth.as_deref())?);
-    let spans = Arc::new(SpanSink::new(opts.otlp_endpoint.as_deref(), "vllm")?);
+    let spans = Arc::new(SpanSink::for_flavor(
+        opts.otlp_endpoint.as_deref(),
+        opts.runtime.flavor,
+    )?);
     let cfg = EngineConfig::from_runtime(&opts.runtime, scale)?;
     let engine = Engine::new(cfg, truth.clone());
 
