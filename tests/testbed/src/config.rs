@@ -199,6 +199,9 @@ pub struct TenantConfig {
     /// Share of the first prompt that is the tenant's system prompt, shared by all its
     /// conversations (a prefix-cache hit across them); 0: every prompt is distinct.
     pub system_share: f64,
+    /// The tenant's client sends no `traceparent` (the runtime then starts its own trace; the
+    /// agent joins by the other rules).
+    pub no_traceparent: bool,
 }
 
 impl Default for TenantConfig {
@@ -225,6 +228,7 @@ impl Default for TenantConfig {
             timeout_ms: [100, 500],
             completions: false,
             system_share: 0.75,
+            no_traceparent: false,
         }
     }
 }
