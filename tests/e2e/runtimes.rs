@@ -61,6 +61,8 @@ struct Score {
     runtime_spans: (u64, u64),
     /// Spans of the shape's runtime the collector received that are not request spans.
     other_spans: usize,
+    /// Forwarded request spans that SGLang ended as aborted (`'["abort"]'`).
+    aborted_spans: usize,
 }
 
 fn metric(metrics: &str, name_and_labels: &str) -> u64 {
@@ -186,6 +188,9 @@ async fn run(shape: Shape, scenario: &str, extra: &[&str]) -> Score {
             }
         }
         *score.joins.entry(rule).or_default() += 1;
+        if attr(&span.span, "gen_ai.response.finish_reasons").as_deref() == Some("[\"abort\"]") {
+            score.aborted_spans += 1;
+        }
 
         let left_early =
             matches!(client.close.as_str(), "fin" | "rst") && client.close_ns < r.stop_ns;
@@ -270,8 +275,8 @@ fn report(name: &str, score: &Score) {
         );
     }
     println!(
-        "   inferwatch_runtime_spans_total: adapted=true {}, adapted=false {} (other spans received: {})",
-        score.runtime_spans.0, score.runtime_spans.1, score.other_spans
+        "   inferwatch_runtime_spans_total: adapted=true {}, adapted=false {} (other spans received: {}); request spans ended as aborted: {}",
+        score.runtime_spans.0, score.runtime_spans.1, score.other_spans, score.aborted_spans
     );
 }
 
@@ -335,6 +340,10 @@ async fn sglang_shaped_run_joins_and_finds_aborts() {
         score.matched.iter().any(|m| m.0 == "kernel_writes"),
         "SGLang's 2 s abort delay: writes after the client left are counted"
     );
+    assert!(
+        score.aborted_spans > 0,
+        "SGLang's 2 s abort delay cuts the longest streams short"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -344,6 +353,10 @@ async fn sglang_shaped_run_decoding_to_max_tokens() {
     }
     let score = run(Shape::Sglang, "e2e-sglang.toml", &["--policy", "never"]).await;
     assert_scores("sglang-never", &score);
+    assert_eq!(
+        score.aborted_spans, 0,
+        "the variant that decodes every request to max_tokens"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -152,8 +152,8 @@ impl SpanSink {
         if flavor == Flavor::Vllm {
             // `process.pid` as the OTel SDKs' process detector sets it: the agent keys a
             // runtime instance (its GPUs, its cold start) by the pid that exported the span.
-            resource =
-                resource.with_attribute(KeyValue::new("process.pid", i64::from(std::process::id())));
+            resource = resource
+                .with_attribute(KeyValue::new("process.pid", i64::from(std::process::id())));
         }
         let mut b = SdkTracerProvider::builder().with_resource(resource.build());
         if flavor == Flavor::Sglang {
