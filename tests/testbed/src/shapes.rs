@@ -141,7 +141,8 @@ pub mod sglang {
         end_sched(f.stop_ns);
         let (end_tok, _) = thread(
             "Tokenizer",
-            format!("Tokenizer (host:{} | pid:{pid})", &host[..8]),
+            // No space before `(host:` without ranks, as trace.py joins them.
+            format!("Tokenizer(host:{} | pid:{pid})", &host[..8]),
             f.arrival_ns,
             false,
         );

@@ -528,3 +528,78 @@ fn malformed_ids_give_none() {
     s.trace_id = vec![1, 2, 3];
     assert_eq!(adapt_decoded(&s, None, &AdapterOptions::default()), None);
 }
+
+/// The OTLP request SGLang 0.5.23's own `trace.py` sent (produced by
+/// `tests/fixtures/runtimes/sglang_spans.py`): four requests (normal mode, with a
+/// `traceparent`, the `prefill` role, aborted while queued), each with its tokenizer and
+/// scheduler thread spans and stages, in the order SGLang exported them.
+#[test]
+fn sglang_0_5_23_spans_from_its_own_tracing_code() {
+    use crate::sources::otlp::RawTraceRequest;
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+
+    let bytes = include_bytes!("../../../../../tests/fixtures/runtimes/sglang-0.5.23.pb");
+    let request = ExportTraceServiceRequest::decode(&bytes[..]).expect("fixture decodes");
+    let raw = RawTraceRequest::from(request);
+    let mut adapter = SpanAdapter::new(AdapterOptions::default());
+    let mut requests = Vec::new();
+    let mut others = 0;
+    for rs in &raw.resource_spans {
+        let identity = instance(rs.resource.as_ref());
+        assert_eq!(identity.service_name.as_deref(), Some("sglang"));
+        assert_eq!(identity.pid, None, "SGLang sends no pid");
+        let context = runtime_of_resource(rs.resource.as_ref());
+        assert_eq!(context, Some(RuntimeLabel::Sglang));
+        for span in rs.scope_spans.iter().flat_map(|ss| ss.spans.iter()) {
+            let view = SpanView::read_validated(span).expect("span reads");
+            match adapter.adapt(&view, &identity) {
+                Some(r) => requests.push((view.name.to_owned(), r)),
+                None => {
+                    assert_eq!(runtime_of(view.name, None, context), RuntimeLabel::Sglang);
+                    others += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(others, 22, "thread and stage spans pass through");
+    let names: Vec<&str> = requests.iter().map(|(n, _)| &n[..n.len() - 8]).collect();
+    assert_eq!(names, [" Req ", " Req ", "prefill Req ", " Req "]);
+    for (name, r) in &requests {
+        assert_eq!(r.runtime, RuntimeKind::Sglang);
+        let rid = r.request_id.as_deref().expect("rid");
+        assert_eq!(rid.len(), 32, "uuid4 hex");
+        assert!(name.ends_with(&rid[..8]));
+        assert_eq!(r.model.as_deref(), Some("qwen2.5-7b"));
+    }
+    let [(_, plain), (_, traced), (_, prefill), (_, queued)] = &requests[..] else {
+        panic!("four requests");
+    };
+    for r in [plain, prefill, queued] {
+        assert_eq!(&r.trace_id[..8], &[0; 8], "SGLang's own traces are 64-bit");
+        assert_eq!(r.parent_span_id, None);
+    }
+    assert_eq!(
+        hex::encode(traced.trace_id),
+        "4bf92f3577b34da6a3ce929d0e0e4736",
+        "a traceparent's trace is continued"
+    );
+    assert_eq!(
+        traced.parent_span_id.map(hex::encode).as_deref(),
+        Some("00f067aa0ba902b7")
+    );
+    for r in [plain, traced, prefill] {
+        assert_eq!(
+            (r.prompt_tokens, r.output_tokens, r.cached_tokens),
+            (Some(500), Some(40), Some(256))
+        );
+        assert_eq!(r.queue_ns, Some(25_000_000), "from prefill_waiting");
+        assert_eq!(r.first_token, Some(r.arrival + 120_000_000));
+        assert_eq!(r.end, r.arrival + 900_000_000);
+    }
+    assert_eq!(plain.finish_reason.as_deref(), Some("stop"));
+    assert_eq!(prefill.finish_reason.as_deref(), Some("length"));
+    assert_eq!(queued.finish_reason.as_deref(), Some("abort"));
+    assert_eq!((queued.prompt_tokens, queued.output_tokens), (None, None));
+    assert_eq!(queued.queue_ns, Some(400_000_000));
+    assert_eq!(queued.first_token, None);
+}
