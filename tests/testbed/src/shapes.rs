@@ -271,8 +271,6 @@ pub mod tgi {
             KeyValue::new("code.lineno", 1168i64),
             KeyValue::new("thread.id", 7i64),
             KeyValue::new("thread.name", "tokio-runtime-worker"),
-            KeyValue::new("level", "INFO"),
-            KeyValue::new("target", "text_generation_router::server"),
         ];
         let succeeded = f.finish_reason != "abort";
         if succeeded && let Some([total, validation, queue, inference, per_token]) = timings(f) {
