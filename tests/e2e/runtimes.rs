@@ -63,6 +63,10 @@ struct Score {
     other_spans: usize,
     /// Forwarded request spans that SGLang ended as aborted (`'["abort"]'`).
     aborted_spans: usize,
+    /// Request spans forwarded.
+    forwarded: usize,
+    /// True findings made without a runtime span (the kernel's view alone).
+    kernel_only: usize,
 }
 
 fn metric(metrics: &str, name_and_labels: &str) -> u64 {
@@ -74,7 +78,9 @@ fn metric(metrics: &str, name_and_labels: &str) -> u64 {
         .map_or(0, |v| v as u64)
 }
 
-async fn run(shape: Shape, scenario: &str, extra: &[&str]) -> Score {
+/// `omitted_roots`: the runtime exports no request span for a request whose client it saw
+/// disconnect (the testbed's `omit_disconnected_root`).
+async fn run(shape: Shape, scenario: &str, extra: &[&str], omitted_roots: bool) -> Score {
     let name = format!("runtimes-{}", shape.label());
     let _one_at_a_time = serial().await;
     let dir = scratch(&name);
@@ -91,6 +97,8 @@ async fn run(shape: Shape, scenario: &str, extra: &[&str]) -> Score {
             _ => None,
         })
         .collect();
+    let omitted = |r: &RequestTruth| omitted_roots && r.client_abort_ns.is_some();
+    let expected_spans = requests.iter().filter(|r| !omitted(r)).count();
     let deadline = now_ns() + 15_000_000_000;
     loop {
         let forwarded = collector
@@ -98,7 +106,7 @@ async fn run(shape: Shape, scenario: &str, extra: &[&str]) -> Score {
             .iter()
             .filter(|s| shape.is_request_span(&s.span.name))
             .count();
-        if forwarded >= requests.len() || now_ns() > deadline {
+        if forwarded >= expected_spans || now_ns() > deadline {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -116,6 +124,12 @@ async fn run(shape: Shape, scenario: &str, extra: &[&str]) -> Score {
         .iter()
         .filter(|s| s.span.name == "inferwatch.abort")
         .map(|s| (hex::encode(&s.span.trace_id), s))
+        .collect();
+    // A finding without a runtime span and without a traceparent starts its own trace; it
+    // names the request by its `x-request-id`.
+    let findings_by_request_id: HashMap<String, _> = findings
+        .values()
+        .filter_map(|f| attr(&f.span, "gen_ai.request.id").map(|id| (id, *f)))
         .collect();
     let forwarded: HashMap<(String, String), _> = received
         .iter()
@@ -157,9 +171,65 @@ async fn run(shape: Shape, scenario: &str, extra: &[&str]) -> Score {
             .get(r.request_id.as_str())
             .unwrap_or_else(|| panic!("{name}: no client truth for {}", r.request_id));
         let traced = client.tenant != NO_TRACEPARENT_TENANT;
+        let left_early =
+            matches!(client.close.as_str(), "fin" | "rst") && client.close_ns < r.stop_ns;
+        if omitted(r) {
+            assert!(
+                !forwarded.contains_key(&(r.trace_id.clone(), r.span_id.clone())),
+                "{name}: {}: the root of a disconnected request is never exported",
+                r.request_id
+            );
+            if left_early {
+                score.expected += 1;
+                score.expected_traced += usize::from(traced);
+            }
+            let finding = if traced {
+                findings.get(&r.trace_id)
+            } else {
+                findings_by_request_id.get(&r.request_id)
+            };
+            match (left_early, finding) {
+                (true, Some(f)) => {
+                    score.true_positives += 1;
+                    score.true_positives_traced += usize::from(traced);
+                    score.kernel_only += 1;
+                    if traced {
+                        assert_eq!(
+                            hex::encode(&f.span.parent_span_id),
+                            client.parent_span_id,
+                            "{name}: {}: without a runtime span the finding's parent is the client's span",
+                            r.request_id
+                        );
+                    }
+                    let method = attr(&f.span, "inferwatch.abort.method").expect("method");
+                    let after: u64 = attr(&f.span, "inferwatch.abort.tokens_after")
+                        .and_then(|v| v.parse().ok())
+                        .expect("tokens_after");
+                    let lag: f64 = attr(&f.span, "inferwatch.abort.lag_ms")
+                        .and_then(|v| v.parse().ok())
+                        .expect("lag_ms");
+                    score.matched.push((
+                        method,
+                        after,
+                        r.tokens_after_abort,
+                        r.tokens_after_abort,
+                        lag,
+                        (r.stop_ns as f64 - client.close_ns as f64) / 1e6,
+                        r.request_id.clone(),
+                    ));
+                }
+                (false, Some(f)) => panic!(
+                    "{name}: finding for {} which did not abort early: {:?}",
+                    r.request_id, f.span.attributes
+                ),
+                _ => {}
+            }
+            continue;
+        }
         let span = forwarded
             .get(&(r.trace_id.clone(), r.span_id.clone()))
             .unwrap_or_else(|| panic!("{name}: request span of {} not forwarded", r.request_id));
+        score.forwarded += 1;
         let rule = attr(&span.span, "inferwatch.join").unwrap_or_else(|| "missing".into());
         if traced {
             assert_eq!(
@@ -192,8 +262,6 @@ async fn run(shape: Shape, scenario: &str, extra: &[&str]) -> Score {
             score.aborted_spans += 1;
         }
 
-        let left_early =
-            matches!(client.close.as_str(), "fin" | "rst") && client.close_ns < r.stop_ns;
         if left_early {
             score.expected += 1;
             score.expected_traced += usize::from(traced);
@@ -275,6 +343,10 @@ fn report(name: &str, score: &Score) {
         );
     }
     println!(
+        "   request spans forwarded {}, findings made from the kernel alone {}",
+        score.forwarded, score.kernel_only
+    );
+    println!(
         "   inferwatch_runtime_spans_total: adapted=true {}, adapted=false {} (other spans received: {}); request spans ended as aborted: {}",
         score.runtime_spans.0, score.runtime_spans.1, score.other_spans, score.aborted_spans
     );
@@ -318,7 +390,7 @@ fn assert_scores(name: &str, score: &Score) {
     // Every request span was adapted, and the runtime's other spans (SGLang's thread and stage
     // spans, TGI's SERVER spans) were counted as its own, not adapted.
     assert_eq!(
-        score.runtime_spans.0, score.requests as u64,
+        score.runtime_spans.0, score.forwarded as u64,
         "{name}: adapted request spans"
     );
     assert!(
@@ -334,7 +406,7 @@ async fn sglang_shaped_run_joins_and_finds_aborts() {
     if !kernel_tests_enabled("sglang_shaped_run_joins_and_finds_aborts") {
         return;
     }
-    let score = run(Shape::Sglang, "e2e-sglang.toml", &[]).await;
+    let score = run(Shape::Sglang, "e2e-sglang.toml", &[], false).await;
     assert_scores("sglang", &score);
     assert!(
         score.matched.iter().any(|m| m.0 == "kernel_writes"),
@@ -351,7 +423,13 @@ async fn sglang_shaped_run_decoding_to_max_tokens() {
     if !kernel_tests_enabled("sglang_shaped_run_decoding_to_max_tokens") {
         return;
     }
-    let score = run(Shape::Sglang, "e2e-sglang.toml", &["--policy", "never"]).await;
+    let score = run(
+        Shape::Sglang,
+        "e2e-sglang.toml",
+        &["--policy", "never"],
+        false,
+    )
+    .await;
     assert_scores("sglang-never", &score);
     assert_eq!(
         score.aborted_spans, 0,
@@ -364,6 +442,21 @@ async fn tgi_shaped_run_joins_and_finds_aborts() {
     if !kernel_tests_enabled("tgi_shaped_run_joins_and_finds_aborts") {
         return;
     }
-    let score = run(Shape::Tgi, "e2e-tgi.toml", &[]).await;
+    let score = run(Shape::Tgi, "e2e-tgi.toml", &[], false).await;
     assert_scores("tgi", &score);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sglang_shaped_run_without_roots_of_disconnected_requests() {
+    if !kernel_tests_enabled("sglang_shaped_run_without_roots_of_disconnected_requests") {
+        return;
+    }
+    let score = run(Shape::Sglang, "e2e-sglang-noroot.toml", &[], true).await;
+    assert_scores("sglang-noroot", &score);
+    assert!(
+        score.kernel_only >= 10,
+        "the aborts are found from the kernel alone ({})",
+        score.kernel_only
+    );
+    assert_eq!(score.aborted_spans, 0, "no aborted root is ever exported");
 }

@@ -92,6 +92,9 @@ pub struct RuntimeConfig {
     pub kv_events_endpoint: Option<String>,
     /// Which runtime's spans, ids and headers to produce: `vllm` (default), `sglang`, `tgi`.
     pub flavor: crate::flavor::Flavor,
+    /// SGLang versions that never end the root of a request whose client disconnected: its
+    /// thread and stage spans are exported, its root never is (`flavor = "sglang"` only).
+    pub omit_disconnected_root: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -113,6 +116,7 @@ impl Default for RuntimeConfig {
             separate_process: false,
             kv_events_endpoint: None,
             flavor: crate::flavor::Flavor::Vllm,
+            omit_disconnected_root: false,
         }
     }
 }

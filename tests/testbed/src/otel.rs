@@ -116,6 +116,8 @@ pub struct SpanFacts {
     pub peer: Option<std::net::SocketAddr>,
     /// A streaming request.
     pub stream: bool,
+    /// Export no request root (SGLang versions that never end a disconnected request's root).
+    pub omit_root: bool,
 }
 
 /// Exports spans (or only mints ids when no endpoint is configured).

@@ -230,6 +230,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Running> {
         truth,
         model: opts.runtime.model.clone(),
         token_events: opts.runtime.token_events,
+        omit_disconnected_root: opts.runtime.omit_disconnected_root,
     });
     tasks.push(tokio::spawn(engine.clone().run()));
     tasks.push(tokio::spawn(server::serve(server, listener)));

@@ -36,6 +36,8 @@ pub struct Server {
     pub model: String,
     /// Add per-token span events.
     pub token_events: bool,
+    /// Never export the root of a disconnected request (SGLang shape only).
+    pub omit_disconnected_root: bool,
 }
 
 struct Head {
@@ -502,6 +504,7 @@ impl Server {
             host: head.header("host").unwrap_or("").to_string(),
             peer: head.peer,
             stream,
+            omit_root: false,
         };
         let usage = json!({
             "prompt_tokens": summary.prompt_tokens,
@@ -564,6 +567,10 @@ impl Server {
         let abort_ns = gone.at.map(|(t, _)| t);
         let tokens_after_abort =
             abort_ns.map_or(0, |a| token_times.iter().filter(|&&t| t > a).count() as u64);
+        let facts = SpanFacts {
+            omit_root: self.omit_disconnected_root && gone.at.is_some(),
+            ..facts
+        };
         let (trace_id, span_id) = self.spans.emit(&facts);
         self.truth.write(&TruthRecord::Request(RequestTruth {
             request_id: xrid,

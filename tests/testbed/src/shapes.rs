@@ -8,7 +8,9 @@
 
 use std::time::Duration;
 
-use opentelemetry::trace::{Span, SpanId, SpanKind, TraceContextExt, TraceId, Tracer};
+use opentelemetry::trace::{
+    Span, SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags, TraceId, TraceState, Tracer,
+};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::trace::{IdGenerator, SdkTracer};
 
@@ -81,13 +83,34 @@ pub mod sglang {
             KeyValue::new("module", "sglang::"),
         ];
         let rid8: String = f.request_id.chars().take(8).collect();
-        let mut root = tracer
-            .span_builder(format!(" Req {rid8}"))
-            .with_kind(SpanKind::Internal)
-            .with_start_time(ts(f.arrival_ns))
-            .with_attributes(root_attrs)
-            .start_with_context(tracer, parent);
-        let sc = root.span_context().clone();
+        // A root that is never ended is never exported; its children still name it.
+        let mut root = (!f.omit_root).then(|| {
+            tracer
+                .span_builder(format!(" Req {rid8}"))
+                .with_kind(SpanKind::Internal)
+                .with_start_time(ts(f.arrival_ns))
+                .with_attributes(root_attrs)
+                .start_with_context(tracer, parent)
+        });
+        let sc = match &root {
+            Some(root) => root.span_context().clone(),
+            None => {
+                let ids = Sglang64BitIds;
+                let remote = parent.span();
+                let trace_id = if remote.span_context().is_valid() {
+                    remote.span_context().trace_id()
+                } else {
+                    ids.new_trace_id()
+                };
+                SpanContext::new(
+                    trace_id,
+                    ids.new_span_id(),
+                    TraceFlags::SAMPLED,
+                    false,
+                    TraceState::default(),
+                )
+            }
+        };
         let root_cx = parent.with_remote_span_context(sc.clone());
         let pid = i64::from(std::process::id());
         let host = "5f2a9c1e0b7d4e21a3c6";
@@ -183,8 +206,10 @@ pub mod sglang {
                 secs(scheduled, f.first_token_ns),
             ));
         }
-        root.set_attributes(finish);
-        root.end_with_timestamp(ts(f.stop_ns));
+        if let Some(root) = root.as_mut() {
+            root.set_attributes(finish);
+            root.end_with_timestamp(ts(f.stop_ns));
+        }
         (sc.trace_id().to_string(), sc.span_id().to_string())
     }
 }
