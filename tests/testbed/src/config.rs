@@ -300,6 +300,12 @@ impl Scenario {
         }
         crate::engine::Policy::parse(&r.disconnect_policy)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if r.omit_disconnected_root && r.flavor != crate::flavor::Flavor::Sglang {
+            return Err(ConfigError::Invalid(
+                "omit_disconnected_root plays an SGLang behaviour: it needs flavor = \"sglang\""
+                    .into(),
+            ));
+        }
         for c in &r.contention {
             if c.end_s < c.start_s || c.factor < 1.0 {
                 return Err(ConfigError::Invalid(
