@@ -10,4 +10,5 @@ mod faults;
 mod gpu;
 mod harness;
 mod openai_client;
+mod runtimes;
 mod security;

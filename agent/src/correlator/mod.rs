@@ -878,6 +878,8 @@ impl Correlator {
         reserved: &FastMap<HeadKey, SpanKey>,
     ) -> Option<(JoinRule, HeadKey)> {
         let usable = |hk: &HeadKey| !reserved.contains_key(hk) && hk.0 <= span.end;
+        // All 16 bytes: SGLang's own traces have 64-bit ids (upper half zero), which must never
+        // match a 128-bit traceparent that only shares the low half.
         if let Some(set) = self.by_trace.get(&span.trace_id)
             && let Some(hk) = closest(span.arrival, set.iter().filter(usable))
         {

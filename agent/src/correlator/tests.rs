@@ -510,3 +510,77 @@ fn connections_are_forgotten_after_their_close_or_when_idle() {
     c.on_tick(T0 + 10_001 * MS);
     assert_eq!(connections(&c), 0);
 }
+
+/// SGLang starts its own traces with 64-bit ids (the upper 8 bytes zero). The traceparent rule
+/// compares all 16 bytes: a 64-bit id joins only a `traceparent` that carries exactly it (a
+/// client propagating a 64-bit id), never a 128-bit id that merely shares its low half, as
+/// backends that accept both widths would.
+#[test]
+fn sglang_64_bit_trace_ids_join_only_on_all_sixteen_bytes() {
+    let low = 0x1a2b_3c4d_5e6f_7081_u64.to_be_bytes();
+    let wide = |upper: u8| {
+        let mut id = [upper; 16];
+        id[8..].copy_from_slice(&low);
+        id
+    };
+    let head_with = |ts: u64, conn: u64, trace_id: [u8; 16]| {
+        kernel(
+            ts,
+            KernelEventKind::RequestHead {
+                conn: ConnId(conn),
+                fd: 9,
+                head: RequestHead {
+                    method: "POST".into(),
+                    path: "/generate".into(),
+                    request_id: None,
+                    traceparent: Some(TraceParent {
+                        trace_id,
+                        parent_id: [5; 8],
+                        flags: 1,
+                    }),
+                    tenant: None,
+                    conversation: None,
+                    model: None,
+                },
+                send_seq: None,
+            },
+        )
+    };
+    let sglang_span = |trace_id: [u8; 16], arrival: u64| RuntimeRequest {
+        runtime: RuntimeKind::Sglang,
+        trace_id,
+        span_id: [9; 8],
+        ..span(0, arrival, arrival + 50 * MS, arrival + 200 * MS, 4)
+    };
+    let mut c = Correlator::new(CorrelatorConfig::default());
+    let mut out = Vec::new();
+    out.extend(c.on_event(accepted(T0, 1, 5000)));
+    out.extend(c.on_event(accepted(T0, 2, 5001)));
+    // A 128-bit trace that shares the low half of SGLang's 64-bit id.
+    out.extend(c.on_event(head_with(T0 + 1000 * MS, 1, wide(0xab))));
+    // A client that propagated a 64-bit id (upper half zero).
+    out.extend(c.on_event(head_with(T0 + 9000 * MS, 2, wide(0))));
+    // SGLang's own trace, started 2 s after head 1 (outside the temporal window): no rule fits.
+    out.extend(c.on_event(Input::Runtime(sglang_span(wide(0), T0 + 3000 * MS))));
+    out.extend(c.on_tick(T0 + 6000 * MS));
+    let rule_of = |out: &[Output], arrival: u64| {
+        out.iter().find_map(|o| match o {
+            Output::Joined(j) if j.request.arrival == arrival => {
+                Some((j.join, j.connection.as_ref().map(|c| c.conn)))
+            }
+            _ => None,
+        })
+    };
+    assert_eq!(
+        rule_of(&out, T0 + 3000 * MS),
+        Some((JoinRule::Unjoined, None)),
+        "the low half alone never joins: {out:?}"
+    );
+    // The same 64-bit id, sent as the traceparent of head 2, joins on all 16 bytes.
+    out.extend(c.on_event(Input::Runtime(sglang_span(wide(0), T0 + 9001 * MS))));
+    out.extend(c.on_tick(T0 + 12_000 * MS));
+    assert_eq!(
+        rule_of(&out, T0 + 9001 * MS),
+        Some((JoinRule::Traceparent, Some(ConnId(2))))
+    );
+}

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 
 use crate::correlator::{
@@ -25,9 +26,13 @@ use crate::sinks::prometheus::findings::{
     AbortLabels, ContentionLabels, FindingMetrics, GpuLabels, GpuProcessLabels, JoinLabels,
     KvEvictionLabels, StartLabels, TableLabels, advance_to,
 };
+use crate::sinks::prometheus::metrics::RuntimeSpanLabels;
 use crate::sinks::{SinkSender, SpanBatch, finding_span};
 use crate::sources::otlp::RawTraceRequest;
-use crate::sources::otlp::adapters::{AdapterOptions, adapt, instance};
+use crate::sources::otlp::adapters::{
+    AdapterOptions, RuntimeLabel, SpanAdapter, instance, runtime_of, runtime_of_resource,
+    runtime_of_scope,
+};
 use crate::sources::otlp::wire::{SpanView, rewrite_str_attributes};
 
 /// A request span waiting for its join: encoded, since it waits a few hundred ms or more (see
@@ -93,7 +98,10 @@ pub type IdentityResolver = Box<dyn FnMut(u32) -> Option<ProcessIdentity> + Send
 pub struct CorrelateStage {
     correlator: Correlator,
     identities: IdentityResolver,
-    adapter: AdapterOptions,
+    adapter: SpanAdapter,
+    /// `inferwatch_runtime_spans_total{runtime,adapted}`, by [`RuntimeLabel::ALL`] index and
+    /// adapted (1) or not (0); counters resolved once so that a span costs one atomic add.
+    runtime_spans: Option<[[Counter; 2]; 5]>,
     held: SpanMap<Held>,
     max_held: usize,
     sinks: Vec<SinkSender>,
@@ -136,7 +144,8 @@ impl CorrelateStage {
         Self {
             correlator,
             identities,
-            adapter,
+            adapter: SpanAdapter::new(adapter),
+            runtime_spans: None,
             held: SpanMap::default(),
             max_held,
             sinks,
@@ -148,6 +157,32 @@ impl CorrelateStage {
             held_overflow: 0,
             summaries: Vec::new(),
             tenant_hasher: None,
+        }
+    }
+
+    /// Counts every received span in `family` by the runtime it came from and whether an
+    /// adapter read it (`inferwatch_runtime_spans_total{runtime,adapted}`).
+    pub fn with_runtime_spans(mut self, family: &Family<RuntimeSpanLabels, Counter>) -> Self {
+        self.runtime_spans = Some(RuntimeLabel::ALL.map(|runtime| {
+            [false, true].map(|adapted| {
+                family
+                    .get_or_create(&RuntimeSpanLabels {
+                        runtime: runtime.as_str(),
+                        adapted: if adapted { "true" } else { "false" },
+                    })
+                    .clone()
+            })
+        }));
+        self
+    }
+
+    fn count_runtime_span(&self, runtime: RuntimeLabel, adapted: bool) {
+        if let Some(counters) = &self.runtime_spans {
+            let row = RuntimeLabel::ALL
+                .iter()
+                .position(|l| *l == runtime)
+                .unwrap_or(RuntimeLabel::ALL.len() - 1);
+            counters[row][usize::from(adapted)].inc();
         }
     }
 
@@ -166,7 +201,7 @@ impl CorrelateStage {
         let mut out = Vec::new();
         if rewrite_str_attributes(
             &span,
-            &self.adapter.tenant_attribute,
+            &self.adapter.options().tenant_attribute,
             |tenant| hasher.hash(tenant),
             &mut out,
         ) {
@@ -182,7 +217,7 @@ impl CorrelateStage {
             return;
         };
         for kv in attributes {
-            if kv.key == self.adapter.tenant_attribute
+            if kv.key == self.adapter.options().tenant_attribute
                 && let Some(AnyValue {
                     value: Some(any_value::Value::StringValue(v)),
                 }) = &mut kv.value
@@ -255,6 +290,7 @@ impl CorrelateStage {
             // a visible share of the agent's CPU. One request comes from one process.
             let mut identified: Option<u32> = None;
             let identity = instance(rs.resource.as_ref());
+            let resource_runtime = runtime_of_resource(rs.resource.as_ref());
             // The resource as exported: its tenant hashed too.
             let mut exported_resource = rs.resource;
             if let Some(r) = exported_resource.as_mut() {
@@ -267,12 +303,26 @@ impl CorrelateStage {
                     scope: ss.scope,
                     scope_schema_url: ss.schema_url,
                 });
+                let scope_runtime = resource_runtime.or_else(|| {
+                    group
+                        .scope
+                        .as_ref()
+                        .and_then(|scope| runtime_of_scope(&scope.name))
+                });
                 let mut passed = Vec::new();
                 for bytes in ss.spans {
                     // The receiver validated every span (`validate`), so only the top level
                     // is read here; a span that does not read is forwarded as it came.
-                    let adapted = SpanView::read_validated(&bytes)
-                        .and_then(|view| adapt(&view, &identity, &self.adapter));
+                    let view = SpanView::read_validated(&bytes);
+                    let adapted = view
+                        .as_ref()
+                        .and_then(|view| self.adapter.adapt(view, &identity));
+                    if self.runtime_spans.is_some() {
+                        let name = view.as_ref().map_or("", |v| v.name);
+                        let runtime =
+                            runtime_of(name, adapted.as_ref().map(|r| r.runtime), scope_runtime);
+                        self.count_runtime_span(runtime, adapted.is_some());
+                    }
                     let span = EncodedSpan::from_received(self.hash_tenant_in_span(bytes));
                     let Some(request) = adapted else {
                         passed.push(span);

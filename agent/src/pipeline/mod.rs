@@ -308,7 +308,8 @@ impl Pipeline {
             sinks,
             Arc::clone(&finding_metrics),
         )
-        .with_tenant_hasher(config.privacy.hasher());
+        .with_tenant_hasher(config.privacy.hasher())
+        .with_runtime_spans(&metrics.runtime_spans);
         for event in existing {
             stage.on_kernel(event);
         }

@@ -94,6 +94,11 @@ pub struct RuntimeConfig {
     /// Publish vLLM-compatible KV events (ZMQ PUB, msgpack `KVEventBatch`) on this endpoint
     /// (`tcp://127.0.0.1:5557`; port 0 picks one). None: no KV events.
     pub kv_events_endpoint: Option<String>,
+    /// Which runtime's spans, ids and headers to produce: `vllm` (default), `sglang`, `tgi`.
+    pub flavor: crate::flavor::Flavor,
+    /// SGLang versions that never end the root of a request whose client disconnected: its
+    /// thread and stage spans are exported, its root never is (`flavor = "sglang"` only).
+    pub omit_disconnected_root: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -115,6 +120,8 @@ impl Default for RuntimeConfig {
             abort_spans: false,
             separate_process: false,
             kv_events_endpoint: None,
+            flavor: crate::flavor::Flavor::Vllm,
+            omit_disconnected_root: false,
         }
     }
 }
@@ -201,6 +208,9 @@ pub struct TenantConfig {
     /// Share of the first prompt that is the tenant's system prompt, shared by all its
     /// conversations (a prefix-cache hit across them); 0: every prompt is distinct.
     pub system_share: f64,
+    /// The tenant's client sends no `traceparent` (the runtime then starts its own trace; the
+    /// agent joins by the other rules).
+    pub no_traceparent: bool,
 }
 
 impl Default for TenantConfig {
@@ -227,6 +237,7 @@ impl Default for TenantConfig {
             timeout_ms: [100, 500],
             completions: false,
             system_share: 0.75,
+            no_traceparent: false,
         }
     }
 }
@@ -294,6 +305,12 @@ impl Scenario {
         }
         crate::engine::Policy::parse(&r.disconnect_policy)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if r.omit_disconnected_root && r.flavor != crate::flavor::Flavor::Sglang {
+            return Err(ConfigError::Invalid(
+                "omit_disconnected_root plays an SGLang behaviour: it needs flavor = \"sglang\""
+                    .into(),
+            ));
+        }
         for c in &r.contention {
             if c.end_s < c.start_s || c.factor < 1.0 {
                 return Err(ConfigError::Invalid(

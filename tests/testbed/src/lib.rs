@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod engine;
+pub mod flavor;
 pub mod kv;
 pub mod kvevents;
 pub mod load;
@@ -13,6 +14,7 @@ pub mod nvml;
 pub mod otel;
 pub mod runtime;
 pub mod server;
+pub mod shapes;
 pub mod tokens;
 pub mod traffic;
 pub mod truth;

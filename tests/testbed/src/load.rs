@@ -162,6 +162,7 @@ async fn one(
         system: String::new(),
         completions: true,
         turns: Vec::new(),
+        traceparent: true,
     };
     let h = tokens::mix(opts.seed.wrapping_add(n));
     let max_tokens = if abort {

@@ -25,6 +25,8 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 
+use crate::flavor::Flavor;
+
 /// vLLM's span name.
 pub const SPAN_NAME: &str = "llm_request";
 
@@ -106,6 +108,16 @@ pub struct SpanFacts {
     pub tenant: String,
     /// Per-token times for span events (empty: none).
     pub token_times: Vec<u64>,
+    /// The request's path (TGI's SERVER span and handler name).
+    pub path: String,
+    /// The request's `host` header.
+    pub host: String,
+    /// The client's address (TGI's `http.client_ip`).
+    pub peer: Option<std::net::SocketAddr>,
+    /// A streaming request.
+    pub stream: bool,
+    /// Export no request root (SGLang versions that never end a disconnected request's root).
+    pub omit_root: bool,
 }
 
 /// Exports spans (or only mints ids when no endpoint is configured).
@@ -113,6 +125,7 @@ pub struct SpanFacts {
 pub struct SpanSink {
     provider: SdkTracerProvider,
     tracer: SdkTracer,
+    flavor: Flavor,
 }
 
 fn ts(ns: u64) -> SystemTime {
@@ -127,13 +140,27 @@ impl SpanSink {
     /// Export over OTLP/gRPC to `endpoint` (e.g. `http://127.0.0.1:4317`); `None`: no export.
     /// Needs a multi-thread tokio runtime (the batch processor blocks on shutdown otherwise).
     pub fn new(endpoint: Option<&str>, service_name: &str) -> anyhow::Result<Self> {
-        // `process.pid` as the OTel SDKs' process detector sets it: the agent keys a runtime
-        // instance (its GPUs, its cold start) by the pid that exported the span.
-        let resource = Resource::builder()
-            .with_service_name(service_name.to_string())
-            .with_attribute(KeyValue::new("process.pid", i64::from(std::process::id())))
-            .build();
-        let mut b = SdkTracerProvider::builder().with_resource(resource);
+        Self::build(endpoint, service_name, Flavor::Vllm)
+    }
+
+    /// As [`SpanSink::new`] for `flavor`'s shapes: SGLang's and TGI's resource hold
+    /// `service.name` only (no pid), SGLang's ids are 64-bit, and each has its own scope.
+    pub fn for_flavor(endpoint: Option<&str>, flavor: Flavor) -> anyhow::Result<Self> {
+        Self::build(endpoint, flavor.service_name(), flavor)
+    }
+
+    fn build(endpoint: Option<&str>, service_name: &str, flavor: Flavor) -> anyhow::Result<Self> {
+        let mut resource = Resource::builder().with_service_name(service_name.to_string());
+        if flavor == Flavor::Vllm {
+            // `process.pid` as the OTel SDKs' process detector sets it: the agent keys a
+            // runtime instance (its GPUs, its cold start) by the pid that exported the span.
+            resource = resource
+                .with_attribute(KeyValue::new("process.pid", i64::from(std::process::id())));
+        }
+        let mut b = SdkTracerProvider::builder().with_resource(resource.build());
+        if flavor == Flavor::Sglang {
+            b = b.with_id_generator(crate::shapes::Sglang64BitIds);
+        }
         if let Some(ep) = endpoint {
             let exporter = opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
@@ -142,17 +169,36 @@ impl SpanSink {
             b = b.with_batch_exporter(exporter);
         }
         let provider = b.build();
-        let tracer = provider.tracer("vllm.entrypoints.openai.api_server");
-        Ok(Self { provider, tracer })
+        let tracer = provider.tracer(match flavor {
+            Flavor::Vllm => "vllm.entrypoints.openai.api_server",
+            Flavor::Sglang => crate::shapes::sglang::SCOPE,
+            Flavor::Tgi => crate::shapes::tgi::SCOPE,
+        });
+        Ok(Self {
+            provider,
+            tracer,
+            flavor,
+        })
     }
 
-    /// Emit one `llm_request` span; returns its (trace id, span id) in hex.
+    /// The runtime whose spans this sink makes.
+    pub fn flavor(&self) -> Flavor {
+        self.flavor
+    }
+
+    /// Emit one request's spans (vLLM: one `llm_request` span; SGLang / TGI: see
+    /// [`crate::shapes`]); returns the request span's (trace id, span id) in hex.
     pub fn emit(&self, f: &SpanFacts) -> (String, String) {
         let mut carrier = HashMap::new();
         if let Some(tp) = &f.traceparent {
             carrier.insert("traceparent".to_string(), tp.clone());
         }
         let parent = TraceContextPropagator::new().extract(&carrier);
+        match self.flavor {
+            Flavor::Vllm => {}
+            Flavor::Sglang => return crate::shapes::sglang::emit(&self.tracer, &parent, f),
+            Flavor::Tgi => return crate::shapes::tgi::emit(&self.tracer, &parent, f),
+        }
         let first = if f.first_token_ns == 0 {
             f.stop_ns
         } else {

@@ -116,7 +116,10 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Running> {
     let t0 = now_ns();
     let exec_ns = process_start_ns(t0).min(t0);
     let truth = Arc::new(JsonlWriter::create(opts.truth.as_deref())?);
-    let spans = Arc::new(SpanSink::new(opts.otlp_endpoint.as_deref(), "vllm")?);
+    let spans = Arc::new(SpanSink::for_flavor(
+        opts.otlp_endpoint.as_deref(),
+        opts.runtime.flavor,
+    )?);
     let cfg = EngineConfig::from_runtime(&opts.runtime, scale)?;
     let engine = Engine::new(cfg, truth.clone());
 
@@ -228,6 +231,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Running> {
         model: opts.runtime.model.clone(),
         token_events: opts.runtime.token_events,
         abort_spans: opts.runtime.abort_spans,
+        omit_disconnected_root: opts.runtime.omit_disconnected_root,
     });
     tasks.push(tokio::spawn(engine.clone().run()));
     tasks.push(tokio::spawn(server::serve(server, listener)));

@@ -13,6 +13,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::engine::{Engine, SeqEvent, SeqRequest, SubmitError};
+use crate::flavor::Flavor;
 use crate::otel::{SpanFacts, SpanSink};
 use crate::tokens;
 use crate::truth::{CloseHow, JsonlWriter, RequestTruth, TruthRecord, now_ns};
@@ -35,8 +36,11 @@ pub struct Server {
     pub model: String,
     /// Add per-token span events.
     pub token_events: bool,
-    /// Export a span for a request aborted because its client left (vLLM 0.32 does not).
+    /// Export a span for a request aborted because its client left (vLLM 0.32 does not; the
+    /// vLLM flavor only).
     pub abort_spans: bool,
+    /// Never export the root of a disconnected request (SGLang shape only).
+    pub omit_disconnected_root: bool,
 }
 
 struct Head {
@@ -46,6 +50,8 @@ struct Head {
     keep_alive: bool,
     body: Vec<u8>,
     arrival_ns: u64,
+    /// The client's address (set by the connection).
+    peer: Option<std::net::SocketAddr>,
 }
 
 impl Head {
@@ -138,6 +144,7 @@ async fn read_request(rd: &mut OwnedReadHalf, buf: &mut Vec<u8>) -> std::io::Res
                     keep_alive,
                     body,
                     arrival_ns,
+                    peer: None,
                 }));
             }
             Ok(httparse::Status::Partial) => {
@@ -191,11 +198,15 @@ struct Departure {
 impl Server {
     async fn connection(self: Arc<Self>, sock: TcpStream) -> std::io::Result<()> {
         let _ = sock.set_nodelay(true);
+        let peer = sock.peer_addr().ok();
         let (mut rd, mut wr) = sock.into_split();
         let mut buf = Vec::new();
         loop {
             let head = match read_request(&mut rd, &mut buf).await? {
-                ReadOutcome::Request(h) => h,
+                ReadOutcome::Request(mut h) => {
+                    h.peer = peer;
+                    h
+                }
                 ReadOutcome::Closed => return Ok(()),
                 ReadOutcome::Bad(msg) => {
                     wr.write_all(&response(
@@ -336,8 +347,19 @@ impl Server {
             .header("x-request-id")
             .map(str::to_string)
             .unwrap_or_else(|| format!("{:032x}", u128::from(tokens::mix(head.arrival_ns))));
-        // vLLM prefixes the external id: `chatcmpl-<X-Request-Id>` / `cmpl-<..>`.
-        let runtime_id = format!("{}-{xrid}", if chat { "chatcmpl" } else { "cmpl" });
+        let flavor = self.spans.flavor();
+        let runtime_id = match flavor {
+            // vLLM prefixes the external id: `chatcmpl-<X-Request-Id>` / `cmpl-<..>`.
+            Flavor::Vllm => format!("{}-{xrid}", if chat { "chatcmpl" } else { "cmpl" }),
+            // SGLang ignores `X-Request-Id`: its rid is a fresh uuid4 hex, the `id` of every
+            // chunk and of the body.
+            Flavor::Sglang => crate::shapes::sglang::rid(
+                head.arrival_ns,
+                head.peer.map_or(0, |p| u64::from(p.port())),
+            ),
+            // TGI's chat and completion ids are empty strings.
+            Flavor::Tgi => String::new(),
+        };
         let tenant = head.header("x-tenant-id").unwrap_or("").to_string();
         let conversation = head.header("x-conversation-id").unwrap_or("").to_string();
         let traceparent = head.header("traceparent").map(str::to_string);
@@ -374,7 +396,12 @@ impl Server {
         } else {
             "text_completion"
         };
-        let extra = format!("x-request-id: {xrid}\r\n");
+        // vLLM echoes the request id; SGLang and TGI do not.
+        let extra = if flavor == Flavor::Vllm {
+            format!("x-request-id: {xrid}\r\n")
+        } else {
+            String::new()
+        };
         let mut gone = Departure::default();
         let mut watch_read = true;
         let mut written = 0u64;
@@ -451,6 +478,37 @@ impl Server {
         } else {
             "length"
         };
+        let facts = SpanFacts {
+            traceparent,
+            model: self.model.clone(),
+            request_id: runtime_id.clone(),
+            temperature,
+            top_p,
+            max_tokens: i64::from(max_tokens),
+            n,
+            prompt_tokens: summary.prompt_tokens as i64,
+            completion_tokens: summary.output_tokens as i64,
+            cached_tokens: summary.cached_tokens as i64,
+            finish_reason: finish.to_string(),
+            arrival_ns: head.arrival_ns,
+            scheduled_ns: summary.scheduled_ns.unwrap_or(0),
+            first_token_ns: summary.first_token_ns.unwrap_or(0),
+            last_token_ns: summary.last_token_ns.unwrap_or(0),
+            stop_ns: summary.stop_ns,
+            execute_ns: summary.execute_ns,
+            conversation: conversation.clone(),
+            tenant: tenant.clone(),
+            token_times: if self.token_events {
+                token_times.clone()
+            } else {
+                Vec::new()
+            },
+            path: head.path.clone(),
+            host: head.header("host").unwrap_or("").to_string(),
+            peer: head.peer,
+            stream,
+            omit_root: false,
+        };
         let usage = json!({
             "prompt_tokens": summary.prompt_tokens,
             "completion_tokens": summary.output_tokens,
@@ -489,6 +547,11 @@ impl Server {
                     "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}],
                     "usage": usage})
             };
+            let extra = if flavor == Flavor::Tgi {
+                crate::shapes::tgi::response_headers(&facts, summary.prompt_tokens)
+            } else {
+                extra
+            };
             match wr
                 .write_all(&response(
                     "200 OK",
@@ -508,34 +571,13 @@ impl Server {
         let tokens_after_abort =
             abort_ns.map_or(0, |a| token_times.iter().filter(|&&t| t > a).count() as u64);
         let facts = SpanFacts {
-            traceparent,
-            model: self.model.clone(),
-            request_id: runtime_id.clone(),
-            temperature,
-            top_p,
-            max_tokens: i64::from(max_tokens),
-            n,
-            prompt_tokens: summary.prompt_tokens as i64,
-            completion_tokens: summary.output_tokens as i64,
-            cached_tokens: summary.cached_tokens as i64,
-            finish_reason: finish.to_string(),
-            arrival_ns: head.arrival_ns,
-            scheduled_ns: summary.scheduled_ns.unwrap_or(0),
-            first_token_ns: summary.first_token_ns.unwrap_or(0),
-            last_token_ns: summary.last_token_ns.unwrap_or(0),
-            stop_ns: summary.stop_ns,
-            execute_ns: summary.execute_ns,
-            conversation: conversation.clone(),
-            tenant: tenant.clone(),
-            token_times: if self.token_events {
-                token_times.clone()
-            } else {
-                Vec::new()
-            },
+            omit_root: self.omit_disconnected_root && gone.at.is_some(),
+            ..facts
         };
         // vLLM makes its span when the engine finishes a request: one aborted because its
         // client left gets none (its trace id, when the client sent one, is still the truth's).
-        let (trace_id, span_id) = if finish == "abort" && !self.abort_spans {
+        let no_span = self.spans.flavor() == Flavor::Vllm && finish == "abort" && !self.abort_spans;
+        let (trace_id, span_id) = if no_span {
             (
                 facts
                     .traceparent

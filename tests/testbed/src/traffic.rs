@@ -64,6 +64,8 @@ pub struct PlannedConversation {
     pub completions: bool,
     /// Turns in order.
     pub turns: Vec<PlannedTurn>,
+    /// Send a `traceparent` header.
+    pub traceparent: bool,
 }
 
 fn range(rng: &mut StdRng, [a, b]: [u32; 2]) -> u32 {
@@ -170,6 +172,7 @@ pub fn plan(s: &Scenario) -> anyhow::Result<Vec<PlannedConversation>> {
                 start_s,
                 system: if t.completions { String::new() } else { system },
                 completions: t.completions,
+                traceparent: !t.no_traceparent,
                 turns,
             });
         }
@@ -284,6 +287,7 @@ fn replay_plan(
                 start_s: r.start_s + (ts - t0) * r.time_scale,
                 system: String::new(),
                 completions: true,
+                traceparent: true,
                 turns: vec![PlannedTurn {
                     timeout_ms: None,
                     request_id: format!("{id}-t1"),
@@ -528,8 +532,16 @@ async fn drive(
         "/v1/chat/completions"
     };
     let body = body.to_string();
+    let traceparent = if conv.traceparent {
+        format!(
+            "traceparent: 00-{:032x}-{:016x}-01\r\n",
+            turn.trace_id, turn.span_id
+        )
+    } else {
+        String::new()
+    };
     let req = format!(
-        "POST {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\naccept: {}\r\nx-request-id: {}\r\ntraceparent: 00-{:032x}-{:016x}-01\r\nx-tenant-id: {}\r\nx-conversation-id: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\naccept: {}\r\nx-request-id: {}\r\n{traceparent}x-tenant-id: {}\r\nx-conversation-id: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         opts.target,
         if turn.stream {
             "text/event-stream"
@@ -537,8 +549,6 @@ async fn drive(
             "application/json"
         },
         turn.request_id,
-        turn.trace_id,
-        turn.span_id,
         conv.tenant,
         conv.id,
         body.len()

@@ -44,12 +44,14 @@ pub enum TruthRecord {
 pub struct RequestTruth {
     /// The client's `X-Request-Id` (or a generated id when absent).
     pub request_id: String,
-    /// The runtime's id as vLLM forms it (`chatcmpl-<x-request-id>` / `cmpl-<..>`):
-    /// the value of the span's `gen_ai.request.id`.
+    /// The runtime's id, the response's `id`: as vLLM forms it (`chatcmpl-<x-request-id>` /
+    /// `cmpl-<..>`, the span's `gen_ai.request.id`), SGLang's rid (a uuid4 hex, also the
+    /// span's `gen_ai.request.id`), or TGI's empty string.
     pub runtime_request_id: String,
     /// Trace id (32 hex) of the exported span; from `traceparent` when given.
     pub trace_id: String,
-    /// Span id (16 hex) of the exported `llm_request` span.
+    /// Span id (16 hex) of the exported request span (`llm_request`, SGLang's root, TGI's
+    /// handler span).
     pub span_id: String,
     /// Tenant (`x-tenant-id`), empty when absent.
     pub tenant: String,

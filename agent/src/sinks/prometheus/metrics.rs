@@ -125,6 +125,17 @@ pub struct QueueLabels {
     pub queue: &'static str,
 }
 
+/// Label set `{runtime, adapted}` of `inferwatch_runtime_spans_total`: the runtime a received
+/// span came from (`vllm`, `sglang`, `tgi`, `genai`, `unknown`) and whether an adapter read it
+/// as a request (`true` / `false`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RuntimeSpanLabels {
+    /// The runtime.
+    pub runtime: &'static str,
+    /// `true` when an adapter read the span as a request.
+    pub adapted: &'static str,
+}
+
 /// The agent's health metrics. Create one at start-up, share it behind an `Arc`.
 #[derive(Debug, Default)]
 pub struct AgentMetrics {
@@ -142,6 +153,8 @@ pub struct AgentMetrics {
     pub queue_depth: Family<QueueLabels, Gauge>,
     /// `inferwatch_queue_capacity{queue}`: the queue's bound, in spans.
     pub queue_capacity: Family<QueueLabels, Gauge>,
+    /// `inferwatch_runtime_spans_total{runtime,adapted}`.
+    pub runtime_spans: Family<RuntimeSpanLabels, Counter>,
 }
 
 impl AgentMetrics {
@@ -182,6 +195,11 @@ impl AgentMetrics {
             "inferwatch_queue_capacity",
             "Capacity of a named queue, in spans",
             m.queue_capacity.clone(),
+        );
+        registry.register(
+            "inferwatch_runtime_spans",
+            "Spans received, by the runtime that sent them and whether an adapter read them as a request",
+            m.runtime_spans.clone(),
         );
         m
     }

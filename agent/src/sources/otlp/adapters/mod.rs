@@ -2,10 +2,13 @@
 //! [`RuntimeRequest`].
 //!
 //! [`adapt`] picks the adapter from the span's name and attributes: vLLM's `llm_request`
-//! ([`vllm`]), SGLang's `Req <rid>` root span ([`sglang`]), TGI's `generate` /
-//! `generate_stream` spans ([`tgi`]), and any span carrying the OTel GenAI usage attributes
-//! ([`genai`]). Every other span gives `None`; it is still forwarded untouched, since the
-//! adapters only read.
+//! ([`vllm`]), SGLang's `"{role} Req <rid8>"` root span ([`sglang`]), TGI's `generate` /
+//! `generate_stream` / `chat_completions` / `completions` handler spans ([`tgi`]), and any
+//! span carrying the OTel GenAI usage attributes ([`genai`]). Every other span gives `None`;
+//! it is still forwarded untouched, since the adapters only read. [`SpanAdapter`] adds what
+//! needs a memory across spans (SGLang's queue time lives on a stage span) and [`runtime_of`]
+//! names the runtime a span came from, adapted or not, for
+//! `inferwatch_runtime_spans_total{runtime,adapted}`.
 //!
 //! The attributes are read in one pass ([`Fields::read`]) whatever the runtime, so adapting
 //! costs one scan of the attribute list per span. Spans are read in place from their protobuf
@@ -65,22 +68,38 @@ pub fn adapt(
     instance: &InstanceIdentity,
     options: &AdapterOptions,
 ) -> Option<RuntimeRequest> {
+    adapt_with(span, instance, options, None)
+}
+
+/// [`adapt`] with SGLang's queue times seen on earlier stage spans.
+fn adapt_with(
+    span: &SpanView<'_>,
+    instance: &InstanceIdentity,
+    options: &AdapterOptions,
+    mut queue_times: Option<&mut sglang::QueueTimes>,
+) -> Option<RuntimeRequest> {
     let kind = classify(span)?;
     let fields = Fields::read(span.attributes(), options);
+    let kind = match kind {
+        // A span merely named like SGLang's root or TGI's handler must carry that runtime's
+        // own attributes; otherwise it is read as GenAI when it reports usage.
+        Some(RuntimeKind::Sglang) if !sglang::is_root(&fields) => None,
+        Some(RuntimeKind::Tgi) if !tgi::is_handler(&fields) => None,
+        known => known,
+    };
     let kind = match kind {
         Some(k) => k,
         // Not a known runtime span name: GenAI conventions only when it reports usage.
         None if fields.is_genai() => RuntimeKind::GenAi,
         None => return None,
     };
-    // A span that is merely named like TGI's handler must carry TGI's timings.
-    if kind == RuntimeKind::Tgi && fields.tgi_queue_time.is_none() && !fields.is_genai() {
-        return None;
-    }
     let mut request = base(kind, span, instance, &fields)?;
     match kind {
         RuntimeKind::Vllm => vllm::fill(&mut request, &fields),
-        RuntimeKind::Sglang => sglang::fill(&mut request, span, &fields),
+        RuntimeKind::Sglang => {
+            let queued = queue_times.as_mut().and_then(|q| q.take(&request.trace_id));
+            sglang::fill(&mut request, span, &fields, queued)
+        }
         RuntimeKind::Tgi => tgi::fill(&mut request, &fields),
         RuntimeKind::GenAi => genai::fill(&mut request, &fields),
     }
@@ -124,7 +143,7 @@ fn classify(span: &SpanView<'_>) -> Option<Option<RuntimeKind>> {
     if span.name == vllm::SPAN_NAME {
         return Some(Some(RuntimeKind::Vllm));
     }
-    if span.name.starts_with(sglang::SPAN_PREFIX) {
+    if sglang::root_role(span.name).is_some() {
         return Some(Some(RuntimeKind::Sglang));
     }
     if tgi::SPAN_NAMES.contains(&span.name) {
@@ -226,8 +245,12 @@ fn scalar_view(value: &Value) -> ValueView<'_> {
 /// Every attribute any adapter reads, collected in one pass over the span's attributes.
 #[derive(Debug, Default)]
 pub struct Fields<'a> {
-    /// `gen_ai.request.id` (vLLM) or `rid` (SGLang).
+    /// `gen_ai.request.id`.
     pub request_id: Option<&'a str>,
+    /// SGLang's `rid` (set when its root opens).
+    pub sglang_rid: Option<&'a str>,
+    /// SGLang's `module` (`sglang::<module>`).
+    pub module: Option<&'a str>,
     /// `gen_ai.request.model`.
     pub model: Option<&'a str>,
     /// `gen_ai.response.model`.
@@ -250,9 +273,11 @@ pub struct Fields<'a> {
     pub completion_tokens: Option<u64>,
     /// `gen_ai.usage.output_tokens`.
     pub output_tokens: Option<u64>,
-    /// `gen_ai.usage.cache_read.input_tokens` or `cached_tokens`.
+    /// `gen_ai.usage.cache_read.input_tokens`, `gen_ai.usage.cached_tokens` (SGLang) or
+    /// `cached_tokens`.
     pub cached_tokens: Option<u64>,
-    /// `gen_ai.response.finish_reasons` (first) or `finish_reason`.
+    /// `gen_ai.response.finish_reasons` (first; a string array, or SGLang's JSON string
+    /// `'["stop"]'`) or `finish_reason`.
     pub finish_reason: Option<String>,
     /// `gen_ai.latency.time_in_queue`, seconds.
     pub time_in_queue_s: Option<f64>,
@@ -262,6 +287,14 @@ pub struct Fields<'a> {
     pub e2e_s: Option<f64>,
     /// TGI `queue_time` (a Rust `Duration` debug string).
     pub tgi_queue_time: Option<&'a str>,
+    /// TGI `inference_time` (a Rust `Duration` debug string).
+    pub tgi_inference_time: Option<&'a str>,
+    /// TGI `time_per_token` (a Rust `Duration` debug string).
+    pub tgi_time_per_token: Option<&'a str>,
+    /// TGI's handler recorded `parameters` (set at the start, so also on failures).
+    pub tgi_parameters: bool,
+    /// `code.namespace` (set by `tracing-opentelemetry` on every span TGI exports).
+    pub code_namespace: Option<&'a str>,
 }
 
 impl<'a> Fields<'a> {
@@ -278,7 +311,9 @@ impl<'a> Fields<'a> {
                 continue;
             }
             match key {
-                "gen_ai.request.id" | "rid" => f.request_id = str_of(&value),
+                "gen_ai.request.id" => f.request_id = str_of(&value),
+                "rid" => f.sglang_rid = str_of(&value),
+                "module" => f.module = str_of(&value),
                 "gen_ai.request.model" => f.model = str_of(&value),
                 "gen_ai.response.model" => f.response_model = str_of(&value),
                 "gen_ai.operation.name" => f.operation = str_of(&value),
@@ -290,9 +325,9 @@ impl<'a> Fields<'a> {
                     f.completion_tokens = u64_of(&value)
                 }
                 "gen_ai.usage.output_tokens" => f.output_tokens = u64_of(&value),
-                "gen_ai.usage.cache_read.input_tokens" | "cached_tokens" => {
-                    f.cached_tokens = u64_of(&value)
-                }
+                "gen_ai.usage.cache_read.input_tokens"
+                | "gen_ai.usage.cached_tokens"
+                | "cached_tokens" => f.cached_tokens = u64_of(&value),
                 "gen_ai.response.finish_reasons" | "finish_reason" => {
                     f.finish_reason = first_str(&value)
                 }
@@ -300,6 +335,10 @@ impl<'a> Fields<'a> {
                 "gen_ai.latency.time_to_first_token" => f.time_to_first_token_s = f64_of(&value),
                 "gen_ai.latency.e2e" => f.e2e_s = f64_of(&value),
                 "queue_time" => f.tgi_queue_time = str_of(&value),
+                "inference_time" => f.tgi_inference_time = str_of(&value),
+                "time_per_token" => f.tgi_time_per_token = str_of(&value),
+                "parameters" => f.tgi_parameters = true,
+                "code.namespace" => f.code_namespace = str_of(&value),
                 _ => {}
             }
         }
@@ -344,9 +383,15 @@ pub fn f64_of(value: &ValueView<'_>) -> Option<f64> {
     }
 }
 
-/// A string, or the first string of a string array.
+/// A string, or the first string of a string array; a string holding a JSON array of strings
+/// (SGLang's `json.dumps([reason])`) gives its first element.
 fn first_str(value: &ValueView<'_>) -> Option<String> {
     match value {
+        ValueView::Str(s) if s.trim_start().starts_with('[') => {
+            serde_json::from_str::<Vec<String>>(s)
+                .ok()
+                .and_then(|v| v.into_iter().next())
+        }
         ValueView::Str(s) => Some((*s).to_owned()),
         ValueView::Array(a) => a.values().find_map(|v| match v {
             ValueView::Str(s) => Some(s.to_owned()),
@@ -359,4 +404,164 @@ fn first_str(value: &ValueView<'_>) -> Option<String> {
 /// Seconds (a non-negative finite double) to nanoseconds.
 pub fn secs_to_ns(s: f64) -> Option<u64> {
     (s.is_finite() && s >= 0.0).then(|| (s * 1e9).round() as u64)
+}
+
+/// The adapters with the memory some runtimes need across spans: SGLang's queue time is the
+/// duration of its `prefill_waiting` stage span, which its scheduler exports before the root.
+/// One per pipeline; bounded ([`sglang::QUEUE_TIMES_CAPACITY`]).
+#[derive(Debug, Default)]
+pub struct SpanAdapter {
+    options: AdapterOptions,
+    queue_times: sglang::QueueTimes,
+}
+
+impl SpanAdapter {
+    /// An adapter reading the tenant and conversation from `options`' attributes.
+    pub fn new(options: AdapterOptions) -> Self {
+        Self {
+            options,
+            queue_times: sglang::QueueTimes::default(),
+        }
+    }
+
+    /// The options it reads with.
+    pub fn options(&self) -> &AdapterOptions {
+        &self.options
+    }
+
+    /// [`adapt`], remembering SGLang's stage queue times for the roots that follow. A stage
+    /// span is still not a request (`None`) and is forwarded untouched.
+    pub fn adapt(
+        &mut self,
+        span: &SpanView<'_>,
+        instance: &InstanceIdentity,
+    ) -> Option<RuntimeRequest> {
+        if self.queue_times.observe(span) {
+            return None;
+        }
+        adapt_with(span, instance, &self.options, Some(&mut self.queue_times))
+    }
+
+    /// SGLang queue times forgotten before their root arrived (the table was full).
+    pub fn queue_times_evicted(&self) -> u64 {
+        self.queue_times.evicted
+    }
+}
+
+/// The runtime a span came from, for `inferwatch_runtime_spans_total{runtime}`: known even
+/// for spans no adapter turns into a request, so that a runtime that renames its spans shows
+/// up as a rise of `adapted="false"` for its label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RuntimeLabel {
+    /// vLLM.
+    Vllm,
+    /// SGLang.
+    Sglang,
+    /// Text Generation Inference.
+    Tgi,
+    /// A span that follows the OTel GenAI conventions, from no runtime named above.
+    GenAi,
+    /// Nothing tells.
+    Unknown,
+}
+
+impl RuntimeLabel {
+    /// Every label, in a fixed order (for pre-creating counters).
+    pub const ALL: [RuntimeLabel; 5] = [
+        RuntimeLabel::Vllm,
+        RuntimeLabel::Sglang,
+        RuntimeLabel::Tgi,
+        RuntimeLabel::GenAi,
+        RuntimeLabel::Unknown,
+    ];
+
+    /// The metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeLabel::Vllm => "vllm",
+            RuntimeLabel::Sglang => "sglang",
+            RuntimeLabel::Tgi => "tgi",
+            RuntimeLabel::GenAi => "genai",
+            RuntimeLabel::Unknown => "unknown",
+        }
+    }
+
+    /// The label of an adapted request's runtime.
+    pub fn of_kind(kind: RuntimeKind) -> Self {
+        match kind {
+            RuntimeKind::Vllm => RuntimeLabel::Vllm,
+            RuntimeKind::Sglang => RuntimeLabel::Sglang,
+            RuntimeKind::Tgi => RuntimeLabel::Tgi,
+            RuntimeKind::GenAi => RuntimeLabel::GenAi,
+        }
+    }
+}
+
+/// The runtime named by a span's resource: vLLM's own resource keys (`vllm.*`), or a
+/// `service.name` of `sglang` / TGI's `text-generation-inference.router` (or any name holding
+/// `vllm`, `sglang`, `text-generation-inference` / `tgi`). Read once per resource.
+pub fn runtime_of_resource(resource: Option<&Resource>) -> Option<RuntimeLabel> {
+    let attributes = resource
+        .map(|r| r.attributes.as_slice())
+        .unwrap_or_default();
+    if attributes.iter().any(|kv| kv.key.starts_with("vllm.")) {
+        return Some(RuntimeLabel::Vllm);
+    }
+    let service = attributes
+        .iter()
+        .find(|kv| kv.key == "service.name")
+        .and_then(|kv| kv.value.as_ref())
+        .and_then(|v| match &v.value {
+            Some(Value::StringValue(s)) => Some(s.to_ascii_lowercase()),
+            _ => None,
+        })?;
+    runtime_of_name(&service)
+}
+
+/// The runtime named by an instrumentation scope (`sglang server`, vLLM's module names,
+/// TGI's `text_generation_router`).
+pub fn runtime_of_scope(scope_name: &str) -> Option<RuntimeLabel> {
+    runtime_of_name(&scope_name.to_ascii_lowercase())
+}
+
+fn runtime_of_name(name: &str) -> Option<RuntimeLabel> {
+    if name.contains("sglang") {
+        Some(RuntimeLabel::Sglang)
+    } else if name.contains("vllm") {
+        Some(RuntimeLabel::Vllm)
+    } else if name.contains("text-generation-inference")
+        || name.contains("text_generation")
+        || name
+            .split(|c: char| !c.is_ascii_alphanumeric())
+            .any(|w| w == "tgi")
+    {
+        Some(RuntimeLabel::Tgi)
+    } else {
+        None
+    }
+}
+
+/// The runtime of one span: the adapter's verdict when it adapted, else the resource's or the
+/// scope's (`context`, from [`runtime_of_resource`] / [`runtime_of_scope`]), else the span's
+/// own name (a runtime's known span names, and SGLang's stage and thread spans).
+pub fn runtime_of(
+    span_name: &str,
+    adapted: Option<RuntimeKind>,
+    context: Option<RuntimeLabel>,
+) -> RuntimeLabel {
+    if let Some(kind) = adapted {
+        return RuntimeLabel::of_kind(kind);
+    }
+    if let Some(label) = context {
+        return label;
+    }
+    if span_name == vllm::SPAN_NAME {
+        RuntimeLabel::Vllm
+    } else if sglang::root_role(span_name).is_some() || span_name == sglang::QUEUE_STAGE {
+        RuntimeLabel::Sglang
+    } else if tgi::SPAN_NAMES.contains(&span_name) {
+        RuntimeLabel::Tgi
+    } else {
+        RuntimeLabel::Unknown
+    }
 }
