@@ -98,14 +98,24 @@ async fn abort_run(name: &str, policy: &str, token_events: bool) -> Score {
         .iter()
         .map(|c| (c.request_id.as_str(), c))
         .collect();
-    let findings: HashMap<String, &Received> = received
+    let aborts: Vec<&Received> = received
         .iter()
         .filter(|s| s.span.name == "inferwatch.abort")
-        .map(|s| (hex::encode(&s.span.trace_id), s))
+        .collect();
+    // By the client's trace; a request without a traceparent whose runtime made no span (vLLM
+    // makes none for a client abort) has its finding in a trace of the agent's, named by the
+    // request's x-request-id.
+    let findings: HashMap<String, &Received> = aborts
+        .iter()
+        .map(|s| (hex::encode(&s.span.trace_id), *s))
+        .collect();
+    let findings_by_id: HashMap<String, &Received> = aborts
+        .iter()
+        .filter_map(|s| Some((attr(&s.span, "gen_ai.request.id")?, *s)))
         .collect();
     let mut score = Score {
         requests: requests.len(),
-        found: findings.len(),
+        found: aborts.len(),
         ..Score::default()
     };
     for s in received.iter().filter(|s| s.span.name == "llm_request") {
@@ -118,7 +128,9 @@ async fn abort_run(name: &str, policy: &str, token_events: bool) -> Score {
             .unwrap_or_else(|| panic!("no client truth for {}", r.request_id));
         let left_early =
             matches!(client.close.as_str(), "fin" | "rst") && client.close_ns < r.stop_ns;
-        let finding = findings.get(&r.trace_id);
+        let finding = findings
+            .get(&r.trace_id)
+            .or_else(|| findings_by_id.get(&r.request_id));
         if left_early {
             score.expected += 1;
         }
