@@ -297,6 +297,51 @@ fn stop(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// The ports the demo's agent serves on (and watches: `runtime`).
+struct AgentPorts {
+    runtime: u16,
+    grpc: u16,
+    http: u16,
+    metrics: u16,
+}
+
+/// Starts the agent (`cmd`: the binary, with any settings of the caller's) watching the
+/// runtime's port, receiving OTLP and serving metrics on loopback, writing the spans it exports
+/// to `traces` and its log to `out/agent.log`; returns once it is ready.
+fn start_agent(
+    mut cmd: Command,
+    ports: AgentPorts,
+    traces: &Path,
+    out: &Path,
+) -> anyhow::Result<Child> {
+    let log = out.join("agent.log");
+    let agent_log = std::fs::File::create(&log).context("creating agent.log")?;
+    let mut agent = cmd
+        .args(["run", "--watch-port", &ports.runtime.to_string()])
+        .env("INFERWATCH_OTLP__GRPC_PORT", ports.grpc.to_string())
+        .env("INFERWATCH_OTLP__HTTP_PORT", ports.http.to_string())
+        .env("INFERWATCH_PROMETHEUS__PORT", ports.metrics.to_string())
+        .env("INFERWATCH_PROMETHEUS__BIND_ADDRESS", "\"127.0.0.1\"")
+        .env("INFERWATCH_FILE__ENABLED", "true")
+        .env("INFERWATCH_FILE__PATH", format!("\"{}\"", traces.display()))
+        .stdout(Stdio::null())
+        .stderr(agent_log)
+        .spawn()
+        .context("starting the agent")?;
+    let start = Instant::now();
+    while !ready(ports.metrics) {
+        if let Ok(Some(status)) = agent.try_wait() {
+            bail!("the agent exited ({status}); see {}", log.display());
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            stop(&mut agent);
+            bail!("the agent did not become ready; see {}", log.display());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(agent)
+}
+
 /// Scores the abort findings against the testbed's truth.
 fn score(truth: &Path, client: &Path, tally: &Tally) -> String {
     let read = |p: &Path| -> Vec<Value> {
@@ -422,7 +467,6 @@ pub fn task(scenario: &str, runtime: Runtime) -> anyhow::Result<()> {
     }
     let (runtime_port, grpc, http, metrics) =
         (free_port()?, free_port()?, free_port()?, free_port()?);
-    let agent_log = std::fs::File::create(out.join("agent.log")).context("creating agent.log")?;
     let mut agent_cmd = Command::new(target.join("debug/inferwatch"));
     if fake_gpu {
         // The scripted libnvidia-ml that the testbed drives: the agent's real NVML code path,
@@ -456,35 +500,18 @@ pub fn task(scenario: &str, runtime: Runtime) -> anyhow::Result<()> {
             .env("INFERWATCH_NVML__PERIOD_MS", "200")
             .env("FAKE_NVML_SCRIPT", &nvml_script);
     }
-    let mut agent = agent_cmd
-        .args(["run", "--watch-port", &runtime_port.to_string()])
-        .env("INFERWATCH_OTLP__GRPC_PORT", grpc.to_string())
-        .env("INFERWATCH_OTLP__HTTP_PORT", http.to_string())
-        .env("INFERWATCH_PROMETHEUS__PORT", metrics.to_string())
-        .env("INFERWATCH_PROMETHEUS__BIND_ADDRESS", "\"127.0.0.1\"")
-        .env("INFERWATCH_FILE__ENABLED", "true")
-        .env("INFERWATCH_FILE__PATH", format!("\"{}\"", traces.display()))
-        .stdout(Stdio::null())
-        .stderr(agent_log)
-        .spawn()
-        .context("starting the agent")?;
     let start = Instant::now();
-    while !ready(metrics) {
-        if let Ok(Some(status)) = agent.try_wait() {
-            bail!(
-                "the agent exited ({status}); see {}",
-                out.join("agent.log").display()
-            );
-        }
-        if start.elapsed() > Duration::from_secs(20) {
-            stop(&mut agent);
-            bail!(
-                "the agent did not become ready; see {}",
-                out.join("agent.log").display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut agent = start_agent(
+        agent_cmd,
+        AgentPorts {
+            runtime: runtime_port,
+            grpc,
+            http,
+            metrics,
+        },
+        &traces,
+        &out,
+    )?;
     let mut testbed = Command::new(target.join("debug/iw-testbed"))
         .arg("run")
         .arg("--scenario")

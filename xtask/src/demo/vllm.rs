@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use super::{Tally, free_port, read_new, ready, stop};
+use super::{AgentPorts, Tally, free_port, read_new, start_agent, stop};
 use crate::real_vllm;
 use crate::util::{cargo, is_root, root, run};
 
@@ -65,40 +65,23 @@ pub fn task() -> anyhow::Result<()> {
         free_port()?,
         free_port()?,
     );
-    let agent_log = std::fs::File::create(out.join("agent.log")).context("creating agent.log")?;
-    let mut agent = Command::new(target.join("debug/inferwatch"))
-        .args(["run", "--watch-port", &port.to_string()])
-        .env("INFERWATCH_OTLP__GRPC_PORT", grpc.to_string())
-        .env("INFERWATCH_OTLP__HTTP_PORT", http.to_string())
-        .env("INFERWATCH_PROMETHEUS__PORT", metrics.to_string())
-        .env("INFERWATCH_PROMETHEUS__BIND_ADDRESS", "\"127.0.0.1\"")
-        .env("INFERWATCH_FILE__ENABLED", "true")
-        .env("INFERWATCH_FILE__PATH", format!("\"{}\"", traces.display()))
-        .env(
-            "INFERWATCH_KV_EVENTS__ENDPOINTS",
-            format!(r#"[{{endpoint = "tcp://127.0.0.1:{kv}", instance = "vllm"}}]"#),
-        )
-        .stdout(Stdio::null())
-        .stderr(agent_log)
-        .spawn()
-        .context("starting the agent")?;
+    let mut agent_cmd = Command::new(target.join("debug/inferwatch"));
+    agent_cmd.env(
+        "INFERWATCH_KV_EVENTS__ENDPOINTS",
+        format!(r#"[{{endpoint = "tcp://127.0.0.1:{kv}", instance = "vllm"}}]"#),
+    );
     let start = Instant::now();
-    while !ready(metrics) {
-        if let Ok(Some(status)) = agent.try_wait() {
-            bail!(
-                "the agent exited ({status}); see {}",
-                out.join("agent.log").display()
-            );
-        }
-        if start.elapsed() > Duration::from_secs(20) {
-            stop(&mut agent);
-            bail!(
-                "the agent did not become ready; see {}",
-                out.join("agent.log").display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut agent = start_agent(
+        agent_cmd,
+        AgentPorts {
+            runtime: port,
+            grpc,
+            http,
+            metrics,
+        },
+        &traces,
+        &out,
+    )?;
     eprintln!(
         "[demo] starting vLLM cold (45-80 s on two cores); its log: target/demo-vllm/vllm.log"
     );
