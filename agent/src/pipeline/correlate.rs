@@ -94,6 +94,10 @@ fn cached_metric<K: PartialEq + Copy, M>(
 /// Looks up a process's identity, once per pid (`None` when already known or unreadable).
 pub type IdentityResolver = Box<dyn FnMut(u32) -> Option<ProcessIdentity> + Send>;
 
+/// The model a process serves, from its command line
+/// ([`crate::sources::procfs::ServedModels`]).
+pub type ServedModelResolver = Box<dyn FnMut(u32) -> Option<Arc<str>> + Send>;
+
 /// The correlate stage.
 pub struct CorrelateStage {
     correlator: Correlator,
@@ -118,6 +122,9 @@ pub struct CorrelateStage {
     summaries: Vec<FindingSummary>,
     /// `[privacy] hash_tenants`: tenants are hashed as they leave (findings, forwarded spans).
     tenant_hasher: Option<TenantHasher>,
+    /// Names a request head's model from the reading process's command line when the
+    /// captured bytes ended before the body's `"model"`.
+    served_models: Option<ServedModelResolver>,
 }
 
 impl std::fmt::Debug for CorrelateStage {
@@ -157,7 +164,15 @@ impl CorrelateStage {
             held_overflow: 0,
             summaries: Vec::new(),
             tenant_hasher: None,
+            served_models: None,
         }
+    }
+
+    /// Names the model of request heads whose captured bytes did not reach the body's
+    /// `"model"` by the reading process's served model (contract §1.2: vLLM's spans name none).
+    pub fn with_served_models(mut self, resolver: ServedModelResolver) -> Self {
+        self.served_models = Some(resolver);
+        self
     }
 
     /// Counts every received span in `family` by the runtime it came from and whether an
@@ -238,10 +253,16 @@ impl CorrelateStage {
     }
 
     /// A kernel event.
-    pub fn on_kernel(&mut self, event: KernelEvent) {
+    pub fn on_kernel(&mut self, mut event: KernelEvent) {
         if let (crate::model::KernelEventKind::Listen { .. }, Some(pid)) = (&event.kind, event.pid)
         {
             self.identify(pid);
+        }
+        if let (crate::model::KernelEventKind::RequestHead { head, .. }, Some(pid), Some(models)) =
+            (&mut event.kind, event.pid, self.served_models.as_mut())
+            && head.model.is_none()
+        {
+            head.model = models(pid).map(|m| m.to_string());
         }
         let outputs = self.correlator.on_event(Input::Kernel(event));
         self.handle(outputs);

@@ -39,7 +39,7 @@ use crate::sources::kvevents::{KvEventsCounters, KvEventsSource};
 use crate::sources::nvml::{NvmlCounters, NvmlSource};
 use crate::sources::otlp::adapters::AdapterOptions;
 use crate::sources::otlp::{OtlpReceiver, RawTraceRequest};
-use crate::sources::procfs::ProcReader;
+use crate::sources::procfs::{ProcReader, ServedModels};
 
 /// How often the correlator's clock advances (and settled spans are forwarded).
 const TICK: Duration = Duration::from_millis(100);
@@ -309,7 +309,11 @@ impl Pipeline {
             Arc::clone(&finding_metrics),
         )
         .with_tenant_hasher(config.privacy.hasher())
-        .with_runtime_spans(&metrics.runtime_spans);
+        .with_runtime_spans(&metrics.runtime_spans)
+        .with_served_models({
+            let mut models = ServedModels::new("/proc", config.correlator.gpu.max_processes.max(1));
+            Box::new(move |pid| models.model_of(pid))
+        });
         for event in existing {
             stage.on_kernel(event);
         }

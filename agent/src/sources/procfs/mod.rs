@@ -356,5 +356,9 @@ fn read(path: &Path) -> Result<String, ProcfsError> {
     })
 }
 
+mod served_model;
+
+pub use served_model::{ServedModels, served_model_name};
+
 #[cfg(test)]
 mod tests;
