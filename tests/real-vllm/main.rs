@@ -382,3 +382,119 @@ fn startup_spans_and_the_http_exporter() {
     });
     rig::stop_vllm(child);
 }
+
+#[test]
+fn a_draining_gateway_bills_what_vllm_decoded_after_the_client_left() {
+    let Some(rig) = rig() else { return };
+    rig.run(async {
+        let dir = scratch("real-vllm-gateway");
+        let drained = dir.join("gateway.jsonl");
+        let mut gateway = tokio::process::Command::new(&rig.install.python)
+            .arg(harness::workspace().join("tests/real-vllm/drain_gateway.py"))
+            .arg(rig.gateway_port.to_string())
+            .arg(rig.vllm.port.to_string())
+            .arg(&drained)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start drain_gateway.py");
+        {
+            use tokio::io::AsyncBufReadExt;
+            let out = gateway.stdout.take().expect("gateway stdout");
+            let mut line = String::new();
+            tokio::io::BufReader::new(out)
+                .read_line(&mut line)
+                .await
+                .expect("gateway ready line");
+            assert_eq!(line.trim(), "READY");
+        }
+        // Ten streams through the gateway, each in its own trace; five abandoned early.
+        let base = now_ns();
+        let trace = |i: u64| format!("{:032x}", base + i);
+        let plan: Vec<_> = (0..10u64)
+            .map(|i| {
+                let abandon = (i % 2 == 0).then_some(4 + i as u32);
+                let mut s = step(&format!("rv-gw-{i}"), 80, true, abandon);
+                s["seed"] = json!(50 + i);
+                s["traceparent"] = json!(format!("00-{}-00f067aa0ba902b7-01", trace(i)));
+                s
+            })
+            .collect();
+        let base_url = format!("http://127.0.0.1:{}/v1", rig.gateway_port);
+        let clients = run_client(&rig.install, &base_url, &plan, &dir).await;
+        // The gateway drains each abandoned stream to its end (80 tokens at ~11 ms).
+        let records = {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let text = std::fs::read_to_string(&drained).unwrap_or_default();
+                if text.lines().count() >= 10 || tokio::time::Instant::now() > deadline {
+                    break text;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        };
+        drop(gateway);
+        let truth: HashMap<String, u64> = records
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|r| {
+                Some((
+                    r["request_id"].as_str()?.to_owned(),
+                    r["chunks_after_client_left"].as_u64()?,
+                ))
+            })
+            .collect();
+        assert_eq!(truth.len(), 10, "the gateway's records: {records}");
+        let spans = spans_until(&rig.collector, 30, |s| {
+            (0..10).all(|i| !request_spans(s, &format!("rv-gw-{i}")).is_empty())
+        })
+        .await;
+        // The finding lives in the client's trace.
+        let finding_of = |i: u64| {
+            let t = trace(i);
+            spans
+                .iter()
+                .filter(|r| r.span.name == "inferwatch.abort" && hex::encode(&r.span.trace_id) == t)
+                .collect::<Vec<_>>()
+        };
+        let (mut truth_after, mut claimed_after) = (0u64, 0u64);
+        for i in 0..10u64 {
+            let id = format!("rv-gw-{i}");
+            let client = &clients[&id];
+            // vLLM never saw the cancel: it decoded every request to max_tokens and made a span.
+            let span = request_spans(&spans, &id);
+            assert_eq!(span.len(), 1, "{id}: vLLM's span");
+            assert_eq!(
+                attr(&span[0].span, "gen_ai.usage.completion_tokens").as_deref(),
+                Some("80")
+            );
+            let found = finding_of(i);
+            if !client.abandoned {
+                assert!(found.is_empty(), "{id}: no abort");
+                continue;
+            }
+            let after = truth[&id];
+            assert!(after > 0, "{id}: the gateway drained tokens after its client left");
+            assert_eq!(found.len(), 1, "{id}: one finding in the client's trace");
+            let f = &found[0].span;
+            assert_eq!(
+                attr(f, "inferwatch.abort.stalled_at").as_deref(),
+                Some("gateway"),
+                "{id}"
+            );
+            let claimed: u64 = attr(f, "inferwatch.abort.tokens_after")
+                .and_then(|v| v.parse().ok())
+                .expect("tokens_after");
+            truth_after += after;
+            claimed_after += claimed;
+        }
+        eprintln!(
+            "real vLLM behind a draining gateway: 5 of 10 clients left; vLLM decoded {truth_after} tokens after they left (the gateway's count), the agent counted {claimed_after}"
+        );
+        let tolerance = (truth_after as f64 * 0.05).max(5.0);
+        assert!(
+            (claimed_after as f64 - truth_after as f64).abs() <= tolerance,
+            "tokens after the clients left: agent {claimed_after}, gateway {truth_after}"
+        );
+    });
+}

@@ -32,6 +32,8 @@ pub struct Rig {
     pub agent_otlp_http: SocketAddr,
     /// The port of a second vLLM, watched by the agent from the start.
     pub spare_port: u16,
+    /// A port for a gateway in front of the shared vLLM, watched by the agent from the start.
+    pub gateway_port: u16,
     /// The shared vLLM.
     pub vllm: VllmInfo,
     /// The installed environment.
@@ -135,13 +137,14 @@ fn start() -> Option<Rig> {
             let collector = Collector::default();
             let vllm_port = free_port();
             let spare_port = free_port();
+            let gateway_port = free_port();
             let otlp_grpc = free_port();
             let otlp_http = free_port();
             let kv_port = free_port();
             let agent = runtime.block_on(async {
                 let backend = collector.start().await;
                 Agent::start_with(vllm_port, backend, |c| {
-                    c.kernel.watch_ports = vec![vllm_port, spare_port];
+                    c.kernel.watch_ports = vec![vllm_port, spare_port, gateway_port];
                     c.otlp.grpc_port = otlp_grpc;
                     c.otlp.http_port = otlp_http;
                     c.kv_events.endpoints = vec![KvEventsEndpoint {
@@ -172,6 +175,7 @@ fn start() -> Option<Rig> {
                 agent_metrics: agent.metrics,
                 agent_otlp_http: SocketAddr::from(([127, 0, 0, 1], otlp_http)),
                 spare_port,
+                gateway_port,
                 vllm: VllmInfo {
                     port: vllm_port,
                     log,
