@@ -1192,3 +1192,6 @@ mod tests;
 
 #[cfg(test)]
 mod gpu_tests;
+
+#[cfg(test)]
+mod instance_tests;
