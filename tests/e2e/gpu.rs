@@ -426,7 +426,7 @@ fn assert_contention(label: &str, run: &GpuRun) {
         tagged_ids.len(),
         "{label}: a request tagged outside every interval"
     );
-    let (checked, cold) = check_request_facts("gpu-contention", &run);
+    let (checked, cold) = check_request_facts(label, run);
     println!(
         "   forwarded spans: {checked} with GPU facts ({cold} cold), {tagged} with the neighbour"
     );
