@@ -255,6 +255,9 @@ pub struct GpuMetrics {
     pub cold_start_findings: u64,
     /// State dropped because a GPU table was full (samples, GPUs, instances, processes).
     pub evictions: u64,
+    /// Settled requests whose instance was not found: no connection joined and no pid alias
+    /// (`inferwatch_gpu_requests_without_instance_total`).
+    pub requests_without_instance: u64,
 }
 
 /// One NVML sample of one GPU, reduced to what the detections read.
@@ -769,6 +772,7 @@ impl GpuView {
             neighbour: None,
         };
         let Some(pid) = pid else {
+            self.metrics.requests_without_instance += 1;
             return facts;
         };
         self.on_runtime(pid, span.end, cfg);

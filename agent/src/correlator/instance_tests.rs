@@ -511,3 +511,41 @@ fn cold_start_with_the_engine_in_a_child_and_no_process_pid() {
         "only the first arrived before the first token (40.05 s)"
     );
 }
+
+/// A span that joined no connection and names no pid has no instance: no GPU facts, no
+/// finding, counted.
+#[test]
+fn spans_without_an_instance_are_counted_not_guessed() {
+    let mut inputs = tree();
+    inputs.extend(samples(&[(ENGINE, 0.0, 1e9, 45), (HOG, 60.0, 90.0, 70)]));
+    // No kernel events and no alias.
+    inputs.extend(
+        workload(FRONT, Binding::AliasOnly, (60.0, 90.0), 45 * MS)
+            .into_iter()
+            .map(|(t, input)| match input {
+                Input::Runtime(mut r) => {
+                    r.instance.pid = None;
+                    (t, Input::Runtime(r))
+                }
+                other => (t, other),
+            }),
+    );
+    let mut sorted = inputs;
+    sorted.sort_by_key(|(t, _)| *t);
+    let end = sorted.last().map_or(T0, |(t, _)| *t);
+    let mut c = Correlator::new(CorrelatorConfig::default());
+    let mut out = Vec::new();
+    for (t, input) in sorted {
+        out.extend(c.on_event(input));
+        out.extend(c.on_tick(t));
+    }
+    out.extend(c.on_tick(end + 120 * S));
+    assert!(findings(&out).is_empty());
+    let all = facts(&out);
+    assert_eq!(all.len(), 150);
+    assert!(
+        all.iter()
+            .all(|r| r.instance_pid.is_none() && r.gpus.is_empty())
+    );
+    assert_eq!(c.gpu_metrics().requests_without_instance, 150);
+}

@@ -727,6 +727,10 @@ impl CorrelateStage {
     pub fn sync_gpu_metrics(&self) {
         let gpu = self.correlator.gpu_metrics();
         let m = &self.metrics;
+        advance_to(
+            &m.gpu_requests_without_instance,
+            gpu.requests_without_instance,
+        );
         for g in &gpu.gpus {
             let labels = GpuLabels {
                 gpu: g.uuid.clone(),
