@@ -111,7 +111,7 @@ impl FullPath {
         let settle_horizon = config.settle_horizon_ns();
         let stage = CorrelateStage::new(
             Correlator::new(config),
-            Box::new(|_pid| None),
+            Box::new(|_pid| Vec::new()),
             AdapterOptions::default(),
             vec![tx],
             finding_metrics,

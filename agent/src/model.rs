@@ -206,7 +206,8 @@ pub struct InstanceIdentity {
     pub service_name: Option<Arc<str>>,
     /// `service.instance.id`.
     pub service_instance_id: Option<Arc<str>>,
-    /// `process.pid`.
+    /// `process.pid`, else `vllm.process_id` (vLLM's API server): an alias of the instance
+    /// (contract §1.4), which the kernel side names by the process reading its requests.
     pub pid: Option<u32>,
     /// `host.name`.
     pub host_name: Option<Arc<str>>,

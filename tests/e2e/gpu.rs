@@ -31,6 +31,8 @@ struct GpuRun {
     metrics: String,
     /// The GPU of the fake's script.
     gpu_uuid: String,
+    /// The pids the fake's script listed on the GPU.
+    script_pids: Vec<u32>,
 }
 
 impl GpuRun {
@@ -69,6 +71,11 @@ impl GpuRun {
 }
 
 async fn gpu_run(name: &str, scenario: &str) -> GpuRun {
+    gpu_run_with(name, scenario, &[]).await
+}
+
+/// As [`gpu_run`], with more `iw-testbed run` arguments.
+async fn gpu_run_with(name: &str, scenario: &str, extra: &[&str]) -> GpuRun {
     let _one_at_a_time = serial().await;
     // Build what the run needs before any clock starts.
     let lib = fake_nvml_lib();
@@ -87,14 +94,9 @@ async fn gpu_run(name: &str, scenario: &str) -> GpuRun {
     })
     .await;
     let script_arg = script.to_string_lossy().into_owned();
-    let truth = run_testbed(
-        scenario,
-        port,
-        agent.otlp_grpc,
-        &["--nvml-script", &script_arg],
-        &dir,
-    )
-    .await;
+    let mut args = vec!["--nvml-script", script_arg.as_str()];
+    args.extend_from_slice(extra);
+    let truth = run_testbed(scenario, port, agent.otlp_grpc, &args, &dir).await;
     let expected = truth
         .server
         .iter()
@@ -115,16 +117,28 @@ async fn gpu_run(name: &str, scenario: &str) -> GpuRun {
     }
     let metrics = agent.scrape().await;
     agent.stop().await;
-    let gpu_uuid = std::fs::read_to_string(&script)
+    let doc = std::fs::read_to_string(&script)
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v["gpus"][0]["uuid"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let gpu_uuid = doc["gpus"][0]["uuid"]
+        .as_str()
+        .map(str::to_owned)
         .expect("the script names its GPU");
+    let script_pids = doc["gpus"][0]["processes"]
+        .as_array()
+        .map(|ps| {
+            ps.iter()
+                .filter_map(|p| p["pid"].as_u64().and_then(|p| u32::try_from(p).ok()))
+                .collect()
+        })
+        .unwrap_or_default();
     GpuRun {
         truth,
         spans: collector.spans(),
         metrics,
         gpu_uuid,
+        script_pids,
     }
 }
 
@@ -191,12 +205,64 @@ fn check_request_facts(name: &str, run: &GpuRun) -> (usize, usize) {
     (forwarded.len(), cold)
 }
 
+/// The testbed plays the runtime as vLLM is: the serving process reads the requests, an engine
+/// child holds the GPU (the fake NVML lists the child, never the server).
+fn assert_engine_in_a_child(name: &str, run: &GpuRun) {
+    let server = run.cold_start().expect("the runtime's truth").pid;
+    let neighbours: Vec<u32> = run
+        .contention()
+        .iter()
+        .filter_map(|c| c.neighbour_pid)
+        .collect();
+    let engines: Vec<u32> = run
+        .script_pids
+        .iter()
+        .copied()
+        .filter(|p| !neighbours.contains(p))
+        .collect();
+    assert_eq!(
+        engines.len(),
+        1,
+        "{name}: one engine on the GPU: {engines:?}"
+    );
+    assert_ne!(
+        engines[0], server,
+        "{name}: the GPU is held by the engine child, not the server"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gpu_contention_names_the_hog() {
     if !kernel_tests_enabled("gpu_contention_names_the_hog") {
         return;
     }
     let run = gpu_run("gpu-contention", "gpu-contention.toml").await;
+    assert_engine_in_a_child("gpu-contention", &run);
+    assert_contention("gpu-contention (kernel binding, no pid on the spans)", &run);
+}
+
+/// The same contention with each pid alias on the spans (issue 27's binding paths): the
+/// result must not depend on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpu_contention_by_each_binding_path() {
+    if !kernel_tests_enabled("gpu_contention_by_each_binding_path") {
+        return;
+    }
+    for alias in ["process_pid", "vllm_process_id"] {
+        let run = gpu_run_with(
+            &format!("gpu-contention-{alias}"),
+            "gpu-contention.toml",
+            &["--resource-pid", alias],
+        )
+        .await;
+        assert_engine_in_a_child(alias, &run);
+        assert_contention(&format!("gpu-contention ({alias} on the spans)"), &run);
+    }
+}
+
+/// Scores a contention run against its truth: every interval named by findings that name the
+/// hog, findings only over intervals, requests tagged; prints the figures.
+fn assert_contention(label: &str, run: &GpuRun) {
     let intervals: Vec<&ContentionTruth> = run
         .contention()
         .into_iter()
@@ -208,7 +274,7 @@ async fn gpu_contention_names_the_hog() {
         requests.iter().map(|r| (r.trace_id.clone(), *r)).collect();
     let findings = run.named("inferwatch.gpu_contention");
     println!(
-        "\n== gpu-contention: {} requests, {} contention intervals, {} finding spans",
+        "\n== {label}: {} requests, {} contention intervals, {} finding spans",
         requests.len(),
         intervals.len(),
         findings.len()
@@ -329,7 +395,38 @@ async fn gpu_contention_names_the_hog() {
         tagged >= 1,
         "gpu-contention: no forwarded span carries the neighbour"
     );
-    let (checked, cold) = check_request_facts("gpu-contention", &run);
+    // Against the truth: the requests whose decode overlapped an interval.
+    let truth_contended: Vec<&str> = requests
+        .iter()
+        .filter(|r| {
+            let first = r.first_token_ns.unwrap_or(r.arrival_ns);
+            intervals
+                .iter()
+                .any(|c| first < c.end_ns && r.stop_ns > c.start_ns)
+        })
+        .map(|r| r.span_id.as_str())
+        .collect();
+    let tagged_ids: Vec<String> = run
+        .named("llm_request")
+        .iter()
+        .filter(|s| attr(&s.span, "inferwatch.noisy_neighbour.pid").is_some())
+        .map(|s| hex_id(&s.span.span_id))
+        .collect();
+    let tagged_in = tagged_ids
+        .iter()
+        .filter(|id| truth_contended.contains(&id.as_str()))
+        .count();
+    println!(
+        "   requests tagged: {tagged_in} of {} decoded during contention (truth), {} outside",
+        truth_contended.len(),
+        tagged_ids.len() - tagged_in
+    );
+    assert_eq!(
+        tagged_in,
+        tagged_ids.len(),
+        "{label}: a request tagged outside every interval"
+    );
+    let (checked, cold) = check_request_facts(label, run);
     println!(
         "   forwarded spans: {checked} with GPU facts ({cold} cold), {tagged} with the neighbour"
     );
@@ -352,6 +449,7 @@ async fn cold_start_phases_match_the_truth() {
         return;
     }
     let run = gpu_run("cold-start", "cold-start.toml").await;
+    assert_engine_in_a_child("cold-start", &run);
     let cs = run.cold_start().expect("cold-start truth").clone();
     let first_token = cs.first_token_ns.expect("the runtime served a token");
     let first_request = cs.first_request_ns.expect("a request came");

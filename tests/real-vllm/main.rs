@@ -498,3 +498,289 @@ fn a_draining_gateway_bills_what_vllm_decoded_after_the_client_left() {
         );
     });
 }
+
+/// The pids under `root` (children, grandchildren...) with their command names, from `/proc`.
+fn descendants(root: u32) -> Vec<(u32, String)> {
+    let mut parent_of: Vec<(u32, u32, String)> = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = stat[open + 1..close].to_owned();
+        let Some(ppid) = stat[close + 1..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        parent_of.push((pid, ppid, comm));
+    }
+    let mut found = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(p) = frontier.pop() {
+        for (pid, ppid, comm) in &parent_of {
+            if *ppid == p {
+                found.push((*pid, comm.clone()));
+                frontier.push(*pid);
+            }
+        }
+    }
+    found
+}
+
+/// Issue 27: GPU findings on the real vLLM, whose spans carry no `process.pid` and whose GPU is
+/// held by its EngineCore (a child of the API server), not by the process that reads the
+/// requests. A vLLM started after an agent with the fake NVML; a watcher lists vLLM's
+/// `VLLM::*` descendants on the fake GPU as they appear (context memory, then the weights
+/// ramping for 2 s); a real CPU hog (vLLM runs on the CPU here) listed on the GPU at 85% SM
+/// slows its decode midway. The agent must make the cold start of the API server's pid, with
+/// its GPU phases from the EngineCore's sightings, and a contention finding naming the hog.
+#[test]
+fn gpu_findings_on_the_real_vllm_engine_processes() {
+    use inferwatch_testbed::nvml::{CONTEXT_BYTES, NvmlScript, WEIGHTS_BYTES};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let Some(rig) = rig() else {
+        return;
+    };
+    let lib = harness::fake_nvml_lib();
+    let script_path = harness::reset_nvml_script();
+    let script = Arc::new(NvmlScript::open(&script_path).expect("NVML script"));
+    let collector = harness::Collector::default();
+    let port = harness::free_port();
+    let (agent, backend_spans) = rig.run(async {
+        let backend = collector.start().await;
+        let agent = harness::Agent::start_with(port, backend, |c| {
+            c.nvml.library_path = Some(lib);
+            c.nvml.period_ms = 200;
+            c.correlator.gpu.interval_close_ms = 2_000;
+        })
+        .await;
+        (agent, collector.clone())
+    });
+    let log = rig::log_path("gpu");
+    let spawned_ns = now_ns();
+    let mut child = rig::spawn_vllm(
+        &rig.install,
+        port,
+        &format!("http://{}", agent.otlp_grpc),
+        Exporter::Grpc,
+        None,
+        &log,
+    );
+    let api_server = child.id();
+    // The watcher: vLLM's engine processes on the fake GPU from their first sighting.
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen: Arc<Mutex<Vec<(u32, String, u64)>>> = Arc::default();
+    let watcher = {
+        let (stop, seen, script) = (stop.clone(), seen.clone(), script.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                for (pid, comm) in descendants(api_server) {
+                    let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+                    if !comm.starts_with("VLLM::") || seen.iter().any(|(p, _, _)| *p == pid) {
+                        continue;
+                    }
+                    let at = now_ns();
+                    let t = script.t(at);
+                    script
+                        .update_process(pid, |p| {
+                            p.insert("start_s".into(), json!(t));
+                            p.insert(
+                                "memory".into(),
+                                json!([
+                                    [t, CONTEXT_BYTES],
+                                    [t + 2.0, CONTEXT_BYTES + WEIGHTS_BYTES]
+                                ]),
+                            );
+                            p.insert("sm_util".into(), json!([[t, 20]]));
+                            p.insert("mem_util".into(), json!([[t, 5]]));
+                        })
+                        .expect("list the engine");
+                    seen.push((pid, comm, at));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    rig::wait_ready(&mut child, port, &log);
+    let base = format!("http://127.0.0.1:{port}/v1");
+    let engines = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    println!(
+        "\n== real vLLM on the fake GPU: API server pid {api_server}, engine processes {engines:?}"
+    );
+    assert!(
+        !engines.is_empty() && engines.iter().all(|(p, _, _)| *p != api_server),
+        "vLLM's engine runs in processes under the API server: {engines:?}"
+    );
+    let gpu_first = engines.iter().map(|(_, _, at)| *at).min().unwrap_or(0);
+    let weights_done = engines.iter().map(|(_, _, at)| *at).max().unwrap_or(0) + 2_000_000_000;
+
+    let mut hog_pid = 0;
+    let (hog_start, hog_end) = rig.run(async {
+        let dir = scratch("real-vllm-gpu");
+        // Cold start, then a baseline.
+        let warm: Vec<serde_json::Value> = (0..10)
+            .map(|i| step(&format!("rv-gpu-a{i}"), 48, false, None))
+            .collect();
+        run_client(&rig.install, &base, &warm, &dir).await;
+        // The hog: CPU burners (vLLM decodes on the CPU here), its leader listed on the GPU.
+        let mut hog = std::process::Command::new("python3");
+        hog.args([
+            "-c",
+            "import os\nfor _ in range(2): os.fork()\nwhile True: pass",
+        ]);
+        // SAFETY: setpgid touches only the child.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            hog.pre_exec(|| {
+                libc::setpgid(0, 0);
+                Ok(())
+            });
+        }
+        let mut hog = hog.spawn().expect("start the hog");
+        hog_pid = hog.id();
+        let hog_start = now_ns();
+        let t = script.t(hog_start);
+        script
+            .update_process(hog_pid, |p| {
+                p.insert("start_s".into(), json!(t));
+                p.insert("memory".into(), json!([[t, 4u64 << 30]]));
+                p.insert("sm_util".into(), json!([[t, 85]]));
+                p.insert("mem_util".into(), json!([[t, 20]]));
+            })
+            .expect("list the hog");
+        let slowed: Vec<serde_json::Value> = (0..8)
+            .map(|i| step(&format!("rv-gpu-b{i}"), 48, false, None))
+            .collect();
+        run_client(&rig.install, &base, &slowed, &dir).await;
+        let hog_end = now_ns();
+        let t = script.t(hog_end);
+        script
+            .update_process(hog_pid, |p| {
+                p.insert("end_s".into(), json!(t));
+            })
+            .expect("unlist the hog");
+        // SAFETY: signals to the process group this test created.
+        unsafe { libc::killpg(hog_pid as libc::pid_t, libc::SIGKILL) };
+        let _ = hog.wait();
+        let after: Vec<serde_json::Value> = (0..3)
+            .map(|i| step(&format!("rv-gpu-c{i}"), 48, false, None))
+            .collect();
+        run_client(&rig.install, &base, &after, &dir).await;
+        // The interval closes 2 s after its last contended request.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        (hog_start, hog_end)
+    });
+    stop.store(true, Ordering::Relaxed);
+    let _ = watcher.join();
+    let spans = rig.run(async {
+        spans_until(&backend_spans, 20, |s| {
+            s.iter().filter(|r| r.span.name == "llm_request").count() >= 21
+        })
+        .await
+    });
+    let scraped = rig.run(agent.scrape());
+    rig.run(agent.stop());
+    rig::stop_vllm(child);
+
+    // The cold start: the API server's, its GPU phases the engine's sightings.
+    let cold: Vec<&Received> = spans
+        .iter()
+        .filter(|r| r.span.name == "inferwatch.cold_start")
+        .collect();
+    assert_eq!(cold.len(), 1, "one cold start");
+    let root = cold[0];
+    assert_eq!(
+        attr(&root.span, "process.pid"),
+        Some(api_server.to_string()),
+        "the cold start is the API server's (the process that reads the requests)"
+    );
+    let phase_end = |name: &str| {
+        spans
+            .iter()
+            .find(|r| {
+                r.span.parent_span_id == root.span.span_id
+                    && r.span.name == format!("inferwatch.cold_start.{name}")
+            })
+            .map(|r| r.span.end_time_unix_nano)
+            .unwrap_or_else(|| panic!("no cold-start phase {name}"))
+    };
+    let ms = |a: u64, b: u64| (a as f64 - b as f64) / 1e6;
+    let exec_err = ms(root.span.start_time_unix_nano, spawned_ns);
+    let gpu_err = ms(phase_end("process_start"), gpu_first);
+    let weights_err = ms(phase_end("weights_load"), weights_done);
+    println!(
+        "   cold start: floor {} ms; exec {exec_err:+.1} ms (vs spawn), first GPU sighting {gpu_err:+.1} ms, weights {weights_err:+.1} ms",
+        attr(&root.span, "inferwatch.cold_start.floor_ms").unwrap_or_default()
+    );
+
+    // Contention: named, on the API server's instance.
+    let findings: Vec<&Received> = spans
+        .iter()
+        .filter(|r| r.span.name == "inferwatch.gpu_contention")
+        .collect();
+    let naming = findings
+        .iter()
+        .filter(|f| {
+            attr(&f.span, "inferwatch.noisy_neighbour.pid") == Some(hog_pid.to_string())
+                && attr(&f.span, "process.pid") == Some(api_server.to_string())
+        })
+        .count();
+    let requests: Vec<&Received> = spans
+        .iter()
+        .filter(|r| r.span.name == "llm_request")
+        .collect();
+    let tagged: Vec<String> = requests
+        .iter()
+        .filter(|r| attr(&r.span, "inferwatch.noisy_neighbour.pid").is_some())
+        .filter_map(|r| attr(&r.span, "gen_ai.request.id"))
+        .collect();
+    let with_gpu = requests
+        .iter()
+        .filter(|r| attr(&r.span, "inferwatch.gpu.uuid").is_some())
+        .count();
+    println!(
+        "   contention: {} finding spans, {naming} name the hog (pid {hog_pid}) on pid {api_server}; hog {:.1} s; requests tagged {} of 8 under the hog: {tagged:?}; {with_gpu} of {} requests with a GPU",
+        findings.len(),
+        ms(hog_end, hog_start) / 1e3,
+        tagged.iter().filter(|id| id.contains("rv-gpu-b")).count(),
+        requests.len()
+    );
+    assert!(
+        (-20.0..=500.0).contains(&exec_err),
+        "t_exec is the API server's start (/proc's 10 ms ticks): {exec_err} ms after the spawn"
+    );
+    assert!(
+        (-100.0..=460.0).contains(&gpu_err),
+        "t_gpu_first from the engine's sighting: {gpu_err} ms"
+    );
+    assert!(
+        weights_err.abs() <= 460.0,
+        "t_weights from the engine's memory: {weights_err} ms"
+    );
+    assert_eq!(requests.len(), 21, "every request span forwarded");
+    assert_eq!(with_gpu, 21, "every request ran on the engine's GPU");
+    assert!(naming >= 1, "a contention finding names the hog");
+    assert_eq!(naming, findings.len(), "every finding names the hog");
+    assert!(
+        tagged.iter().all(|id| id.contains("rv-gpu-b")),
+        "only requests under the hog are tagged: {tagged:?}"
+    );
+    assert!(
+        scraped.contains("inferwatch_cold_start_floor_seconds_count 1"),
+        "the floor observed once"
+    );
+}

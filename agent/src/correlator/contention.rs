@@ -2,10 +2,19 @@
 //! `inferwatch.gpu.uuid`, `inferwatch.gpu.sm_util`).
 //!
 //! # Definitions
-//! - A **runtime instance** is a pid that exported a span (`process.pid`) or listened on a
-//!   watched port (`Listen` with a pid). Its **GPU pids** are itself and its children (from
-//!   `Input::Process`): vLLM's engine core and tensor-parallel workers hold the GPU while the
-//!   API server exports spans. Its GPUs are those where NVML lists one of its GPU pids.
+//! - A **runtime instance** (contract §1.4) is its **front process**: the process that reads
+//!   its requests on a watched port (the pid of the kernel's `RequestHead` events, or of a
+//!   `Listen`, including the listeners found in `/proc` at start-up). A span's instance is the
+//!   reader of the connection it joined; a span that joined none falls back on its aliases:
+//!   `process.pid` / `vllm.process_id` (the front itself, or a descendant of a known front),
+//!   then `service.instance.id` when an earlier joined span of that id named its front.
+//! - Its **GPU pids** are the front and its descendants among the pids NVML lists: a pid
+//!   descends from the front when the `PPid` chain of its identities (`Input::Process`, sent
+//!   for each NVML pid and its ancestors) reaches it, every parent having started no later
+//!   than its child and the front's identity being the one it had when it read requests (a
+//!   reused pid breaks the chain). vLLM's EngineCore and its workers, SGLang's scheduler and
+//!   TGI's shards hold the GPU while the front process serves HTTP. Its GPUs are those where
+//!   NVML lists one of its GPU pids.
 //! - A request's **time per output token** is `(end - first_token) / (output_tokens - 1)`,
 //!   over its decode window `[first_token, end]`.
 //! - **Others' SM** on a GPU during a window: the mean, over the NVML samples in the window
@@ -28,6 +37,7 @@
 //! neighbour when the request was contended.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -211,7 +221,7 @@ pub struct RequestGpuFacts {
     pub trace_id: [u8; 16],
     /// The span's id.
     pub span_id: [u8; 8],
-    /// The instance (`process.pid`), when known.
+    /// The instance: its front process's pid (contract §1.4), when known.
     pub instance_pid: Option<u32>,
     /// `inferwatch.start`: cold when the request arrived before its instance served its first
     /// token.
@@ -245,6 +255,9 @@ pub struct GpuMetrics {
     pub cold_start_findings: u64,
     /// State dropped because a GPU table was full (samples, GPUs, instances, processes).
     pub evictions: u64,
+    /// Settled requests whose instance was not found: no connection joined and no pid alias
+    /// (`inferwatch_gpu_requests_without_instance_total`).
+    pub requests_without_instance: u64,
 }
 
 /// One NVML sample of one GPU, reduced to what the detections read.
@@ -273,6 +286,19 @@ struct OpenInterval {
     not_listed: u64,
 }
 
+/// A front process: one that read requests on a watched port (contract §1.4).
+#[derive(Debug, Clone, Copy)]
+struct Front {
+    /// Its start time when its identity was known: a later identity of the pid with another
+    /// start time is another process, and the front is forgotten.
+    start_time: Option<UnixNanos>,
+    last_seen: UnixNanos,
+}
+
+/// How deep the `PPid` chain from a GPU process to its front is followed (vLLM: API server ->
+/// EngineCore -> workers is 2; wrappers such as `torchrun` add one or two).
+const MAX_TREE_DEPTH: usize = 8;
+
 /// Everything the correlator knows of GPUs and processes.
 #[derive(Debug, Default)]
 pub(crate) struct GpuView {
@@ -280,6 +306,14 @@ pub(crate) struct GpuView {
     latest: Option<GpuSample>,
     gpus: BTreeMap<String, VecDeque<Snapshot>>,
     identities: BTreeMap<u32, (UnixNanos, ProcessIdentity)>,
+    /// Front processes by pid.
+    fronts: BTreeMap<u32, Front>,
+    /// `service.instance.id` -> the front its joined spans read through (the alias of spans
+    /// that joined no connection).
+    instance_ids: BTreeMap<Arc<str>, (UnixNanos, u32)>,
+    /// Every pid in a kept NVML sample, with its last sample: the candidates for an
+    /// instance's GPU pids.
+    gpu_pids: BTreeMap<u32, UnixNanos>,
     instances: BTreeMap<u32, Instance>,
     open: BTreeMap<(u32, String), OpenInterval>,
     pub(crate) cold: ColdStarts,
@@ -340,6 +374,19 @@ impl GpuView {
             .identities
             .get(&identity.pid)
             .map_or(ts, |(t, _)| (*t).max(ts));
+        if let Some(front) = self.fronts.get_mut(&identity.pid) {
+            match (front.start_time, identity.start_time) {
+                // The pid names another process now: the instance exited. What it learnt
+                // (baseline, open intervals keep their own pid) must not pass to the new one.
+                (Some(was), Some(now)) if was != now => {
+                    self.fronts.remove(&identity.pid);
+                    self.instances.remove(&identity.pid);
+                    self.instance_ids.retain(|_, (_, p)| *p != identity.pid);
+                }
+                (None, now) => front.start_time = now,
+                _ => {}
+            }
+        }
         self.identities.insert(identity.pid, (seen, identity));
         while self.identities.len() > cfg.max_processes.max(1) {
             let Some(oldest) = self
@@ -393,32 +440,147 @@ impl GpuView {
             if let Some(i) = self.instances.get_mut(&p.pid) {
                 i.last_seen = i.last_seen.max(ts);
             }
+            if !self.gpu_pids.contains_key(&p.pid)
+                && self.gpu_pids.len() >= cfg.max_processes.max(1)
+            {
+                self.metrics.evictions += 1;
+                continue;
+            }
+            self.gpu_pids.insert(p.pid, ts);
         }
+        let horizon = ts.saturating_sub(cfg.sample_history_ms.saturating_mul(MS));
+        self.gpu_pids.retain(|_, last| *last >= horizon);
         self.latest = Some(sample);
     }
 
     /// A `Listen` by `pid`: a runtime instance.
     pub(crate) fn on_listen(&mut self, pid: u32, ts: UnixNanos, cfg: &GpuDetectionConfig) {
+        self.on_front(pid, ts, cfg);
         self.on_runtime(pid, ts, cfg);
         self.cold.on_listen(pid, ts, cfg);
     }
 
-    /// A request head read by `pid`.
+    /// A request head read by `pid`: a front process.
     pub(crate) fn on_head(&mut self, pid: u32, ts: UnixNanos, cfg: &GpuDetectionConfig) {
+        self.on_front(pid, ts, cfg);
         self.cold.on_head(pid, ts, cfg);
     }
 
-    /// A span of instance `pid` arrived.
+    fn on_front(&mut self, pid: u32, ts: UnixNanos, cfg: &GpuDetectionConfig) {
+        if !self.fronts.contains_key(&pid) {
+            while self.fronts.len() >= cfg.max_instances.max(1) {
+                let Some(oldest) = self
+                    .fronts
+                    .iter()
+                    .min_by_key(|(pid, f)| (f.last_seen, **pid))
+                    .map(|(pid, _)| *pid)
+                else {
+                    break;
+                };
+                self.fronts.remove(&oldest);
+                self.metrics.evictions += 1;
+            }
+        }
+        // The identity read for this pid is the reader's when it started before the read.
+        let start_time = self
+            .identity(pid)
+            .and_then(|i| i.start_time)
+            .filter(|t| *t <= ts);
+        let front = self.fronts.entry(pid).or_insert(Front {
+            start_time,
+            last_seen: ts,
+        });
+        front.last_seen = front.last_seen.max(ts);
+        if front.start_time.is_none() {
+            front.start_time = start_time;
+        }
+    }
+
+    /// A span arrived (before its join): its instance, when its aliases name one.
     pub(crate) fn on_span(
         &mut self,
-        pid: Option<u32>,
+        span: &RuntimeRequest,
         arrival: UnixNanos,
         cfg: &GpuDetectionConfig,
     ) {
         self.cold.observe(arrival);
-        if let Some(pid) = pid {
+        if let Some(pid) = self.instance_of(None, span) {
             self.on_runtime(pid, arrival, cfg);
         }
+    }
+
+    /// The front process `pid` descends from (itself included), following the `PPid` chain of
+    /// the identities; `None` when the chain reaches no front or a reused pid breaks it.
+    pub(crate) fn front_of(&self, pid: u32) -> Option<u32> {
+        let mut cur = pid;
+        let mut child_start: Option<UnixNanos> = None;
+        for _ in 0..=MAX_TREE_DEPTH {
+            let identity = self.identity(cur);
+            let start = identity.and_then(|i| i.start_time);
+            // A parent that started after its child is another process under a reused pid.
+            if let (Some(parent), Some(child)) = (start, child_start)
+                && parent > child
+            {
+                return None;
+            }
+            if let Some(front) = self.fronts.get(&cur) {
+                let same = match (front.start_time, start) {
+                    (Some(a), Some(b)) => a == b,
+                    _ => true,
+                };
+                return same.then_some(cur);
+            }
+            let parent = identity.and_then(|i| i.parent_pid)?;
+            if parent <= 1 || parent == cur {
+                return None;
+            }
+            child_start = start.or(child_start);
+            cur = parent;
+        }
+        None
+    }
+
+    /// The runtime instance of `span`: the reader of the connection it joined (`conn_pid`),
+    /// else its pid alias (`process.pid`, `vllm.process_id`) resolved to the front it is or
+    /// descends from (itself when no front is known: a runtime the kernel side does not see),
+    /// else its `service.instance.id` when a joined span of that id named the front.
+    pub(crate) fn instance_of(&self, conn_pid: Option<u32>, span: &RuntimeRequest) -> Option<u32> {
+        if let Some(pid) = conn_pid {
+            return Some(pid);
+        }
+        if let Some(alias) = span.instance.pid {
+            return Some(self.front_of(alias).unwrap_or(alias));
+        }
+        let id = span.instance.service_instance_id.as_ref()?;
+        self.instance_ids.get(id).map(|(_, pid)| *pid)
+    }
+
+    /// Remembers the front that a span's `service.instance.id` reads through.
+    fn learn_instance_id(
+        &mut self,
+        span: &RuntimeRequest,
+        pid: u32,
+        ts: UnixNanos,
+        cfg: &GpuDetectionConfig,
+    ) {
+        let Some(id) = span.instance.service_instance_id.as_ref() else {
+            return;
+        };
+        if !self.instance_ids.contains_key(id) {
+            while self.instance_ids.len() >= cfg.max_instances.max(1) {
+                let Some(oldest) = self
+                    .instance_ids
+                    .iter()
+                    .min_by_key(|(_, (t, _))| *t)
+                    .map(|(k, _)| k.clone())
+                else {
+                    break;
+                };
+                self.instance_ids.remove(&oldest);
+                self.metrics.evictions += 1;
+            }
+        }
+        self.instance_ids.insert(id.clone(), (ts, pid));
     }
 
     /// A pid seen as a runtime instance (span exporter or listener).
@@ -443,10 +605,23 @@ impl GpuView {
     /// and cold if decided by a first token no later than `span`'s. The predicate only grows
     /// with the first token, so for an instance it says warm for (one that started before the
     /// agent, say) any request may decide without changing the outcome.
+    ///
+    /// Before its join a span without an alias has no known instance: it is pending when any
+    /// front's cold start is (waiting longer is safe; deciding from the wrong span is not).
     pub(crate) fn cold_start_pending(&self, span: &RuntimeRequest) -> bool {
-        let (Some(pid), Some(first)) = (span.instance.pid, span.first_token) else {
+        let Some(first) = span.first_token else {
             return false;
         };
+        match self.instance_of(None, span) {
+            Some(pid) => self.cold_pending_for(pid, first),
+            None => self
+                .fronts
+                .keys()
+                .any(|pid| self.cold_pending_for(*pid, first)),
+        }
+    }
+
+    fn cold_pending_for(&self, pid: u32, first: UnixNanos) -> bool {
         if self.cold.is_decided(pid) {
             return false;
         }
@@ -455,14 +630,32 @@ impl GpuView {
             .is_cold(pid, &self.instance_pids(pid), identity, first)
     }
 
-    /// The pids that are the instance: itself and its children.
+    /// Whether the cold start of `span`'s instance (as far as its aliases tell before the join)
+    /// is decided; a span with no known instance is decided only when every front's is.
+    pub(crate) fn cold_decided_for(&self, instance: Option<u32>) -> bool {
+        match instance {
+            Some(pid) => self.cold.is_decided(pid),
+            None => self.fronts.keys().all(|pid| self.cold.is_decided(*pid)),
+        }
+    }
+
+    /// The pids that are the instance: the front and its descendants among the GPU pids.
     fn instance_pids(&self, pid: u32) -> BTreeSet<u32> {
         let mut pids: BTreeSet<u32> = self
-            .identities
-            .iter()
-            .filter(|(_, (_, id))| id.parent_pid == Some(pid))
-            .map(|(p, _)| *p)
+            .gpu_pids
+            .keys()
+            .filter(|p| **p != pid && self.front_of(**p) == Some(pid))
+            .copied()
             .collect();
+        // An instance known only by its alias (no front): its children, as before the kernel
+        // named fronts.
+        if !self.fronts.contains_key(&pid) {
+            pids.extend(
+                self.gpu_pids
+                    .keys()
+                    .filter(|p| self.identity(**p).and_then(|i| i.parent_pid) == Some(pid)),
+            );
+        }
         pids.insert(pid);
         pids
     }
@@ -553,12 +746,16 @@ impl GpuView {
     pub(crate) fn on_request(
         &mut self,
         span: &RuntimeRequest,
+        conn_pid: Option<u32>,
         earlier_first_token: Option<UnixNanos>,
         cfg: &GpuDetectionConfig,
         out: &mut Vec<Output>,
     ) -> RequestGpuFacts {
         let gap = cfg.sample_gap_ms.saturating_mul(MS);
-        let pid = span.instance.pid;
+        let pid = self.instance_of(conn_pid, span);
+        if let (Some(conn_pid), Some(_)) = (conn_pid, pid) {
+            self.learn_instance_id(span, conn_pid, span.end, cfg);
+        }
         let ttft_ns = span.first_token.map(|ft| ft.saturating_sub(span.arrival));
         let tpot_ns = match (span.first_token, span.output_tokens) {
             (Some(ft), Some(n)) if n >= 2 && span.end > ft => Some((span.end - ft) / (n - 1)),
@@ -575,6 +772,7 @@ impl GpuView {
             neighbour: None,
         };
         let Some(pid) = pid else {
+            self.metrics.requests_without_instance += 1;
             return facts;
         };
         self.on_runtime(pid, span.end, cfg);
@@ -783,6 +981,10 @@ impl GpuView {
         self.instances.retain(|pid, i| {
             now < i.last_seen.saturating_add(idle) || open.keys().any(|(p, _)| p == pid)
         });
+        self.fronts
+            .retain(|_, f| now < f.last_seen.saturating_add(idle));
+        self.instance_ids
+            .retain(|_, (t, _)| now < t.saturating_add(idle));
         self.cold.on_tick(now, cfg);
         out
     }

@@ -370,7 +370,7 @@ impl Correlator {
             }
             Input::Runtime(request) => {
                 self.gpu
-                    .on_span(request.instance.pid, request.arrival, &self.config.gpu);
+                    .on_span(&request, request.arrival, &self.config.gpu);
                 let out = self.on_span(request);
                 self.gpu_facts(out)
             }
@@ -410,6 +410,7 @@ impl Correlator {
             let facts = match &output {
                 Output::Joined(joined) => Some(self.gpu.on_request(
                     &joined.request,
+                    joined.connection.as_ref().and_then(|c| c.pid),
                     earlier,
                     &self.config.gpu,
                     &mut findings,
@@ -436,10 +437,11 @@ impl Correlator {
         span: &RuntimeRequest,
         settling: &[Output],
     ) -> Option<UnixNanos> {
-        let (Some(pid), Some(first)) = (span.instance.pid, span.first_token) else {
-            return None;
-        };
-        if self.gpu.cold.is_decided(pid) {
+        let first = span.first_token?;
+        // Before the join only the aliases tell the instance; a span without one may be any
+        // instance's (contract §1.4), so every other such span counts.
+        let instance = self.gpu.instance_of(None, span);
+        if self.gpu.cold_decided_for(instance) {
             return None;
         }
         let pending = self.spans.values().map(|pending| &**pending);
@@ -449,7 +451,12 @@ impl Correlator {
         });
         pending
             .chain(later_in_tick)
-            .filter(|other| other.instance.pid == Some(pid))
+            .filter(|other| {
+                instance.is_none() || {
+                    let of = self.gpu.instance_of(None, other);
+                    of.is_none() || of == instance
+                }
+            })
             .filter_map(|other| other.first_token)
             .filter(|ft| *ft < first)
             .min()
@@ -1185,3 +1192,6 @@ mod tests;
 
 #[cfg(test)]
 mod gpu_tests;
+
+#[cfg(test)]
+mod instance_tests;

@@ -91,8 +91,10 @@ fn cached_metric<K: PartialEq + Copy, M>(
     &cache[at].1
 }
 
-/// Looks up a process's identity, once per pid (`None` when already known or unreadable).
-pub type IdentityResolver = Box<dyn FnMut(u32) -> Option<ProcessIdentity> + Send>;
+/// Looks up the identities of a process and of its ancestors (the `PPid` chain that ties a GPU
+/// worker to the front process of its runtime, contract §1.4), each once per pid: empty when
+/// all are already known or unreadable.
+pub type IdentityResolver = Box<dyn FnMut(u32) -> Vec<ProcessIdentity> + Send>;
 
 /// The model a process serves, from its command line
 /// ([`crate::sources::procfs::ServedModels`]).
@@ -254,7 +256,13 @@ impl CorrelateStage {
 
     /// A kernel event.
     pub fn on_kernel(&mut self, mut event: KernelEvent) {
-        if let (crate::model::KernelEventKind::Listen { .. }, Some(pid)) = (&event.kind, event.pid)
+        // The listener and the reader of request heads are front processes (contract §1.4):
+        // their identity (start time) tells a reused pid and gives the cold start's `t_exec`.
+        if let (
+            crate::model::KernelEventKind::Listen { .. }
+            | crate::model::KernelEventKind::RequestHead { .. },
+            Some(pid),
+        ) = (&event.kind, event.pid)
         {
             self.identify(pid);
         }
@@ -290,9 +298,10 @@ impl CorrelateStage {
         self.handle(outputs);
     }
 
-    /// Sends a process's identity to the correlator the first time its pid is named.
+    /// Sends a process's identity (and its ancestors') to the correlator the first time its
+    /// pid is named.
     fn identify(&mut self, pid: u32) {
-        if let Some(identity) = (self.identities)(pid) {
+        for identity in (self.identities)(pid) {
             let outputs = self.correlator.on_event(Input::Process(identity));
             self.handle(outputs);
         }
@@ -366,7 +375,7 @@ impl CorrelateStage {
                         && identified != Some(pid)
                     {
                         identified = Some(pid);
-                        if let Some(identity) = (self.identities)(pid) {
+                        for identity in (self.identities)(pid) {
                             outputs.extend(self.correlator.on_event(Input::Process(identity)));
                         }
                     }
@@ -739,6 +748,10 @@ impl CorrelateStage {
     pub fn sync_gpu_metrics(&self) {
         let gpu = self.correlator.gpu_metrics();
         let m = &self.metrics;
+        advance_to(
+            &m.gpu_requests_without_instance,
+            gpu.requests_without_instance,
+        );
         for g in &gpu.gpus {
             let labels = GpuLabels {
                 gpu: g.uuid.clone(),
@@ -897,14 +910,14 @@ mod tests {
             Correlator::new(CorrelatorConfig::default()),
             Box::new(move |pid| {
                 counted.fetch_add(1, Ordering::Relaxed);
-                Some(ProcessIdentity {
+                vec![ProcessIdentity {
                     pid,
                     executable: Some("vllm".into()),
                     container_id: None,
                     pod_uid: None,
                     start_time: None,
                     parent_pid: None,
-                })
+                }]
             }),
             AdapterOptions::default(),
             vec![tx],
@@ -938,7 +951,7 @@ mod tests {
         let hasher = TenantHasher::new("key");
         let mut stage = CorrelateStage::new(
             Correlator::new(CorrelatorConfig::default()),
-            Box::new(|_| None),
+            Box::new(|_| Vec::new()),
             AdapterOptions::default(),
             vec![tx],
             finding_metrics,

@@ -303,7 +303,7 @@ impl Pipeline {
         let mut procfs = ProcReader::new("/proc", config.correlator.gpu.max_processes.max(1));
         let mut stage = CorrelateStage::new(
             Correlator::new(config.correlator.clone()),
-            Box::new(move |pid| procfs.identity_if_new(pid)),
+            Box::new(move |pid| procfs.lineage_if_new(pid)),
             AdapterOptions::from(&config.otlp),
             sinks,
             Arc::clone(&finding_metrics),

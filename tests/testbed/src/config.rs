@@ -99,6 +99,50 @@ pub struct RuntimeConfig {
     /// SGLang versions that never end the root of a request whose client disconnected: its
     /// thread and stage spans are exported, its root never is (`flavor = "sglang"` only).
     pub omit_disconnected_root: bool,
+    /// Which pid the span resource names: none (the default: the OTel Python SDK's default
+    /// resource has no `process.pid`, so the agent must find the instance from the kernel),
+    /// `process_pid` (an SDK with the process detector) or `vllm_process_id` (vLLM 0.32's
+    /// resource attribute). The pid named is the serving process's, not its engine child's.
+    pub resource_pid: ResourcePid,
+}
+
+/// The pid attribute on the span resource (see [`RuntimeConfig::resource_pid`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResourcePid {
+    /// No pid attribute.
+    #[default]
+    None,
+    /// `process.pid`.
+    ProcessPid,
+    /// `vllm.process_id`.
+    VllmProcessId,
+}
+
+impl ResourcePid {
+    /// The command-line spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResourcePid::None => "none",
+            ResourcePid::ProcessPid => "process_pid",
+            ResourcePid::VllmProcessId => "vllm_process_id",
+        }
+    }
+}
+
+impl std::str::FromStr for ResourcePid {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "none" => Ok(ResourcePid::None),
+            "process_pid" => Ok(ResourcePid::ProcessPid),
+            "vllm_process_id" => Ok(ResourcePid::VllmProcessId),
+            other => anyhow::bail!(
+                "resource pid {other:?}: expected none, process_pid or vllm_process_id"
+            ),
+        }
+    }
 }
 
 impl Default for RuntimeConfig {
@@ -122,6 +166,7 @@ impl Default for RuntimeConfig {
             kv_events_endpoint: None,
             flavor: crate::flavor::Flavor::Vllm,
             omit_disconnected_root: false,
+            resource_pid: ResourcePid::None,
         }
     }
 }

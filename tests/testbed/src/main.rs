@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use inferwatch_testbed::config::Scenario;
+use inferwatch_testbed::config::{ResourcePid, Scenario};
 use inferwatch_testbed::load::{self, LoadOptions};
 use inferwatch_testbed::runtime::{self, ServeOptions};
 use inferwatch_testbed::traffic::{self, TrafficOptions};
@@ -52,6 +52,10 @@ enum Cmd {
         /// processes. An existing script's GPU and start time are kept.
         #[arg(long)]
         nvml_script: Option<PathBuf>,
+        /// Override the pid attribute of the span resource (none | process_pid |
+        /// vllm_process_id).
+        #[arg(long)]
+        resource_pid: Option<ResourcePid>,
     },
     /// Send a scenario's traffic to a running runtime.
     Traffic {
@@ -103,6 +107,9 @@ enum Cmd {
         /// Write (and keep updating) the fake NVML's script, as `serve --nvml-script`.
         #[arg(long)]
         nvml_script: Option<PathBuf>,
+        /// Override the pid attribute of the span resource, as `serve --resource-pid`.
+        #[arg(long)]
+        resource_pid: Option<ResourcePid>,
     },
     /// Open-loop load at a fixed rate against a running runtime (`serve`): one tiny streaming
     /// completion per connection, a share closing early; prints a JSON summary on stdout.
@@ -155,6 +162,20 @@ enum Cmd {
         #[arg(long, default_value_t = 600.0)]
         max_s: f64,
     },
+    /// The engine child of a runtime (started by it): holds the fake GPU in the NVML script,
+    /// sleeps until its server is gone.
+    #[command(hide = true)]
+    EngineCore {
+        /// Command name to take (`/proc/<pid>/comm`).
+        #[arg(long)]
+        comm: String,
+        /// Exit when this process is gone.
+        #[arg(long)]
+        watch_pid: u32,
+        /// Exit after this many seconds at most.
+        #[arg(long, default_value_t = 86_400.0)]
+        max_s: f64,
+    },
 }
 
 fn target_addr(t: &str) -> String {
@@ -202,6 +223,14 @@ fn main() -> anyhow::Result<()> {
         // Before any runtime thread exists: it forks.
         return inferwatch_testbed::nvml::hog_main(comm, *watch_pid, *max_s);
     }
+    if let Cmd::EngineCore {
+        comm,
+        watch_pid,
+        max_s,
+    } = &cli.cmd
+    {
+        return inferwatch_testbed::nvml::engine_main(comm, *watch_pid, *max_s);
+    }
     // Multi-thread: the OTLP batch exporter blocks on a current-thread runtime.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -221,6 +250,7 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             policy,
             duration_scale,
             nvml_script,
+            resource_pid,
         } => {
             let mut rt = match scenario {
                 Some(p) => Scenario::load(&p)?.runtime,
@@ -228,6 +258,9 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             };
             if let Some(p) = policy {
                 rt.disconnect_policy = p;
+            }
+            if let Some(p) = resource_pid {
+                rt.resource_pid = p;
             }
             let listen: SocketAddr = format!("{host}:{port}")
                 .parse()
@@ -284,6 +317,7 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             policy,
             token_events,
             nvml_script,
+            resource_pid,
         } => {
             let mut s = Scenario::load(&scenario)?;
             if let Some(seed) = seed {
@@ -294,6 +328,9 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(t) = token_events {
                 s.runtime.token_events = t;
+            }
+            if let Some(p) = resource_pid {
+                s.runtime.resource_pid = p;
             }
             let port = if port == 0 { free_port()? } else { port };
             let addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], port));
@@ -327,6 +364,8 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
                 if let Some(p) = &nvml_script {
                     cmd.arg("--nvml-script").arg(p);
                 }
+                cmd.arg("--resource-pid")
+                    .arg(s.runtime.resource_pid.as_str());
                 let mut child = cmd.spawn().context("spawning iw-testbed serve")?;
                 let sum = traffic::run(plan, opts, writer).await;
                 tracing::info!(?sum, "traffic done");
@@ -405,6 +444,6 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         // Dispatched in `main` before the runtime starts.
-        Cmd::Hog { .. } => Ok(()),
+        Cmd::Hog { .. } | Cmd::EngineCore { .. } => Ok(()),
     }
 }

@@ -262,6 +262,89 @@ pub fn kill_neighbour(pid: u32) {
     }
 }
 
+/// The command name of the engine child of `flavor` (at most 15 bytes, as `comm` keeps it):
+/// vLLM's `VLLM::EngineCore` (truncated as the kernel does), SGLang's scheduler, TGI's shard.
+pub fn engine_comm(flavor: crate::flavor::Flavor) -> &'static str {
+    match flavor {
+        crate::flavor::Flavor::Vllm => "VLLM::EngineCor",
+        crate::flavor::Flavor::Sglang => "sglang::schedul",
+        crate::flavor::Flavor::Tgi => "text-generation",
+    }
+}
+
+/// The engine process of a runtime: a child of the serving process (not detached: the agent
+/// finds the instance's GPU processes by the process tree, contract §1.4) that the fake NVML
+/// lists as holding the GPU, as vLLM's EngineCore holds the CUDA context while its API server
+/// reads the requests. Ended by [`EngineChild`]'s drop, or when the server is gone.
+#[derive(Debug)]
+pub struct EngineChild {
+    child: std::process::Child,
+}
+
+impl EngineChild {
+    /// Starts `iw-testbed engine-core` with the command name `comm`.
+    ///
+    /// # Errors
+    /// The binary cannot be started.
+    pub fn spawn(comm: &str) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("finding the testbed binary")?;
+        let child = std::process::Command::new(exe)
+            .arg("engine-core")
+            .arg("--comm")
+            .arg(comm)
+            .arg("--watch-pid")
+            .arg(std::process::id().to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("starting the engine child")?;
+        Ok(Self { child })
+    }
+
+    /// Its pid (what the fake NVML lists).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for EngineChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `iw-testbed engine-core`: sets the command name, then sleeps until `watch_pid` is gone or
+/// after `max_s` (it stays the server's child).
+pub fn engine_main(comm: &str, watch_pid: u32, max_s: f64) -> anyhow::Result<()> {
+    set_comm(comm);
+    sleep_while_alive(watch_pid, max_s);
+    Ok(())
+}
+
+fn set_comm(comm: &str) {
+    if let Ok(name) = std::ffi::CString::new(comm) {
+        // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes (the kernel
+        // truncates longer ones).
+        unsafe {
+            libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong, 0, 0, 0);
+        }
+    }
+}
+
+fn sleep_while_alive(watch_pid: u32, max_s: f64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs_f64(max_s.max(0.0));
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        // SAFETY: signal 0 only checks that the process exists.
+        let alive = unsafe { libc::kill(watch_pid as libc::pid_t, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH);
+        if !alive {
+            break;
+        }
+    }
+}
+
 /// `iw-testbed hog`: sets the command name, detaches (prints the detached pid, the caller's
 /// child exits), then sleeps until killed, until `watch_pid` is gone, or after `max_s`.
 /// Call before any thread is started (it forks).
@@ -269,14 +352,8 @@ pub fn kill_neighbour(pid: u32) {
 /// # Errors
 /// `fork` fails.
 pub fn hog_main(comm: &str, watch_pid: u32, max_s: f64) -> anyhow::Result<()> {
-    if let Ok(name) = std::ffi::CString::new(comm) {
-        // Before the fork, so the detached process has the name from its first moment.
-        // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes (the kernel
-        // truncates longer ones).
-        unsafe {
-            libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong, 0, 0, 0);
-        }
-    }
+    // Before the fork, so the detached process has the name from its first moment.
+    set_comm(comm);
     // SAFETY: the process is single-threaded here (no runtime started yet).
     let pid = unsafe { libc::fork() };
     if pid < 0 {
@@ -298,16 +375,7 @@ pub fn hog_main(comm: &str, watch_pid: u32, max_s: f64) -> anyhow::Result<()> {
             libc::close(null);
         }
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs_f64(max_s.max(0.0));
-    while std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        // SAFETY: signal 0 only checks that the process exists.
-        let alive = unsafe { libc::kill(watch_pid as libc::pid_t, 0) } == 0
-            || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH);
-        if !alive {
-            break;
-        }
-    }
+    sleep_while_alive(watch_pid, max_s);
     Ok(())
 }
 

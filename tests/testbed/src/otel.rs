@@ -25,6 +25,7 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 
+use crate::config::ResourcePid;
 use crate::flavor::Flavor;
 
 /// vLLM's span name.
@@ -140,22 +141,38 @@ impl SpanSink {
     /// Export over OTLP/gRPC to `endpoint` (e.g. `http://127.0.0.1:4317`); `None`: no export.
     /// Needs a multi-thread tokio runtime (the batch processor blocks on shutdown otherwise).
     pub fn new(endpoint: Option<&str>, service_name: &str) -> anyhow::Result<Self> {
-        Self::build(endpoint, service_name, Flavor::Vllm)
+        Self::build(endpoint, service_name, Flavor::Vllm, ResourcePid::None)
     }
 
-    /// As [`SpanSink::new`] for `flavor`'s shapes: SGLang's and TGI's resource hold
-    /// `service.name` only (no pid), SGLang's ids are 64-bit, and each has its own scope.
-    pub fn for_flavor(endpoint: Option<&str>, flavor: Flavor) -> anyhow::Result<Self> {
-        Self::build(endpoint, flavor.service_name(), flavor)
+    /// As [`SpanSink::new`] for `flavor`'s shapes (SGLang's ids are 64-bit, each runtime has
+    /// its own scope), with the pid attribute `pid` on the resource (none by default: the
+    /// agent finds the instance from the kernel, contract §1.4).
+    pub fn for_flavor(
+        endpoint: Option<&str>,
+        flavor: Flavor,
+        pid: ResourcePid,
+    ) -> anyhow::Result<Self> {
+        Self::build(endpoint, flavor.service_name(), flavor, pid)
     }
 
-    fn build(endpoint: Option<&str>, service_name: &str, flavor: Flavor) -> anyhow::Result<Self> {
+    fn build(
+        endpoint: Option<&str>,
+        service_name: &str,
+        flavor: Flavor,
+        pid: ResourcePid,
+    ) -> anyhow::Result<Self> {
         let mut resource = Resource::builder().with_service_name(service_name.to_string());
-        if flavor == Flavor::Vllm {
-            // `process.pid` as the OTel SDKs' process detector sets it: the agent keys a
-            // runtime instance (its GPUs, its cold start) by the pid that exported the span.
-            resource = resource
-                .with_attribute(KeyValue::new("process.pid", i64::from(std::process::id())));
+        let me = i64::from(std::process::id());
+        match pid {
+            ResourcePid::None => {}
+            // As the OTel SDKs' process detector sets it.
+            ResourcePid::ProcessPid => {
+                resource = resource.with_attribute(KeyValue::new("process.pid", me));
+            }
+            // As vLLM 0.32 sets it: the API server's pid.
+            ResourcePid::VllmProcessId => {
+                resource = resource.with_attribute(KeyValue::new("vllm.process_id", me));
+            }
         }
         let mut b = SdkTracerProvider::builder().with_resource(resource.build());
         if flavor == Flavor::Sglang {

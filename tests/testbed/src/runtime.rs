@@ -49,10 +49,12 @@ pub struct Running {
     gpu: Option<Arc<GpuPlay>>,
 }
 
-/// The GPU side of a running instance: the script and the neighbour processes alive.
+/// The GPU side of a running instance: the script, the engine child that holds the GPU and the
+/// neighbour processes alive.
 #[derive(Debug)]
 struct GpuPlay {
     script: NvmlScript,
+    engine: nvml::EngineChild,
     neighbours: Mutex<Vec<u32>>,
 }
 
@@ -75,7 +77,7 @@ impl Running {
             let t = gpu.script.t(now_ns());
             let _ = gpu
                 .script
-                .update_process(std::process::id(), |p| {
+                .update_process(gpu.engine.pid(), |p| {
                     p.insert("end_s".into(), serde_json::json!(t));
                 })
                 .inspect_err(|e| tracing::warn!(error = %e, "NVML script"));
@@ -119,6 +121,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Running> {
     let spans = Arc::new(SpanSink::for_flavor(
         opts.otlp_endpoint.as_deref(),
         opts.runtime.flavor,
+        opts.runtime.resource_pid,
     )?);
     let cfg = EngineConfig::from_runtime(&opts.runtime, scale)?;
     let engine = Engine::new(cfg, truth.clone());
@@ -126,16 +129,20 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Running> {
     let gpu = match &opts.nvml_script {
         Some(path) => Some(Arc::new(GpuPlay {
             script: NvmlScript::open(path)?,
+            // As vLLM's EngineCore: a child of the serving process holds the GPU.
+            engine: nvml::EngineChild::spawn(nvml::engine_comm(opts.runtime.flavor))?,
             neighbours: Mutex::new(Vec::new()),
         })),
         None => None,
     };
+    // The instance is the serving process (it reads the requests); its GPU process is the
+    // engine child.
     let pid = std::process::id();
     let cuda_init_start_ns = now_ns();
     if let Some(gpu) = &gpu {
-        // CUDA init: the process appears on the GPU holding its context.
+        // CUDA init: the engine appears on the GPU holding its context.
         let t = gpu.script.t(cuda_init_start_ns);
-        gpu.script.update_process(pid, |p| {
+        gpu.script.update_process(gpu.engine.pid(), |p| {
             p.insert("start_s".into(), serde_json::json!(t));
             p.remove("end_s");
             p.insert(
@@ -160,7 +167,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Running> {
             gpu.script.t(weights_start_ns),
         );
         let t2 = gpu.script.t(weights_start_ns + load.as_nanos() as u64);
-        gpu.script.update_process(pid, |p| {
+        gpu.script.update_process(gpu.engine.pid(), |p| {
             p.insert(
                 "memory".into(),
                 serde_json::json!([
@@ -304,7 +311,7 @@ async fn play_neighbour(gpu: Arc<GpuPlay>, truth: Arc<JsonlWriter>, mut c: Conte
 /// sequences, less while a contention interval slows it. Written when it changes, at most every
 /// 100 ms.
 async fn follow_decode(gpu: Arc<GpuPlay>, engine: Arc<Engine>) {
-    let pid = std::process::id();
+    let pid = gpu.engine.pid();
     let mut last: Option<u32> = None;
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;

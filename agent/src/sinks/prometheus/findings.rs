@@ -186,6 +186,9 @@ pub struct FindingMetrics {
     pub gpu_process_sm_util: Family<GpuProcessLabels, Gauge>,
     /// `inferwatch_gpu_process_memory_bytes{gpu,pid,executable}`.
     pub gpu_process_memory: Family<GpuProcessLabels, Gauge>,
+    /// `inferwatch_gpu_requests_without_instance_total`: settled requests no runtime instance
+    /// could be found for (no connection joined, no pid alias): no GPU facts, no contention.
+    pub gpu_requests_without_instance: Counter,
     /// Bounds the `model` label.
     pub models: BoundedLabel,
 }
@@ -226,6 +229,7 @@ impl FindingMetrics {
             gpu_memory_total: Family::default(),
             gpu_process_sm_util: Family::default(),
             gpu_process_memory: Family::default(),
+            gpu_requests_without_instance: Counter::default(),
             models: BoundedLabel::new(32),
         };
         registry.register(
@@ -292,6 +296,11 @@ impl FindingMetrics {
             "inferwatch_gpu_contention_seconds",
             "Seconds a runtime's decode was slowed by another process on its GPU",
             metrics.gpu_contention_seconds.clone(),
+        );
+        registry.register(
+            "inferwatch_gpu_requests_without_instance",
+            "Settled runtime requests whose instance was not found (no joined connection, no pid alias): no GPU facts",
+            metrics.gpu_requests_without_instance.clone(),
         );
         registry.register(
             "inferwatch_gpu_sm_utilization_percent",

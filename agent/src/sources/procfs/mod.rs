@@ -232,6 +232,10 @@ struct Cached {
 /// cache for a second can only mislabel the spans of that second.
 pub const RECHECK_AFTER: Duration = Duration::from_secs(1);
 
+/// How many ancestors [`ProcReader::lineage_if_new`] reads above a process (the correlator
+/// follows as many).
+pub const MAX_LINEAGE: usize = 8;
+
 impl ProcReader {
     /// A reader of `root` (e.g. `/proc`, or `/host/proc` in a container) caching up to
     /// `capacity` identities.
@@ -294,6 +298,35 @@ impl ProcReader {
                 None
             }
         }
+    }
+
+    /// The identities of `pid` and of its ancestors (up to [`MAX_LINEAGE`] of them, stopping
+    /// below init) that are not cached yet or now name another process, the oldest ancestor
+    /// first: what ties a runtime's GPU workers (vLLM's EngineCore and its workers) to the
+    /// process that reads its requests. Cached ancestors are walked through (their parent is
+    /// cached too); unreadable ones end the walk.
+    pub fn lineage_if_new(&mut self, pid: u32) -> Vec<ProcessIdentity> {
+        let mut new = Vec::new();
+        let mut cur = pid;
+        for _ in 0..=MAX_LINEAGE {
+            let (identity, fresh) = match self.lookup(cur) {
+                Ok(found) => found,
+                Err(err) => {
+                    tracing::debug!(pid = cur, error = %err, "no identity for process");
+                    break;
+                }
+            };
+            let parent = identity.parent_pid;
+            if fresh {
+                new.push(identity);
+            }
+            match parent {
+                Some(p) if p > 1 && p != cur => cur = p,
+                _ => break,
+            }
+        }
+        new.reverse();
+        new
     }
 
     fn lookup(&mut self, pid: u32) -> Result<(ProcessIdentity, bool), ProcfsError> {

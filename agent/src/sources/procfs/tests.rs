@@ -235,3 +235,43 @@ fn a_reused_pid_is_told_apart_once_the_interval_passed() {
     assert_ne!(first.start_time, second.start_time);
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// A real grandchild (`sh` -> `sleep`): its lineage runs up through `sh` to this process, the
+/// oldest ancestor first, each identity once.
+#[test]
+fn lineage_reads_the_real_ppid_chain_once() {
+    use std::io::{BufRead, BufReader};
+    let mut sh = std::process::Command::new("sh")
+        .args(["-c", "sleep 30 & echo $!; wait"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("sh");
+    let mut line = String::new();
+    BufReader::new(sh.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("the grandchild's pid");
+    let sleep: u32 = line.trim().parse().expect("a pid");
+    let mut reader = ProcReader::new("/proc", 64);
+    let lineage = reader.lineage_if_new(sleep);
+    let pids: Vec<u32> = lineage.iter().map(|i| i.pid).collect();
+    let n = pids.len();
+    assert!(n >= 3, "sleep, sh, this test and more: {pids:?}");
+    assert_eq!(
+        &pids[n - 3..],
+        &[std::process::id(), sh.id(), sleep],
+        "oldest first"
+    );
+    assert_eq!(lineage[n - 1].parent_pid, Some(sh.id()));
+    assert_eq!(lineage[n - 2].parent_pid, Some(std::process::id()));
+    assert!(
+        lineage.iter().all(|i| i.pid > 1),
+        "init is not part of a lineage"
+    );
+    assert!(reader.lineage_if_new(sleep).is_empty(), "all cached");
+    // SAFETY: kill(2) on a child this test started.
+    unsafe {
+        libc::kill(sleep as libc::pid_t, libc::SIGKILL);
+    }
+    let _ = sh.kill();
+    let _ = sh.wait();
+}

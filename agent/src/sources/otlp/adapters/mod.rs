@@ -206,6 +206,9 @@ fn base(
 /// The exporting process's identity from its resource.
 pub fn instance(resource: Option<&Resource>) -> InstanceIdentity {
     let mut id = InstanceIdentity::default();
+    // vLLM's resource names its API server (the front process) as `vllm.process_id`; the OTel
+    // SDKs' process detector as `process.pid`, which wins when both are there.
+    let mut vllm_pid = None;
     for kv in resource
         .map(|r| r.attributes.as_slice())
         .unwrap_or_default()
@@ -220,9 +223,11 @@ pub fn instance(resource: Option<&Resource>) -> InstanceIdentity {
             "service.instance.id" => id.service_instance_id = str_of(&value).map(Arc::from),
             "host.name" => id.host_name = str_of(&value).map(Arc::from),
             "process.pid" => id.pid = u64_of(&value).and_then(|p| u32::try_from(p).ok()),
+            "vllm.process_id" => vllm_pid = u64_of(&value).and_then(|p| u32::try_from(p).ok()),
             _ => {}
         }
     }
+    id.pid = id.pid.or(vllm_pid);
     id
 }
 

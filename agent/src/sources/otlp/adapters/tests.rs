@@ -603,3 +603,34 @@ fn sglang_0_5_23_spans_from_its_own_tracing_code() {
     assert_eq!(queued.queue_ns, Some(400_000_000));
     assert_eq!(queued.first_token, None);
 }
+
+#[test]
+fn vllm_process_id_is_the_pid_alias_when_process_pid_is_absent() {
+    let res = |attrs: Vec<KeyValue>| Resource {
+        attributes: attrs,
+        ..Default::default()
+    };
+    // vLLM 0.32's resource: no process.pid, its API server's pid as vllm.process_id.
+    assert_eq!(
+        instance(Some(&res(vec![kv_i64("vllm.process_id", 9)]))).pid,
+        Some(9)
+    );
+    assert_eq!(
+        instance(Some(&res(vec![
+            kv_i64("vllm.process_id", 9),
+            kv_i64("process.pid", 7),
+        ])))
+        .pid,
+        Some(7),
+        "process.pid wins, in either order"
+    );
+    assert_eq!(
+        instance(Some(&res(vec![
+            kv_i64("process.pid", 7),
+            kv_i64("vllm.process_id", 9),
+        ])))
+        .pid,
+        Some(7)
+    );
+    assert_eq!(instance(Some(&res(vec![]))).pid, None);
+}
