@@ -375,3 +375,34 @@ pub struct ProcessIdentity {
     /// rank) is the child of the process that listens and exports spans.
     pub parent_pid: Option<u32>,
 }
+
+/// One start-up span of a runtime: its own account of a cold-start phase (contract §1.2,
+/// §3.2), such as vLLM's `Overall Loading`, `Load weights` or `Warmup (CPU)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartupSpan {
+    /// Which runtime sent it.
+    pub runtime: RuntimeKind,
+    /// The span's trace id: vLLM puts every start-up span of one start in one trace.
+    pub trace_id: [u8; 16],
+    /// The span's id.
+    pub span_id: [u8; 8],
+    /// Its parent; `None` for the start's root (`Overall Loading`, which ends last).
+    pub parent_span_id: Option<[u8; 8]>,
+    /// The span name as the runtime sent it.
+    pub name: String,
+    /// The phase it stands for (`overall_loading`, `load_weights`, `warmup`, ...).
+    pub phase: String,
+    /// `code.function`, when sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code_function: Option<String>,
+    /// The span's start.
+    pub start: UnixNanos,
+    /// The span's end.
+    pub end: UnixNanos,
+    /// The emitting process: `vllm.process_id`, else `process.pid`.
+    pub process_pid: Option<u32>,
+    /// `vllm.process_kind` (`engine_core`, `worker`); `None` for the process that serves the
+    /// API (the one that listens and exports the request spans).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process_kind: Option<String>,
+}

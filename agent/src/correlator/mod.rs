@@ -49,7 +49,7 @@ use std::ops::Bound;
 use serde::{Deserialize, Serialize};
 
 pub use abort::{AbortFinding, TokenCountMethod};
-pub use cold_start::{ColdStartFinding, ColdStartPhase, StartKind};
+pub use cold_start::{ColdStartFinding, ColdStartPhase, PhaseSource, StartKind};
 pub use config::CorrelatorConfig;
 pub use contention::{
     AffectedRequest, GpuContentionFinding, GpuDetectionConfig, GpuMetrics, NoisyNeighbour,
@@ -65,7 +65,7 @@ pub use stats::{CorrelatorStats, EvictionCounts, FindingCounts, JoinCounts, Stat
 
 use crate::model::{
     ConnId, GpuSample, KernelEvent, KernelEventKind, KvEventBatch, ProcessIdentity, RequestHead,
-    RuntimeKind, RuntimeRequest, UnixNanos,
+    RuntimeKind, RuntimeRequest, StartupSpan, UnixNanos,
 };
 use abort::KernelAbortFacts;
 use index::{KeySet, SortedVecMap};
@@ -90,6 +90,9 @@ pub enum Input {
     /// The identity of a process (a runtime, a GPU process), sent by the pipeline once per
     /// pid (and again when the pid names a new process) before the inputs that name it.
     Process(ProcessIdentity),
+    /// A runtime's start-up span (vLLM's `Overall Loading`, `Load weights`, ...): its own
+    /// cold-start phases (contract §3.2).
+    Startup(StartupSpan),
 }
 
 /// One output of the correlator.
@@ -386,6 +389,7 @@ impl Correlator {
                 self.kv.on_kv_events(&batch, &mut self.stats.kv_eviction);
                 Vec::new()
             }
+            Input::Startup(span) => self.gpu.on_startup(span, &self.config.gpu),
         }
     }
 

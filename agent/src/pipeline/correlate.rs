@@ -15,8 +15,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 
 use crate::correlator::{
-    AbortFinding, ColdStartFinding, Correlator, GpuContentionFinding, Input, JoinRule,
-    JoinedRequest, KvEvictionFinding, NoisyNeighbour, Output, RequestGpuFacts, StartKind,
+    AbortFinding, ColdStartFinding, ColdStartPhase, Correlator, GpuContentionFinding, Input,
+    JoinRule, JoinedRequest, KvEvictionFinding, NoisyNeighbour, Output, RequestGpuFacts, StartKind,
 };
 use crate::model::{GpuSample, KernelEvent, KvEventBatch, ProcessIdentity, UnixNanos};
 use crate::privacy::TenantHasher;
@@ -27,7 +27,7 @@ use crate::sinks::prometheus::findings::{
 };
 use crate::sinks::{SinkSender, SpanBatch, finding_span};
 use crate::sources::otlp::RawTraceRequest;
-use crate::sources::otlp::adapters::{AdapterOptions, adapt, instance};
+use crate::sources::otlp::adapters::{AdapterOptions, adapt, instance, startup};
 use crate::sources::otlp::wire::{SpanView, rewrite_str_attributes};
 
 /// A request span waiting for its join: encoded, since it waits a few hundred ms or more (see
@@ -255,6 +255,7 @@ impl CorrelateStage {
             // a visible share of the agent's CPU. One request comes from one process.
             let mut identified: Option<u32> = None;
             let identity = instance(rs.resource.as_ref());
+            let startup_process = startup::process(rs.resource.as_ref());
             // The resource as exported: its tenant hashed too.
             let mut exported_resource = rs.resource;
             if let Some(r) = exported_resource.as_mut() {
@@ -271,10 +272,30 @@ impl CorrelateStage {
                 for bytes in ss.spans {
                     // The receiver validated every span (`validate`), so only the top level
                     // is read here; a span that does not read is forwarded as it came.
-                    let adapted = SpanView::read_validated(&bytes)
-                        .and_then(|view| adapt(&view, &identity, &self.adapter));
+                    let view = SpanView::read_validated(&bytes);
+                    let adapted = view
+                        .as_ref()
+                        .and_then(|view| adapt(view, &identity, &self.adapter));
+                    // A runtime's start-up span goes on as it came, and to the correlator as
+                    // its cold-start phase.
+                    let started = match (&adapted, &view) {
+                        (None, Some(view)) => startup::recognise(view, &startup_process),
+                        _ => None,
+                    };
                     let span = EncodedSpan::from_received(self.hash_tenant_in_span(bytes));
                     let Some(request) = adapted else {
+                        if let Some(started) = started {
+                            if let Some(pid) = started.process_pid
+                                && identified != Some(pid)
+                            {
+                                identified = Some(pid);
+                                if let Some(identity) = (self.identities)(pid) {
+                                    outputs
+                                        .extend(self.correlator.on_event(Input::Process(identity)));
+                                }
+                            }
+                            outputs.extend(self.correlator.on_event(Input::Startup(started)));
+                        }
                         passed.push(span);
                         continue;
                     };
@@ -402,6 +423,10 @@ impl CorrelateStage {
         };
         held.span
             .add_str_attribute("inferwatch.start", facts.start.as_str());
+        if let Some(wait) = facts.start_wait_ns {
+            held.span
+                .add_attributes([kv_f64("inferwatch.start.wait_ms", wait as f64 / 1e6)]);
+        }
         if let Some(gpu) = facts.gpus.first() {
             held.span
                 .add_str_attribute("inferwatch.gpu.uuid", &gpu.uuid);
@@ -559,6 +584,10 @@ impl CorrelateStage {
                 finding.floor_ns as f64 / 1e6,
             ),
             kv_str("inferwatch.cold_start.floor_from", &finding.floor_from),
+            kv_i64(
+                "inferwatch.cold_start.runtime_spans",
+                finding.runtime_spans as i64,
+            ),
             kv_i64("process.pid", i64::from(finding.pid)),
         ];
         if let Some(exe) = &finding.executable {
@@ -595,10 +624,7 @@ impl CorrelateStage {
                 root_id,
                 phase.start,
                 phase.end,
-                vec![kv_f64(
-                    "inferwatch.cold_start.phase_ms",
-                    phase.end.saturating_sub(phase.start) as f64 / 1e6,
-                )],
+                phase_attributes(phase),
             ));
         }
         self.findings.push(root);
@@ -773,6 +799,21 @@ impl CorrelateStage {
 }
 
 /// `inferwatch.noisy_neighbour.*` for a process neighbour.
+/// The attributes of one `inferwatch.cold_start.<phase>` span.
+fn phase_attributes(phase: &ColdStartPhase) -> Vec<KeyValue> {
+    let mut attributes = vec![
+        kv_f64(
+            "inferwatch.cold_start.phase_ms",
+            phase.duration_ns() as f64 / 1e6,
+        ),
+        kv_str("inferwatch.cold_start.phase_source", phase.source.as_str()),
+    ];
+    if let Some(name) = &phase.runtime_span {
+        attributes.push(kv_str("inferwatch.cold_start.runtime_span", name));
+    }
+    attributes
+}
+
 fn neighbour_attributes(n: &NoisyNeighbour) -> Vec<KeyValue> {
     let mut out = vec![
         kv_i64("inferwatch.noisy_neighbour.pid", i64::from(n.pid)),

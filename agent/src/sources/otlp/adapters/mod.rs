@@ -13,6 +13,7 @@
 
 pub mod genai;
 pub mod sglang;
+pub mod startup;
 #[cfg(test)]
 mod tests;
 pub mod tgi;
@@ -185,8 +186,14 @@ fn base(
 }
 
 /// The exporting process's identity from its resource.
+///
+/// vLLM sends no `process.pid`: its `vllm.process_id` stands in for it when the resource is the
+/// API server's (no `vllm.process_kind`), the process that listens and exports the request
+/// spans (contract §1.4, aliases).
 pub fn instance(resource: Option<&Resource>) -> InstanceIdentity {
     let mut id = InstanceIdentity::default();
+    let mut vllm_pid = None;
+    let mut vllm_kind = false;
     for kv in resource
         .map(|r| r.attributes.as_slice())
         .unwrap_or_default()
@@ -201,8 +208,13 @@ pub fn instance(resource: Option<&Resource>) -> InstanceIdentity {
             "service.instance.id" => id.service_instance_id = str_of(&value).map(Arc::from),
             "host.name" => id.host_name = str_of(&value).map(Arc::from),
             "process.pid" => id.pid = u64_of(&value).and_then(|p| u32::try_from(p).ok()),
+            "vllm.process_id" => vllm_pid = u64_of(&value).and_then(|p| u32::try_from(p).ok()),
+            "vllm.process_kind" => vllm_kind = true,
             _ => {}
         }
+    }
+    if id.pid.is_none() && !vllm_kind {
+        id.pid = vllm_pid;
     }
     id
 }
@@ -210,7 +222,7 @@ pub fn instance(resource: Option<&Resource>) -> InstanceIdentity {
 /// A decoded (resource) attribute value as the view the readers below take; arrays, key-value
 /// lists and profiles' string-table indexes, which no resource attribute the adapters read
 /// holds, as `Empty`.
-fn scalar_view(value: &Value) -> ValueView<'_> {
+pub(crate) fn scalar_view(value: &Value) -> ValueView<'_> {
     match value {
         Value::StringValue(s) => ValueView::Str(s),
         Value::BoolValue(b) => ValueView::Bool(*b),
