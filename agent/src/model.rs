@@ -156,10 +156,22 @@ pub enum KernelEventKind {
         /// The connection.
         conn: ConnId,
     },
+    /// A process ended (its last thread exited); the event's `pid` is the process. Not about a
+    /// connection: [`KernelEventKind::conn`] is `ConnId(0)`.
+    ProcessExit {
+        /// The wait status its parent sees: `(code & 0xff) << 8` for `exit(code)`, the signal
+        /// number (`| 0x80` with a core dump) for a death by signal.
+        exit_code: u32,
+        /// Its parent process.
+        parent_pid: u32,
+    },
+    /// The kernel's OOM killer chose the process `pid` (its SIGKILL and exit follow). Not about
+    /// a connection: [`KernelEventKind::conn`] is `ConnId(0)`.
+    OomVictim,
 }
 
 impl KernelEventKind {
-    /// The connection this event is about.
+    /// The connection this event is about (`ConnId(0)` for the process events).
     pub fn conn(&self) -> ConnId {
         match self {
             KernelEventKind::Listen { conn, .. }
@@ -169,6 +181,7 @@ impl KernelEventKind {
             | KernelEventKind::WriteAfterPeerClose { conn, .. }
             | KernelEventKind::LocalClosed { conn }
             | KernelEventKind::Closed { conn } => *conn,
+            KernelEventKind::ProcessExit { .. } | KernelEventKind::OomVictim => ConnId(0),
         }
     }
 }

@@ -147,6 +147,7 @@ fn kind_of(output: &Output) -> &'static str {
         Output::KvEviction(_) => "kv_eviction",
         Output::ColdStart(_) => "cold_start",
         Output::RequestGpu(_) => "request_gpu",
+        Output::LostInFlight(_) => "lost_in_flight",
         _ => "other",
     }
 }
@@ -276,7 +277,12 @@ fn interleave(inputs: &[Input], seed: u64) -> Vec<Input> {
 fn findings(outputs: &[Output]) -> Vec<Value> {
     outputs
         .iter()
-        .filter(|o| matches!(kind_of(o), "abort" | "kv_eviction" | "cold_start"))
+        .filter(|o| {
+            matches!(
+                kind_of(o),
+                "abort" | "kv_eviction" | "cold_start" | "lost_in_flight"
+            )
+        })
         .map(to_json)
         .collect()
 }

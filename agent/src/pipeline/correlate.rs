@@ -16,14 +16,15 @@ use prometheus_client::metrics::histogram::Histogram;
 
 use crate::correlator::{
     AbortFinding, ColdStartFinding, ColdStartPhase, Correlator, GpuContentionFinding, Input,
-    JoinRule, JoinedRequest, KvEvictionFinding, NoisyNeighbour, Output, RequestGpuFacts, StartKind,
+    JoinRule, JoinedRequest, KvEvictionFinding, LostInFlightFinding, NoisyNeighbour, Output,
+    RequestGpuFacts, StartKind,
 };
 use crate::model::{GpuSample, KernelEvent, KvEventBatch, ProcessIdentity, UnixNanos};
 use crate::privacy::TenantHasher;
 use crate::sinks::batch::{EncodedGroup, EncodedSpan, SpanGroup, kv_f64, kv_i64, kv_str};
 use crate::sinks::prometheus::findings::{
     AbortLabels, ContentionLabels, FindingMetrics, GpuLabels, GpuProcessLabels, JoinLabels,
-    KvEvictionLabels, StartLabels, TableLabels, advance_to,
+    KvEvictionLabels, LostLabels, StartLabels, TableLabels, advance_to,
 };
 use crate::sinks::{SinkSender, SpanBatch, finding_span};
 use crate::sources::otlp::RawTraceRequest;
@@ -49,6 +50,8 @@ pub enum FindingSummary {
     ColdStart(ColdStartFinding),
     /// A conversation's warm prefix was evicted.
     KvEviction(KvEvictionFinding),
+    /// A request lost in flight.
+    LostInFlight(LostInFlightFinding),
 }
 
 /// The stage's tables keyed by (trace id, span id), touched several times per span. SipHash (std's
@@ -365,6 +368,7 @@ impl CorrelateStage {
                 Output::GpuContention(finding) => self.on_contention(finding),
                 Output::ColdStart(finding) => self.on_cold_start(finding),
                 Output::KvEviction(finding) => self.on_kv_eviction(finding),
+                Output::LostInFlight(finding) => self.on_lost_in_flight(finding),
             }
         }
     }
@@ -631,6 +635,57 @@ impl CorrelateStage {
         self.summaries.push(FindingSummary::ColdStart(finding));
     }
 
+    fn on_lost_in_flight(&mut self, mut finding: LostInFlightFinding) {
+        if let (Some(hasher), Some(tenant)) = (&self.tenant_hasher, finding.tenant.as_mut()) {
+            *tenant = hasher.hash(tenant);
+        }
+        let model = self.metrics.model(finding.model.as_deref());
+        self.metrics
+            .lost_in_flight
+            .get_or_create(&LostLabels {
+                cause: finding.cause.as_str().to_owned(),
+                model: model.model.clone(),
+            })
+            .inc();
+        let mut attributes = vec![
+            kv_str("inferwatch.lost.cause", finding.cause.as_str()),
+            kv_f64("inferwatch.lost.ran_ms", finding.ran_ns() as f64 / 1e6),
+            kv_i64("process.pid", i64::from(finding.pid)),
+        ];
+        if let Some(code) = finding.exit_code {
+            attributes.push(kv_i64("inferwatch.lost.exit_code", i64::from(code)));
+        }
+        if let Some(signal) = finding.signal {
+            attributes.push(kv_i64("inferwatch.lost.signal", i64::from(signal)));
+        }
+        if let Some(tokens) = finding.tokens_delivered {
+            attributes.push(kv_i64("inferwatch.lost.tokens_delivered", tokens as i64));
+        }
+        if let Some(id) = &finding.request_id {
+            attributes.push(kv_str("gen_ai.request.id", id));
+        }
+        if let Some(tenant) = &finding.tenant {
+            attributes.push(kv_str("tenant.id", tenant));
+        }
+        if let Some(model) = &finding.model {
+            attributes.push(kv_str("gen_ai.request.model", model));
+        }
+        let trace_id = finding.trace_id.unwrap_or_else(new_trace_id);
+        let mut span = finding_span(
+            "inferwatch.lost_in_flight",
+            trace_id,
+            finding.parent_span_id.unwrap_or([0; 8]),
+            finding.started,
+            finding.lost_at,
+            attributes,
+        );
+        if finding.parent_span_id.is_none() {
+            span.parent_span_id.clear();
+        }
+        self.findings.push(span);
+        self.summaries.push(FindingSummary::LostInFlight(finding));
+    }
+
     fn on_abort(&mut self, mut finding: AbortFinding) {
         // Hashed here, once, so the span, the summary and the log line all carry the hash.
         if let (Some(hasher), Some(tenant)) = (&self.tenant_hasher, finding.tenant.as_mut()) {
@@ -748,6 +803,7 @@ impl CorrelateStage {
             ("spans", stats.evictions.spans),
             ("listeners", stats.evictions.listeners),
             ("conversations", stats.kv_eviction.conversations_dropped),
+            ("processes", stats.lost_in_flight.evictions),
         ] {
             advance_to(
                 &m.correlator_evictions.get_or_create(&TableLabels {
@@ -756,6 +812,7 @@ impl CorrelateStage {
                 total,
             );
         }
+        advance_to(&m.lost_in_flight_ambiguous, stats.lost_in_flight.ambiguous);
     }
 
     /// Sends the enriched spans and findings gathered since the last flush as one batch.
