@@ -9,5 +9,6 @@ mod abort;
 mod faults;
 mod gpu;
 mod harness;
+mod lifecycle;
 mod openai_client;
 mod security;

@@ -52,6 +52,10 @@ enum Cmd {
         /// processes. An existing script's GPU and start time are kept.
         #[arg(long)]
         nvml_script: Option<PathBuf>,
+        /// On SIGTERM, finish the requests in flight before exiting (a graceful drain), instead
+        /// of stopping at once.
+        #[arg(long)]
+        drain: bool,
     },
     /// Send a scenario's traffic to a running runtime.
     Traffic {
@@ -221,6 +225,7 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             policy,
             duration_scale,
             nvml_script,
+            drain,
         } => {
             let mut rt = match scenario {
                 Some(p) => Scenario::load(&p)?.runtime,
@@ -242,6 +247,10 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             })
             .await?;
             wait_signal().await;
+            if drain {
+                tracing::info!("draining");
+                running.drain(std::time::Duration::from_secs(60)).await;
+            }
             tracing::info!("shutting down");
             running.shutdown().await;
             Ok(())
