@@ -336,3 +336,98 @@ impl ProcessTracker {
         self.exits.len() + self.oom.len() + self.servers.len() + self.span_senders.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn tracker() -> (ProcessTracker, LostInFlightConfig, LostInFlightStats) {
+        let cfg = LostInFlightConfig::default();
+        let mut stats = LostInFlightStats::default();
+        let mut t = ProcessTracker::default();
+        t.on_server(100, 0, &cfg, &mut stats);
+        (t, cfg, stats)
+    }
+
+    #[test]
+    fn a_close_right_after_the_exit_is_caused_by_it() {
+        let (mut t, cfg, mut stats) = tracker();
+        t.on_exit(100, 1, 9, 10 * S, &cfg, &mut stats);
+        assert_eq!(
+            t.cause(100, 10 * S + 1_000, &cfg),
+            Some((LostCause::Signal, Some(9), Some(9), 10 * S))
+        );
+        // exit(1): status 1 << 8, no signal.
+        t.on_exit(100, 1, 1 << 8, 20 * S, &cfg, &mut stats);
+        assert_eq!(
+            t.cause(100, 20 * S + 1_000, &cfg),
+            Some((LostCause::Exit, Some(256), None, 20 * S))
+        );
+        // A signal with a core dump (0x80) is still that signal.
+        t.on_exit(100, 1, 0x80 | 11, 30 * S, &cfg, &mut stats);
+        assert_eq!(
+            t.cause(100, 30 * S, &cfg).map(|c| (c.0, c.2)),
+            Some((LostCause::Signal, Some(11)))
+        );
+    }
+
+    #[test]
+    fn a_close_before_the_exit_or_long_after_it_is_not_caused_by_it() {
+        let (mut t, cfg, mut stats) = tracker();
+        t.on_exit(100, 1, 0, 10 * S, &cfg, &mut stats);
+        // A drain closes before it exits; the process sent no spans: ambiguous.
+        assert_eq!(t.cause(100, 10 * S - 1, &cfg), None);
+        let late = 10 * S + cfg.exit_close_window_ms * 1_000_000 + 1;
+        assert_eq!(t.cause(100, late, &cfg), None);
+        // The same close from a process that sends spans: the runtime closed it alive.
+        t.on_span_sender(100, 0, &cfg, &mut stats);
+        assert_eq!(
+            t.cause(100, late, &cfg).map(|c| c.0),
+            Some(LostCause::ServerClose)
+        );
+    }
+
+    #[test]
+    fn an_oom_kill_of_the_process_or_its_child_is_the_cause() {
+        let (mut t, cfg, mut stats) = tracker();
+        t.on_oom_victim(100, 10 * S, &cfg, &mut stats);
+        t.on_exit(100, 1, 9, 10 * S + 1, &cfg, &mut stats);
+        assert_eq!(
+            t.cause(100, 10 * S + 2, &cfg).map(|c| c.0),
+            Some(LostCause::OomKill)
+        );
+        // Instance 200: its child 201 (an engine core) is the victim; 200 then closes alive.
+        t.on_server(200, 0, &cfg, &mut stats);
+        t.on_span_sender(200, 0, &cfg, &mut stats);
+        t.on_oom_victim(201, 20 * S, &cfg, &mut stats);
+        t.on_exit(201, 200, 9, 20 * S + 1, &cfg, &mut stats);
+        assert_eq!(
+            t.cause(200, 21 * S, &cfg).map(|c| c.0),
+            Some(LostCause::OomKill)
+        );
+        // Outside the window the child's OOM kill is not the cause.
+        let later = 20 * S + cfg.oom_child_window_ms * 1_000_000 + 1;
+        assert_eq!(
+            t.cause(200, later, &cfg).map(|c| c.0),
+            Some(LostCause::ServerClose)
+        );
+    }
+
+    #[test]
+    fn exits_of_unrelated_processes_are_forgotten_at_a_tick_and_tables_are_bounded() {
+        let (mut t, mut cfg, mut stats) = tracker();
+        t.on_exit(555, 1, 0, S, &cfg, &mut stats);
+        t.on_exit(556, 100, 9, S, &cfg, &mut stats);
+        t.on_tick(2 * S, u64::MAX, S / 4, &mut stats);
+        assert_eq!(stats.process_exits, 2);
+        assert_eq!(stats.process_exits_ignored, 1, "the server's child stays");
+        cfg.max_processes = 2;
+        for pid in 1000..1010 {
+            t.on_oom_victim(pid, S + u64::from(pid), &cfg, &mut stats);
+        }
+        assert!(t.oom.len() <= 2);
+        assert_eq!(stats.evictions, 8);
+    }
+}
