@@ -11,7 +11,7 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const PROGRAMS: &[&str] = &["tcp_lifecycle"];
+const PROGRAMS: &[&str] = &["tcp_lifecycle", "process_exit"];
 const CLANG_CANDIDATES: &[&str] = &["clang", "clang-19", "clang-22", "clang-20", "clang-18"];
 const INSTALL_HINT: &str = "install them with `sudo apt-get install -y --no-install-recommends \
      clang-19 libclang1-19 libbpf-dev linux-libc-dev`, or run `cargo xtask setup --for demo` as \

@@ -156,10 +156,22 @@ pub enum KernelEventKind {
         /// The connection.
         conn: ConnId,
     },
+    /// A process ended (its last thread exited); the event's `pid` is the process. Not about a
+    /// connection: [`KernelEventKind::conn`] is `ConnId(0)`.
+    ProcessExit {
+        /// The wait status its parent sees: `(code & 0xff) << 8` for `exit(code)`, the signal
+        /// number (`| 0x80` with a core dump) for a death by signal.
+        exit_code: u32,
+        /// Its parent process.
+        parent_pid: u32,
+    },
+    /// The kernel's OOM killer chose the process `pid` (its SIGKILL and exit follow). Not about
+    /// a connection: [`KernelEventKind::conn`] is `ConnId(0)`.
+    OomVictim,
 }
 
 impl KernelEventKind {
-    /// The connection this event is about.
+    /// The connection this event is about (`ConnId(0)` for the process events).
     pub fn conn(&self) -> ConnId {
         match self {
             KernelEventKind::Listen { conn, .. }
@@ -169,6 +181,7 @@ impl KernelEventKind {
             | KernelEventKind::WriteAfterPeerClose { conn, .. }
             | KernelEventKind::LocalClosed { conn }
             | KernelEventKind::Closed { conn } => *conn,
+            KernelEventKind::ProcessExit { .. } | KernelEventKind::OomVictim => ConnId(0),
         }
     }
 }
@@ -375,4 +388,35 @@ pub struct ProcessIdentity {
     /// The parent process: a runtime's GPU worker (vLLM's engine core, a tensor-parallel
     /// rank) is the child of the process that listens and exports spans.
     pub parent_pid: Option<u32>,
+}
+
+/// One start-up span of a runtime: its own account of a cold-start phase (contract §1.2,
+/// §3.2), such as vLLM's `Overall Loading`, `Load weights` or `Warmup (CPU)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartupSpan {
+    /// Which runtime sent it.
+    pub runtime: RuntimeKind,
+    /// The span's trace id: vLLM puts every start-up span of one start in one trace.
+    pub trace_id: [u8; 16],
+    /// The span's id.
+    pub span_id: [u8; 8],
+    /// Its parent; `None` for the start's root (`Overall Loading`, which ends last).
+    pub parent_span_id: Option<[u8; 8]>,
+    /// The span name as the runtime sent it.
+    pub name: String,
+    /// The phase it stands for (`overall_loading`, `load_weights`, `warmup`, ...).
+    pub phase: String,
+    /// `code.function`, when sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code_function: Option<String>,
+    /// The span's start.
+    pub start: UnixNanos,
+    /// The span's end.
+    pub end: UnixNanos,
+    /// The emitting process: `vllm.process_id`, else `process.pid`.
+    pub process_pid: Option<u32>,
+    /// `vllm.process_kind` (`engine_core`, `worker`); `None` for the process that serves the
+    /// API (the one that listens and exports the request spans).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process_kind: Option<String>,
 }

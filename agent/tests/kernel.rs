@@ -336,6 +336,8 @@ fn shape(e: &KernelEvent) -> String {
         KernelEventKind::WriteAfterPeerClose { .. } => "write_after".into(),
         KernelEventKind::LocalClosed { .. } => "local_closed".into(),
         KernelEventKind::Closed { .. } => "closed".into(),
+        KernelEventKind::ProcessExit { .. } => "process_exit".into(),
+        KernelEventKind::OomVictim => "oom_victim".into(),
     }
 }
 
@@ -670,4 +672,58 @@ fn listen_on_a_watched_port_is_reported() {
         .expect("listen event");
     assert_eq!(listen.pid, Some(std::process::id()));
     drop(listener);
+}
+
+#[test]
+fn process_exits_are_reported_with_their_status_and_parent() {
+    if !kernel_tests_enabled("process_exits_are_reported_with_their_status_and_parent") {
+        return;
+    }
+    let capture = start_capture(Vec::new());
+    let exited = std::process::Command::new("sh")
+        .args(["-c", "exit 3"])
+        .spawn()
+        .expect("spawn sh");
+    let exited_pid = exited.id();
+    let mut killed = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .expect("spawn sleep");
+    let killed_pid = killed.id();
+    killed.kill().expect("SIGKILL");
+    let mut exited = exited;
+    let status = exited.wait().expect("wait sh");
+    assert_eq!(status.code(), Some(3));
+    let _ = killed.wait();
+    let events = capture.wait_for("both exits", |evs| {
+        [exited_pid, killed_pid].iter().all(|pid| {
+            evs.iter().any(|e| {
+                e.pid == Some(*pid) && matches!(e.kind, KernelEventKind::ProcessExit { .. })
+            })
+        })
+    });
+    capture.stop();
+    let exit_of = |pid: u32| {
+        events
+            .iter()
+            .find_map(|e| match e.kind {
+                KernelEventKind::ProcessExit {
+                    exit_code,
+                    parent_pid,
+                } if e.pid == Some(pid) => Some((exit_code, parent_pid)),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no exit of {pid}"))
+    };
+    // The wait status: exit(3) is 3 << 8; SIGKILL is 9.
+    assert_eq!(exit_of(exited_pid), (3 << 8, std::process::id()));
+    assert_eq!(exit_of(killed_pid), (9, std::process::id()));
+    // One event per process, not per thread: no second exit of either.
+    for pid in [exited_pid, killed_pid] {
+        let n = events
+            .iter()
+            .filter(|e| e.pid == Some(pid) && matches!(e.kind, KernelEventKind::ProcessExit { .. }))
+            .count();
+        assert_eq!(n, 1, "exits of {pid}");
+    }
 }

@@ -123,4 +123,26 @@ struct iw_closed_event {
 	struct iw_event_header hdr;
 };
 
+/* ---- 300..=399: process lifecycle (ebpf/process_exit.bpf.c, sched and oom tracepoints) ----
+ * Its own enum so that the TCP and HTTP ranges above stay as they are. */
+enum iw_process_event_type {
+	IW_EVENT_PROCESS_EXIT = 300,
+	IW_EVENT_OOM_VICTIM = 301,
+};
+
+/* A process ended: its last thread exited (sched_process_exit with the thread group dead).
+ * hdr.tgid is the process, hdr.conn is 0. */
+struct iw_process_exit_event {
+	struct iw_event_header hdr;
+	__u32 exit_code; /* wait status as the parent sees it: (code & 0xff) << 8 for exit(code), the
+			  * signal number (| 0x80 with a core dump) for a death by signal */
+	__u32 ppid;      /* the parent's tgid (real_parent) */
+};
+
+/* The kernel's OOM killer chose a victim (oom/mark_victim); its SIGKILL and exit follow.
+ * hdr.tgid is the victim, hdr.conn is 0. */
+struct iw_oom_victim_event {
+	struct iw_event_header hdr;
+};
+
 #endif /* INFERWATCH_EVENTS_H */

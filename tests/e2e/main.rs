@@ -9,6 +9,7 @@ mod abort;
 mod faults;
 mod gpu;
 mod harness;
+mod lifecycle;
 mod openai_client;
 mod runtimes;
 mod security;

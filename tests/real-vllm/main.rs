@@ -784,3 +784,137 @@ fn gpu_findings_on_the_real_vllm_engine_processes() {
         "the floor observed once"
     );
 }
+
+/// The shared vLLM's cold start (contract §3.2, issue 25): the agent's phases are vLLM's own
+/// start-up spans, and the floor runs from the API server's exec to its first token.
+#[test]
+fn cold_start_phases_from_vllms_own_start_up_spans() {
+    let Some(rig) = rig() else { return };
+    rig.run(async {
+        // A first request, in case no other test has sent one yet; the cold start is decided
+        // by the instance's first token, whichever request got it.
+        let dir = scratch("real-vllm-cold-start");
+        let plan = vec![step("rv-cold-1", 4, true, None)];
+        run_client(&rig.install, &rig.base_url(), &plan, &dir).await;
+        let spans = spans_until(&rig.collector, 60, |s| {
+            s.iter().any(|r| r.span.name == "inferwatch.cold_start")
+        })
+        .await;
+        let roots: Vec<&Received> = spans
+            .iter()
+            .filter(|r| r.span.name == "inferwatch.cold_start")
+            .collect();
+        assert!(!roots.is_empty(), "no inferwatch.cold_start span");
+        // The shared vLLM's own: the one whose floor starts at its spawn (the HTTP-exporter
+        // test starts a second vLLM later).
+        let root = roots
+            .iter()
+            .min_by_key(|r| r.span.start_time_unix_nano.abs_diff(rig.vllm.spawned_ns))
+            .expect("a root");
+        let root_id = root.span.span_id.clone();
+        let phases: Vec<&Received> = spans
+            .iter()
+            .filter(|r| {
+                r.span.parent_span_id == root_id
+                    && r.span.name.starts_with("inferwatch.cold_start.")
+            })
+            .collect();
+        let exec = root.span.start_time_unix_nano;
+        let first_token = root.span.end_time_unix_nano;
+        // /proc's start time has clock-tick (10 ms) resolution; the rig stamps the spawn just
+        // before fork.
+        assert!(
+            exec + 50_000_000 >= rig.vllm.spawned_ns && exec <= rig.vllm.spawned_ns + 1_000_000_000,
+            "exec {exec} vs spawn {}",
+            rig.vllm.spawned_ns
+        );
+        assert!(
+            first_token >= rig.vllm.ready_ns,
+            "first token after /health answered"
+        );
+        assert_eq!(
+            attr(&root.span, "inferwatch.cold_start.floor_from").as_deref(),
+            Some("exec")
+        );
+        let floor_ms: f64 = attr(&root.span, "inferwatch.cold_start.floor_ms")
+            .and_then(|v| v.parse().ok())
+            .expect("floor_ms");
+        assert!(((first_token - exec) as f64 / 1e6 - floor_ms).abs() < 1.0);
+        // vLLM's start-up spans of this start: the trace of the Overall Loading that began
+        // closest after the spawn.
+        let loading = spans
+            .iter()
+            .filter(|r| r.span.name == "Overall Loading")
+            .min_by_key(|r| r.span.start_time_unix_nano.abs_diff(rig.vllm.spawned_ns))
+            .expect("vLLM's Overall Loading");
+        let vllm_spans: Vec<&Received> = spans
+            .iter()
+            .filter(|r| r.span.trace_id == loading.span.trace_id && r.service != "inferwatch")
+            .collect();
+        let from_runtime: Vec<&&Received> = phases
+            .iter()
+            .filter(|p| {
+                attr(&p.span, "inferwatch.cold_start.phase_source").as_deref()
+                    == Some("runtime_spans")
+            })
+            .collect();
+        assert!(
+            from_runtime.len() >= 8,
+            "phases from vLLM's spans: {:?}",
+            phases.iter().map(|p| &p.span.name).collect::<Vec<_>>()
+        );
+        let ms = |ns: u64| ns as f64 / 1e6;
+        eprintln!(
+            "real vLLM cold start: floor {:.0} ms (exec -> first token)",
+            floor_ms
+        );
+        for p in &phases {
+            eprintln!(
+                "  {:<48} {:>9.1} ms  {}",
+                p.span.name,
+                ms(p.span.end_time_unix_nano - p.span.start_time_unix_nano),
+                attr(&p.span, "inferwatch.cold_start.phase_source").unwrap_or_default()
+            );
+        }
+        for p in from_runtime {
+            let name = attr(&p.span, "inferwatch.cold_start.runtime_span").expect("runtime_span");
+            let own = vllm_spans
+                .iter()
+                .filter(|v| v.span.name == name)
+                .min_by_key(|v| {
+                    v.span
+                        .start_time_unix_nano
+                        .abs_diff(p.span.start_time_unix_nano)
+                })
+                .unwrap_or_else(|| panic!("vLLM's own {name:?} span"));
+            for (ours, theirs, edge) in [
+                (
+                    p.span.start_time_unix_nano,
+                    own.span.start_time_unix_nano,
+                    "start",
+                ),
+                (
+                    p.span.end_time_unix_nano,
+                    own.span.end_time_unix_nano,
+                    "end",
+                ),
+            ] {
+                assert!(
+                    ours.abs_diff(theirs) <= 50_000_000,
+                    "{name} {edge}: the agent's {ours} vs vLLM's {theirs}"
+                );
+            }
+        }
+        // The phases cover the floor: exec to the first start-up span (kernel), the runtime's
+        // own, and listen, first request and first token (kernel).
+        let names: Vec<&str> = phases.iter().map(|p| p.span.name.as_str()).collect();
+        for phase in [
+            "inferwatch.cold_start.process_start",
+            "inferwatch.cold_start.overall_loading",
+            "inferwatch.cold_start.load_weights",
+            "inferwatch.cold_start.first_token",
+        ] {
+            assert!(names.contains(&phase), "{phase} in {names:?}");
+        }
+    });
+}

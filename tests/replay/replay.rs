@@ -4,7 +4,7 @@
 //! A case file holds `description`, an optional partial `config` (a `CorrelatorConfig`),
 //! `shuffle` (whether the order-independence test applies; default true), `steps` (each an
 //! `Input` in its serde form, `{"kernel": KernelEvent}`, `{"runtime": RuntimeRequest}` or
-//! `{"kv_events": KvEventBatch}`, or
+//! `{"kv_events": KvEventBatch}`, `{"process": ProcessIdentity}`, `{"startup": StartupSpan}`, or
 //! `{"tick": unix_nanos}`), and `expect`: `outputs` (the outputs in order, each compared as a
 //! subset of the output's JSON), `counts` (outputs per kind), `stats` (a subset of
 //! `CorrelatorStats`) and `max_state` (upper bounds on `StateSizes` at the end). Adding a
@@ -145,6 +145,9 @@ fn kind_of(output: &Output) -> &'static str {
         Output::Joined(_) => "joined",
         Output::Abort(_) => "abort",
         Output::KvEviction(_) => "kv_eviction",
+        Output::ColdStart(_) => "cold_start",
+        Output::RequestGpu(_) => "request_gpu",
+        Output::LostInFlight(_) => "lost_in_flight",
         _ => "other",
     }
 }
@@ -274,7 +277,12 @@ fn interleave(inputs: &[Input], seed: u64) -> Vec<Input> {
 fn findings(outputs: &[Output]) -> Vec<Value> {
     outputs
         .iter()
-        .filter(|o| matches!(kind_of(o), "abort" | "kv_eviction"))
+        .filter(|o| {
+            matches!(
+                kind_of(o),
+                "abort" | "kv_eviction" | "cold_start" | "lost_in_flight"
+            )
+        })
         .map(to_json)
         .collect()
 }

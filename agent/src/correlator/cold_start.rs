@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use super::contention::GpuDetectionConfig;
-use crate::model::{GpuSample, ProcessIdentity, RuntimeRequest, UnixNanos};
+use crate::model::{GpuSample, ProcessIdentity, RuntimeRequest, StartupSpan, UnixNanos};
 
 const MS: u64 = 1_000_000;
 
@@ -59,6 +59,36 @@ pub struct ColdStartPhase {
     pub start: UnixNanos,
     /// When it ended.
     pub end: UnixNanos,
+    /// Where its times came from.
+    #[serde(default)]
+    pub source: PhaseSource,
+    /// The runtime's span name, for a phase the runtime reported (`Load weights`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_span: Option<String>,
+}
+
+/// Where a cold-start phase's times came from (`inferwatch.cold_start.phase_source`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PhaseSource {
+    /// The runtime's own start-up span: exact.
+    RuntimeSpans,
+    /// NVML's first sighting of the process or its memory plateau: within one NVML period.
+    Nvml,
+    /// The kernel and procfs: exec, `Listen`, the first request head, the first token.
+    #[default]
+    Kernel,
+}
+
+impl PhaseSource {
+    /// The attribute value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PhaseSource::RuntimeSpans => "runtime_spans",
+            PhaseSource::Nvml => "nvml",
+            PhaseSource::Kernel => "kernel",
+        }
+    }
 }
 
 impl ColdStartPhase {
@@ -101,8 +131,12 @@ pub struct ColdStartFinding {
     pub floor_ns: u64,
     /// Which time the floor starts at: `exec`, `gpu_first`, `listen` or `first_request`.
     pub floor_from: String,
-    /// The phases between consecutive known times.
+    /// The phases: the runtime's start-up spans when it sent them, else the spans between
+    /// consecutive known times; each says where it came from.
     pub phases: Vec<ColdStartPhase>,
+    /// The runtime's start-up spans the phases came from (0: NVML and kernel only).
+    #[serde(default)]
+    pub runtime_spans: usize,
     /// The trace of the request that got the first token.
     pub trace_id: [u8; 16],
     /// Its runtime span.
@@ -135,6 +169,30 @@ struct Runtime {
     decided: Option<(UnixNanos, bool)>,
 }
 
+/// The start-up spans of one start (one trace), held until the instance's first token.
+#[derive(Debug, Default)]
+struct StartupTrace {
+    /// The instance: the pid of a span sent by the process that serves the API.
+    pid: Option<u32>,
+    /// Every process that sent one of its spans.
+    pids: BTreeSet<u32>,
+    spans: Vec<StartupSpan>,
+    /// The root arrived: it ends last, so the start is complete.
+    root_seen: bool,
+    last_seen: UnixNanos,
+}
+
+/// Most start-up spans held per start (vLLM 0.32 sends 12 per worker).
+const MAX_STARTUP_SPANS: usize = 256;
+
+/// A cold start decided while its runtime's start-up spans may still be on their way.
+#[derive(Debug)]
+struct PendingColdStart {
+    finding: ColdStartFinding,
+    pids: BTreeSet<u32>,
+    deadline: UnixNanos,
+}
+
 /// Cold-start state of every runtime instance and GPU process.
 #[derive(Debug, Default)]
 pub(crate) struct ColdStarts {
@@ -142,6 +200,13 @@ pub(crate) struct ColdStarts {
     samples_seen: u64,
     procs: BTreeMap<u32, GpuProc>,
     runtimes: BTreeMap<u32, Runtime>,
+    /// Start-up spans by trace.
+    startup: BTreeMap<[u8; 16], StartupTrace>,
+    /// Whether any runtime sent start-up spans: then a decided cold start waits for its own.
+    startup_seen: bool,
+    pending: BTreeMap<u32, PendingColdStart>,
+    /// Start-up spans dropped because a table was full.
+    pub(crate) startup_dropped: u64,
 }
 
 fn min_opt(a: Option<UnixNanos>, b: UnixNanos) -> Option<UnixNanos> {
@@ -296,30 +361,7 @@ impl ColdStarts {
         if !cold {
             return None;
         }
-        let points: [(&str, &str, Option<UnixNanos>); 6] = [
-            ("exec", "", t_exec),
-            ("gpu_first", "process_start", t_gpu_first),
-            ("weights", "weights_load", t_weights),
-            ("listen", "warmup", t_listen),
-            ("first_request", "wait_first_request", t_first_request),
-            ("first_token", "first_token", Some(first_token)),
-        ];
-        let known: Vec<(&str, &str, UnixNanos)> = points
-            .iter()
-            .filter_map(|(from, name, t)| t.map(|t| (*from, *name, t)))
-            .collect();
-        let phases = known
-            .windows(2)
-            .map(|w| ColdStartPhase {
-                name: w[1].1.to_owned(),
-                start: w[0].2,
-                end: w[1].2,
-            })
-            .collect();
-        let (floor_from, floor_start) = known
-            .first()
-            .map_or(("first_token", first_token), |(from, _, t)| (*from, *t));
-        Some(ColdStartFinding {
+        let mut finding = ColdStartFinding {
             pid,
             executable: identity.and_then(|i| i.executable.clone()),
             container_id: identity.and_then(|i| i.container_id.clone()),
@@ -332,12 +374,150 @@ impl ColdStarts {
             t_listen,
             t_first_request,
             t_first_token: first_token,
-            floor_ns: first_token.saturating_sub(floor_start),
-            floor_from: floor_from.to_owned(),
-            phases,
+            floor_ns: 0,
+            floor_from: String::new(),
+            phases: Vec::new(),
+            runtime_spans: 0,
             trace_id: span.trace_id,
             span_id: span.span_id,
-        })
+        };
+        let complete = self
+            .startup_of(pid, pids, first_token)
+            .is_some_and(|t| t.root_seen);
+        if complete || !self.startup_seen {
+            let spans = self.startup_spans(pid, pids, first_token);
+            fill_phases(&mut finding, &spans);
+            return Some(finding);
+        }
+        // The runtime sends start-up spans, and this start's are not all here yet (its
+        // exporter batches them): wait for its root, or `startup_span_wait_ms`.
+        self.pending.insert(
+            pid,
+            PendingColdStart {
+                finding,
+                pids: pids.clone(),
+                deadline: first_token.saturating_add(cfg.startup_span_wait_ms.saturating_mul(MS)),
+            },
+        );
+        None
+    }
+
+    /// A runtime's start-up span; returns the cold-start finding it completes, if any.
+    pub(crate) fn on_startup(
+        &mut self,
+        span: StartupSpan,
+        cfg: &GpuDetectionConfig,
+    ) -> Option<ColdStartFinding> {
+        self.observe(span.start);
+        self.startup_seen = true;
+        if !self.startup.contains_key(&span.trace_id)
+            && self.startup.len() >= cfg.max_instances.max(1)
+        {
+            let oldest = self
+                .startup
+                .iter()
+                .min_by_key(|(id, t)| (t.last_seen, **id))
+                .map(|(id, _)| *id);
+            if let Some(oldest) = oldest {
+                self.startup.remove(&oldest);
+                self.startup_dropped += 1;
+            }
+        }
+        let trace = self.startup.entry(span.trace_id).or_default();
+        trace.last_seen = trace.last_seen.max(span.end);
+        if trace.spans.len() >= MAX_STARTUP_SPANS {
+            self.startup_dropped += 1;
+            return None;
+        }
+        if trace.spans.iter().any(|s| s.span_id == span.span_id) {
+            return None;
+        }
+        if let Some(pid) = span.process_pid {
+            trace.pids.insert(pid);
+            if span.process_kind.is_none() {
+                trace.pid = Some(pid);
+            }
+        }
+        trace.root_seen |= span.parent_span_id.is_none();
+        trace.spans.push(span);
+        let (complete, trace_pids) = (trace.root_seen, trace.pids.clone());
+        if !complete {
+            return None;
+        }
+        let pid = self
+            .pending
+            .iter()
+            .find(|(pid, p)| {
+                trace_pids.contains(pid) || p.pids.iter().any(|q| trace_pids.contains(q))
+            })
+            .map(|(pid, _)| *pid)?;
+        let mut pending = self.pending.remove(&pid)?;
+        let spans = self.startup_spans(pid, &pending.pids, pending.finding.t_first_token);
+        fill_phases(&mut pending.finding, &spans);
+        Some(pending.finding)
+    }
+
+    /// The start (trace) of instance `pid` (or one of its `pids`) that began last before
+    /// `first_token`.
+    fn startup_of(
+        &self,
+        pid: u32,
+        pids: &BTreeSet<u32>,
+        first_token: UnixNanos,
+    ) -> Option<&StartupTrace> {
+        self.startup
+            .values()
+            .filter(|t| {
+                t.pid == Some(pid)
+                    || t.pid.is_none() && t.pids.iter().any(|p| *p == pid || pids.contains(p))
+            })
+            .filter_map(|t| {
+                let start = t.spans.iter().map(|s| s.start).min()?;
+                (start <= first_token).then_some((start, t))
+            })
+            .max_by_key(|(start, _)| *start)
+            .map(|(_, t)| t)
+    }
+
+    /// The start-up spans of that start that ended by `first_token`, by start time.
+    fn startup_spans(
+        &self,
+        pid: u32,
+        pids: &BTreeSet<u32>,
+        first_token: UnixNanos,
+    ) -> Vec<StartupSpan> {
+        let mut spans: Vec<StartupSpan> = self
+            .startup_of(pid, pids, first_token)
+            .map(|t| {
+                t.spans
+                    .iter()
+                    .filter(|s| s.end <= first_token)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        spans.sort_by_key(|s| (s.start, std::cmp::Reverse(s.end), s.span_id));
+        spans
+    }
+
+    /// Cold starts whose start-up spans did not all come within `startup_span_wait_ms`:
+    /// reported with what came.
+    pub(crate) fn on_tick_findings(&mut self, now: UnixNanos) -> Vec<ColdStartFinding> {
+        let due: Vec<u32> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| now >= p.deadline)
+            .map(|(pid, _)| *pid)
+            .collect();
+        let mut out = Vec::new();
+        for pid in due {
+            if let Some(mut pending) = self.pending.remove(&pid) {
+                let spans = self.startup_spans(pid, &pending.pids, pending.finding.t_first_token);
+                fill_phases(&mut pending.finding, &spans);
+                out.push(pending.finding);
+            }
+        }
+        out
     }
 
     /// When the runtime's GPU processes (not there when the agent started) first appeared, up
@@ -406,9 +586,114 @@ impl ColdStarts {
             .retain(|_, p| now < p.last_seen.saturating_add(idle));
         self.runtimes
             .retain(|_, r| now < r.last_seen.saturating_add(idle));
+        self.startup
+            .retain(|_, t| now < t.last_seen.saturating_add(idle));
     }
 
     pub(crate) fn sizes(&self) -> (usize, usize) {
         (self.procs.len(), self.runtimes.len())
     }
+
+    /// The instance's first token, once its cold start is decided.
+    pub(crate) fn first_token_of(&self, pid: u32) -> Option<UnixNanos> {
+        self.runtimes
+            .get(&pid)
+            .and_then(|r| r.decided)
+            .map(|(ft, _)| ft)
+    }
+}
+
+/// Fills the finding's phases, floor and floor start from its times and the runtime's
+/// start-up spans (`spans`, by start time): exact where the runtime says, NVML where it does
+/// not, the kernel's times always.
+fn fill_phases(finding: &mut ColdStartFinding, spans: &[StartupSpan]) {
+    let kernel =
+        |name: &str, start: UnixNanos, end: UnixNanos, source: PhaseSource| ColdStartPhase {
+            name: name.to_owned(),
+            start,
+            end,
+            source,
+            runtime_span: None,
+        };
+    let mut phases = Vec::new();
+    let first_token = finding.t_first_token;
+    let runtime_start = spans.iter().map(|s| s.start).min();
+    let runtime_end = spans.iter().map(|s| s.end).max();
+    if let (Some(rt_start), Some(rt_end)) = (runtime_start, runtime_end) {
+        if let Some(exec) = finding.t_exec.filter(|t| *t <= rt_start) {
+            phases.push(kernel("process_start", exec, rt_start, PhaseSource::Kernel));
+        }
+        phases.extend(spans.iter().map(|s| ColdStartPhase {
+            name: s.phase.clone(),
+            start: s.start,
+            end: s.end,
+            source: PhaseSource::RuntimeSpans,
+            runtime_span: Some(s.name.clone()),
+        }));
+        let mut at = rt_end;
+        if let Some(listen) = finding.t_listen.filter(|t| *t >= at) {
+            phases.push(kernel("server_start", at, listen, PhaseSource::Kernel));
+            at = listen;
+        }
+        if let Some(first) = finding.t_first_request.filter(|t| *t >= at) {
+            phases.push(kernel("wait_first_request", at, first, PhaseSource::Kernel));
+            at = first;
+        }
+        phases.push(kernel("first_token", at, first_token, PhaseSource::Kernel));
+    } else {
+        let points: [(&str, &str, PhaseSource, Option<UnixNanos>); 6] = [
+            ("exec", "", PhaseSource::Kernel, finding.t_exec),
+            (
+                "gpu_first",
+                "process_start",
+                PhaseSource::Nvml,
+                finding.t_gpu_first,
+            ),
+            (
+                "weights",
+                "weights_load",
+                PhaseSource::Nvml,
+                finding.t_weights,
+            ),
+            ("listen", "warmup", PhaseSource::Kernel, finding.t_listen),
+            (
+                "first_request",
+                "wait_first_request",
+                PhaseSource::Kernel,
+                finding.t_first_request,
+            ),
+            (
+                "first_token",
+                "first_token",
+                PhaseSource::Kernel,
+                Some(first_token),
+            ),
+        ];
+        let known: Vec<(&str, &str, PhaseSource, UnixNanos)> = points
+            .iter()
+            .filter_map(|(from, name, source, t)| t.map(|t| (*from, *name, *source, t)))
+            .collect();
+        phases.extend(
+            known
+                .windows(2)
+                .map(|w| kernel(w[1].1, w[0].3, w[1].3, w[1].2)),
+        );
+    }
+    let (floor_from, floor_start) = match (finding.t_exec, runtime_start) {
+        (Some(exec), _) => ("exec", exec),
+        (None, Some(rt)) => ("runtime_start", rt),
+        (None, None) => [
+            ("gpu_first", finding.t_gpu_first),
+            ("weights", finding.t_weights),
+            ("listen", finding.t_listen),
+            ("first_request", finding.t_first_request),
+        ]
+        .into_iter()
+        .find_map(|(from, t)| t.map(|t| (from, t)))
+        .unwrap_or(("first_token", first_token)),
+    };
+    finding.floor_ns = first_token.saturating_sub(floor_start);
+    finding.floor_from = floor_from.to_owned();
+    finding.phases = phases;
+    finding.runtime_spans = spans.len();
 }

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use super::contention::GpuDetectionConfig;
 use super::kv_eviction::KvEvictionConfig;
+use super::lost::LostInFlightConfig;
 use crate::model::UnixNanos;
 
 const NANOS_PER_MILLI: u64 = 1_000_000;
@@ -59,6 +60,8 @@ pub struct CorrelatorConfig {
     pub kv_eviction: KvEvictionConfig,
     /// GPU contention and cold-start detection: thresholds and the bounds of their state.
     pub gpu: GpuDetectionConfig,
+    /// Requests lost in flight (contract §3.5): how exits and closes are tied.
+    pub lost_in_flight: LostInFlightConfig,
 }
 
 impl Default for CorrelatorConfig {
@@ -78,6 +81,7 @@ impl Default for CorrelatorConfig {
             framing_write_bytes: vec![b"data: [DONE]\n\n".len() as u64],
             kv_eviction: KvEvictionConfig::default(),
             gpu: GpuDetectionConfig::default(),
+            lost_in_flight: LostInFlightConfig::default(),
         }
     }
 }

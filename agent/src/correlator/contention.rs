@@ -92,6 +92,9 @@ pub struct GpuDetectionConfig {
     /// Cold start: a GPU memory sample within this many percent of the plateau level counts as
     /// on the plateau.
     pub plateau_tolerance_pct: u32,
+    /// Cold start: how long after the first token a cold start waits for the rest of its
+    /// runtime's start-up spans (exporters batch them) when the runtime sends such spans.
+    pub startup_span_wait_ms: u64,
     /// Cold start: GPU memory samples kept per process until its first token.
     pub max_memory_samples: usize,
     /// Most (GPU, neighbour) series in the contention-seconds counter; the rest count under
@@ -118,6 +121,7 @@ impl Default for GpuDetectionConfig {
             max_processes: 4096,
             instance_idle_ms: 60 * 60 * 1000,
             plateau_tolerance_pct: 2,
+            startup_span_wait_ms: 10_000,
             max_memory_samples: 4096,
             max_contention_series: 256,
         }
@@ -226,6 +230,10 @@ pub struct RequestGpuFacts {
     /// `inferwatch.start`: cold when the request arrived before its instance served its first
     /// token.
     pub start: StartKind,
+    /// For a cold request, how long it waited for its instance's start: from its arrival to
+    /// the instance's first token, in nanoseconds (`inferwatch.start.wait_ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_wait_ns: Option<u64>,
     /// Time to first token, in nanoseconds (for `inferwatch_ttft_seconds{start}`).
     pub ttft_ns: Option<u64>,
     /// Time per output token, in nanoseconds.
@@ -639,11 +647,14 @@ impl GpuView {
         }
     }
 
-    /// The pids that are the instance: the front and its descendants among the GPU pids.
+    /// The pids that are the instance: the front and its descendants among the processes
+    /// known (those on a GPU, and those named otherwise: a runtime's start-up spans name its
+    /// engine's processes, GPU or not).
     fn instance_pids(&self, pid: u32) -> BTreeSet<u32> {
         let mut pids: BTreeSet<u32> = self
             .gpu_pids
             .keys()
+            .chain(self.identities.keys())
             .filter(|p| **p != pid && self.front_of(**p) == Some(pid))
             .copied()
             .collect();
@@ -766,6 +777,7 @@ impl GpuView {
             span_id: span.span_id,
             instance_pid: pid,
             start: StartKind::Warm,
+            start_wait_ns: None,
             ttft_ns,
             tpot_ns,
             gpus: Vec::new(),
@@ -794,6 +806,11 @@ impl GpuView {
             }
             None => self.cold.start_of(pid, span.arrival),
         };
+        if facts.start == StartKind::Cold {
+            facts.start_wait_ns = earlier_first_token
+                .or_else(|| self.cold.first_token_of(pid))
+                .map(|ft| ft.saturating_sub(span.arrival));
+        }
 
         for uuid in &gpus {
             let snaps = self.window(uuid, span.arrival, span.end, gap);
@@ -986,7 +1003,29 @@ impl GpuView {
         self.instance_ids
             .retain(|_, (t, _)| now < t.saturating_add(idle));
         self.cold.on_tick(now, cfg);
+        for finding in self.cold.on_tick_findings(now) {
+            self.metrics.cold_start_findings += 1;
+            out.push(Output::ColdStart(finding));
+        }
         out
+    }
+
+    /// A runtime's start-up span: held for its instance's cold start, which it may complete.
+    pub(crate) fn on_startup(
+        &mut self,
+        span: crate::model::StartupSpan,
+        cfg: &GpuDetectionConfig,
+    ) -> Vec<Output> {
+        let dropped = self.cold.startup_dropped;
+        let finding = self.cold.on_startup(span, cfg);
+        self.metrics.evictions += self.cold.startup_dropped - dropped;
+        match finding {
+            Some(finding) => {
+                self.metrics.cold_start_findings += 1;
+                vec![Output::ColdStart(finding)]
+            }
+            None => Vec::new(),
+        }
     }
 }
 

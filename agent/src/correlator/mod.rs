@@ -40,6 +40,7 @@ mod contention;
 mod index;
 mod join;
 mod kv_eviction;
+mod lost;
 mod stats;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -49,7 +50,7 @@ use std::ops::Bound;
 use serde::{Deserialize, Serialize};
 
 pub use abort::{AbortFinding, TokenCountMethod};
-pub use cold_start::{ColdStartFinding, ColdStartPhase, StartKind};
+pub use cold_start::{ColdStartFinding, ColdStartPhase, PhaseSource, StartKind};
 pub use config::CorrelatorConfig;
 pub use contention::{
     AffectedRequest, GpuContentionFinding, GpuDetectionConfig, GpuMetrics, NoisyNeighbour,
@@ -61,11 +62,12 @@ pub use kv_eviction::{
     KvEvictionStats, KvEvidence, OTHER_TENANT, SELF_TENANT, SpanLink, TenantLabels, TenantShare,
     conversation_key, instance_key, siphash24,
 };
+pub use lost::{LostCause, LostInFlightConfig, LostInFlightFinding, LostInFlightStats};
 pub use stats::{CorrelatorStats, EvictionCounts, FindingCounts, JoinCounts, StateSizes};
 
 use crate::model::{
     ConnId, GpuSample, KernelEvent, KernelEventKind, KvEventBatch, ProcessIdentity, RequestHead,
-    RuntimeKind, RuntimeRequest, UnixNanos,
+    RuntimeKind, RuntimeRequest, StartupSpan, UnixNanos,
 };
 use abort::KernelAbortFacts;
 use index::{KeySet, SortedVecMap};
@@ -90,6 +92,9 @@ pub enum Input {
     /// The identity of a process (a runtime, a GPU process), sent by the pipeline once per
     /// pid (and again when the pid names a new process) before the inputs that name it.
     Process(ProcessIdentity),
+    /// A runtime's start-up span (vLLM's `Overall Loading`, `Load weights`, ...): its own
+    /// cold-start phases (contract §3.2).
+    Startup(StartupSpan),
 }
 
 /// One output of the correlator.
@@ -116,6 +121,9 @@ pub enum Output {
     GpuContention(GpuContentionFinding),
     /// A runtime instance's cold-start floor and its phases (contract §3.2).
     ColdStart(ColdStartFinding),
+    /// A request lost in flight: the runtime exited or closed the connection mid-response
+    /// (contract §3.5).
+    LostInFlight(LostInFlightFinding),
 }
 
 /// A connection, told apart from an earlier socket at the same kernel address.
@@ -186,6 +194,9 @@ struct Conn {
     /// entries stay while an older request still needs them as its end.
     requests: SortedVecMap<UnixNanos, Option<Head>>,
     peer_closed: Option<PeerClose>,
+    /// The server's own close (its FIN, or its release of a socket it reset) and the closing
+    /// process, when it came before the peer left.
+    server_closed: Option<(UnixNanos, u32)>,
     /// The time and send sequence of the latest request head that carried one.
     head_send_seq: Option<(UnixNanos, u32)>,
     /// `false` when the kernel said the response had not started when the peer left: the
@@ -207,6 +218,7 @@ impl Conn {
             pid: None,
             requests: SortedVecMap::default(),
             peer_closed: None,
+            server_closed: None,
             head_send_seq: None,
             writes_are_tokens: true,
             token_writes: 0,
@@ -277,6 +289,8 @@ pub struct Correlator {
     kv: kv_eviction::KvTracker,
     /// GPU samples, process identities, contention and cold starts.
     gpu: contention::GpuView,
+    /// Process exits and OOM victims, for requests lost in flight (contract §3.5).
+    procs: lost::ProcessTracker,
 }
 
 impl Correlator {
@@ -298,6 +312,7 @@ impl Correlator {
             span_ids: FastSet::default(),
             listeners: BTreeMap::new(),
             gpu: contention::GpuView::default(),
+            procs: lost::ProcessTracker::default(),
         }
     }
 
@@ -332,6 +347,7 @@ impl Correlator {
             pending_spans: self.spans.len(),
             listeners: self.listeners.len(),
             requests: self.conns.values().map(|c| c.requests.len()).sum(),
+            processes: self.procs.sizes(),
         }
     }
 
@@ -386,6 +402,7 @@ impl Correlator {
                 self.kv.on_kv_events(&batch, &mut self.stats.kv_eviction);
                 Vec::new()
             }
+            Input::Startup(span) => self.gpu.on_startup(span, &self.config.gpu),
         }
     }
 
@@ -533,6 +550,20 @@ impl Correlator {
 
         self.settle_heads(now, &mut claims, &mut out);
         self.expire_connections(now);
+        let keep = self.config.connection_idle().max(
+            self.config.span_wait().saturating_add(
+                self.config
+                    .lost_in_flight
+                    .oom_child_window_ms
+                    .saturating_mul(1_000_000),
+            ),
+        );
+        self.procs.on_tick(
+            now,
+            keep,
+            self.config.settle_delay(),
+            &mut self.stats.lost_in_flight,
+        );
         let mut out = self.gpu_facts(out);
         out.extend(self.gpu.on_tick(now, &self.config.gpu));
         let mut evictions = Vec::new();
@@ -574,6 +605,33 @@ impl Correlator {
     fn on_kernel(&mut self, event: KernelEvent) {
         self.stats.kernel_events += 1;
         let ts = event.ts;
+        let cfg = &self.config.lost_in_flight;
+        let stats = &mut self.stats.lost_in_flight;
+        match (&event.kind, event.pid) {
+            (
+                KernelEventKind::ProcessExit {
+                    exit_code,
+                    parent_pid,
+                },
+                Some(pid),
+            ) => {
+                self.procs
+                    .on_exit(pid, *parent_pid, *exit_code, ts, cfg, stats);
+                return;
+            }
+            (KernelEventKind::OomVictim, Some(pid)) => {
+                self.procs.on_oom_victim(pid, ts, cfg, stats);
+                return;
+            }
+            (KernelEventKind::ProcessExit { .. } | KernelEventKind::OomVictim, None) => return,
+            (
+                KernelEventKind::Listen { .. }
+                | KernelEventKind::RequestHead { .. }
+                | KernelEventKind::LocalClosed { .. },
+                Some(pid),
+            ) => self.procs.on_server(pid, ts, cfg, stats),
+            _ => {}
+        }
         match event.kind {
             KernelEventKind::Listen { port, .. } => {
                 if self.listeners.len() >= self.config.max_listeners
@@ -644,9 +702,18 @@ impl Correlator {
                     c.last_write = Some(c.last_write.map_or(ts, |last| last.max(ts)));
                 }
             }
+            KernelEventKind::ProcessExit { .. } | KernelEventKind::OomVictim => {}
             KernelEventKind::LocalClosed { conn } | KernelEventKind::Closed { conn } => {
                 let key = self.conn_for(conn, ts);
+                let local = matches!(event.kind, KernelEventKind::LocalClosed { .. });
                 if let Some(c) = self.conns.get_mut(&key) {
+                    if local
+                        && let Some(pid) = event.pid
+                        && c.peer_closed.is_none_or(|p| p.ts > ts)
+                        && c.server_closed.is_none_or(|(at, _)| ts < at)
+                    {
+                        c.server_closed = Some((ts, pid));
+                    }
                     let earlier = c.closed;
                     if earlier.is_none_or(|earlier| ts < earlier) {
                         c.closed = Some(ts);
@@ -1011,6 +1078,14 @@ impl Correlator {
             return;
         };
         self.stats.joins.record(rule);
+        if let Some(pid) = head.pid.or(conn_pid) {
+            self.procs.on_span_sender(
+                pid,
+                span.end,
+                &self.config.lost_in_flight,
+                &mut self.stats.lost_in_flight,
+            );
+        }
         // vLLM's span names no model: the request body's `"model"` stands in (contract §1.2).
         let mut span = span;
         if span.model.is_none() {
@@ -1118,10 +1193,43 @@ impl Correlator {
                 continue;
             };
             let facts = conn.abort_facts(hk.0);
+            let server_close = conn.server_closed.filter(|(t, _)| {
+                *t >= hk.0
+                    && conn
+                        .requests
+                        .next_key_after(&hk.0)
+                        .is_none_or(|next| *t < next)
+                    && conn.peer_closed.is_none_or(|p| p.ts > *t)
+            });
             let Some(head) = self.take_head(hk) else {
                 continue;
             };
             self.stats.unjoined_heads += 1;
+            if let Some((t_close, pid)) = server_close {
+                match self.procs.cause(pid, t_close, &self.config.lost_in_flight) {
+                    Some((cause, exit_code, signal, lost_at)) => {
+                        let tp = head.head.traceparent;
+                        self.stats.lost_in_flight.findings += 1;
+                        out.push(Output::LostInFlight(LostInFlightFinding {
+                            trace_id: tp.map(|tp| tp.trace_id),
+                            parent_span_id: tp.map(|tp| tp.parent_id),
+                            request_id: head.head.request_id,
+                            conn: hk.1.id,
+                            pid,
+                            cause,
+                            exit_code,
+                            signal,
+                            started: hk.0,
+                            lost_at: lost_at.max(hk.0),
+                            tokens_delivered: None,
+                            model: head.head.model,
+                            tenant: head.head.tenant,
+                        }));
+                    }
+                    None => self.stats.lost_in_flight.ambiguous += 1,
+                }
+                continue;
+            }
             // Without a span, the server's writes after the peer left are the only evidence
             // that the runtime kept working; framing alone is not.
             let (Some((t_c, how)), Some(t_s)) = (facts.close, facts.last_write) else {

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use super::join::JoinRule;
 use super::kv_eviction::KvEvictionStats;
+use super::lost::LostInFlightStats;
 use crate::model::CloseHow;
 
 /// Counters of everything the correlator decided; monotonic, read with
@@ -31,6 +32,8 @@ pub struct CorrelatorStats {
     pub findings: FindingCounts,
     /// Conversation tracking and KV-eviction findings.
     pub kv_eviction: KvEvictionStats,
+    /// Requests lost in flight, process exits and OOM victims.
+    pub lost_in_flight: LostInFlightStats,
 }
 
 /// Settled spans by join rule (`inferwatch.join`).
@@ -118,4 +121,7 @@ pub struct StateSizes {
     pub listeners: usize,
     /// Request boundaries remembered across all connections (pending or settled).
     pub requests: usize,
+    /// Process exits, OOM victims and server processes remembered (lost in flight).
+    #[serde(default)]
+    pub processes: usize,
 }

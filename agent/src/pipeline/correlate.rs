@@ -16,22 +16,23 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 
 use crate::correlator::{
-    AbortFinding, ColdStartFinding, Correlator, GpuContentionFinding, Input, JoinRule,
-    JoinedRequest, KvEvictionFinding, NoisyNeighbour, Output, RequestGpuFacts, StartKind,
+    AbortFinding, ColdStartFinding, ColdStartPhase, Correlator, GpuContentionFinding, Input,
+    JoinRule, JoinedRequest, KvEvictionFinding, LostInFlightFinding, NoisyNeighbour, Output,
+    RequestGpuFacts, StartKind,
 };
 use crate::model::{GpuSample, KernelEvent, KvEventBatch, ProcessIdentity, UnixNanos};
 use crate::privacy::TenantHasher;
 use crate::sinks::batch::{EncodedGroup, EncodedSpan, SpanGroup, kv_f64, kv_i64, kv_str};
 use crate::sinks::prometheus::findings::{
     AbortLabels, ContentionLabels, FindingMetrics, GpuLabels, GpuProcessLabels, JoinLabels,
-    KvEvictionLabels, StartLabels, TableLabels, advance_to,
+    KvEvictionLabels, LostLabels, StartLabels, TableLabels, advance_to,
 };
 use crate::sinks::prometheus::metrics::RuntimeSpanLabels;
 use crate::sinks::{SinkSender, SpanBatch, finding_span};
 use crate::sources::otlp::RawTraceRequest;
 use crate::sources::otlp::adapters::{
     AdapterOptions, RuntimeLabel, SpanAdapter, instance, runtime_of, runtime_of_resource,
-    runtime_of_scope,
+    runtime_of_scope, startup,
 };
 use crate::sources::otlp::wire::{SpanView, rewrite_str_attributes};
 
@@ -54,6 +55,8 @@ pub enum FindingSummary {
     ColdStart(ColdStartFinding),
     /// A conversation's warm prefix was evicted.
     KvEviction(KvEvictionFinding),
+    /// A request lost in flight.
+    LostInFlight(LostInFlightFinding),
 }
 
 /// The stage's tables keyed by (trace id, span id), touched several times per span. SipHash (std's
@@ -321,6 +324,7 @@ impl CorrelateStage {
             let mut identified: Option<u32> = None;
             let identity = instance(rs.resource.as_ref());
             let resource_runtime = runtime_of_resource(rs.resource.as_ref());
+            let startup_process = startup::process(rs.resource.as_ref());
             // The resource as exported: its tenant hashed too.
             let mut exported_resource = rs.resource;
             if let Some(r) = exported_resource.as_mut() {
@@ -353,8 +357,26 @@ impl CorrelateStage {
                             runtime_of(name, adapted.as_ref().map(|r| r.runtime), scope_runtime);
                         self.count_runtime_span(runtime, adapted.is_some());
                     }
+                    // A runtime's start-up span goes on as it came, and to the correlator as
+                    // its cold-start phase.
+                    let started = match (&adapted, &view) {
+                        (None, Some(view)) => startup::recognise(view, &startup_process),
+                        _ => None,
+                    };
                     let span = EncodedSpan::from_received(self.hash_tenant_in_span(bytes));
                     let Some(request) = adapted else {
+                        if let Some(started) = started {
+                            if let Some(pid) = started.process_pid
+                                && identified != Some(pid)
+                            {
+                                identified = Some(pid);
+                                for identity in (self.identities)(pid) {
+                                    outputs
+                                        .extend(self.correlator.on_event(Input::Process(identity)));
+                                }
+                            }
+                            outputs.extend(self.correlator.on_event(Input::Startup(started)));
+                        }
                         passed.push(span);
                         continue;
                     };
@@ -424,6 +446,7 @@ impl CorrelateStage {
                 Output::GpuContention(finding) => self.on_contention(finding),
                 Output::ColdStart(finding) => self.on_cold_start(finding),
                 Output::KvEviction(finding) => self.on_kv_eviction(finding),
+                Output::LostInFlight(finding) => self.on_lost_in_flight(finding),
             }
         }
     }
@@ -482,6 +505,10 @@ impl CorrelateStage {
         };
         held.span
             .add_str_attribute("inferwatch.start", facts.start.as_str());
+        if let Some(wait) = facts.start_wait_ns {
+            held.span
+                .add_attributes([kv_f64("inferwatch.start.wait_ms", wait as f64 / 1e6)]);
+        }
         if let Some(gpu) = facts.gpus.first() {
             held.span
                 .add_str_attribute("inferwatch.gpu.uuid", &gpu.uuid);
@@ -639,6 +666,10 @@ impl CorrelateStage {
                 finding.floor_ns as f64 / 1e6,
             ),
             kv_str("inferwatch.cold_start.floor_from", &finding.floor_from),
+            kv_i64(
+                "inferwatch.cold_start.runtime_spans",
+                finding.runtime_spans as i64,
+            ),
             kv_i64("process.pid", i64::from(finding.pid)),
         ];
         if let Some(exe) = &finding.executable {
@@ -675,14 +706,62 @@ impl CorrelateStage {
                 root_id,
                 phase.start,
                 phase.end,
-                vec![kv_f64(
-                    "inferwatch.cold_start.phase_ms",
-                    phase.end.saturating_sub(phase.start) as f64 / 1e6,
-                )],
+                phase_attributes(phase),
             ));
         }
         self.findings.push(root);
         self.summaries.push(FindingSummary::ColdStart(finding));
+    }
+
+    fn on_lost_in_flight(&mut self, mut finding: LostInFlightFinding) {
+        if let (Some(hasher), Some(tenant)) = (&self.tenant_hasher, finding.tenant.as_mut()) {
+            *tenant = hasher.hash(tenant);
+        }
+        let model = self.metrics.model(finding.model.as_deref());
+        self.metrics
+            .lost_in_flight
+            .get_or_create(&LostLabels {
+                cause: finding.cause.as_str().to_owned(),
+                model: model.model.clone(),
+            })
+            .inc();
+        let mut attributes = vec![
+            kv_str("inferwatch.lost.cause", finding.cause.as_str()),
+            kv_f64("inferwatch.lost.ran_ms", finding.ran_ns() as f64 / 1e6),
+            kv_i64("process.pid", i64::from(finding.pid)),
+        ];
+        if let Some(code) = finding.exit_code {
+            attributes.push(kv_i64("inferwatch.lost.exit_code", i64::from(code)));
+        }
+        if let Some(signal) = finding.signal {
+            attributes.push(kv_i64("inferwatch.lost.signal", i64::from(signal)));
+        }
+        if let Some(tokens) = finding.tokens_delivered {
+            attributes.push(kv_i64("inferwatch.lost.tokens_delivered", tokens as i64));
+        }
+        if let Some(id) = &finding.request_id {
+            attributes.push(kv_str("gen_ai.request.id", id));
+        }
+        if let Some(tenant) = &finding.tenant {
+            attributes.push(kv_str("tenant.id", tenant));
+        }
+        if let Some(model) = &finding.model {
+            attributes.push(kv_str("gen_ai.request.model", model));
+        }
+        let trace_id = finding.trace_id.unwrap_or_else(new_trace_id);
+        let mut span = finding_span(
+            "inferwatch.lost_in_flight",
+            trace_id,
+            finding.parent_span_id.unwrap_or([0; 8]),
+            finding.started,
+            finding.lost_at,
+            attributes,
+        );
+        if finding.parent_span_id.is_none() {
+            span.parent_span_id.clear();
+        }
+        self.findings.push(span);
+        self.summaries.push(FindingSummary::LostInFlight(finding));
     }
 
     fn on_abort(&mut self, mut finding: AbortFinding) {
@@ -806,6 +885,7 @@ impl CorrelateStage {
             ("spans", stats.evictions.spans),
             ("listeners", stats.evictions.listeners),
             ("conversations", stats.kv_eviction.conversations_dropped),
+            ("processes", stats.lost_in_flight.evictions),
         ] {
             advance_to(
                 &m.correlator_evictions.get_or_create(&TableLabels {
@@ -814,6 +894,7 @@ impl CorrelateStage {
                 total,
             );
         }
+        advance_to(&m.lost_in_flight_ambiguous, stats.lost_in_flight.ambiguous);
     }
 
     /// Sends the enriched spans and findings gathered since the last flush as one batch.
@@ -857,6 +938,21 @@ impl CorrelateStage {
 }
 
 /// `inferwatch.noisy_neighbour.*` for a process neighbour.
+/// The attributes of one `inferwatch.cold_start.<phase>` span.
+fn phase_attributes(phase: &ColdStartPhase) -> Vec<KeyValue> {
+    let mut attributes = vec![
+        kv_f64(
+            "inferwatch.cold_start.phase_ms",
+            phase.duration_ns() as f64 / 1e6,
+        ),
+        kv_str("inferwatch.cold_start.phase_source", phase.source.as_str()),
+    ];
+    if let Some(name) = &phase.runtime_span {
+        attributes.push(kv_str("inferwatch.cold_start.runtime_span", name));
+    }
+    attributes
+}
+
 fn neighbour_attributes(n: &NoisyNeighbour) -> Vec<KeyValue> {
     let mut out = vec![
         kv_i64("inferwatch.noisy_neighbour.pid", i64::from(n.pid)),

@@ -563,6 +563,17 @@ fn log_findings(stage: &mut CorrelateStage) {
                 phases = ?f.phases.iter().map(|p| (p.name.as_str(), p.end.saturating_sub(p.start) / 1_000_000)).collect::<Vec<_>>(),
                 "cold-start latency floor"
             ),
+            FindingSummary::LostInFlight(f) => tracing::info!(
+                target: "inferwatch::finding",
+                finding = "lost_in_flight",
+                cause = f.cause.as_str(),
+                pid = f.pid,
+                exit_code = ?f.exit_code,
+                signal = ?f.signal,
+                request_id = f.request_id.as_deref().unwrap_or("-"),
+                ran_ms = f.ran_ns() / 1_000_000,
+                "a request was lost in flight"
+            ),
             FindingSummary::Abort(f) => tracing::info!(
                 target: "inferwatch::finding",
                 finding = "abort",
@@ -643,6 +654,10 @@ fn update_kernel_metrics(metrics: &FindingMetrics, stats: &KernelStats, counters
         ("channel_full", stats.channel_full.load(Ordering::Relaxed)),
         ("decode_error", stats.decode_errors.load(Ordering::Relaxed)),
         ("unknown_type", stats.unknown_types.load(Ordering::Relaxed)),
+        (
+            "exit_ringbuf_full",
+            stats.exit_ringbuf_drops.load(Ordering::Relaxed),
+        ),
     ] {
         let labels = SourceDropLabels {
             source: "kernel".into(),

@@ -56,6 +56,10 @@ enum Cmd {
         /// vllm_process_id).
         #[arg(long)]
         resource_pid: Option<ResourcePid>,
+        /// On SIGTERM, finish the requests in flight before exiting (a graceful drain), instead
+        /// of stopping at once.
+        #[arg(long)]
+        drain: bool,
     },
     /// Send a scenario's traffic to a running runtime.
     Traffic {
@@ -251,6 +255,7 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             duration_scale,
             nvml_script,
             resource_pid,
+            drain,
         } => {
             let mut rt = match scenario {
                 Some(p) => Scenario::load(&p)?.runtime,
@@ -275,6 +280,10 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             })
             .await?;
             wait_signal().await;
+            if drain {
+                tracing::info!("draining");
+                running.drain(std::time::Duration::from_secs(60)).await;
+            }
             tracing::info!("shutting down");
             running.shutdown().await;
             Ok(())

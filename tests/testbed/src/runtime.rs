@@ -65,6 +65,16 @@ impl GpuPlay {
 }
 
 impl Running {
+    /// A graceful drain: waits (at most `limit`) until no request is running or waiting, then
+    /// a little longer for the last responses' final writes.
+    pub async fn drain(&self, limit: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.engine.load() != (0, 0) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+
     /// Stop serving, flush spans; the runtime leaves the GPU and neighbours still alive end.
     pub async fn shutdown(self) {
         for t in &self.tasks {

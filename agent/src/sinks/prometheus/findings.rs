@@ -66,6 +66,15 @@ pub struct AbortLabels {
     pub model: String,
 }
 
+/// `{cause, model}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct LostLabels {
+    /// `exit`, `signal`, `oom_kill` or `server_close`.
+    pub cause: String,
+    /// The model name (bounded).
+    pub model: String,
+}
+
 /// `{rule}`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct JoinLabels {
@@ -155,6 +164,11 @@ pub struct FindingMetrics {
     pub output_tokens: Family<ModelLabels, Counter>,
     /// `inferwatch_aborts_total{how,model}`.
     pub aborts: Family<AbortLabels, Counter>,
+    /// `inferwatch_lost_in_flight_total{cause,model}` (contract §3.5).
+    pub lost_in_flight: Family<LostLabels, Counter>,
+    /// `inferwatch_lost_in_flight_ambiguous_total`: server-first closes with no span and no
+    /// exit, from a runtime that sends no spans: no finding.
+    pub lost_in_flight_ambiguous: Counter,
     /// `inferwatch_abort_lag_seconds{model}`.
     pub abort_lag: Family<ModelLabels, Histogram>,
     /// `inferwatch_joins_total{rule}`: how runtime spans were joined to connections.
@@ -212,6 +226,8 @@ impl FindingMetrics {
             billed_after_abort_tokens: Family::default(),
             output_tokens: Family::default(),
             aborts: Family::default(),
+            lost_in_flight: Family::default(),
+            lost_in_flight_ambiguous: Counter::default(),
             abort_lag: Family::new_with_constructor(lag_histogram),
             joins: Family::default(),
             correlator_evictions: Family::default(),
@@ -246,6 +262,16 @@ impl FindingMetrics {
             "inferwatch_aborts",
             "Requests whose client left while the runtime was still working",
             metrics.aborts.clone(),
+        );
+        registry.register(
+            "inferwatch_lost_in_flight",
+            "Requests lost mid-response: the runtime exited, was killed or closed the connection",
+            metrics.lost_in_flight.clone(),
+        );
+        registry.register(
+            "inferwatch_lost_in_flight_ambiguous",
+            "Requests the server closed first, without a span or an exit to say why: no finding",
+            metrics.lost_in_flight_ambiguous.clone(),
         );
         registry.register(
             "inferwatch_abort_lag_seconds",

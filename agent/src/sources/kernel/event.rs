@@ -35,6 +35,8 @@ const _: () = {
     assert!(size_of::<iw_write_after_peer_close_event>() == 40);
     assert!(size_of::<iw_local_closed_event>() == 24);
     assert!(size_of::<iw_closed_event>() == 24);
+    assert!(size_of::<iw_process_exit_event>() == 32);
+    assert!(size_of::<iw_oom_victim_event>() == 24);
 };
 
 /// Why a ring-buffer record could not be decoded.
@@ -139,6 +141,15 @@ pub enum RawBody<'a> {
     LocalClosed,
     /// `IW_EVENT_CLOSED`.
     Closed,
+    /// `IW_EVENT_PROCESS_EXIT` (`tgid` is the process).
+    ProcessExit {
+        /// The wait status.
+        exit_code: u32,
+        /// The parent's tgid.
+        ppid: u32,
+    },
+    /// `IW_EVENT_OOM_VICTIM` (`tgid` is the victim).
+    OomVictim,
 }
 
 /// Reads a `T` from the start of `bytes` after checking the length. The ring buffer gives no
@@ -246,6 +257,17 @@ pub fn decode(bytes: &[u8]) -> Result<RawEvent<'_>, DecodeError> {
             RawBody::LocalClosed
         }
         IW_EVENT_CLOSED => RawBody::Closed,
+        IW_EVENT_PROCESS_EXIT => {
+            let ev: iw_process_exit_event = read(bytes, ty)?;
+            RawBody::ProcessExit {
+                exit_code: ev.exit_code,
+                ppid: ev.ppid,
+            }
+        }
+        IW_EVENT_OOM_VICTIM => {
+            read::<iw_oom_victim_event>(bytes, ty)?;
+            RawBody::OomVictim
+        }
         _ => return Err(DecodeError::UnknownType(ty)),
     };
     Ok(RawEvent {

@@ -12,6 +12,7 @@ mod clock;
 mod config;
 pub mod discovery;
 pub mod event;
+pub mod exit;
 pub mod http;
 mod probes;
 
@@ -141,6 +142,8 @@ pub struct KernelStats {
     pub unparsed_heads: AtomicU64,
     /// Events dropped because the pipeline's channel was full (whole batches).
     pub channel_full: AtomicU64,
+    /// Process-exit events lost to the exit programs' full ring buffer (summed over CPUs).
+    pub exit_ringbuf_drops: AtomicU64,
 }
 
 /// Turns decoded kernel records into model events: wall-clock time and parsed heads.
@@ -191,6 +194,11 @@ impl EventConverter {
             },
             RawBody::LocalClosed => KernelEventKind::LocalClosed { conn },
             RawBody::Closed => KernelEventKind::Closed { conn },
+            RawBody::ProcessExit { exit_code, ppid } => KernelEventKind::ProcessExit {
+                exit_code: *exit_code,
+                parent_pid: *ppid,
+            },
+            RawBody::OomVictim => KernelEventKind::OomVictim,
         };
         Some(KernelEvent {
             ts: self.clock.to_unix(raw.mono_ns),
@@ -204,6 +212,8 @@ impl EventConverter {
 pub struct KernelSource {
     probes: KernelProbes,
     ring: RingBuf<MapData>,
+    /// The process-exit programs and their ring, when they loaded.
+    exit: Option<(exit::ExitProbes, RingBuf<MapData>)>,
     counters: Arc<CounterMap>,
     converter: EventConverter,
     stats: Arc<KernelStats>,
@@ -227,9 +237,23 @@ impl KernelSource {
         let mut probes = KernelProbes::load(&config.ports(), config.ring_buffer_bytes)?;
         let ring = probes.take_ring_buf()?;
         let counters = Arc::new(probes.take_counters()?);
+        let exit = match exit::ExitProbes::load().and_then(|mut p| {
+            let ring = p.take_ring_buf()?;
+            Ok((p, ring))
+        }) {
+            Ok(exit) => Some(exit),
+            Err(e) => {
+                tracing::warn!(
+                    error = %crate::check::error_chain(&e),
+                    "process-exit programs not loaded: requests lost in flight are found from server-side closes only, without exit causes"
+                );
+                None
+            }
+        };
         Ok(Self {
             probes,
             ring,
+            exit,
             counters,
             converter: EventConverter::new(MonotonicToWall::sample(), config),
             stats: Arc::new(KernelStats::default()),
@@ -259,11 +283,24 @@ impl KernelSource {
         let Self {
             probes,
             ring,
+            exit,
             converter,
             stats,
             poll_interval,
             ..
         } = self;
+        let (exit_probes, exit_ring) = match exit {
+            Some((p, r)) => (Some(p), Some(r)),
+            None => (None, None),
+        };
+        // SAFETY: as for the main ring below: the fd lives as long as the AsyncFd that owns it.
+        let mut exit_ring = match exit_ring {
+            Some(r) => Some(
+                unsafe { AsyncFd::register_with_interest(r, tokio::io::Interest::READABLE) }
+                    .map_err(|e| KernelError::Poll(e.into_parts().1))?,
+            ),
+            None => None,
+        };
         tracing::debug!(fd = ring.as_raw_fd(), "kernel ring buffer reader started");
         // SAFETY: the ring buffer's fd stays open for as long as `ring` (owned by the AsyncFd)
         // lives, and nothing else registers it with the reactor.
@@ -277,12 +314,46 @@ impl KernelSource {
         let mut batch = Vec::new();
         loop {
             // Readiness is cleared before draining: a wakeup during the drain sets it again.
+            let exit_ready = async {
+                match exit_ring.as_mut() {
+                    Some(r) => r.readable_mut().await.map(|mut g| g.clear_ready()),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 ready = ring.readable_mut() => ready.map_err(KernelError::Poll)?.clear_ready(),
+                ready = exit_ready => ready.map_err(KernelError::Poll)?,
                 _ = tick.tick() => {}
             }
+            if let Some(p) = &exit_probes {
+                stats
+                    .exit_ringbuf_drops
+                    .store(p.ringbuf_drops(), Ordering::Relaxed);
+            }
             let rb = ring.get_mut();
+            // Process exits are rare: copied out, so that the two rings are not borrowed at once.
+            let mut exit_records: Vec<Vec<u8>> = Vec::new();
+            if let Some(r) = exit_ring.as_mut() {
+                let r = r.get_mut();
+                while let Some(item) = r.next() {
+                    exit_records.push(item.to_vec());
+                }
+            }
+            for bytes in &exit_records {
+                stats.records.fetch_add(1, Ordering::Relaxed);
+                match event::decode(bytes) {
+                    Ok(raw) => {
+                        if let Some(event) = converter.convert(&raw) {
+                            batch.push(event);
+                        }
+                    }
+                    Err(err) => {
+                        stats.decode_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%err, "undecodable process-exit record");
+                    }
+                }
+            }
             while let Some(item) = rb.next() {
                 stats.records.fetch_add(1, Ordering::Relaxed);
                 let raw = match event::decode(&item) {

@@ -16,6 +16,7 @@
 
 pub mod genai;
 pub mod sglang;
+pub mod startup;
 #[cfg(test)]
 mod tests;
 pub mod tgi;
@@ -204,11 +205,17 @@ fn base(
 }
 
 /// The exporting process's identity from its resource.
+///
+/// vLLM sends no `process.pid`: its `vllm.process_id` stands in for it when the resource is the
+/// API server's (no `vllm.process_kind`), the process that listens and exports the request
+/// spans (contract §1.4, aliases).
 pub fn instance(resource: Option<&Resource>) -> InstanceIdentity {
     let mut id = InstanceIdentity::default();
-    // vLLM's resource names its API server (the front process) as `vllm.process_id`; the OTel
-    // SDKs' process detector as `process.pid`, which wins when both are there.
+    // vLLM's resource names its emitting process as `vllm.process_id`; the API server (the
+    // front process) is the one without `vllm.process_kind`. The OTel SDKs' process detector
+    // sets `process.pid`, which wins when both are there.
     let mut vllm_pid = None;
+    let mut vllm_kind = false;
     for kv in resource
         .map(|r| r.attributes.as_slice())
         .unwrap_or_default()
@@ -224,17 +231,20 @@ pub fn instance(resource: Option<&Resource>) -> InstanceIdentity {
             "host.name" => id.host_name = str_of(&value).map(Arc::from),
             "process.pid" => id.pid = u64_of(&value).and_then(|p| u32::try_from(p).ok()),
             "vllm.process_id" => vllm_pid = u64_of(&value).and_then(|p| u32::try_from(p).ok()),
+            "vllm.process_kind" => vllm_kind = true,
             _ => {}
         }
     }
-    id.pid = id.pid.or(vllm_pid);
+    if id.pid.is_none() && !vllm_kind {
+        id.pid = vllm_pid;
+    }
     id
 }
 
 /// A decoded (resource) attribute value as the view the readers below take; arrays, key-value
 /// lists and profiles' string-table indexes, which no resource attribute the adapters read
 /// holds, as `Empty`.
-fn scalar_view(value: &Value) -> ValueView<'_> {
+pub(crate) fn scalar_view(value: &Value) -> ValueView<'_> {
     match value {
         Value::StringValue(s) => ValueView::Str(s),
         Value::BoolValue(b) => ValueView::Bool(*b),
