@@ -48,7 +48,7 @@ use std::ops::Bound;
 
 use serde::{Deserialize, Serialize};
 
-pub use abort::{AbortFinding, TokenCountMethod};
+pub use abort::{AbortBoundary, AbortFinding, ClientAbort, TokenCountMethod};
 pub use cold_start::{ColdStartFinding, ColdStartPhase, StartKind};
 pub use config::CorrelatorConfig;
 pub use contention::{
@@ -105,6 +105,9 @@ pub enum Output {
     Joined(JoinedRequest),
     /// Tokens billed after the client aborted.
     Abort(AbortFinding),
+    /// A client left while its request was in flight, finding or not (SPEC §3.1): counted
+    /// and its lag observed. Comes right before the request's `Abort` finding when it makes one.
+    ClientAbort(ClientAbort),
     /// A conversation's warm prefix was evicted between two turns (SPEC §3.3).
     KvEviction(KvEvictionFinding),
     /// The GPU side of a settled request: `inferwatch.start`, its GPUs and their SM
@@ -233,6 +236,8 @@ impl Conn {
                     close: Some((close.ts, close.how)),
                     token_writes: self.token_writes,
                     last_write: self.last_write,
+                    not_started: !self.writes_are_tokens,
+                    server_closed: self.closed,
                 }
             }
             _ => KernelAbortFacts::default(),
@@ -273,6 +278,14 @@ pub struct Correlator {
     span_ids: FastSet<([u8; 16], [u8; 8])>,
     /// Listening port -> the pid that listens.
     listeners: BTreeMap<u16, Option<u32>>,
+    /// Local ports whose runtime exports spans (a span joined a request read there, or came
+    /// from the pid listening there), at most `max_listeners`: on these, a request the client
+    /// left and that never got a span was dropped by the runtime (vLLM exports no span for a
+    /// request aborted because its client left), so it counts as a client abort.
+    span_ports: BTreeSet<u16>,
+    /// Runtime pids that exported spans, at most `max_listeners`: their listening ports and
+    /// the connections they read count as exporting spans too.
+    span_pids: BTreeSet<u32>,
     /// Conversations and per-instance request / KV event logs (SPEC §3.3).
     kv: kv_eviction::KvTracker,
     /// GPU samples, process identities, contention and cold starts.
@@ -297,6 +310,8 @@ impl Correlator {
             spans: BTreeMap::new(),
             span_ids: FastSet::default(),
             listeners: BTreeMap::new(),
+            span_ports: BTreeSet::new(),
+            span_pids: BTreeSet::new(),
             gpu: contention::GpuView::default(),
         }
     }
@@ -502,13 +517,20 @@ impl Correlator {
             self.claim_rest(&mut claims);
             guessing.sort_unstable();
         }
+        let mut ambiguous: BTreeSet<SpanKey> = BTreeSet::new();
         for (_, key) in guessing {
             let Some(span) = self.spans.get(&key) else {
                 continue;
             };
-            if let Some(head) = self.best_temporal(span, &claims.heads) {
-                claims.heads.insert(head, key);
-                matches.insert(key, (JoinRule::Temporal, head));
+            match self.best_temporal(span, &claims.heads) {
+                Some(Guess::One(head)) => {
+                    claims.heads.insert(head, key);
+                    matches.insert(key, (JoinRule::Temporal, head));
+                }
+                Some(Guess::Ambiguous) => {
+                    ambiguous.insert(key);
+                }
+                None => {}
             }
         }
         for (key, at) in deferred {
@@ -520,7 +542,12 @@ impl Correlator {
             if let Some(span) = self.spans.remove(&key) {
                 self.span_ids.remove(&(span.trace_id, span.span_id));
                 let matched = matches.get(&key).copied();
-                self.finish_span(span, matched, false, &mut out);
+                let unjoined = if ambiguous.contains(&key) {
+                    JoinRule::Ambiguous
+                } else {
+                    JoinRule::Unjoined
+                };
+                self.finish_span(span, matched, unjoined, false, &mut out);
             }
         }
 
@@ -669,15 +696,28 @@ impl Correlator {
             self.stats.evictions.spans += 1;
             self.span_ids.remove(&(oldest.trace_id, oldest.span_id));
             let none = FastMap::default();
-            let matched = self.best_exact(&oldest, &none).or_else(|| {
-                self.best_temporal(&oldest, &none)
-                    .map(|h| (JoinRule::Temporal, h))
+            let guess = self.best_exact(&oldest, &none).map(Ok).or_else(|| {
+                self.best_temporal(&oldest, &none).map(|guess| match guess {
+                    Guess::One(h) => Ok((JoinRule::Temporal, h)),
+                    Guess::Ambiguous => Err(JoinRule::Ambiguous),
+                })
             });
-            self.finish_span(oldest, matched, true, &mut out);
+            let (matched, unjoined) = match guess {
+                Some(Ok(matched)) => (Some(matched), JoinRule::Unjoined),
+                Some(Err(rule)) => (None, rule),
+                None => (None, JoinRule::Unjoined),
+            };
+            self.finish_span(oldest, matched, unjoined, true, &mut out);
         }
         // Every head an exact rule can give this span was read before its end, so the exact
         // rules can decide once the kernel events up to the end have arrived; a span they do
         // not join then waits on to `guess_at` (`on_tick`).
+        if let Some(pid) = request.instance.pid
+            && (self.span_pids.len() < self.config.max_listeners.max(1)
+                || self.span_pids.contains(&pid))
+        {
+            self.span_pids.insert(pid);
+        }
         let settle_at = request.end.saturating_add(self.config.settle_delay());
         self.span_ids.insert(ids);
         self.spans.insert(
@@ -685,6 +725,31 @@ impl Correlator {
             Box::new(request),
         );
         out
+    }
+
+    /// Whether the runtime serving a connection on `local`, read by `pid`, exports spans:
+    /// decided when a request settles, from everything received by then, so that the order
+    /// of the inputs does not matter.
+    fn exports_spans(&self, local: Option<SocketAddr>, pid: Option<u32>) -> bool {
+        let port = local.map(|l| l.port());
+        port.is_some_and(|port| {
+            self.span_ports.contains(&port)
+                || self
+                    .listeners
+                    .get(&port)
+                    .copied()
+                    .flatten()
+                    .is_some_and(|p| self.span_pids.contains(&p))
+        }) || pid.is_some_and(|p| self.span_pids.contains(&p))
+    }
+
+    /// Remembers that the runtime on `port` exports spans, within `max_listeners` ports.
+    fn note_span_port(&mut self, port: u16) {
+        if self.span_ports.len() < self.config.max_listeners.max(1)
+            || self.span_ports.contains(&port)
+        {
+            self.span_ports.insert(port);
+        }
     }
 
     /// Whether `span` may still decide its instance's cold start, and which request decides
@@ -918,12 +983,14 @@ impl Correlator {
     }
 
     /// The unreserved head on the span's instance read closest to its arrival, within the
-    /// temporal window.
+    /// temporal window, when it fits clearly better than any other: closer to the arrival than
+    /// every other candidate by `temporal_margin_ms`. Candidates whose connection shows the
+    /// span cannot be theirs are left out first ([`Correlator::cannot_own`]).
     fn best_temporal(
         &self,
         span: &RuntimeRequest,
         reserved: &FastMap<HeadKey, SpanKey>,
-    ) -> Option<HeadKey> {
+    ) -> Option<Guess> {
         let window = self.config.temporal_window();
         let lo = (span.arrival.saturating_sub(window), ConnKey::MIN);
         let hi = (span.arrival.saturating_add(window), ConnKey::MAX);
@@ -942,8 +1009,9 @@ impl Correlator {
             .copied()
             .filter(|hk| !reserved.contains_key(hk) && hk.0 <= span.end)
             .filter(|hk| {
-                self.head_ref(*hk)
-                    .is_some_and(|(_, head)| !self.contradicts(span, &head.head))
+                self.head_ref(*hk).is_some_and(|(conn, head)| {
+                    !self.contradicts(span, &head.head) && !Self::cannot_own(span, conn, hk.0)
+                })
             })
             .filter(|hk| match (&instance_ports, self.conns.get(&hk.1)) {
                 (None, _) => true,
@@ -953,7 +1021,47 @@ impl Correlator {
                 }
                 (Some(_), None) => false,
             });
-        closest(span.arrival, candidates)
+        let mut by_distance: Vec<(UnixNanos, HeadKey)> = candidates
+            .map(|hk| (hk.0.abs_diff(span.arrival), hk))
+            .collect();
+        by_distance.sort_unstable();
+        match by_distance.as_slice() {
+            [] => None,
+            [(_, only)] => Some(Guess::One(*only)),
+            [(best, head), (second, _), ..] => {
+                if *second >= best.saturating_add(self.config.temporal_margin()) {
+                    Some(Guess::One(*head))
+                } else {
+                    Some(Guess::Ambiguous)
+                }
+            }
+        }
+    }
+
+    /// Whether what the kernel saw of the request read at `head_ts` on `conn` rules `span`
+    /// out, whatever the time says: the connection carried more token chunks after its peer
+    /// left than the span has output tokens, or the server stopped writing when the peer left
+    /// and closed the connection while the span went on decoding to its limit (or, with
+    /// per-token times, past that close).
+    fn cannot_own(span: &RuntimeRequest, conn: &Conn, head_ts: UnixNanos) -> bool {
+        let facts = conn.abort_facts(head_ts);
+        let Some((t_c, _)) = facts.close else {
+            return false;
+        };
+        if t_c >= span.end {
+            return false;
+        }
+        let more_writes_than_tokens = !facts.not_started
+            && span
+                .output_tokens
+                .is_some_and(|n| facts.token_writes > n.saturating_add(NON_TOKEN_CHUNKS_MAX));
+        let stopped_at_close = facts.last_write.is_none()
+            && facts.server_closed.is_some_and(|closed| {
+                closed < span.end
+                    && (span.finish_reason.as_deref() == Some("length")
+                        || span.token_times.iter().any(|t| *t > closed))
+            });
+        more_writes_than_tokens || stopped_at_close
     }
 
     /// Whether a head's identifiers rule out `span`, so that a guess never goes against
@@ -976,10 +1084,14 @@ impl Correlator {
         other_trace || other_id
     }
 
+    /// Emits a settled span: joined to the head `matched` names, else as `unjoined`
+    /// ([`JoinRule::Unjoined`] or [`JoinRule::Ambiguous`]); with the client abort it shows,
+    /// and its finding when it makes one.
     fn finish_span(
         &mut self,
         span: Box<RuntimeRequest>,
         matched: Option<(JoinRule, HeadKey)>,
+        unjoined: JoinRule,
         early: bool,
         out: &mut Vec<Output>,
     ) {
@@ -991,21 +1103,36 @@ impl Correlator {
             Some((rule, hk, head, facts, local, peer, conn_pid))
         });
         let Some((rule, hk, head, facts, local, peer, conn_pid)) = joined else {
-            self.stats.joins.record(JoinRule::Unjoined);
+            self.stats.joins.record(unjoined);
             self.kv.on_request(&span, None, &mut self.stats.kv_eviction);
             out.push(Output::Joined(JoinedRequest {
                 request: span,
-                join: JoinRule::Unjoined,
+                join: unjoined,
                 connection: None,
                 settled_early: early,
             }));
             return;
         };
         self.stats.joins.record(rule);
-        let finding = facts.close.and_then(|(t_c, how)| {
+        if let Some(port) = local.map(|l| l.port()) {
+            self.note_span_port(port);
+        }
+        let lag_threshold = self.config.abort_lag_finding();
+        let measured = facts.close.and_then(|(t_c, how)| {
             let (tokens_after, tokens_total, method) =
                 abort::tokens_after_with_span(&span, t_c, facts.token_writes)?;
-            Some(AbortFinding {
+            let lag_ns = span.end - t_c;
+            let abort = ClientAbort {
+                conn: hk.1.id,
+                how,
+                model: span.model.clone(),
+                t_c,
+                t_g: None,
+                t_s: Some(span.end),
+                tokens_after,
+                finding: abort::makes_finding(tokens_after, lag_ns, lag_threshold),
+            };
+            let finding = abort.finding.then(|| AbortFinding {
                 trace_id: Some(span.trace_id),
                 parent_span_id: Some(span.span_id),
                 request_id: span.request_id.clone().or(head.head.request_id.clone()),
@@ -1021,7 +1148,10 @@ impl Correlator {
                 tenant: span.tenant.clone().or(head.head.tenant.clone()),
                 model: span.model.clone(),
                 join: rule,
-            })
+                t_g: None,
+                stalled_at: None,
+            });
+            Some((abort, finding))
         });
         let connection = ConnectionFacts {
             conn: hk.1.id,
@@ -1050,11 +1180,15 @@ impl Correlator {
             connection: Some(connection),
             settled_early: early,
         }));
-        if let Some(finding) = finding {
-            self.stats
-                .findings
-                .record_abort(finding.how, finding.tokens_after, true);
-            out.push(Output::Abort(finding));
+        if let Some((abort, finding)) = measured {
+            self.stats.findings.record_client_abort(abort.finding);
+            out.push(Output::ClientAbort(abort));
+            if let Some(finding) = finding {
+                self.stats
+                    .findings
+                    .record_abort(finding.how, finding.tokens_after, true);
+                out.push(Output::Abort(finding));
+            }
         }
     }
 
@@ -1104,40 +1238,78 @@ impl Correlator {
                 continue;
             };
             let facts = conn.abort_facts(hk.0);
+            let (local, conn_pid) = (conn.local, conn.pid);
             let Some(head) = self.take_head(hk) else {
                 continue;
             };
             self.stats.unjoined_heads += 1;
-            // Without a span, the server's writes after the peer left are the only evidence
-            // that the runtime kept working; framing alone is not.
-            let (Some((t_c, how)), Some(t_s)) = (facts.close, facts.last_write) else {
+            let Some((t_c, how)) = facts.close else {
                 continue;
             };
-            if facts.token_writes == 0 || t_s <= t_c {
+            // Without a span, the request was in flight when the client left if the server
+            // wrote token chunks after it, if no response byte had been written yet, or if
+            // the runtime on this port exports spans and exported none for it (vLLM drops
+            // the span of a request aborted because its client left). A client that hung up
+            // after a complete response on a port with no spans at all is not an abort.
+            let exports_spans = self.exports_spans(local, head.pid.or(conn_pid));
+            if facts.token_writes == 0 && !facts.not_started && !exports_spans {
                 continue;
             }
-            let tp = head.head.traceparent;
-            let finding = AbortFinding {
-                trace_id: tp.map(|tp| tp.trace_id),
-                parent_span_id: tp.map(|tp| tp.parent_id),
-                request_id: head.head.request_id,
-                tokens_after: facts.token_writes,
-                tokens_total: None,
-                method: TokenCountMethod::KernelWrites,
-                lag_ns: t_s - t_c,
-                how,
-                t_c,
-                t_s,
-                t_s_from_span: false,
-                conn: hk.1.id,
-                tenant: head.head.tenant,
-                model: None,
-                join: JoinRule::Unjoined,
+            // Runtime stop: the last write after the peer left, else the server's close.
+            let t_s = facts
+                .last_write
+                .filter(|w| *w > t_c)
+                .or(facts.server_closed.filter(|c| *c >= t_c));
+            let lag_ns = t_s.map_or(0, |t_s| t_s - t_c);
+            let tokens_after = if facts.not_started {
+                0
+            } else {
+                facts.token_writes
             };
-            self.stats
-                .findings
-                .record_abort(how, finding.tokens_after, false);
-            out.push(Output::Abort(finding));
+            let abort = ClientAbort {
+                conn: hk.1.id,
+                how,
+                model: None,
+                t_c,
+                t_g: None,
+                t_s,
+                tokens_after,
+                finding: abort::makes_finding(
+                    tokens_after,
+                    lag_ns,
+                    self.config.abort_lag_finding(),
+                ),
+            };
+            self.stats.findings.record_client_abort(abort.finding);
+            let finding = abort.finding.then(|| {
+                let tp = head.head.traceparent;
+                AbortFinding {
+                    trace_id: tp.map(|tp| tp.trace_id),
+                    parent_span_id: tp.map(|tp| tp.parent_id),
+                    request_id: head.head.request_id,
+                    tokens_after,
+                    tokens_total: None,
+                    method: TokenCountMethod::KernelWrites,
+                    lag_ns,
+                    how,
+                    t_c,
+                    t_s: t_s.unwrap_or(t_c),
+                    t_s_from_span: false,
+                    conn: hk.1.id,
+                    tenant: head.head.tenant,
+                    model: None,
+                    join: JoinRule::Unjoined,
+                    t_g: None,
+                    stalled_at: None,
+                }
+            });
+            out.push(Output::ClientAbort(abort));
+            if let Some(finding) = finding {
+                self.stats
+                    .findings
+                    .record_abort(how, finding.tokens_after, false);
+                out.push(Output::Abort(finding));
+            }
         }
     }
 
@@ -1165,6 +1337,19 @@ impl Correlator {
             self.remove_conn(key, false);
         }
     }
+}
+
+/// Chunks of an OpenAI-compatible stream that carry no token: the first (the role), the last
+/// (the finish reason) and the usage chunk.
+const NON_TOKEN_CHUNKS_MAX: u64 = 3;
+
+/// What the temporal rule made of a span.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Guess {
+    /// One head fits clearly best.
+    One(HeadKey),
+    /// Several heads fit as well as each other: no join, no finding.
+    Ambiguous,
 }
 
 /// The head read closest to `arrival`; ties go to the earlier head, then the lower connection,

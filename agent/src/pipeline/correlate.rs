@@ -15,15 +15,15 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 
 use crate::correlator::{
-    AbortFinding, ColdStartFinding, Correlator, GpuContentionFinding, Input, JoinRule,
+    AbortFinding, ClientAbort, ColdStartFinding, Correlator, GpuContentionFinding, Input, JoinRule,
     JoinedRequest, KvEvictionFinding, NoisyNeighbour, Output, RequestGpuFacts, StartKind,
 };
 use crate::model::{GpuSample, KernelEvent, KvEventBatch, ProcessIdentity, UnixNanos};
 use crate::privacy::TenantHasher;
 use crate::sinks::batch::{EncodedGroup, EncodedSpan, SpanGroup, kv_f64, kv_i64, kv_str};
 use crate::sinks::prometheus::findings::{
-    AbortLabels, ContentionLabels, FindingMetrics, GpuLabels, GpuProcessLabels, JoinLabels,
-    KvEvictionLabels, StartLabels, TableLabels, advance_to,
+    AbortLabels, AbortLagLabels, ContentionLabels, FindingMetrics, GpuLabels, GpuProcessLabels,
+    JoinLabels, KvEvictionLabels, StartLabels, TableLabels, advance_to,
 };
 use crate::sinks::{SinkSender, SpanBatch, finding_span};
 use crate::sources::otlp::RawTraceRequest;
@@ -340,6 +340,7 @@ impl CorrelateStage {
             match output {
                 Output::Joined(joined) => self.on_joined(joined),
                 Output::Abort(finding) => self.on_abort(finding),
+                Output::ClientAbort(abort) => self.on_client_abort(abort),
                 Output::RequestGpu(facts) => self.on_request_gpu(facts),
                 Output::GpuContention(finding) => self.on_contention(finding),
                 Output::ColdStart(finding) => self.on_cold_start(finding),
@@ -605,6 +606,27 @@ impl CorrelateStage {
         self.summaries.push(FindingSummary::ColdStart(finding));
     }
 
+    /// Every client abort: counted, and its lag to each boundary observed (SPEC §3.1).
+    fn on_client_abort(&mut self, abort: ClientAbort) {
+        let model = self.metrics.model(abort.model.as_deref());
+        self.metrics
+            .client_aborts
+            .get_or_create(&AbortLabels {
+                how: abort.how.as_str().to_owned(),
+                model: model.model.clone(),
+            })
+            .inc();
+        for (boundary, lag_ns) in abort.lags() {
+            self.metrics
+                .abort_lag
+                .get_or_create(&AbortLagLabels {
+                    boundary: boundary.as_str().to_owned(),
+                    model: model.model.clone(),
+                })
+                .observe(lag_ns as f64 / 1e9);
+        }
+    }
+
     fn on_abort(&mut self, mut finding: AbortFinding) {
         // Hashed here, once, so the span, the summary and the log line all carry the hash.
         if let (Some(hasher), Some(tenant)) = (&self.tenant_hasher, finding.tenant.as_mut()) {
@@ -622,10 +644,6 @@ impl CorrelateStage {
                 model: model.model.clone(),
             })
             .inc();
-        self.metrics
-            .abort_lag
-            .get_or_create(&model)
-            .observe(finding.lag_ns as f64 / 1e9);
         let mut attributes = vec![
             kv_i64("inferwatch.abort.tokens_after", finding.tokens_after as i64),
             kv_str("inferwatch.abort.method", finding.method.as_str()),
