@@ -175,7 +175,13 @@ impl Claims {
 struct Head {
     pid: Option<u32>,
     head: RequestHead,
+    /// The response's own ids read from the server's first response bytes (at most
+    /// [`MAX_RESPONSE_IDS`]: a response header and a body id).
+    response_ids: Vec<String>,
 }
+
+/// Response ids kept per request: an `x-request-id` response header and the body's `"id"`.
+const MAX_RESPONSE_IDS: usize = 2;
 
 #[derive(Debug)]
 struct Conn {
@@ -273,6 +279,7 @@ pub struct Correlator {
     heads: BTreeSet<HeadKey>,
     by_trace: FastMap<[u8; 16], KeySet<HeadKey>>,
     by_request_id: FastMap<String, KeySet<HeadKey>>,
+    by_response_id: FastMap<String, KeySet<HeadKey>>,
     by_peer: FastMap<SocketAddr, KeySet<ConnKey>>,
     spans: BTreeMap<SpanKey, Box<RuntimeRequest>>,
     span_ids: FastSet<([u8; 16], [u8; 8])>,
@@ -306,6 +313,7 @@ impl Correlator {
             heads: BTreeSet::new(),
             by_trace: FastMap::default(),
             by_request_id: FastMap::default(),
+            by_response_id: FastMap::default(),
             by_peer: FastMap::default(),
             spans: BTreeMap::new(),
             span_ids: FastSet::default(),
@@ -664,6 +672,10 @@ impl Correlator {
                     c.last_write = Some(c.last_write.map_or(ts, |last| last.max(ts)));
                 }
             }
+            KernelEventKind::ResponseId { conn, id } => {
+                let key = self.conn_for(conn, ts);
+                self.add_response_id(key, ts, id);
+            }
             KernelEventKind::LocalClosed { conn } | KernelEventKind::Closed { conn } => {
                 let key = self.conn_for(conn, ts);
                 if let Some(c) = self.conns.get_mut(&key) {
@@ -890,8 +902,46 @@ impl Correlator {
                 }
             }
         }
-        conn.requests.insert(ts, Some(Head { pid, head }));
+        conn.requests.insert(
+            ts,
+            Some(Head {
+                pid,
+                head,
+                response_ids: Vec::new(),
+            }),
+        );
         self.heads.insert(hk);
+    }
+
+    /// Gives the request current on `key` at `ts` (the last head read before it) the response
+    /// id the server sent, while it waits to settle.
+    fn add_response_id(&mut self, key: ConnKey, ts: UnixNanos, id: String) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        let Some(head_ts) = conn
+            .requests
+            .iter()
+            .map(|(at, _)| *at)
+            .take_while(|at| *at <= ts)
+            .last()
+        else {
+            return;
+        };
+        let Some(Some(head)) = conn.requests.get_mut(&head_ts) else {
+            return;
+        };
+        if head.response_ids.len() >= MAX_RESPONSE_IDS || head.response_ids.contains(&id) {
+            return;
+        }
+        head.response_ids.push(id.clone());
+        let hk = (head_ts, key);
+        match self.by_response_id.get_mut(id.as_str()) {
+            Some(set) => set.insert(hk),
+            None => {
+                self.by_response_id.insert(id, KeySet::One(hk));
+            }
+        }
     }
 
     fn unindex_head(&mut self, hk: HeadKey, head: &Head) {
@@ -907,6 +957,13 @@ impl Correlator {
             && set.remove(&hk)
         {
             self.by_request_id.remove(id);
+        }
+        for id in &head.response_ids {
+            if let Some(set) = self.by_response_id.get_mut(id)
+                && set.remove(&hk)
+            {
+                self.by_response_id.remove(id);
+            }
         }
     }
 
@@ -957,6 +1014,14 @@ impl Correlator {
             if let Some(hk) = closest(span.arrival, candidates) {
                 return Some((JoinRule::RequestId, hk));
             }
+            let candidates = join::request_id_keys(id, &self.config.request_id_prefixes)
+                .into_iter()
+                .filter_map(|k| self.by_response_id.get(k))
+                .flat_map(KeySet::iter)
+                .filter(usable);
+            if let Some(hk) = closest(span.arrival, candidates) {
+                return Some((JoinRule::ResponseId, hk));
+            }
         }
         if let Some(client) = span.client
             && let Some(conns) = self.by_peer.get(&client)
@@ -972,8 +1037,9 @@ impl Correlator {
                 })
                 .filter(usable)
                 .filter(|hk| {
-                    self.head_ref(*hk)
-                        .is_some_and(|(_, head)| !self.contradicts(span, &head.head))
+                    self.head_ref(*hk).is_some_and(|(_, head)| {
+                        !self.contradicts(span, &head.head) && !self.other_response(span, head)
+                    })
                 });
             if let Some(hk) = closest(span.arrival, candidates) {
                 return Some((JoinRule::ClientAddr, hk));
@@ -1010,7 +1076,9 @@ impl Correlator {
             .filter(|hk| !reserved.contains_key(hk) && hk.0 <= span.end)
             .filter(|hk| {
                 self.head_ref(*hk).is_some_and(|(conn, head)| {
-                    !self.contradicts(span, &head.head) && !Self::cannot_own(span, conn, hk.0)
+                    !self.contradicts(span, &head.head)
+                        && !self.other_response(span, head)
+                        && !Self::cannot_own(span, conn, hk.0)
                 })
             })
             .filter(|hk| match (&instance_ports, self.conns.get(&hk.1)) {
@@ -1082,6 +1150,18 @@ impl Correlator {
                 _ => false,
             };
         other_trace || other_id
+    }
+
+    /// Whether the ids the server sent back on a request rule `span` out: the runtime's own
+    /// id came back on the connection and it is not the span's.
+    fn other_response(&self, span: &RuntimeRequest, head: &Head) -> bool {
+        match &span.request_id {
+            Some(id) if !head.response_ids.is_empty() => {
+                let keys = join::request_id_keys(id, &self.config.request_id_prefixes);
+                !head.response_ids.iter().any(|r| keys.contains(&r.as_str()))
+            }
+            _ => false,
+        }
     }
 
     /// Emits a settled span: joined to the head `matched` names, else as `unjoined`

@@ -605,6 +605,14 @@ fn update_kernel_metrics(metrics: &FindingMetrics, stats: &KernelStats, counters
         ("channel_full", stats.channel_full.load(Ordering::Relaxed)),
         ("decode_error", stats.decode_errors.load(Ordering::Relaxed)),
         ("unknown_type", stats.unknown_types.load(Ordering::Relaxed)),
+        (
+            "unparsed_head",
+            stats.unparsed_heads.load(Ordering::Relaxed),
+        ),
+        (
+            "response_without_id",
+            stats.responses_without_id.load(Ordering::Relaxed),
+        ),
     ] {
         let labels = SourceDropLabels {
             source: "kernel".into(),
