@@ -139,6 +139,22 @@ impl ClientAbort {
     }
 }
 
+/// Which boundary held the cancel: the gateway when it never closed its upstream before the
+/// runtime stopped, or took longer to close it than the runtime then took to stop; else the
+/// runtime.
+pub(crate) fn stalled_at(t_c: UnixNanos, t_g: Option<UnixNanos>, t_s: UnixNanos) -> AbortBoundary {
+    match t_g {
+        Some(t_g) if t_g < t_s => {
+            if t_g.saturating_sub(t_c) >= t_s - t_g {
+                AbortBoundary::Gateway
+            } else {
+                AbortBoundary::Runtime
+            }
+        }
+        _ => AbortBoundary::Gateway,
+    }
+}
+
 /// Whether an abort makes a finding span: a token after the close, or a runtime slower to
 /// stop than `lag_threshold` (SPEC §3.1).
 pub(crate) fn makes_finding(tokens_after: u64, lag_ns: u64, lag_threshold: UnixNanos) -> bool {

@@ -1176,13 +1176,20 @@ impl Correlator {
         out: &mut Vec<Output>,
     ) {
         let joined = matched.and_then(|(rule, hk)| {
+            let client = self.client_of(hk);
             let (conn, _) = self.head_ref(hk)?;
             let facts = conn.abort_facts(hk.0);
             let (local, peer, conn_pid) = (conn.local, conn.peer, conn.pid);
             let head = self.take_head(hk)?;
-            Some((rule, hk, head, facts, local, peer, conn_pid))
+            // Through a watched gateway, the client's own request on it (SPEC 2.1).
+            let client = client.and_then(|ck| {
+                let cfacts = self.conns.get(&ck.1)?.abort_facts(ck.0);
+                let chead = self.take_head(ck)?;
+                Some((ck, chead, cfacts))
+            });
+            Some((rule, hk, head, facts, local, peer, conn_pid, client))
         });
-        let Some((rule, hk, head, facts, local, peer, conn_pid)) = joined else {
+        let Some((rule, hk, head, facts, local, peer, conn_pid, client)) = joined else {
             self.stats.joins.record(unjoined);
             self.kv.on_request(&span, None, &mut self.stats.kv_eviction);
             out.push(Output::Joined(JoinedRequest {
@@ -1198,41 +1205,93 @@ impl Correlator {
             self.note_span_port(port);
         }
         let lag_threshold = self.config.abort_lag_finding();
-        let measured = facts.close.and_then(|(t_c, how)| {
-            let (tokens_after, tokens_total, method) =
-                abort::tokens_after_with_span(&span, t_c, facts.token_writes)?;
-            let lag_ns = span.end - t_c;
-            let abort = ClientAbort {
-                conn: hk.1.id,
-                how,
-                model: span.model.clone(),
-                t_c,
-                t_g: None,
-                t_s: Some(span.end),
-                tokens_after,
-                finding: abort::makes_finding(tokens_after, lag_ns, lag_threshold),
-            };
-            let finding = abort.finding.then(|| AbortFinding {
-                trace_id: Some(span.trace_id),
-                parent_span_id: Some(span.span_id),
-                request_id: span.request_id.clone().or(head.head.request_id.clone()),
-                tokens_after,
-                tokens_total: Some(tokens_total),
-                method,
-                lag_ns: span.end - t_c,
-                how,
-                t_c,
-                t_s: span.end,
-                t_s_from_span: true,
-                conn: hk.1.id,
-                tenant: span.tenant.clone().or(head.head.tenant.clone()),
-                model: span.model.clone(),
-                join: rule,
-                t_g: None,
-                stalled_at: None,
-            });
-            Some((abort, finding))
-        });
+        let through_gateway = client
+            .as_ref()
+            .and_then(|(ck, chead, cfacts)| cfacts.close.map(|close| (ck, chead, close)));
+        let measured = if let Some((ck, chead, (t_c, how))) = through_gateway {
+            // The client left the gateway at t_c; the runtime saw its peer (the gateway) leave
+            // at t_g, or never (a gateway that drains the stream). Tokens count from t_c: the
+            // kernel's writes after t_g would miss those between, so events or interpolation.
+            let t_g = facts.close.map(|c| c.0.max(t_c));
+            abort::tokens_after_with_span(&span, t_c, 0).map(|(tokens_after, total, method)| {
+                let lag_ns = span.end - t_c;
+                let abort = ClientAbort {
+                    conn: ck.1.id,
+                    how,
+                    model: span.model.clone(),
+                    t_c,
+                    t_g,
+                    t_s: Some(span.end),
+                    tokens_after,
+                    finding: abort::makes_finding(tokens_after, lag_ns, lag_threshold),
+                };
+                // In the client's trace: the traceparent it sent the gateway, when any.
+                let client_tp = chead.head.traceparent;
+                let finding = abort.finding.then(|| AbortFinding {
+                    trace_id: Some(client_tp.map_or(span.trace_id, |tp| tp.trace_id)),
+                    parent_span_id: Some(match client_tp {
+                        Some(tp) if tp.trace_id != span.trace_id => tp.parent_id,
+                        _ => span.span_id,
+                    }),
+                    request_id: span.request_id.clone().or(head.head.request_id.clone()),
+                    tokens_after,
+                    tokens_total: Some(total),
+                    method,
+                    lag_ns,
+                    how,
+                    t_c,
+                    t_s: span.end,
+                    t_s_from_span: true,
+                    conn: ck.1.id,
+                    tenant: span
+                        .tenant
+                        .clone()
+                        .or(chead.head.tenant.clone())
+                        .or(head.head.tenant.clone()),
+                    model: span.model.clone(),
+                    join: rule,
+                    t_g,
+                    stalled_at: Some(abort::stalled_at(t_c, t_g, span.end)),
+                });
+                (abort, finding)
+            })
+        } else {
+            facts.close.and_then(|(t_c, how)| {
+                let (tokens_after, tokens_total, method) =
+                    abort::tokens_after_with_span(&span, t_c, facts.token_writes)?;
+                let lag_ns = span.end - t_c;
+                let abort = ClientAbort {
+                    conn: hk.1.id,
+                    how,
+                    model: span.model.clone(),
+                    t_c,
+                    t_g: None,
+                    t_s: Some(span.end),
+                    tokens_after,
+                    finding: abort::makes_finding(tokens_after, lag_ns, lag_threshold),
+                };
+                let finding = abort.finding.then(|| AbortFinding {
+                    trace_id: Some(span.trace_id),
+                    parent_span_id: Some(span.span_id),
+                    request_id: span.request_id.clone().or(head.head.request_id.clone()),
+                    tokens_after,
+                    tokens_total: Some(tokens_total),
+                    method,
+                    lag_ns: span.end - t_c,
+                    how,
+                    t_c,
+                    t_s: span.end,
+                    t_s_from_span: true,
+                    conn: hk.1.id,
+                    tenant: span.tenant.clone().or(head.head.tenant.clone()),
+                    model: span.model.clone(),
+                    join: rule,
+                    t_g: None,
+                    stalled_at: None,
+                });
+                Some((abort, finding))
+            })
+        };
         let connection = ConnectionFacts {
             conn: hk.1.id,
             local,
@@ -1287,17 +1346,7 @@ impl Correlator {
             if claims.heads.contains_key(hk) {
                 continue;
             }
-            let Some(conn) = self.conns.get(&hk.1) else {
-                continue;
-            };
-            let facts = conn.abort_facts(hk.0);
-            let end = conn.request_end(hk.0);
-            let quiet = [end, facts.close.map(|c| c.0), facts.last_write]
-                .into_iter()
-                .flatten()
-                .max()
-                .map(|quiet| quiet.max(hk.0));
-            match quiet {
+            match self.head_quiet(*hk) {
                 Some(quiet) if now >= quiet.saturating_add(span_wait) => settle.push(*hk),
                 _ if now >= hk.0.saturating_add(max_age) => expire.push(*hk),
                 _ => {}
@@ -1314,18 +1363,50 @@ impl Correlator {
             self.take_head(hk);
         }
         for hk in settle {
+            // Through a watched gateway (SPEC 2.1) the request is two heads: the client's on
+            // the gateway and the gateway's on the runtime. The client's settles both, once
+            // both are due; the gateway's waits for it.
+            if self.client_of(hk).is_some() {
+                continue;
+            }
+            let upstream = self.upstream_of(hk);
+            if let Some(uk) = upstream {
+                let due = self
+                    .head_quiet(uk)
+                    .is_some_and(|quiet| now >= quiet.saturating_add(span_wait));
+                if claims.heads.contains_key(&uk) || !due {
+                    continue;
+                }
+            }
             let Some(conn) = self.conns.get(&hk.1) else {
                 continue;
             };
             let facts = conn.abort_facts(hk.0);
-            let (local, conn_pid) = (conn.local, conn.pid);
+            let (mut local, mut conn_pid) = (conn.local, conn.pid);
             let Some(head) = self.take_head(hk) else {
                 continue;
             };
             self.stats.unjoined_heads += 1;
+            // The runtime side: the upstream's facts when there is one.
+            let mut hop = None;
+            if let Some(uk) = upstream
+                && let Some(uconn) = self.conns.get(&uk.1)
+            {
+                let ufacts = uconn.abort_facts(uk.0);
+                (local, conn_pid) = (uconn.local, uconn.pid);
+                if let Some(uhead) = self.take_head(uk) {
+                    self.stats.unjoined_heads += 1;
+                    conn_pid = uhead.pid.or(conn_pid);
+                    hop = Some(ufacts);
+                }
+            }
             let Some((t_c, how)) = facts.close else {
                 continue;
             };
+            if let Some(ufacts) = hop {
+                self.settle_through_gateway(hk, head, t_c, how, ufacts, local, conn_pid, out);
+                continue;
+            }
             // Without a span, the request was in flight when the client left if the server
             // wrote token chunks after it, if no response byte had been written yet, or if
             // the runtime on this port exports spans and exported none for it (vLLM drops
@@ -1390,6 +1471,185 @@ impl Correlator {
                     .record_abort(how, finding.tokens_after, false);
                 out.push(Output::Abort(finding));
             }
+        }
+    }
+
+    /// The last thing the kernel saw of the request read at `hk` (its end, the peer's close,
+    /// the last write after it), never before the head itself.
+    fn head_quiet(&self, hk: HeadKey) -> Option<UnixNanos> {
+        let conn = self.conns.get(&hk.1)?;
+        let facts = conn.abort_facts(hk.0);
+        [
+            conn.request_end(hk.0),
+            facts.close.map(|c| c.0),
+            facts.last_write,
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .map(|quiet| quiet.max(hk.0))
+    }
+
+    /// Pending heads on other connections (on another local port, when both are known) that
+    /// carry one of the head's ids: the same `traceparent` (trace and parent, as a proxy
+    /// forwards it), the same `x-request-id`, or a response id in common (SPEC 2 rules 1-3).
+    fn linked(&self, hk: HeadKey) -> Vec<HeadKey> {
+        let Some((conn, head)) = self.head_ref(hk) else {
+            return Vec::new();
+        };
+        let port = conn.local.map(|l| l.port());
+        let mut found: Vec<HeadKey> = Vec::new();
+        let sets = [
+            head.head
+                .traceparent
+                .and_then(|tp| self.by_trace.get(&tp.trace_id)),
+            head.head
+                .request_id
+                .as_ref()
+                .and_then(|id| self.by_request_id.get(id)),
+        ]
+        .into_iter()
+        .flatten()
+        .chain(
+            head.response_ids
+                .iter()
+                .filter_map(|id| self.by_response_id.get(id)),
+        );
+        for set in sets {
+            for other in set.iter() {
+                if other.1 == hk.1 || found.contains(&other) {
+                    continue;
+                }
+                let Some((oconn, ohead)) = self.head_ref(other) else {
+                    continue;
+                };
+                let other_port = oconn.local.map(|l| l.port());
+                if port.is_some() && other_port.is_some() && port == other_port {
+                    continue;
+                }
+                let same_trace = matches!(
+                    (head.head.traceparent, ohead.head.traceparent),
+                    (Some(a), Some(b)) if a.trace_id == b.trace_id && a.parent_id == b.parent_id
+                );
+                let same_request_id =
+                    head.head.request_id.is_some() && head.head.request_id == ohead.head.request_id;
+                let same_response = head
+                    .response_ids
+                    .iter()
+                    .any(|id| ohead.response_ids.contains(id));
+                if same_trace || same_request_id || same_response {
+                    found.push(other);
+                }
+            }
+        }
+        found
+    }
+
+    /// The client's request on a gateway that `hk` (read on the runtime) forwards: a linked
+    /// head read before it, whose request was still current on its connection when `hk` was
+    /// read; the latest such.
+    fn client_of(&self, hk: HeadKey) -> Option<HeadKey> {
+        self.linked(hk)
+            .into_iter()
+            .filter(|ck| ck.0 <= hk.0 && self.current_at(*ck, hk.0))
+            .max()
+    }
+
+    /// The gateway's request to the runtime that forwards the client's request `hk`.
+    fn upstream_of(&self, hk: HeadKey) -> Option<HeadKey> {
+        self.linked(hk)
+            .into_iter()
+            .filter(|uk| uk.0 >= hk.0 && self.current_at(hk, uk.0))
+            .min()
+    }
+
+    /// Whether the request read at `hk` was still its connection's current one at `ts`.
+    fn current_at(&self, hk: HeadKey, ts: UnixNanos) -> bool {
+        self.conns.get(&hk.1).is_some_and(|c| {
+            c.requests
+                .next_key_after(&hk.0)
+                .is_none_or(|next| ts < next)
+        })
+    }
+
+    /// A client abort through a watched gateway with no runtime span: `t_c` from the client's
+    /// connection, `t_g` when the gateway closed its upstream (the runtime saw its peer
+    /// leave), `t_s` the runtime's last write after that, else its close.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the two sides of one request, taken apart by the caller"
+    )]
+    fn settle_through_gateway(
+        &mut self,
+        hk: HeadKey,
+        head: Head,
+        t_c: UnixNanos,
+        how: crate::model::CloseHow,
+        upstream: KernelAbortFacts,
+        runtime_local: Option<SocketAddr>,
+        runtime_pid: Option<u32>,
+        out: &mut Vec<Output>,
+    ) {
+        let t_g = upstream.close.map(|c| c.0.max(t_c));
+        let t_s = t_g.and_then(|t_g| {
+            upstream
+                .last_write
+                .filter(|w| *w >= t_g)
+                .or(upstream.server_closed.filter(|c| *c >= t_g))
+        });
+        let tokens_after = if upstream.not_started {
+            0
+        } else {
+            upstream.token_writes
+        };
+        let in_flight = tokens_after > 0
+            || upstream.not_started
+            || t_g.is_none()
+            || self.exports_spans(runtime_local, runtime_pid);
+        if !in_flight {
+            return;
+        }
+        let stop = t_s.or(t_g).unwrap_or(t_c);
+        let lag_ns = stop - t_c;
+        let abort = ClientAbort {
+            conn: hk.1.id,
+            how,
+            model: None,
+            t_c,
+            t_g,
+            t_s,
+            tokens_after,
+            finding: abort::makes_finding(tokens_after, lag_ns, self.config.abort_lag_finding()),
+        };
+        self.stats.findings.record_client_abort(abort.finding);
+        let finding = abort.finding.then(|| {
+            let tp = head.head.traceparent;
+            AbortFinding {
+                trace_id: tp.map(|tp| tp.trace_id),
+                parent_span_id: tp.map(|tp| tp.parent_id),
+                request_id: head.head.request_id.or(head.response_ids.first().cloned()),
+                tokens_after,
+                tokens_total: None,
+                method: TokenCountMethod::KernelWrites,
+                lag_ns,
+                how,
+                t_c,
+                t_s: stop,
+                t_s_from_span: false,
+                conn: hk.1.id,
+                tenant: head.head.tenant,
+                model: None,
+                join: JoinRule::Unjoined,
+                t_g,
+                stalled_at: Some(abort::stalled_at(t_c, t_g, stop)),
+            }
+        });
+        out.push(Output::ClientAbort(abort));
+        if let Some(finding) = finding {
+            self.stats
+                .findings
+                .record_abort(how, finding.tokens_after, false);
+            out.push(Output::Abort(finding));
         }
     }
 

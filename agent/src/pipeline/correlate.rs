@@ -654,6 +654,16 @@ impl CorrelateStage {
         if let Some(total) = finding.tokens_total {
             attributes.push(kv_i64("inferwatch.abort.tokens_total", total as i64));
         }
+        // The boundaries a cancel crossed (SPEC 2.1), as unix nanos; t_g only through a
+        // watched gateway, with the boundary that held it.
+        attributes.push(kv_i64("inferwatch.abort.t_c", finding.t_c as i64));
+        attributes.push(kv_i64("inferwatch.abort.t_s", finding.t_s as i64));
+        if let Some(t_g) = finding.t_g {
+            attributes.push(kv_i64("inferwatch.abort.t_g", t_g as i64));
+        }
+        if let Some(stalled) = finding.stalled_at {
+            attributes.push(kv_str("inferwatch.abort.stalled_at", stalled.as_str()));
+        }
         if let Some(id) = &finding.request_id {
             attributes.push(kv_str("gen_ai.request.id", id));
         }

@@ -182,6 +182,22 @@ impl Pipeline {
                     config.kernel.watch_ports.push(l.port);
                 }
             }
+            // Gateways in front of the runtimes (SPEC 2.1): their ports carry the clients'
+            // connections, whose closes are the start of a cancel.
+            for l in listeners
+                .iter()
+                .filter(|l| l.runtime.is_none() && l.gateway.is_some())
+            {
+                if !config.kernel.watch_ports.contains(&l.port) {
+                    tracing::info!(
+                        port = l.port,
+                        pid = l.pid,
+                        gateway = l.gateway,
+                        "watching a gateway found listening"
+                    );
+                    config.kernel.watch_ports.push(l.port);
+                }
+            }
         }
         let watched = config.kernel.ports();
         let existing: Vec<KernelEvent> = listeners
