@@ -16,6 +16,7 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "prometheus",
     "python3-venv",
+    "nginx-light",
 ];
 
 /// The packages' marker files: skip apt when all are present.
@@ -24,6 +25,7 @@ const MARKERS: &[&str] = &[
     "/usr/include/bpf/bpf_helpers.h",
     "/usr/include/linux/types.h",
     "/usr/bin/promtool",
+    "/usr/sbin/nginx",
 ];
 
 pub fn task() -> anyhow::Result<()> {
