@@ -2,7 +2,8 @@
 //! nginx (`proxy_buffering off`, upstream keepalive) -> the testbed runtime, and clients -> a
 //! gateway of the test's own that drops `traceparent` and `x-request-id` (as LiteLLM's proxy
 //! does) and, when its client leaves, keeps reading the runtime's stream to the end (as a
-//! metering layer does). Both the gateway's port and the runtime's are watched; the findings,
+//! metering layer does), and, when it is installed, clients -> LiteLLM's proxy (PyPI
+//! `litellm[proxy]`) -> the runtime. Both the gateway's port and the runtime's are watched; the findings,
 //! received by a real OTLP collector, are scored against what the clients did and the runtime's
 //! ground truth.
 
@@ -38,6 +39,9 @@ fn trace_of(i: usize, salt: u8) -> String {
     format!("{:02x}{:030x}", salt, i + 1)
 }
 
+/// LiteLLM's proxy refuses to start without a master key and requires it as the bearer token.
+const LITELLM_KEY: &str = "sk-inferwatch-e2e-0123456789";
+
 /// Sends one streamed chat completion through `gateway`; leaves after three chunks when `leave`.
 async fn client(gateway: SocketAddr, i: usize, salt: u8, leave: bool) -> ClientRun {
     let trace_id = trace_of(i, salt);
@@ -47,7 +51,7 @@ async fn client(gateway: SocketAddr, i: usize, salt: u8, leave: bool) -> ClientR
     let request = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n\
          content-length: {}\r\ntraceparent: 00-{trace_id}-{:016x}-01\r\nx-request-id: gw-{salt}-{i}\r\n\
-         connection: close\r\n\r\n{body}",
+         authorization: Bearer {LITELLM_KEY}\r\nconnection: close\r\n\r\n{body}",
         body.len(),
         i + 1
     );
@@ -181,10 +185,32 @@ async fn wait_listening(port: u16, what: &str) {
 }
 
 /// Which gateway a run goes through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Gateway {
     Nginx,
     Draining,
+    LiteLlm(std::path::PathBuf),
+}
+
+/// LiteLLM's `litellm` program: `INFERWATCH_LITELLM`, else the workspace venv's. `None` (and a
+/// loud SKIPPED line) when it is not installed, unless `INFERWATCH_REQUIRE_LITELLM=1`.
+fn litellm() -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("INFERWATCH_LITELLM")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| crate::harness::workspace().join(".venv/bin/litellm"));
+    if path.exists() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var("INFERWATCH_REQUIRE_LITELLM").as_deref() != Ok("1"),
+        "LiteLLM required (INFERWATCH_REQUIRE_LITELLM=1) but {} does not exist",
+        path.display()
+    );
+    eprintln!(
+        "\n*** SKIPPED abort_through_litellm: no {} (pip install 'litellm[proxy]', or set INFERWATCH_LITELLM) ***\n",
+        path.display()
+    );
+    None
 }
 
 /// Sums the samples of a metric family whose line starts with `prefix`.
@@ -227,7 +253,30 @@ async fn gateway_run(name: &str, gateway: Gateway, policy: &str, salt: u8) {
         .expect("start iw-testbed serve");
     wait_listening(runtime_port, "the testbed").await;
     let mut nginx = None;
-    match gateway {
+    let mut litellm_proxy = None;
+    match &gateway {
+        Gateway::LiteLlm(program) => {
+            let conf = dir.join("litellm.yaml");
+            std::fs::write(
+                &conf,
+                format!(
+                    "model_list:\n  - model_name: m\n    litellm_params:\n      model: hosted_vllm/m\n      api_base: http://127.0.0.1:{runtime_port}/v1\n"
+                ),
+            )
+            .expect("write litellm.yaml");
+            litellm_proxy = Some(
+                tokio::process::Command::new(program)
+                    .arg("--config")
+                    .arg(&conf)
+                    .args(["--port", &gateway_port.to_string(), "--host", "127.0.0.1"])
+                    .env("LITELLM_MASTER_KEY", LITELLM_KEY)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .kill_on_drop(true)
+                    .spawn()
+                    .expect("start litellm"),
+            );
+        }
         Gateway::Nginx => {
             let conf = dir.join("nginx.conf");
             std::fs::write(&conf, nginx_conf(&dir, gateway_port, runtime_port))
@@ -254,6 +303,10 @@ async fn gateway_run(name: &str, gateway: Gateway, policy: &str, salt: u8) {
         }
     }
     wait_listening(gateway_port, "the gateway").await;
+    if litellm_proxy.is_some() {
+        // It listens before its routes are up.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
     let gateway_addr = SocketAddr::from(([127, 0, 0, 1], gateway_port));
 
     // Six at a time, so that requests overlap.
@@ -284,6 +337,9 @@ async fn gateway_run(name: &str, gateway: Gateway, policy: &str, salt: u8) {
     agent.stop().await;
     if let Some(mut n) = nginx.take() {
         let _ = n.kill().await;
+    }
+    if let Some(mut l) = litellm_proxy.take() {
+        let _ = l.kill().await;
     }
     let _ = runtime.kill().await;
     let received = collector.spans();
@@ -398,6 +454,23 @@ async fn gateway_run(name: &str, gateway: Gateway, policy: &str, salt: u8) {
         "{name}: every client abort counted, once"
     );
     match gateway {
+        Gateway::LiteLlm(_) => {
+            // LiteLLM forwards neither traceparent nor x-request-id; the response id, which it
+            // passes through, links the two sides and joins the spans.
+            assert_eq!(
+                joins.get("response_id").copied(),
+                Some(CLIENTS),
+                "{name}: joins {joins:?}"
+            );
+            // It closes its upstream when its client leaves (2-7 ms here); the runtime then
+            // decodes on under the `delayed` policy.
+            assert_eq!(
+                stalled.get("runtime").copied(),
+                Some(left),
+                "{name}: stalled_at"
+            );
+            assert_eq!(gateway_lags as usize, left, "{name}: t_g of every abort");
+        }
         Gateway::Nginx => {
             // nginx closes its upstream when the client leaves; the runtime then decodes on
             // under the `delayed` policy: the runtime held the cancel.
@@ -446,4 +519,23 @@ async fn abort_through_a_gateway_that_drains_the_stream() {
         return;
     }
     gateway_run("gateway-draining", Gateway::Draining, "immediate", 0xb2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_through_litellm() {
+    if !kernel_tests_enabled("abort_through_litellm") {
+        return;
+    }
+    let Some(program) = litellm() else {
+        return;
+    };
+    gateway_run(
+        "gateway-litellm",
+        Gateway::LiteLlm(program),
+        // LiteLLM takes 2-120 ms to close its upstream on this shared machine: the runtime's
+        // 400 ms keeps the runtime the boundary that held the cancel.
+        "delayed:400",
+        0xc3,
+    )
+    .await;
 }
