@@ -23,7 +23,15 @@
 //!   conversation keep their order unless the earlier one waits for a guess and the later one
 //!   does not.
 //! - A head no span claimed settles `span_wait_ms` after the kernel saw it end: when the peer
-//!   left and the server kept writing, that is an abort found from the kernel alone.
+//!   left while it was in flight, that is a client abort found from the kernel alone, with a
+//!   finding when the server kept writing token chunks or took over `abort_lag_finding_ms` to
+//!   stop.
+//! - Every client abort is emitted as a [`ClientAbort`] (counted, its lag observed), and as an
+//!   [`AbortFinding`] only with tokens after the close or a long lag (SPEC §3.1).
+//! - Through a watched gateway (`gateway.rs`), the client's head on the gateway is linked to the
+//!   gateway's head on the runtime by an id both carry; the span joins the runtime's side and
+//!   takes the client's with it, so the abort runs from the client's close (`t_c`) through the
+//!   gateway's upstream close (`t_g`) to the runtime's stop (`t_s`).
 //!
 //! # Instance matching (temporal rule)
 //! A span's instance is its `process.pid`. When a `Listen` event named that pid, only heads on
@@ -31,12 +39,16 @@
 //! pid is unknown to the kernel side (no pid in the span, or a pid namespace the kernel does not
 //! see), every head on the node is a candidate, which is right on a node with one runtime.
 //! Client-address and temporal joins never take a head whose identifiers contradict the span
-//! (another propagated trace, or another vLLM request id).
+//! (another propagated trace, another vLLM request id, or a response id that is not the span's),
+//! and the temporal rule leaves out heads whose connection shows the span cannot be theirs; it
+//! joins only when one head is closer to the arrival than every other by `temporal_margin_ms`,
+//! and otherwise marks the span `ambiguous` (no join, no finding).
 
 mod abort;
 mod cold_start;
 mod config;
 mod contention;
+mod gateway;
 mod index;
 mod join;
 mod kv_eviction;
@@ -1488,169 +1500,6 @@ impl Correlator {
         .flatten()
         .max()
         .map(|quiet| quiet.max(hk.0))
-    }
-
-    /// Pending heads on other connections (on another local port, when both are known) that
-    /// carry one of the head's ids: the same `traceparent` (trace and parent, as a proxy
-    /// forwards it), the same `x-request-id`, or a response id in common (SPEC 2 rules 1-3).
-    fn linked(&self, hk: HeadKey) -> Vec<HeadKey> {
-        let Some((conn, head)) = self.head_ref(hk) else {
-            return Vec::new();
-        };
-        let port = conn.local.map(|l| l.port());
-        let mut found: Vec<HeadKey> = Vec::new();
-        let sets = [
-            head.head
-                .traceparent
-                .and_then(|tp| self.by_trace.get(&tp.trace_id)),
-            head.head
-                .request_id
-                .as_ref()
-                .and_then(|id| self.by_request_id.get(id)),
-        ]
-        .into_iter()
-        .flatten()
-        .chain(
-            head.response_ids
-                .iter()
-                .filter_map(|id| self.by_response_id.get(id)),
-        );
-        for set in sets {
-            for other in set.iter() {
-                if other.1 == hk.1 || found.contains(&other) {
-                    continue;
-                }
-                let Some((oconn, ohead)) = self.head_ref(other) else {
-                    continue;
-                };
-                let other_port = oconn.local.map(|l| l.port());
-                if port.is_some() && other_port.is_some() && port == other_port {
-                    continue;
-                }
-                let same_trace = matches!(
-                    (head.head.traceparent, ohead.head.traceparent),
-                    (Some(a), Some(b)) if a.trace_id == b.trace_id && a.parent_id == b.parent_id
-                );
-                let same_request_id =
-                    head.head.request_id.is_some() && head.head.request_id == ohead.head.request_id;
-                let same_response = head
-                    .response_ids
-                    .iter()
-                    .any(|id| ohead.response_ids.contains(id));
-                if same_trace || same_request_id || same_response {
-                    found.push(other);
-                }
-            }
-        }
-        found
-    }
-
-    /// The client's request on a gateway that `hk` (read on the runtime) forwards: a linked
-    /// head read before it, whose request was still current on its connection when `hk` was
-    /// read; the latest such.
-    fn client_of(&self, hk: HeadKey) -> Option<HeadKey> {
-        self.linked(hk)
-            .into_iter()
-            .filter(|ck| ck.0 <= hk.0 && self.current_at(*ck, hk.0))
-            .max()
-    }
-
-    /// The gateway's request to the runtime that forwards the client's request `hk`.
-    fn upstream_of(&self, hk: HeadKey) -> Option<HeadKey> {
-        self.linked(hk)
-            .into_iter()
-            .filter(|uk| uk.0 >= hk.0 && self.current_at(hk, uk.0))
-            .min()
-    }
-
-    /// Whether the request read at `hk` was still its connection's current one at `ts`.
-    fn current_at(&self, hk: HeadKey, ts: UnixNanos) -> bool {
-        self.conns.get(&hk.1).is_some_and(|c| {
-            c.requests
-                .next_key_after(&hk.0)
-                .is_none_or(|next| ts < next)
-        })
-    }
-
-    /// A client abort through a watched gateway with no runtime span: `t_c` from the client's
-    /// connection, `t_g` when the gateway closed its upstream (the runtime saw its peer
-    /// leave), `t_s` the runtime's last write after that, else its close.
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "the two sides of one request, taken apart by the caller"
-    )]
-    fn settle_through_gateway(
-        &mut self,
-        hk: HeadKey,
-        head: Head,
-        t_c: UnixNanos,
-        how: crate::model::CloseHow,
-        upstream: KernelAbortFacts,
-        runtime_local: Option<SocketAddr>,
-        runtime_pid: Option<u32>,
-        out: &mut Vec<Output>,
-    ) {
-        let t_g = upstream.close.map(|c| c.0.max(t_c));
-        let t_s = t_g.and_then(|t_g| {
-            upstream
-                .last_write
-                .filter(|w| *w >= t_g)
-                .or(upstream.server_closed.filter(|c| *c >= t_g))
-        });
-        let tokens_after = if upstream.not_started {
-            0
-        } else {
-            upstream.token_writes
-        };
-        let in_flight = tokens_after > 0
-            || upstream.not_started
-            || t_g.is_none()
-            || self.exports_spans(runtime_local, runtime_pid);
-        if !in_flight {
-            return;
-        }
-        let stop = t_s.or(t_g).unwrap_or(t_c);
-        let lag_ns = stop - t_c;
-        let abort = ClientAbort {
-            conn: hk.1.id,
-            how,
-            model: None,
-            t_c,
-            t_g,
-            t_s,
-            tokens_after,
-            finding: abort::makes_finding(tokens_after, lag_ns, self.config.abort_lag_finding()),
-        };
-        self.stats.findings.record_client_abort(abort.finding);
-        let finding = abort.finding.then(|| {
-            let tp = head.head.traceparent;
-            AbortFinding {
-                trace_id: tp.map(|tp| tp.trace_id),
-                parent_span_id: tp.map(|tp| tp.parent_id),
-                request_id: head.head.request_id.or(head.response_ids.first().cloned()),
-                tokens_after,
-                tokens_total: None,
-                method: TokenCountMethod::KernelWrites,
-                lag_ns,
-                how,
-                t_c,
-                t_s: stop,
-                t_s_from_span: false,
-                conn: hk.1.id,
-                tenant: head.head.tenant,
-                model: None,
-                join: JoinRule::Unjoined,
-                t_g,
-                stalled_at: Some(abort::stalled_at(t_c, t_g, stop)),
-            }
-        });
-        out.push(Output::ClientAbort(abort));
-        if let Some(finding) = finding {
-            self.stats
-                .findings
-                .record_abort(how, finding.tokens_after, false);
-            out.push(Output::Abort(finding));
-        }
     }
 
     /// Forgets the connections with nothing pending that closed `settle_delay` ago or saw no
