@@ -72,7 +72,7 @@ impl Correlator {
     pub(super) fn client_of(&self, hk: HeadKey) -> Option<HeadKey> {
         self.linked(hk)
             .into_iter()
-            .filter(|ck| ck.0 <= hk.0 && self.current_at(*ck, hk.0))
+            .filter(|ck| ck.0 <= hk.0 && self.current_at(*ck, hk.0) && self.forwards(*ck, hk))
             .max()
     }
 
@@ -80,8 +80,24 @@ impl Correlator {
     pub(super) fn upstream_of(&self, hk: HeadKey) -> Option<HeadKey> {
         self.linked(hk)
             .into_iter()
-            .filter(|uk| uk.0 >= hk.0 && self.current_at(hk, uk.0))
+            .filter(|uk| uk.0 >= hk.0 && self.current_at(hk, uk.0) && self.forwards(hk, *uk))
             .min()
+    }
+
+    /// Whether `upstream`'s connection can come from the gateway that read `client`: its peer
+    /// is the address the client reached the gateway at (or both are loopback), when the
+    /// kernel saw both accepts. Two requests an application sends under one span to two
+    /// runtimes carry the same `traceparent`, but come from the application's address, not
+    /// from the gateway's.
+    fn forwards(&self, client: HeadKey, upstream: HeadKey) -> bool {
+        let gateway = self.conns.get(&client.1).and_then(|c| c.local);
+        let from = self.conns.get(&upstream.1).and_then(|c| c.peer);
+        match (gateway, from) {
+            (Some(gateway), Some(from)) => {
+                gateway.ip() == from.ip() || (gateway.ip().is_loopback() && from.ip().is_loopback())
+            }
+            _ => true,
+        }
     }
 
     /// Whether the request read at `hk` was still its connection's current one at `ts`.
