@@ -58,7 +58,9 @@ pub struct CorrelatorConfig {
     /// after one of these prefixes is removed.
     pub request_id_prefixes: Vec<String>,
     /// Sizes, in bytes, of writes after the peer left that are framing rather than a token
-    /// chunk. The default, 14, is the OpenAI-compatible stream terminator `data: [DONE]\n\n`.
+    /// chunk. The defaults: 14, the OpenAI-compatible stream terminator `data: [DONE]\n\n`, and
+    /// 5, the chunked transfer encoding's last chunk `0\r\n\r\n` (a gateway writes it after a
+    /// client that hung up on `[DONE]`; no SSE token chunk is that short).
     pub framing_write_bytes: Vec<u64>,
     /// A client abort whose tokens after the close are 0 still makes an `inferwatch.abort`
     /// finding span when the runtime took longer than this to stop, in milliseconds (SPEC
@@ -85,7 +87,7 @@ impl Default for CorrelatorConfig {
             max_pending_spans: 16_384,
             max_listeners: 1024,
             request_id_prefixes: vec!["chatcmpl-".into(), "cmpl-".into(), "embd-".into()],
-            framing_write_bytes: vec![b"data: [DONE]\n\n".len() as u64],
+            framing_write_bytes: vec![b"data: [DONE]\n\n".len() as u64, b"0\r\n\r\n".len() as u64],
             abort_lag_finding_ms: 1000,
             kv_eviction: KvEvictionConfig::default(),
             gpu: GpuDetectionConfig::default(),

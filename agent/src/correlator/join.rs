@@ -103,6 +103,11 @@ pub struct JoinedRequest {
     pub connection: Option<ConnectionFacts>,
     /// `true` when the span settled early because the pending-span table was full.
     pub settled_early: bool,
+    /// Through a watched gateway that did not propagate the client's trace (LiteLLM's proxy):
+    /// the `traceparent` the client sent the gateway, when the runtime span is a root of
+    /// another trace. The exporter moves the span into the client's trace under it (SPEC 2.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_trace: Option<TraceParent>,
 }
 
 /// The header values a runtime request id can come from: itself and itself without each known

@@ -1209,6 +1209,7 @@ impl Correlator {
                 join: unjoined,
                 connection: None,
                 settled_early: early,
+                client_trace: None,
             }));
             return;
         };
@@ -1217,6 +1218,12 @@ impl Correlator {
             self.note_span_port(port);
         }
         let lag_threshold = self.config.abort_lag_finding();
+        // A root runtime span in a trace of its own behind a gateway that dropped the client's
+        // traceparent moves into the client's trace, under the client's span.
+        let client_trace = client
+            .as_ref()
+            .and_then(|(_, chead, _)| chead.head.traceparent)
+            .filter(|tp| span.parent_span_id.is_none() && tp.trace_id != span.trace_id);
         let through_gateway = client
             .as_ref()
             .and_then(|(ck, chead, cfacts)| cfacts.close.map(|close| (ck, chead, close)));
@@ -1241,8 +1248,12 @@ impl Correlator {
                 let client_tp = chead.head.traceparent;
                 let finding = abort.finding.then(|| AbortFinding {
                     trace_id: Some(client_tp.map_or(span.trace_id, |tp| tp.trace_id)),
+                    // Under the runtime span, in the client's trace when it moves there; under
+                    // the client's span when the runtime span stays in a trace of its own.
                     parent_span_id: Some(match client_tp {
-                        Some(tp) if tp.trace_id != span.trace_id => tp.parent_id,
+                        Some(tp) if tp.trace_id != span.trace_id && client_trace.is_none() => {
+                            tp.parent_id
+                        }
                         _ => span.span_id,
                     }),
                     request_id: span.request_id.clone().or(head.head.request_id.clone()),
@@ -1330,6 +1341,7 @@ impl Correlator {
             join: rule,
             connection: Some(connection),
             settled_early: early,
+            client_trace,
         }));
         if let Some((abort, finding)) = measured {
             self.stats.findings.record_client_abort(abort.finding);

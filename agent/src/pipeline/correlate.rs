@@ -361,6 +361,14 @@ impl CorrelateStage {
         };
         held.span
             .add_str_attribute("inferwatch.join", joined.join.as_str());
+        if let Some(tp) = joined.client_trace {
+            // Into the client's trace (SPEC 2.1); the trace it came in is kept as an attribute.
+            held.span.add_str_attribute(
+                "inferwatch.runtime_trace_id",
+                &hex::encode(request.trace_id),
+            );
+            held.span.move_to_trace(&tp.trace_id, &tp.parent_id);
+        }
         self.outgoing_index
             .insert((request.trace_id, request.span_id), self.outgoing.len());
         self.outgoing.push(held);
