@@ -91,6 +91,19 @@ struct {
 	__type(value, __u8);
 } release_marks SEC(".maps");
 
+/* Watched connections whose next sends are the start of a response, by socket address: the
+ * count of sends still to capture (IW_RESPONSE_WRITES after each request head). An entry lives
+ * from a request head to its response's second send, when it is deleted; one whose response
+ * never comes is evicted (LRU). A hash rather than socket storage: no allocation per
+ * connection, and sockets without an entry (nearly every send: the chunks of a stream) cost
+ * one failed lookup. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, IW_RESPONSE_PENDING_MAX);
+	__type(key, __u64);
+	__type(value, __u8);
+} response_pending SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 8 * 1024 * 1024); /* resized by the loader from the config */
@@ -119,6 +132,14 @@ struct {
 	__type(key, __u32);
 	__type(value, struct iw_request_head_event);
 } head_scratch SEC(".maps");
+
+/* Response heads are built here the same way. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct iw_response_head_event);
+} response_scratch SEC(".maps");
 
 static __always_inline void *reserve(__u64 size)
 {
@@ -264,6 +285,15 @@ static __always_inline __u16 closing_local_port(struct sock *sock)
 static __always_inline int release_marked(struct sock *sock)
 {
 	return sock->sk_bpf_storage && bpf_sk_storage_get(&release_marks, sock, 0, 0);
+}
+
+/* A request head was read: the server's next sends on this connection start its response. */
+static __always_inline void expect_response(struct sock *sock)
+{
+	__u64 sk = (__u64)sock;
+	__u8 writes = IW_RESPONSE_WRITES;
+	if (bpf_map_update_elem(&response_pending, &sk, &writes, BPF_ANY))
+		count(IW_COUNTER_CONN_STATE_ALLOC);
 }
 
 /* Our FIN went out in these states: a close from them is not a reset. */
@@ -459,12 +489,128 @@ int BPF_PROG(iw_sock_recv_length, struct sock *sock, int ret, int flags)
 	ev->read_len = (__u32)ret;
 	ev->send_seq = send_seq(sock);
 	ev->len = (__u32)n;
+	expect_response(sock);
 #ifdef IW_DIAG_NO_RING
 	return 0;
 #endif
 	if (bpf_ringbuf_output(&events, ev, size, wakeup_flags()))
 		count(IW_COUNTER_RINGBUF_DROPS);
 	return 0;
+}
+
+#define NR_WRITE 1
+#define NR_WRITEV 20
+#define NR_SENDTO 44
+#define NR_SENDMSG 46
+
+/* Copies up to `avail` bytes (at most IW_RESPONSE_PART - 1) from `src` into piece `i`; returns
+ * the bytes copied. */
+static __always_inline __u32 read_piece(struct iw_response_head_event *ev, __u32 i, __u64 src,
+					__u64 avail)
+{
+	if (i >= IW_RESPONSE_PARTS)
+		return 0;
+	__u64 n = avail;
+	if (n > IW_RESPONSE_PART - 1)
+		n = IW_RESPONSE_PART - 1;
+	n &= IW_RESPONSE_PART - 1;
+	if (!n || bpf_probe_read_user(&ev->data[i * IW_RESPONSE_PART], n, (void *)src))
+		return 0;
+	ev->lens[i] = (__u32)n;
+	return (__u32)n;
+}
+
+/*
+ * One of the first sends of a response on a watched connection: its first bytes, found through
+ * the syscall's arguments like the request head's, go to the agent, which keeps only the
+ * response's id. Sends that are not one of the four syscalls (sendfile, io_uring) use up a
+ * capture and report nothing.
+ */
+static __always_inline void capture_response(struct sock *sock, int ret)
+{
+	__u64 sk = (__u64)sock;
+	__u8 *left = bpf_map_lookup_elem(&response_pending, &sk);
+	if (!left)
+		return;
+	if (*left <= 1)
+		bpf_map_delete_elem(&response_pending, &sk);
+	else
+		*left -= 1;
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	if (!regs)
+		return;
+	__u32 zero = 0;
+	struct iw_response_head_event *ev = bpf_map_lookup_elem(&response_scratch, &zero);
+	if (!ev)
+		return;
+	__builtin_memset(ev->lens, 0, sizeof(ev->lens));
+	__u64 sent = (__u64)ret, buf = 0, iov = 0, iovcnt = 0;
+	switch (regs->orig_ax) {
+	case NR_WRITE:
+	case NR_SENDTO:
+		buf = regs->si;
+		if (sent > regs->dx)
+			sent = regs->dx;
+		break;
+	case NR_WRITEV:
+		iov = regs->si;
+		iovcnt = regs->dx;
+		break;
+	case NR_SENDMSG: {
+		struct user_msghdr msg = {};
+		if (bpf_probe_read_user(&msg, sizeof(msg), (void *)regs->si))
+			return;
+		iov = (__u64)msg.msg_iov;
+		iovcnt = msg.msg_iovlen;
+		break;
+	}
+	default:
+		return;
+	}
+	__u32 last = 0;
+	if (buf) {
+		/* One buffer: consecutive slices of it. */
+		__u64 at = 0;
+		for (__u32 i = 0; i < IW_RESPONSE_PARTS; i++) {
+			if (at >= sent)
+				break;
+			__u32 got = read_piece(ev, i, buf + at, sent - at);
+			if (!got)
+				break;
+			last = i;
+			at += got;
+		}
+	} else {
+		/* Scattered: the start of each of the first iovecs (a chunk-size line, headers
+		 * and the first chunk often come as separate pieces). */
+		__u64 left_bytes = sent;
+		for (__u32 i = 0; i < IW_RESPONSE_PARTS; i++) {
+			if (i >= iovcnt || !left_bytes)
+				break;
+			struct iovec v = {};
+			if (bpf_probe_read_user(&v, sizeof(v), (void *)(iov + i * sizeof(v))))
+				break;
+			__u64 len = v.iov_len < left_bytes ? v.iov_len : left_bytes;
+			if (read_piece(ev, i, (__u64)v.iov_base, len))
+				last = i;
+			left_bytes -= len;
+		}
+	}
+	if (last >= IW_RESPONSE_PARTS)
+		return;
+	__u32 tail = ev->lens[last] & (IW_RESPONSE_PART - 1);
+	if (!tail)
+		return;
+	__u64 size = __builtin_offsetof(struct iw_response_head_event, data) +
+		     last * IW_RESPONSE_PART + tail;
+	fill_header(&ev->hdr, IW_EVENT_RESPONSE_HEAD, size, current_tgid(), sk);
+	ev->send_len = (__u32)ret;
+	ev->_pad = 0;
+#ifdef IW_DIAG_NO_RING
+	return;
+#endif
+	if (bpf_ringbuf_output(&events, ev, size, wakeup_flags()))
+		count(IW_COUNTER_RINGBUF_DROPS);
 }
 
 /* Any socket send (write, writev, send*, io_uring) that returned; process context. */
@@ -474,10 +620,14 @@ int BPF_PROG(iw_sock_send_length, struct sock *sock, int ret, int flags)
 	IW_DIAG_RETURN;
 	__u64 sk = (__u64)sock;
 	if (watched(sock)) {
-		/* Only once the peer has left: RCV_SHUTDOWN is set by its FIN (tcp_fin) or a
-		 * reset (tcp_done). */
-		if (!(sock->sk_shutdown & RCV_SHUTDOWN))
+		/* While the peer is there, only the start of each response is of interest;
+		 * writes count once the peer has left: RCV_SHUTDOWN is set by its FIN (tcp_fin) or
+		 * a reset (tcp_done). */
+		if (!(sock->sk_shutdown & RCV_SHUTDOWN)) {
+			if (ret > 0)
+				capture_response(sock, ret);
 			return 0;
+		}
 	} else if (!release_marked(sock)) {
 		/* Neither a watched connection nor a reset one the server still holds (after
 		 * TCP_CLOSE the port test no longer works: the kernel has released the port). */

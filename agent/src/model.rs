@@ -146,6 +146,15 @@ pub enum KernelEventKind {
         /// The write's errno (0 when it succeeded).
         errno: i32,
     },
+    /// The response's own id, read from the server's first response bytes after a request
+    /// head on a watched connection (the first SSE chunk's or the JSON body's `"id"`, or an
+    /// `x-request-id` response header); every other response byte was dropped.
+    ResponseId {
+        /// The connection.
+        conn: ConnId,
+        /// The id.
+        id: String,
+    },
     /// The server closed its side of the connection (sent FIN, or released a reset socket).
     LocalClosed {
         /// The connection.
@@ -179,6 +188,7 @@ impl KernelEventKind {
             | KernelEventKind::RequestHead { conn, .. }
             | KernelEventKind::PeerClosed { conn, .. }
             | KernelEventKind::WriteAfterPeerClose { conn, .. }
+            | KernelEventKind::ResponseId { conn, .. }
             | KernelEventKind::LocalClosed { conn }
             | KernelEventKind::Closed { conn } => *conn,
             KernelEventKind::ProcessExit { .. } | KernelEventKind::OomVictim => ConnId(0),

@@ -334,6 +334,7 @@ fn shape(e: &KernelEvent) -> String {
         }
         KernelEventKind::PeerClosed { how, .. } => format!("peer_closed:{}", how.as_str()),
         KernelEventKind::WriteAfterPeerClose { .. } => "write_after".into(),
+        KernelEventKind::ResponseId { id, .. } => format!("response_id:{id}"),
         KernelEventKind::LocalClosed { .. } => "local_closed".into(),
         KernelEventKind::Closed { .. } => "closed".into(),
         KernelEventKind::ProcessExit { .. } => "process_exit".into(),
@@ -726,4 +727,148 @@ fn process_exits_are_reported_with_their_status_and_parent() {
             .count();
         assert_eq!(n, 1, "exits of {pid}");
     }
+}
+/// `writev` of `pieces` on the raw fd (nginx's way of sending a chunk-size line and its data).
+fn sys_writev(stream: &TcpStream, pieces: &[&[u8]]) -> std::io::Result<usize> {
+    let iov: Vec<libc::iovec> = pieces
+        .iter()
+        .map(|p| libc::iovec {
+            iov_base: p.as_ptr() as *mut libc::c_void,
+            iov_len: p.len(),
+        })
+        .collect();
+    // SAFETY: every iovec points into a live slice of its length; the fd is open.
+    let n = unsafe { libc::writev(stream.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// The response ids the kernel source reported on the connection of `client`, in order.
+fn response_ids_of(events: &[KernelEvent], client: SocketAddr) -> Vec<String> {
+    let Some((_, conn)) = conn_of(events, client) else {
+        return Vec::new();
+    };
+    events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            KernelEventKind::ResponseId { conn: c, id } if *c == conn => Some(id.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn response_id_is_read_from_the_first_response_bytes() {
+    if !kernel_tests_enabled("response_id_is_read_from_the_first_response_bytes") {
+        return;
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let capture = start_capture(vec![addr.port()]);
+    // Each request's target says how the server answers it.
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            thread::spawn(move || {
+                let mut buf = vec![0u8; 4096];
+                loop {
+                    let n = match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                    let target = head.split(' ').nth(1).unwrap_or("/").to_string();
+                    let id = target.trim_start_matches('/').to_string();
+                    let chunk = |id: &str| {
+                        let data = format!(
+                            "data: {{\"id\":\"{id}\",\"object\":\"chat.completion.chunk\"}}\n\n"
+                        );
+                        (format!("{:x}\r\n", data.len()), format!("{data}\r\n"))
+                    };
+                    let (size, data) = chunk(&id);
+                    let sent = if id.starts_with("writev") {
+                        // Head in one send, then the first chunk as two iovecs.
+                        stream.write_all(RESPONSE_HEADER.as_bytes()).and_then(|()| {
+                            sys_writev(&stream, &[size.as_bytes(), data.as_bytes()]).map(drop)
+                        })
+                    } else if id.starts_with("header") {
+                        // The id in an x-request-id response header; the body's id follows.
+                        let head = format!(
+                            "HTTP/1.1 200 OK\r\nx-request-id: {id}\r\ntransfer-encoding: chunked\r\n\r\n"
+                        );
+                        let (size, data) = chunk("body-id");
+                        stream
+                            .write_all(head.as_bytes())
+                            .and_then(|()| stream.write_all(format!("{size}{data}").as_bytes()))
+                    } else if id.starts_with("late") {
+                        // No id in the first two sends: the third is past the capture.
+                        let (size, data) = chunk("too-late");
+                        stream
+                            .write_all(RESPONSE_HEADER.as_bytes())
+                            .and_then(|()| stream.write_all(b"5\r\n: hi\n\r\n"))
+                            .and_then(|()| stream.write_all(format!("{size}{data}").as_bytes()))
+                    } else {
+                        // uvicorn's way: the head, then each chunk, one write each.
+                        stream
+                            .write_all(RESPONSE_HEADER.as_bytes())
+                            .and_then(|()| stream.write_all(format!("{size}{data}").as_bytes()))
+                    };
+                    // Later chunks carry the id too; only the start is captured.
+                    let (size, data) = chunk(&id);
+                    if sent
+                        .and_then(|()| stream.write_all(format!("{size}{data}").as_bytes()))
+                        .and_then(|()| stream.write_all(LAST_CHUNK))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let exchange = |stream: &mut TcpStream, target: &str| {
+        stream
+            .write_all(format!("GET /{target} HTTP/1.1\r\nhost: t\r\n\r\n").as_bytes())
+            .expect("send");
+        read_response(stream);
+    };
+    // Two requests on one keep-alive connection: each response's id.
+    let mut keepalive = TcpStream::connect(addr).expect("connect");
+    let keepalive_addr = keepalive.local_addr().expect("addr");
+    exchange(&mut keepalive, "chatcmpl-k1");
+    exchange(&mut keepalive, "writev-k2");
+    let mut header = TcpStream::connect(addr).expect("connect");
+    let header_addr = header.local_addr().expect("addr");
+    exchange(&mut header, "header-3");
+    let mut late = TcpStream::connect(addr).expect("connect");
+    let late_addr = late.local_addr().expect("addr");
+    exchange(&mut late, "late-4");
+    drop((keepalive, header, late));
+
+    let events = capture.wait_for("the response ids", |evs| {
+        response_ids_of(evs, keepalive_addr).len() >= 2
+            && response_ids_of(evs, header_addr).len() >= 2
+            && evs
+                .iter()
+                .any(|e| matches!(&e.kind, KernelEventKind::Closed { conn } if Some(*conn) == conn_of(evs, late_addr).map(|c| c.1)))
+    });
+    capture.stop();
+    assert_eq!(
+        response_ids_of(&events, keepalive_addr),
+        ["chatcmpl-k1", "writev-k2"],
+        "one id per request, each from its response's start"
+    );
+    assert_eq!(
+        response_ids_of(&events, header_addr),
+        ["header-3", "body-id"]
+    );
+    assert_eq!(
+        response_ids_of(&events, late_addr),
+        Vec::<String>::new(),
+        "only the first {} sends after a head are captured",
+        2
+    );
 }

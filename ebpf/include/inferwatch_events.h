@@ -22,6 +22,17 @@
  * BPF side masks the length with IW_HEAD_MAX - 1 to keep the verifier happy. */
 #define IW_HEAD_MAX 2048
 
+/* The server's first response bytes after each request head, for the response's own id (SPEC
+ * section 2, rule 3): the first IW_RESPONSE_WRITES sends after a head are captured, each as up
+ * to IW_RESPONSE_PARTS pieces (the send's first iovecs, or consecutive slices of its one
+ * buffer) of up to IW_RESPONSE_PART - 1 bytes. The agent keeps only the id and drops the rest.
+ * Power of two: the BPF side masks each length with IW_RESPONSE_PART - 1. */
+#define IW_RESPONSE_PART 256
+#define IW_RESPONSE_PARTS 4
+#define IW_RESPONSE_WRITES 2
+/* Most connections waiting for the start of their response at once (LRU beyond it). */
+#define IW_RESPONSE_PENDING_MAX 16384
+
 /* Upper bound on watched local ports (a configuration limit). */
 #define IW_MAX_WATCHED_PORTS 64
 
@@ -37,6 +48,7 @@ enum iw_event_type {
 
 	IW_EVENT_REQUEST_HEAD = 200,
 	IW_EVENT_WRITE_AFTER_PEER_CLOSE = 201,
+	IW_EVENT_RESPONSE_HEAD = 202,
 };
 
 /* How the peer left. */
@@ -48,7 +60,7 @@ enum iw_close_how {
 /* Index of the per-CPU counters in the `iw_counters` map. */
 enum iw_counter {
 	IW_COUNTER_RINGBUF_DROPS = 0,   /* bpf_ringbuf_reserve failed: ring buffer full */
-	IW_COUNTER_CONN_STATE_ALLOC = 1, /* a reset connection's state (socket storage) could not be created: its release's LocalClosed is lost */
+	IW_COUNTER_CONN_STATE_ALLOC = 1, /* a connection's state (socket storage) could not be created: a reset connection's LocalClosed, or (no room to note a request head) its response bytes, are lost */
 	IW_COUNTER_MAX = 2,
 };
 
@@ -101,6 +113,19 @@ struct iw_peer_closed_event {
 	__u32 how;      /* enum iw_close_how */
 	__u32 send_seq; /* the socket's write_seq then: equal to the last head's when the
 			 * response had not started */
+};
+
+/* The server's first sends after a request head on a watched connection (IW_RESPONSE_WRITES of
+ * them; write, writev, sendto, sendmsg), process context: the sender's tgid. Piece i holds
+ * lens[i] bytes at data[i * IW_RESPONSE_PART]; the pieces, in order, are the start of what the
+ * send wrote. The record is variable-length: it ends after the last non-empty piece
+ * (hdr.size = offsetof(data) + last * IW_RESPONSE_PART + lens[last]). */
+struct iw_response_head_event {
+	struct iw_event_header hdr;
+	__u32 lens[IW_RESPONSE_PARTS]; /* bytes valid in each piece */
+	__u32 send_len;                /* what the send returned */
+	__u32 _pad;
+	__u8 data[IW_RESPONSE_PARTS * IW_RESPONSE_PART];
 };
 
 /* The server sent on a connection whose peer had already left (any send: write, writev,

@@ -7,6 +7,7 @@
 
 mod abort;
 mod faults;
+mod gateway;
 mod gpu;
 mod harness;
 mod lifecycle;

@@ -6,7 +6,8 @@
 //! `Input` in its serde form, `{"kernel": KernelEvent}`, `{"runtime": RuntimeRequest}` or
 //! `{"kv_events": KvEventBatch}`, `{"process": ProcessIdentity}`, `{"startup": StartupSpan}`, or
 //! `{"tick": unix_nanos}`), and `expect`: `outputs` (the outputs in order, each compared as a
-//! subset of the output's JSON), `counts` (outputs per kind), `stats` (a subset of
+//! subset of the output's JSON; `client_abort` measurements left out), `client_aborts` (the
+//! `client_abort` outputs in order, compared the same way), `counts` (outputs per kind), `stats` (a subset of
 //! `CorrelatorStats`) and `max_state` (upper bounds on `StateSizes` at the end). Adding a
 //! recording is adding a file; `REPLAY_DUMP=1` prints what the correlator made of each.
 
@@ -37,6 +38,7 @@ fn default_shuffle() -> bool {
 #[serde(deny_unknown_fields)]
 struct Expect {
     outputs: Option<Vec<Value>>,
+    client_aborts: Option<Vec<Value>>,
     counts: Option<BTreeMap<String, usize>>,
     stats: Option<Value>,
     max_state: Option<BTreeMap<String, usize>>,
@@ -148,6 +150,7 @@ fn kind_of(output: &Output) -> &'static str {
         Output::ColdStart(_) => "cold_start",
         Output::RequestGpu(_) => "request_gpu",
         Output::LostInFlight(_) => "lost_in_flight",
+        Output::ClientAbort(_) => "client_abort",
         _ => "other",
     }
 }
@@ -155,19 +158,24 @@ fn kind_of(output: &Output) -> &'static str {
 fn check_case(loaded: &Loaded) -> Result<(), String> {
     let Loaded { name, case, steps } = loaded;
     let (correlator, outputs) = run(config_of(case), steps);
-    let actual: Vec<Value> = outputs.iter().map(to_json).collect();
+    let all: Vec<Value> = outputs.iter().map(to_json).collect();
+    // Every abort is measured (a `client_abort` output), with a finding or not: a case lists
+    // them apart, so that the findings read the same as before.
+    let (measured, actual): (Vec<Value>, Vec<Value>) = all
+        .iter()
+        .cloned()
+        .partition(|v| v.get("output").and_then(Value::as_str) == Some("client_abort"));
     if std::env::var_os("REPLAY_DUMP").is_some() {
         // For writing a new recording: what the correlator made of it.
         eprintln!(
             "== {name}\noutputs: {}\nstats: {}\nstate: {}",
-            Value::Array(actual.clone()),
+            Value::Array(all.clone()),
             to_json(correlator.stats()),
             to_json(&correlator.state_sizes())
         );
     }
     let shown = || {
-        actual
-            .iter()
+        all.iter()
             .map(|v| format!("  {v}"))
             .collect::<Vec<_>>()
             .join("\n")
@@ -183,6 +191,20 @@ fn check_case(loaded: &Loaded) -> Result<(), String> {
         }
         for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
             check_subset(a, e, &format!("outputs[{i}]"))
+                .map_err(|msg| format!("{name}: {msg}\nall outputs:\n{}", shown()))?;
+        }
+    }
+    if let Some(expected) = &case.expect.client_aborts {
+        if expected.len() != measured.len() {
+            return Err(format!(
+                "{name}: expected {} client aborts, got {}:\n{}",
+                expected.len(),
+                measured.len(),
+                shown()
+            ));
+        }
+        for (i, (a, e)) in measured.iter().zip(expected).enumerate() {
+            check_subset(a, e, &format!("client_aborts[{i}]"))
                 .map_err(|msg| format!("{name}: {msg}\nall outputs:\n{}", shown()))?;
         }
     }

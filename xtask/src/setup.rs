@@ -58,9 +58,10 @@ pub const EBPF_BUILD: Component = Component {
     always_install: false,
 };
 
-/// promtool (the alert-rule tests of deploy-check) and bpftool (debugging the programs by hand).
+/// promtool (the alert-rule tests of deploy-check), bpftool (debugging the programs by hand)
+/// and nginx (the end-to-end tests' real gateway).
 pub const DEPLOY_TOOLS: Component = Component {
-    name: "promtool and bpftool",
+    name: "promtool, bpftool and nginx",
     check: deploy_tools_missing,
     install: None,
     always_install: false,
@@ -207,6 +208,11 @@ fn deploy_tools_missing(host: &Host) -> Missing {
             missing.what.push(format!("{program} (from {package})"));
             missing.apt.push(package);
         }
+    }
+    // The end-to-end tests' real gateway; /usr/sbin is not on every user's PATH.
+    if !host.exists("/usr/sbin/nginx") {
+        missing.what.push("nginx (from nginx-light)".into());
+        missing.apt.push("nginx-light");
     }
     missing
 }

@@ -70,6 +70,95 @@ pub struct AbortFinding {
     pub model: Option<String>,
     /// How the runtime span was joined to the connection ([`JoinRule::Unjoined`] with no span).
     pub join: JoinRule,
+    /// When the gateway closed or reset its upstream connection to the runtime, when the
+    /// request crossed a watched gateway (SPEC §2.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub t_g: Option<UnixNanos>,
+    /// Which boundary held the cancel (`inferwatch.abort.stalled_at`), when the request
+    /// crossed a watched gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stalled_at: Option<AbortBoundary>,
+}
+
+/// A boundary a cancel crosses after the client left (SPEC §2.1), the label of
+/// `inferwatch_abort_lag_seconds{boundary}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AbortBoundary {
+    /// The gateway closed or reset its upstream connection (`t_g`).
+    Gateway,
+    /// The runtime stopped (`t_s`).
+    Runtime,
+}
+
+impl AbortBoundary {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AbortBoundary::Gateway => "gateway",
+            AbortBoundary::Runtime => "runtime",
+        }
+    }
+}
+
+/// One client abort, measured whatever followed (SPEC §3.1): the client left while its request
+/// was in flight. Emitted for every abort, with a finding or not, so that a runtime that stops
+/// at once shows up as aborts with a short lag (`inferwatch_client_aborts_total{how,model}`,
+/// `inferwatch_abort_lag_seconds{boundary}`) rather than as nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientAbort {
+    /// The client's connection.
+    pub conn: ConnId,
+    /// How the client left.
+    pub how: CloseHow,
+    /// The model, from the span, when there was one.
+    pub model: Option<String>,
+    /// Client close.
+    pub t_c: UnixNanos,
+    /// The gateway closed its upstream, when the request crossed a watched gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub t_g: Option<UnixNanos>,
+    /// Runtime stop (the span's end, else the last write or the server's close of the
+    /// runtime's connection); `None` when the kernel saw neither.
+    pub t_s: Option<UnixNanos>,
+    /// Output tokens after `t_c`.
+    pub tokens_after: u64,
+    /// Whether an `inferwatch.abort` finding was made for it.
+    pub finding: bool,
+}
+
+impl ClientAbort {
+    /// The lag to each boundary the abort crossed, in nanoseconds.
+    pub fn lags(&self) -> impl Iterator<Item = (AbortBoundary, u64)> + '_ {
+        [
+            (AbortBoundary::Gateway, self.t_g),
+            (AbortBoundary::Runtime, self.t_s),
+        ]
+        .into_iter()
+        .filter_map(|(boundary, t)| t.map(|t| (boundary, t.saturating_sub(self.t_c))))
+    }
+}
+
+/// Which boundary held the cancel: the gateway when it never closed its upstream before the
+/// runtime stopped, or took longer to close it than the runtime then took to stop; else the
+/// runtime.
+pub(crate) fn stalled_at(t_c: UnixNanos, t_g: Option<UnixNanos>, t_s: UnixNanos) -> AbortBoundary {
+    match t_g {
+        Some(t_g) if t_g < t_s => {
+            if t_g.saturating_sub(t_c) >= t_s - t_g {
+                AbortBoundary::Gateway
+            } else {
+                AbortBoundary::Runtime
+            }
+        }
+        _ => AbortBoundary::Gateway,
+    }
+}
+
+/// Whether an abort makes a finding span: a token after the close, or a runtime slower to
+/// stop than `lag_threshold` (SPEC §3.1).
+pub(crate) fn makes_finding(tokens_after: u64, lag_ns: u64, lag_threshold: UnixNanos) -> bool {
+    tokens_after >= 1 || lag_ns > lag_threshold
 }
 
 /// What the kernel saw of a request's connection after the peer left.
@@ -81,6 +170,11 @@ pub(crate) struct KernelAbortFacts {
     pub token_writes: u64,
     /// The last write after the peer left (token or framing).
     pub last_write: Option<UnixNanos>,
+    /// The kernel said no response byte had been written when the peer left: the request
+    /// was certainly in flight.
+    pub not_started: bool,
+    /// When the server closed its side of the connection (or the socket closed).
+    pub server_closed: Option<UnixNanos>,
 }
 
 /// Tokens after `t_c` for a request with a span; `None` when there is nothing to report

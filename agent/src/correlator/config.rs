@@ -18,6 +18,11 @@ pub struct CorrelatorConfig {
     /// request head on its instance closest to the span's arrival, if that head was read within
     /// this distance of the arrival.
     pub temporal_window_ms: u64,
+    /// How much closer to the span's arrival the best temporal candidate must be than every
+    /// other candidate, in milliseconds. Closer than that, two requests fit the span as well as
+    /// each other: no join is made, no finding either, and the span is counted as
+    /// `inferwatch_joins_total{rule="ambiguous"}`.
+    pub temporal_margin_ms: u64,
     /// How long after a span becomes joinable (its end, and its arrival plus the temporal
     /// window) the correlator waits before settling it, in milliseconds. Covers kernel events
     /// still in the ring buffer or the pipeline's queue.
@@ -54,8 +59,14 @@ pub struct CorrelatorConfig {
     /// after one of these prefixes is removed.
     pub request_id_prefixes: Vec<String>,
     /// Sizes, in bytes, of writes after the peer left that are framing rather than a token
-    /// chunk. The default, 14, is the OpenAI-compatible stream terminator `data: [DONE]\n\n`.
+    /// chunk. The defaults: 14, the OpenAI-compatible stream terminator `data: [DONE]\n\n`, and
+    /// 5, the chunked transfer encoding's last chunk `0\r\n\r\n` (a gateway writes it after a
+    /// client that hung up on `[DONE]`; no SSE token chunk is that short).
     pub framing_write_bytes: Vec<u64>,
+    /// A client abort whose tokens after the close are 0 still makes an `inferwatch.abort`
+    /// finding span when the runtime took longer than this to stop, in milliseconds (contract
+    /// §3.1). Every abort is counted and its lag observed whatever this is.
+    pub abort_lag_finding_ms: u64,
     /// Cross-tenant KV-cache eviction (contract §3.3): conversation tracking and its bounds.
     pub kv_eviction: KvEvictionConfig,
     /// GPU contention and cold-start detection: thresholds and the bounds of their state.
@@ -68,6 +79,7 @@ impl Default for CorrelatorConfig {
     fn default() -> Self {
         Self {
             temporal_window_ms: 500,
+            temporal_margin_ms: 50,
             settle_delay_ms: 250,
             span_wait_ms: 30_000,
             max_request_age_ms: 15 * 60 * 1000,
@@ -78,7 +90,8 @@ impl Default for CorrelatorConfig {
             max_pending_spans: 16_384,
             max_listeners: 1024,
             request_id_prefixes: vec!["chatcmpl-".into(), "cmpl-".into(), "embd-".into()],
-            framing_write_bytes: vec![b"data: [DONE]\n\n".len() as u64],
+            framing_write_bytes: vec![b"data: [DONE]\n\n".len() as u64, b"0\r\n\r\n".len() as u64],
+            abort_lag_finding_ms: 1000,
             kv_eviction: KvEvictionConfig::default(),
             gpu: GpuDetectionConfig::default(),
             lost_in_flight: LostInFlightConfig::default(),
@@ -89,6 +102,12 @@ impl Default for CorrelatorConfig {
 impl CorrelatorConfig {
     pub(crate) fn temporal_window(&self) -> UnixNanos {
         self.temporal_window_ms.saturating_mul(NANOS_PER_MILLI)
+    }
+    pub(crate) fn temporal_margin(&self) -> UnixNanos {
+        self.temporal_margin_ms.saturating_mul(NANOS_PER_MILLI)
+    }
+    pub(crate) fn abort_lag_finding(&self) -> UnixNanos {
+        self.abort_lag_finding_ms.saturating_mul(NANOS_PER_MILLI)
     }
     pub(crate) fn settle_delay(&self) -> UnixNanos {
         self.settle_delay_ms.saturating_mul(NANOS_PER_MILLI)

@@ -16,11 +16,18 @@ pub enum JoinRule {
     Traceparent,
     /// The `x-request-id` header = the runtime's request id (exactly or after a known prefix).
     RequestId,
+    /// The response's own id (the first SSE chunk's or the JSON body's `"id"`, or an
+    /// `x-request-id` response header, read by the kernel from the server's first response
+    /// bytes) = the span's `gen_ai.request.id` / `gen_ai.response.id`.
+    ResponseId,
     /// The span's `client.address` / `client.port` = the connection's peer.
     ClientAddr,
     /// The head read on the span's instance closest in time to the span's arrival, within
     /// the temporal window: a guess, and said so.
     Temporal,
+    /// No exact rule matched and several heads fit the span by time as well as each other: no
+    /// join is made (and no finding), rather than a guess.
+    Ambiguous,
     /// Nothing matched (TLS inside the runtime, HTTP/2, an unwatched port, or a head lost to
     /// an eviction).
     Unjoined,
@@ -32,8 +39,10 @@ impl JoinRule {
         match self {
             JoinRule::Traceparent => "traceparent",
             JoinRule::RequestId => "request_id",
+            JoinRule::ResponseId => "response_id",
             JoinRule::ClientAddr => "client_addr",
             JoinRule::Temporal => "temporal",
+            JoinRule::Ambiguous => "ambiguous",
             JoinRule::Unjoined => "unjoined",
         }
     }
@@ -94,6 +103,11 @@ pub struct JoinedRequest {
     pub connection: Option<ConnectionFacts>,
     /// `true` when the span settled early because the pending-span table was full.
     pub settled_early: bool,
+    /// Through a watched gateway that did not propagate the client's trace (LiteLLM's proxy):
+    /// the `traceparent` the client sent the gateway, when the runtime span is a root of
+    /// another trace. The exporter moves the span into the client's trace under it (SPEC 2.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_trace: Option<TraceParent>,
 }
 
 /// The header values a runtime request id can come from: itself and itself without each known

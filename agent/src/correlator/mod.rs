@@ -23,7 +23,15 @@
 //!   conversation keep their order unless the earlier one waits for a guess and the later one
 //!   does not.
 //! - A head no span claimed settles `span_wait_ms` after the kernel saw it end: when the peer
-//!   left and the server kept writing, that is an abort found from the kernel alone.
+//!   left while it was in flight, that is a client abort found from the kernel alone, with a
+//!   finding when the server kept writing token chunks or took over `abort_lag_finding_ms` to
+//!   stop.
+//! - Every client abort is emitted as a [`ClientAbort`] (counted, its lag observed), and as an
+//!   [`AbortFinding`] only with tokens after the close or a long lag (SPEC §3.1).
+//! - Through a watched gateway (`gateway.rs`), the client's head on the gateway is linked to the
+//!   gateway's head on the runtime by an id both carry; the span joins the runtime's side and
+//!   takes the client's with it, so the abort runs from the client's close (`t_c`) through the
+//!   gateway's upstream close (`t_g`) to the runtime's stop (`t_s`).
 //!
 //! # Instance matching (temporal rule)
 //! A span's instance is its `process.pid`. When a `Listen` event named that pid, only heads on
@@ -31,12 +39,16 @@
 //! pid is unknown to the kernel side (no pid in the span, or a pid namespace the kernel does not
 //! see), every head on the node is a candidate, which is right on a node with one runtime.
 //! Client-address and temporal joins never take a head whose identifiers contradict the span
-//! (another propagated trace, or another vLLM request id).
+//! (another propagated trace, another vLLM request id, or a response id that is not the span's),
+//! and the temporal rule leaves out heads whose connection shows the span cannot be theirs; it
+//! joins only when one head is closer to the arrival than every other by `temporal_margin_ms`,
+//! and otherwise marks the span `ambiguous` (no join, no finding).
 
 mod abort;
 mod cold_start;
 mod config;
 mod contention;
+mod gateway;
 mod index;
 mod join;
 mod kv_eviction;
@@ -49,7 +61,7 @@ use std::ops::Bound;
 
 use serde::{Deserialize, Serialize};
 
-pub use abort::{AbortFinding, TokenCountMethod};
+pub use abort::{AbortBoundary, AbortFinding, ClientAbort, TokenCountMethod};
 pub use cold_start::{ColdStartFinding, ColdStartPhase, PhaseSource, StartKind};
 pub use config::CorrelatorConfig;
 pub use contention::{
@@ -110,6 +122,10 @@ pub enum Output {
     Joined(JoinedRequest),
     /// Tokens billed after the client aborted.
     Abort(AbortFinding),
+    /// A client left while its request was in flight, finding or not (contract §3.1):
+    /// counted and its lag observed. Comes right before the request's `Abort` finding when it
+    /// makes one.
+    ClientAbort(ClientAbort),
     /// A conversation's warm prefix was evicted between two turns (contract §3.3).
     KvEviction(KvEvictionFinding),
     /// The GPU side of a settled request: `inferwatch.start`, its GPUs and their SM
@@ -180,7 +196,13 @@ impl Claims {
 struct Head {
     pid: Option<u32>,
     head: RequestHead,
+    /// The response's own ids read from the server's first response bytes (at most
+    /// [`MAX_RESPONSE_IDS`]: a response header and a body id).
+    response_ids: Vec<String>,
 }
+
+/// Response ids kept per request: an `x-request-id` response header and the body's `"id"`.
+const MAX_RESPONSE_IDS: usize = 2;
 
 #[derive(Debug)]
 struct Conn {
@@ -245,6 +267,8 @@ impl Conn {
                     close: Some((close.ts, close.how)),
                     token_writes: self.token_writes,
                     last_write: self.last_write,
+                    not_started: !self.writes_are_tokens,
+                    server_closed: self.closed,
                 }
             }
             _ => KernelAbortFacts::default(),
@@ -280,11 +304,20 @@ pub struct Correlator {
     heads: BTreeSet<HeadKey>,
     by_trace: FastMap<[u8; 16], KeySet<HeadKey>>,
     by_request_id: FastMap<String, KeySet<HeadKey>>,
+    by_response_id: FastMap<String, KeySet<HeadKey>>,
     by_peer: FastMap<SocketAddr, KeySet<ConnKey>>,
     spans: BTreeMap<SpanKey, Box<RuntimeRequest>>,
     span_ids: FastSet<([u8; 16], [u8; 8])>,
     /// Listening port -> the pid that listens.
     listeners: BTreeMap<u16, Option<u32>>,
+    /// Local ports whose runtime exports spans (a span joined a request read there, or came
+    /// from the pid listening there), at most `max_listeners`: on these, a request the client
+    /// left and that never got a span was dropped by the runtime (vLLM exports no span for a
+    /// request aborted because its client left), so it counts as a client abort.
+    span_ports: BTreeSet<u16>,
+    /// Runtime pids that exported spans, at most `max_listeners`: their listening ports and
+    /// the connections they read count as exporting spans too.
+    span_pids: BTreeSet<u32>,
     /// Conversations and per-instance request / KV event logs (contract §3.3).
     kv: kv_eviction::KvTracker,
     /// GPU samples, process identities, contention and cold starts.
@@ -307,10 +340,13 @@ impl Correlator {
             heads: BTreeSet::new(),
             by_trace: FastMap::default(),
             by_request_id: FastMap::default(),
+            by_response_id: FastMap::default(),
             by_peer: FastMap::default(),
             spans: BTreeMap::new(),
             span_ids: FastSet::default(),
             listeners: BTreeMap::new(),
+            span_ports: BTreeSet::new(),
+            span_pids: BTreeSet::new(),
             gpu: contention::GpuView::default(),
             procs: lost::ProcessTracker::default(),
         }
@@ -526,13 +562,20 @@ impl Correlator {
             self.claim_rest(&mut claims);
             guessing.sort_unstable();
         }
+        let mut ambiguous: BTreeSet<SpanKey> = BTreeSet::new();
         for (_, key) in guessing {
             let Some(span) = self.spans.get(&key) else {
                 continue;
             };
-            if let Some(head) = self.best_temporal(span, &claims.heads) {
-                claims.heads.insert(head, key);
-                matches.insert(key, (JoinRule::Temporal, head));
+            match self.best_temporal(span, &claims.heads) {
+                Some(Guess::One(head)) => {
+                    claims.heads.insert(head, key);
+                    matches.insert(key, (JoinRule::Temporal, head));
+                }
+                Some(Guess::Ambiguous) => {
+                    ambiguous.insert(key);
+                }
+                None => {}
             }
         }
         for (key, at) in deferred {
@@ -544,7 +587,12 @@ impl Correlator {
             if let Some(span) = self.spans.remove(&key) {
                 self.span_ids.remove(&(span.trace_id, span.span_id));
                 let matched = matches.get(&key).copied();
-                self.finish_span(span, matched, false, &mut out);
+                let unjoined = if ambiguous.contains(&key) {
+                    JoinRule::Ambiguous
+                } else {
+                    JoinRule::Unjoined
+                };
+                self.finish_span(span, matched, unjoined, false, &mut out);
             }
         }
 
@@ -703,6 +751,10 @@ impl Correlator {
                 }
             }
             KernelEventKind::ProcessExit { .. } | KernelEventKind::OomVictim => {}
+            KernelEventKind::ResponseId { conn, id } => {
+                let key = self.conn_for(conn, ts);
+                self.add_response_id(key, ts, id);
+            }
             KernelEventKind::LocalClosed { conn } | KernelEventKind::Closed { conn } => {
                 let key = self.conn_for(conn, ts);
                 let local = matches!(event.kind, KernelEventKind::LocalClosed { .. });
@@ -743,15 +795,28 @@ impl Correlator {
             self.stats.evictions.spans += 1;
             self.span_ids.remove(&(oldest.trace_id, oldest.span_id));
             let none = FastMap::default();
-            let matched = self.best_exact(&oldest, &none).or_else(|| {
-                self.best_temporal(&oldest, &none)
-                    .map(|h| (JoinRule::Temporal, h))
+            let guess = self.best_exact(&oldest, &none).map(Ok).or_else(|| {
+                self.best_temporal(&oldest, &none).map(|guess| match guess {
+                    Guess::One(h) => Ok((JoinRule::Temporal, h)),
+                    Guess::Ambiguous => Err(JoinRule::Ambiguous),
+                })
             });
-            self.finish_span(oldest, matched, true, &mut out);
+            let (matched, unjoined) = match guess {
+                Some(Ok(matched)) => (Some(matched), JoinRule::Unjoined),
+                Some(Err(rule)) => (None, rule),
+                None => (None, JoinRule::Unjoined),
+            };
+            self.finish_span(oldest, matched, unjoined, true, &mut out);
         }
         // Every head an exact rule can give this span was read before its end, so the exact
         // rules can decide once the kernel events up to the end have arrived; a span they do
         // not join then waits on to `guess_at` (`on_tick`).
+        if let Some(pid) = request.instance.pid
+            && (self.span_pids.len() < self.config.max_listeners.max(1)
+                || self.span_pids.contains(&pid))
+        {
+            self.span_pids.insert(pid);
+        }
         let settle_at = request.end.saturating_add(self.config.settle_delay());
         self.span_ids.insert(ids);
         self.spans.insert(
@@ -759,6 +824,31 @@ impl Correlator {
             Box::new(request),
         );
         out
+    }
+
+    /// Whether the runtime serving a connection on `local`, read by `pid`, exports spans:
+    /// decided when a request settles, from everything received by then, so that the order
+    /// of the inputs does not matter.
+    fn exports_spans(&self, local: Option<SocketAddr>, pid: Option<u32>) -> bool {
+        let port = local.map(|l| l.port());
+        port.is_some_and(|port| {
+            self.span_ports.contains(&port)
+                || self
+                    .listeners
+                    .get(&port)
+                    .copied()
+                    .flatten()
+                    .is_some_and(|p| self.span_pids.contains(&p))
+        }) || pid.is_some_and(|p| self.span_pids.contains(&p))
+    }
+
+    /// Remembers that the runtime on `port` exports spans, within `max_listeners` ports.
+    fn note_span_port(&mut self, port: u16) {
+        if self.span_ports.len() < self.config.max_listeners.max(1)
+            || self.span_ports.contains(&port)
+        {
+            self.span_ports.insert(port);
+        }
     }
 
     /// Whether `span` may still decide its instance's cold start, and which request decides
@@ -899,8 +989,46 @@ impl Correlator {
                 }
             }
         }
-        conn.requests.insert(ts, Some(Head { pid, head }));
+        conn.requests.insert(
+            ts,
+            Some(Head {
+                pid,
+                head,
+                response_ids: Vec::new(),
+            }),
+        );
         self.heads.insert(hk);
+    }
+
+    /// Gives the request current on `key` at `ts` (the last head read before it) the response
+    /// id the server sent, while it waits to settle.
+    fn add_response_id(&mut self, key: ConnKey, ts: UnixNanos, id: String) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        let Some(head_ts) = conn
+            .requests
+            .iter()
+            .map(|(at, _)| *at)
+            .take_while(|at| *at <= ts)
+            .last()
+        else {
+            return;
+        };
+        let Some(Some(head)) = conn.requests.get_mut(&head_ts) else {
+            return;
+        };
+        if head.response_ids.len() >= MAX_RESPONSE_IDS || head.response_ids.contains(&id) {
+            return;
+        }
+        head.response_ids.push(id.clone());
+        let hk = (head_ts, key);
+        match self.by_response_id.get_mut(id.as_str()) {
+            Some(set) => set.insert(hk),
+            None => {
+                self.by_response_id.insert(id, KeySet::One(hk));
+            }
+        }
     }
 
     fn unindex_head(&mut self, hk: HeadKey, head: &Head) {
@@ -916,6 +1044,13 @@ impl Correlator {
             && set.remove(&hk)
         {
             self.by_request_id.remove(id);
+        }
+        for id in &head.response_ids {
+            if let Some(set) = self.by_response_id.get_mut(id)
+                && set.remove(&hk)
+            {
+                self.by_response_id.remove(id);
+            }
         }
     }
 
@@ -968,6 +1103,14 @@ impl Correlator {
             if let Some(hk) = closest(span.arrival, candidates) {
                 return Some((JoinRule::RequestId, hk));
             }
+            let candidates = join::request_id_keys(id, &self.config.request_id_prefixes)
+                .into_iter()
+                .filter_map(|k| self.by_response_id.get(k))
+                .flat_map(KeySet::iter)
+                .filter(usable);
+            if let Some(hk) = closest(span.arrival, candidates) {
+                return Some((JoinRule::ResponseId, hk));
+            }
         }
         if let Some(client) = span.client
             && let Some(conns) = self.by_peer.get(&client)
@@ -983,8 +1126,9 @@ impl Correlator {
                 })
                 .filter(usable)
                 .filter(|hk| {
-                    self.head_ref(*hk)
-                        .is_some_and(|(_, head)| !self.contradicts(span, &head.head))
+                    self.head_ref(*hk).is_some_and(|(_, head)| {
+                        !self.contradicts(span, &head.head) && !self.other_response(span, head)
+                    })
                 });
             if let Some(hk) = closest(span.arrival, candidates) {
                 return Some((JoinRule::ClientAddr, hk));
@@ -994,12 +1138,14 @@ impl Correlator {
     }
 
     /// The unreserved head on the span's instance read closest to its arrival, within the
-    /// temporal window.
+    /// temporal window, when it fits clearly better than any other: closer to the arrival than
+    /// every other candidate by `temporal_margin_ms`. Candidates whose connection shows the
+    /// span cannot be theirs are left out first ([`Correlator::cannot_own`]).
     fn best_temporal(
         &self,
         span: &RuntimeRequest,
         reserved: &FastMap<HeadKey, SpanKey>,
-    ) -> Option<HeadKey> {
+    ) -> Option<Guess> {
         let window = self.config.temporal_window();
         let lo = (span.arrival.saturating_sub(window), ConnKey::MIN);
         let hi = (span.arrival.saturating_add(window), ConnKey::MAX);
@@ -1018,8 +1164,11 @@ impl Correlator {
             .copied()
             .filter(|hk| !reserved.contains_key(hk) && hk.0 <= span.end)
             .filter(|hk| {
-                self.head_ref(*hk)
-                    .is_some_and(|(_, head)| !self.contradicts(span, &head.head))
+                self.head_ref(*hk).is_some_and(|(conn, head)| {
+                    !self.contradicts(span, &head.head)
+                        && !self.other_response(span, head)
+                        && !Self::cannot_own(span, conn, hk.0)
+                })
             })
             .filter(|hk| match (&instance_ports, self.conns.get(&hk.1)) {
                 (None, _) => true,
@@ -1029,7 +1178,47 @@ impl Correlator {
                 }
                 (Some(_), None) => false,
             });
-        closest(span.arrival, candidates)
+        let mut by_distance: Vec<(UnixNanos, HeadKey)> = candidates
+            .map(|hk| (hk.0.abs_diff(span.arrival), hk))
+            .collect();
+        by_distance.sort_unstable();
+        match by_distance.as_slice() {
+            [] => None,
+            [(_, only)] => Some(Guess::One(*only)),
+            [(best, head), (second, _), ..] => {
+                if *second >= best.saturating_add(self.config.temporal_margin()) {
+                    Some(Guess::One(*head))
+                } else {
+                    Some(Guess::Ambiguous)
+                }
+            }
+        }
+    }
+
+    /// Whether what the kernel saw of the request read at `head_ts` on `conn` rules `span`
+    /// out, whatever the time says: the connection carried more token chunks after its peer
+    /// left than the span has output tokens, or the server stopped writing when the peer left
+    /// and closed the connection while the span went on decoding to its limit (or, with
+    /// per-token times, past that close).
+    fn cannot_own(span: &RuntimeRequest, conn: &Conn, head_ts: UnixNanos) -> bool {
+        let facts = conn.abort_facts(head_ts);
+        let Some((t_c, _)) = facts.close else {
+            return false;
+        };
+        if t_c >= span.end {
+            return false;
+        }
+        let more_writes_than_tokens = !facts.not_started
+            && span
+                .output_tokens
+                .is_some_and(|n| facts.token_writes > n.saturating_add(NON_TOKEN_CHUNKS_MAX));
+        let stopped_at_close = facts.last_write.is_none()
+            && facts.server_closed.is_some_and(|closed| {
+                closed < span.end
+                    && (span.finish_reason.as_deref() == Some("length")
+                        || span.token_times.iter().any(|t| *t > closed))
+            });
+        more_writes_than_tokens || stopped_at_close
     }
 
     /// Whether a head's identifiers rule out `span`, so that a guess never goes against
@@ -1052,28 +1241,52 @@ impl Correlator {
         other_trace || other_id
     }
 
+    /// Whether the ids the server sent back on a request rule `span` out: the runtime's own
+    /// id came back on the connection and it is not the span's.
+    fn other_response(&self, span: &RuntimeRequest, head: &Head) -> bool {
+        match &span.request_id {
+            Some(id) if !head.response_ids.is_empty() => {
+                let keys = join::request_id_keys(id, &self.config.request_id_prefixes);
+                !head.response_ids.iter().any(|r| keys.contains(&r.as_str()))
+            }
+            _ => false,
+        }
+    }
+
+    /// Emits a settled span: joined to the head `matched` names, else as `unjoined`
+    /// ([`JoinRule::Unjoined`] or [`JoinRule::Ambiguous`]); with the client abort it shows,
+    /// and its finding when it makes one.
     fn finish_span(
         &mut self,
         span: Box<RuntimeRequest>,
         matched: Option<(JoinRule, HeadKey)>,
+        unjoined: JoinRule,
         early: bool,
         out: &mut Vec<Output>,
     ) {
         let joined = matched.and_then(|(rule, hk)| {
+            let client = self.client_of(hk);
             let (conn, _) = self.head_ref(hk)?;
             let facts = conn.abort_facts(hk.0);
             let (local, peer, conn_pid) = (conn.local, conn.peer, conn.pid);
             let head = self.take_head(hk)?;
-            Some((rule, hk, head, facts, local, peer, conn_pid))
+            // Through a watched gateway, the client's own request on it (SPEC 2.1).
+            let client = client.and_then(|ck| {
+                let cfacts = self.conns.get(&ck.1)?.abort_facts(ck.0);
+                let chead = self.take_head(ck)?;
+                Some((ck, chead, cfacts))
+            });
+            Some((rule, hk, head, facts, local, peer, conn_pid, client))
         });
-        let Some((rule, hk, head, facts, local, peer, conn_pid)) = joined else {
-            self.stats.joins.record(JoinRule::Unjoined);
+        let Some((rule, hk, head, facts, local, peer, conn_pid, client)) = joined else {
+            self.stats.joins.record(unjoined);
             self.kv.on_request(&span, None, &mut self.stats.kv_eviction);
             out.push(Output::Joined(JoinedRequest {
                 request: span,
-                join: JoinRule::Unjoined,
+                join: unjoined,
                 connection: None,
                 settled_early: early,
+                client_trace: None,
             }));
             return;
         };
@@ -1091,27 +1304,107 @@ impl Correlator {
         if span.model.is_none() {
             span.model = head.head.model.clone();
         }
-        let finding = facts.close.and_then(|(t_c, how)| {
-            let (tokens_after, tokens_total, method) =
-                abort::tokens_after_with_span(&span, t_c, facts.token_writes)?;
-            Some(AbortFinding {
-                trace_id: Some(span.trace_id),
-                parent_span_id: Some(span.span_id),
-                request_id: span.request_id.clone().or(head.head.request_id.clone()),
-                tokens_after,
-                tokens_total: Some(tokens_total),
-                method,
-                lag_ns: span.end - t_c,
-                how,
-                t_c,
-                t_s: span.end,
-                t_s_from_span: true,
-                conn: hk.1.id,
-                tenant: span.tenant.clone().or(head.head.tenant.clone()),
-                model: span.model.clone(),
-                join: rule,
+        if let Some(port) = local.map(|l| l.port()) {
+            self.note_span_port(port);
+        }
+        let lag_threshold = self.config.abort_lag_finding();
+        // A root runtime span in a trace of its own behind a gateway that dropped the client's
+        // traceparent moves into the client's trace, under the client's span.
+        let client_trace = client
+            .as_ref()
+            .and_then(|(_, chead, _)| chead.head.traceparent)
+            .filter(|tp| span.parent_span_id.is_none() && tp.trace_id != span.trace_id);
+        let through_gateway = client
+            .as_ref()
+            .and_then(|(ck, chead, cfacts)| cfacts.close.map(|close| (ck, chead, close)));
+        let measured = if let Some((ck, chead, (t_c, how))) = through_gateway {
+            // The client left the gateway at t_c; the runtime saw its peer (the gateway) leave
+            // at t_g, or never (a gateway that drains the stream). Tokens count from t_c: the
+            // kernel's writes after t_g would miss those between, so events or interpolation.
+            let t_g = facts.close.map(|c| c.0.max(t_c));
+            abort::tokens_after_with_span(&span, t_c, 0).map(|(tokens_after, total, method)| {
+                let lag_ns = span.end - t_c;
+                let abort = ClientAbort {
+                    conn: ck.1.id,
+                    how,
+                    model: span.model.clone(),
+                    t_c,
+                    t_g,
+                    t_s: Some(span.end),
+                    tokens_after,
+                    finding: abort::makes_finding(tokens_after, lag_ns, lag_threshold),
+                };
+                // In the client's trace: the traceparent it sent the gateway, when any.
+                let client_tp = chead.head.traceparent;
+                let finding = abort.finding.then(|| AbortFinding {
+                    trace_id: Some(client_tp.map_or(span.trace_id, |tp| tp.trace_id)),
+                    // Under the runtime span, in the client's trace when it moves there; under
+                    // the client's span when the runtime span stays in a trace of its own.
+                    parent_span_id: Some(match client_tp {
+                        Some(tp) if tp.trace_id != span.trace_id && client_trace.is_none() => {
+                            tp.parent_id
+                        }
+                        _ => span.span_id,
+                    }),
+                    request_id: span.request_id.clone().or(head.head.request_id.clone()),
+                    tokens_after,
+                    tokens_total: Some(total),
+                    method,
+                    lag_ns,
+                    how,
+                    t_c,
+                    t_s: span.end,
+                    t_s_from_span: true,
+                    conn: ck.1.id,
+                    tenant: span
+                        .tenant
+                        .clone()
+                        .or(chead.head.tenant.clone())
+                        .or(head.head.tenant.clone()),
+                    model: span.model.clone(),
+                    join: rule,
+                    t_g,
+                    stalled_at: Some(abort::stalled_at(t_c, t_g, span.end)),
+                });
+                (abort, finding)
             })
-        });
+        } else {
+            facts.close.and_then(|(t_c, how)| {
+                let (tokens_after, tokens_total, method) =
+                    abort::tokens_after_with_span(&span, t_c, facts.token_writes)?;
+                let lag_ns = span.end - t_c;
+                let abort = ClientAbort {
+                    conn: hk.1.id,
+                    how,
+                    model: span.model.clone(),
+                    t_c,
+                    t_g: None,
+                    t_s: Some(span.end),
+                    tokens_after,
+                    finding: abort::makes_finding(tokens_after, lag_ns, lag_threshold),
+                };
+                let finding = abort.finding.then(|| AbortFinding {
+                    trace_id: Some(span.trace_id),
+                    parent_span_id: Some(span.span_id),
+                    request_id: span.request_id.clone().or(head.head.request_id.clone()),
+                    tokens_after,
+                    tokens_total: Some(tokens_total),
+                    method,
+                    lag_ns: span.end - t_c,
+                    how,
+                    t_c,
+                    t_s: span.end,
+                    t_s_from_span: true,
+                    conn: hk.1.id,
+                    tenant: span.tenant.clone().or(head.head.tenant.clone()),
+                    model: span.model.clone(),
+                    join: rule,
+                    t_g: None,
+                    stalled_at: None,
+                });
+                Some((abort, finding))
+            })
+        };
         let connection = ConnectionFacts {
             conn: hk.1.id,
             local,
@@ -1138,12 +1431,17 @@ impl Correlator {
             join: rule,
             connection: Some(connection),
             settled_early: early,
+            client_trace,
         }));
-        if let Some(finding) = finding {
-            self.stats
-                .findings
-                .record_abort(finding.how, finding.tokens_after, true);
-            out.push(Output::Abort(finding));
+        if let Some((abort, finding)) = measured {
+            self.stats.findings.record_client_abort(abort.finding);
+            out.push(Output::ClientAbort(abort));
+            if let Some(finding) = finding {
+                self.stats
+                    .findings
+                    .record_abort(finding.how, finding.tokens_after, true);
+                out.push(Output::Abort(finding));
+            }
         }
     }
 
@@ -1162,17 +1460,7 @@ impl Correlator {
             if claims.heads.contains_key(hk) {
                 continue;
             }
-            let Some(conn) = self.conns.get(&hk.1) else {
-                continue;
-            };
-            let facts = conn.abort_facts(hk.0);
-            let end = conn.request_end(hk.0);
-            let quiet = [end, facts.close.map(|c| c.0), facts.last_write]
-                .into_iter()
-                .flatten()
-                .max()
-                .map(|quiet| quiet.max(hk.0));
-            match quiet {
+            match self.head_quiet(*hk) {
                 Some(quiet) if now >= quiet.saturating_add(span_wait) => settle.push(*hk),
                 _ if now >= hk.0.saturating_add(max_age) => expire.push(*hk),
                 _ => {}
@@ -1189,6 +1477,21 @@ impl Correlator {
             self.take_head(hk);
         }
         for hk in settle {
+            // Through a watched gateway (SPEC 2.1) the request is two heads: the client's on
+            // the gateway and the gateway's on the runtime. The client's settles both, once
+            // both are due; the gateway's waits for it.
+            if self.client_of(hk).is_some() {
+                continue;
+            }
+            let upstream = self.upstream_of(hk);
+            if let Some(uk) = upstream {
+                let due = self
+                    .head_quiet(uk)
+                    .is_some_and(|quiet| now >= quiet.saturating_add(span_wait));
+                if claims.heads.contains_key(&uk) || !due {
+                    continue;
+                }
+            }
             let Some(conn) = self.conns.get(&hk.1) else {
                 continue;
             };
@@ -1201,6 +1504,7 @@ impl Correlator {
                         .is_none_or(|next| *t < next)
                     && conn.peer_closed.is_none_or(|p| p.ts > *t)
             });
+            let (mut local, mut conn_pid) = (conn.local, conn.pid);
             let Some(head) = self.take_head(hk) else {
                 continue;
             };
@@ -1230,37 +1534,107 @@ impl Correlator {
                 }
                 continue;
             }
-            // Without a span, the server's writes after the peer left are the only evidence
-            // that the runtime kept working; framing alone is not.
-            let (Some((t_c, how)), Some(t_s)) = (facts.close, facts.last_write) else {
+            // The runtime side: the upstream's facts when there is one.
+            let mut hop = None;
+            if let Some(uk) = upstream
+                && let Some(uconn) = self.conns.get(&uk.1)
+            {
+                let ufacts = uconn.abort_facts(uk.0);
+                (local, conn_pid) = (uconn.local, uconn.pid);
+                if let Some(uhead) = self.take_head(uk) {
+                    self.stats.unjoined_heads += 1;
+                    conn_pid = uhead.pid.or(conn_pid);
+                    hop = Some(ufacts);
+                }
+            }
+            let Some((t_c, how)) = facts.close else {
                 continue;
             };
-            if facts.token_writes == 0 || t_s <= t_c {
+            if let Some(ufacts) = hop {
+                self.settle_through_gateway(hk, head, t_c, how, ufacts, local, conn_pid, out);
                 continue;
             }
-            let tp = head.head.traceparent;
-            let finding = AbortFinding {
-                trace_id: tp.map(|tp| tp.trace_id),
-                parent_span_id: tp.map(|tp| tp.parent_id),
-                request_id: head.head.request_id,
-                tokens_after: facts.token_writes,
-                tokens_total: None,
-                method: TokenCountMethod::KernelWrites,
-                lag_ns: t_s - t_c,
-                how,
-                t_c,
-                t_s,
-                t_s_from_span: false,
-                conn: hk.1.id,
-                tenant: head.head.tenant,
-                model: head.head.model,
-                join: JoinRule::Unjoined,
+            // Without a span, the request was in flight when the client left if the server
+            // wrote token chunks after it, if no response byte had been written yet, or if
+            // the runtime on this port exports spans and exported none for it (vLLM drops
+            // the span of a request aborted because its client left). A client that hung up
+            // after a complete response on a port with no spans at all is not an abort.
+            let exports_spans = self.exports_spans(local, head.pid.or(conn_pid));
+            if facts.token_writes == 0 && !facts.not_started && !exports_spans {
+                continue;
+            }
+            // Runtime stop: the last write after the peer left, else the server's close.
+            let t_s = facts
+                .last_write
+                .filter(|w| *w > t_c)
+                .or(facts.server_closed.filter(|c| *c >= t_c));
+            let lag_ns = t_s.map_or(0, |t_s| t_s - t_c);
+            let tokens_after = if facts.not_started {
+                0
+            } else {
+                facts.token_writes
             };
-            self.stats
-                .findings
-                .record_abort(how, finding.tokens_after, false);
-            out.push(Output::Abort(finding));
+            let abort = ClientAbort {
+                conn: hk.1.id,
+                how,
+                model: None,
+                t_c,
+                t_g: None,
+                t_s,
+                tokens_after,
+                finding: abort::makes_finding(
+                    tokens_after,
+                    lag_ns,
+                    self.config.abort_lag_finding(),
+                ),
+            };
+            self.stats.findings.record_client_abort(abort.finding);
+            let finding = abort.finding.then(|| {
+                let tp = head.head.traceparent;
+                AbortFinding {
+                    trace_id: tp.map(|tp| tp.trace_id),
+                    parent_span_id: tp.map(|tp| tp.parent_id),
+                    request_id: head.head.request_id,
+                    tokens_after,
+                    tokens_total: None,
+                    method: TokenCountMethod::KernelWrites,
+                    lag_ns,
+                    how,
+                    t_c,
+                    t_s: t_s.unwrap_or(t_c),
+                    t_s_from_span: false,
+                    conn: hk.1.id,
+                    tenant: head.head.tenant,
+                    model: None,
+                    join: JoinRule::Unjoined,
+                    t_g: None,
+                    stalled_at: None,
+                }
+            });
+            out.push(Output::ClientAbort(abort));
+            if let Some(finding) = finding {
+                self.stats
+                    .findings
+                    .record_abort(how, finding.tokens_after, false);
+                out.push(Output::Abort(finding));
+            }
         }
+    }
+
+    /// The last thing the kernel saw of the request read at `hk` (its end, the peer's close,
+    /// the last write after it), never before the head itself.
+    fn head_quiet(&self, hk: HeadKey) -> Option<UnixNanos> {
+        let conn = self.conns.get(&hk.1)?;
+        let facts = conn.abort_facts(hk.0);
+        [
+            conn.request_end(hk.0),
+            facts.close.map(|c| c.0),
+            facts.last_write,
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .map(|quiet| quiet.max(hk.0))
     }
 
     /// Forgets the connections with nothing pending that closed `settle_delay` ago or saw no
@@ -1287,6 +1661,19 @@ impl Correlator {
             self.remove_conn(key, false);
         }
     }
+}
+
+/// Chunks of an OpenAI-compatible stream that carry no token: the first (the role), the last
+/// (the finish reason) and the usage chunk.
+const NON_TOKEN_CHUNKS_MAX: u64 = 3;
+
+/// What the temporal rule made of a span.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Guess {
+    /// One head fits clearly best.
+    One(HeadKey),
+    /// Several heads fit as well as each other: no join, no finding.
+    Ambiguous,
 }
 
 /// The head read closest to `arrival`; ties go to the earlier head, then the lower connection,

@@ -44,10 +44,14 @@ pub struct JoinCounts {
     pub traceparent: u64,
     /// Joined by `x-request-id`.
     pub request_id: u64,
+    /// Joined by the response's own id read from the server's first response bytes.
+    pub response_id: u64,
     /// Joined by `client.address` / `client.port`.
     pub client_addr: u64,
     /// Joined by time on the same instance.
     pub temporal: u64,
+    /// Not joined because several heads fit by time as well as each other.
+    pub ambiguous: u64,
     /// Not joined.
     pub unjoined: u64,
 }
@@ -57,8 +61,10 @@ impl JoinCounts {
         let counter = match rule {
             JoinRule::Traceparent => &mut self.traceparent,
             JoinRule::RequestId => &mut self.request_id,
+            JoinRule::ResponseId => &mut self.response_id,
             JoinRule::ClientAddr => &mut self.client_addr,
             JoinRule::Temporal => &mut self.temporal,
+            JoinRule::Ambiguous => &mut self.ambiguous,
             JoinRule::Unjoined => &mut self.unjoined,
         };
         *counter += 1;
@@ -92,9 +98,21 @@ pub struct FindingCounts {
     pub abort_without_span: u64,
     /// Sum of `tokens_after` over billed-after-abort findings.
     pub billed_after_abort_tokens: u64,
+    /// Client aborts measured (SPEC §3.1), finding or not: the client left while its request
+    /// was in flight.
+    pub client_aborts: u64,
+    /// Client aborts that made no finding: no token after the close and a short lag.
+    pub client_aborts_without_finding: u64,
 }
 
 impl FindingCounts {
+    pub(crate) fn record_client_abort(&mut self, finding: bool) {
+        self.client_aborts += 1;
+        if !finding {
+            self.client_aborts_without_finding += 1;
+        }
+    }
+
     pub(crate) fn record_abort(&mut self, how: CloseHow, tokens_after: u64, with_span: bool) {
         match how {
             CloseHow::Fin => self.abort_fin += 1,

@@ -16,16 +16,16 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 
 use crate::correlator::{
-    AbortFinding, ColdStartFinding, ColdStartPhase, Correlator, GpuContentionFinding, Input,
-    JoinRule, JoinedRequest, KvEvictionFinding, LostInFlightFinding, NoisyNeighbour, Output,
+    AbortFinding, ClientAbort, ColdStartFinding, ColdStartPhase, Correlator, GpuContentionFinding,
+    Input, JoinRule, JoinedRequest, KvEvictionFinding, LostInFlightFinding, NoisyNeighbour, Output,
     RequestGpuFacts, StartKind,
 };
 use crate::model::{GpuSample, KernelEvent, KvEventBatch, ProcessIdentity, UnixNanos};
 use crate::privacy::TenantHasher;
 use crate::sinks::batch::{EncodedGroup, EncodedSpan, SpanGroup, kv_f64, kv_i64, kv_str};
 use crate::sinks::prometheus::findings::{
-    AbortLabels, ContentionLabels, FindingMetrics, GpuLabels, GpuProcessLabels, JoinLabels,
-    KvEvictionLabels, LostLabels, StartLabels, TableLabels, advance_to,
+    AbortLabels, AbortLagLabels, ContentionLabels, FindingMetrics, GpuLabels, GpuProcessLabels,
+    JoinLabels, KvEvictionLabels, LostLabels, StartLabels, TableLabels, advance_to,
 };
 use crate::sinks::prometheus::metrics::RuntimeSpanLabels;
 use crate::sinks::{SinkSender, SpanBatch, finding_span};
@@ -442,6 +442,7 @@ impl CorrelateStage {
             match output {
                 Output::Joined(joined) => self.on_joined(joined),
                 Output::Abort(finding) => self.on_abort(finding),
+                Output::ClientAbort(abort) => self.on_client_abort(abort),
                 Output::RequestGpu(facts) => self.on_request_gpu(facts),
                 Output::GpuContention(finding) => self.on_contention(finding),
                 Output::ColdStart(finding) => self.on_cold_start(finding),
@@ -463,6 +464,14 @@ impl CorrelateStage {
         };
         held.span
             .add_str_attribute("inferwatch.join", joined.join.as_str());
+        if let Some(tp) = joined.client_trace {
+            // Into the client's trace (SPEC 2.1); the trace it came in is kept as an attribute.
+            held.span.add_str_attribute(
+                "inferwatch.runtime_trace_id",
+                &hex::encode(request.trace_id),
+            );
+            held.span.move_to_trace(&tp.trace_id, &tp.parent_id);
+        }
         self.outgoing_index
             .insert((request.trace_id, request.span_id), self.outgoing.len());
         self.outgoing.push(held);
@@ -764,6 +773,27 @@ impl CorrelateStage {
         self.summaries.push(FindingSummary::LostInFlight(finding));
     }
 
+    /// Every client abort: counted, and its lag to each boundary observed (contract §3.1).
+    fn on_client_abort(&mut self, abort: ClientAbort) {
+        let model = self.metrics.model(abort.model.as_deref());
+        self.metrics
+            .client_aborts
+            .get_or_create(&AbortLabels {
+                how: abort.how.as_str().to_owned(),
+                model: model.model.clone(),
+            })
+            .inc();
+        for (boundary, lag_ns) in abort.lags() {
+            self.metrics
+                .abort_lag
+                .get_or_create(&AbortLagLabels {
+                    boundary: boundary.as_str().to_owned(),
+                    model: model.model.clone(),
+                })
+                .observe(lag_ns as f64 / 1e9);
+        }
+    }
+
     fn on_abort(&mut self, mut finding: AbortFinding) {
         // Hashed here, once, so the span, the summary and the log line all carry the hash.
         if let (Some(hasher), Some(tenant)) = (&self.tenant_hasher, finding.tenant.as_mut()) {
@@ -781,10 +811,6 @@ impl CorrelateStage {
                 model: model.model.clone(),
             })
             .inc();
-        self.metrics
-            .abort_lag
-            .get_or_create(&model)
-            .observe(finding.lag_ns as f64 / 1e9);
         let mut attributes = vec![
             kv_i64("inferwatch.abort.tokens_after", finding.tokens_after as i64),
             kv_str("inferwatch.abort.method", finding.method.as_str()),
@@ -794,6 +820,16 @@ impl CorrelateStage {
         ];
         if let Some(total) = finding.tokens_total {
             attributes.push(kv_i64("inferwatch.abort.tokens_total", total as i64));
+        }
+        // The boundaries a cancel crossed (SPEC 2.1), as unix nanos; t_g only through a
+        // watched gateway, with the boundary that held it.
+        attributes.push(kv_i64("inferwatch.abort.t_c", finding.t_c as i64));
+        attributes.push(kv_i64("inferwatch.abort.t_s", finding.t_s as i64));
+        if let Some(t_g) = finding.t_g {
+            attributes.push(kv_i64("inferwatch.abort.t_g", t_g as i64));
+        }
+        if let Some(stalled) = finding.stalled_at {
+            attributes.push(kv_str("inferwatch.abort.stalled_at", stalled.as_str()));
         }
         if let Some(id) = &finding.request_id {
             attributes.push(kv_str("gen_ai.request.id", id));

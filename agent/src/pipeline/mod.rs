@@ -182,6 +182,22 @@ impl Pipeline {
                     config.kernel.watch_ports.push(l.port);
                 }
             }
+            // Gateways in front of the runtimes (SPEC 2.1): their ports carry the clients'
+            // connections, whose closes are the start of a cancel.
+            for l in listeners
+                .iter()
+                .filter(|l| l.runtime.is_none() && l.gateway.is_some())
+            {
+                if !config.kernel.watch_ports.contains(&l.port) {
+                    tracing::info!(
+                        port = l.port,
+                        pid = l.pid,
+                        gateway = l.gateway,
+                        "watching a gateway found listening"
+                    );
+                    config.kernel.watch_ports.push(l.port);
+                }
+            }
         }
         let watched = config.kernel.ports();
         let existing: Vec<KernelEvent> = listeners
@@ -657,6 +673,14 @@ fn update_kernel_metrics(metrics: &FindingMetrics, stats: &KernelStats, counters
         (
             "exit_ringbuf_full",
             stats.exit_ringbuf_drops.load(Ordering::Relaxed),
+        ),
+        (
+            "unparsed_head",
+            stats.unparsed_heads.load(Ordering::Relaxed),
+        ),
+        (
+            "response_without_id",
+            stats.responses_without_id.load(Ordering::Relaxed),
         ),
     ] {
         let labels = SourceDropLabels {

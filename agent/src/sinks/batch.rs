@@ -121,6 +121,12 @@ impl EncodedSpan {
         encode::append_str_attribute(key, value, self.added());
     }
 
+    /// Moves the span into another trace, under `parent_span_id` (the decoded span has the
+    /// new ids: the last value of a singular field wins).
+    pub fn move_to_trace(&mut self, trace_id: &[u8; 16], parent_span_id: &[u8; 8]) {
+        encode::append_trace_and_parent(trace_id, parent_span_id, self.added());
+    }
+
     /// The length of the encoding.
     pub fn len(&self) -> usize {
         self.body.len() + self.added.len()
@@ -404,6 +410,28 @@ fn kv(key: &str, value: any_value::Value) -> KeyValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_span_moves_into_another_trace_without_being_decoded() {
+        let span = Span {
+            trace_id: vec![1; 16],
+            span_id: vec![2; 8],
+            name: "llm_request".into(),
+            ..Default::default()
+        };
+        let mut encoded = EncodedSpan::new(&span);
+        encoded.add_str_attribute("inferwatch.join", "response_id");
+        encoded.move_to_trace(&[7; 16], &[9; 8]);
+        let back = encoded.decode().expect("decodes");
+        assert_eq!(back.trace_id, vec![7; 16]);
+        assert_eq!(back.parent_span_id, vec![9; 8]);
+        assert_eq!(back.span_id, vec![2; 8]);
+        assert_eq!(back.name, "llm_request");
+        assert_eq!(
+            back.attributes,
+            vec![kv_str("inferwatch.join", "response_id")]
+        );
+    }
 
     fn batch() -> SpanBatch {
         SpanBatch::from(ExportTraceServiceRequest {

@@ -113,6 +113,16 @@ pub fn append_str_attribute(key: &str, value: &str, span: &mut Vec<u8>) {
     span.extend_from_slice(value.as_bytes());
 }
 
+/// Appends a `trace_id` (field 1) and a `parent_span_id` (field 4) to an encoded span: for
+/// singular fields the last value read wins, so the span moves into that trace under that
+/// parent without being decoded.
+pub fn append_trace_and_parent(trace_id: &[u8; 16], parent_span_id: &[u8; 8], span: &mut Vec<u8>) {
+    put_len_key(1, trace_id.len(), span);
+    span.extend_from_slice(trace_id);
+    put_len_key(4, parent_span_id.len(), span);
+    span.extend_from_slice(parent_span_id);
+}
+
 /// The `ResourceSpans` and `ScopeSpans` body lengths of an encoded group.
 fn encoded_group_len(g: &EncodedGroup) -> (usize, usize) {
     let group = &*g.group;

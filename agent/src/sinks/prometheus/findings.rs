@@ -75,6 +75,16 @@ pub struct LostLabels {
     pub model: String,
 }
 
+/// `{boundary, model}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct AbortLagLabels {
+    /// `gateway` (client left -> gateway closed its upstream) or `runtime` (client left ->
+    /// runtime stopped).
+    pub boundary: String,
+    /// The model name (bounded).
+    pub model: String,
+}
+
 /// `{rule}`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct JoinLabels {
@@ -169,8 +179,10 @@ pub struct FindingMetrics {
     /// `inferwatch_lost_in_flight_ambiguous_total`: server-first closes with no span and no
     /// exit, from a runtime that sends no spans: no finding.
     pub lost_in_flight_ambiguous: Counter,
-    /// `inferwatch_abort_lag_seconds{model}`.
-    pub abort_lag: Family<ModelLabels, Histogram>,
+    /// `inferwatch_client_aborts_total{how,model}`: every client abort, finding or not.
+    pub client_aborts: Family<AbortLabels, Counter>,
+    /// `inferwatch_abort_lag_seconds{boundary,model}`, observed for every client abort.
+    pub abort_lag: Family<AbortLagLabels, Histogram>,
     /// `inferwatch_joins_total{rule}`: how runtime spans were joined to connections.
     pub joins: Family<JoinLabels, Counter>,
     /// `inferwatch_correlator_evictions_total{table}`: state dropped at the caps.
@@ -215,7 +227,7 @@ fn ttft_histogram() -> Histogram {
 
 fn lag_histogram() -> Histogram {
     Histogram::new([
-        0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+        0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
     ])
 }
 
@@ -228,6 +240,7 @@ impl FindingMetrics {
             aborts: Family::default(),
             lost_in_flight: Family::default(),
             lost_in_flight_ambiguous: Counter::default(),
+            client_aborts: Family::default(),
             abort_lag: Family::new_with_constructor(lag_histogram),
             joins: Family::default(),
             correlator_evictions: Family::default(),
@@ -260,7 +273,7 @@ impl FindingMetrics {
         );
         registry.register(
             "inferwatch_aborts",
-            "Requests whose client left while the runtime was still working",
+            "Abort findings: the client left and tokens came after, or the runtime stopped late",
             metrics.aborts.clone(),
         );
         registry.register(
@@ -274,8 +287,13 @@ impl FindingMetrics {
             metrics.lost_in_flight_ambiguous.clone(),
         );
         registry.register(
+            "inferwatch_client_aborts",
+            "Clients that left while their request was in flight, whatever followed",
+            metrics.client_aborts.clone(),
+        );
+        registry.register(
             "inferwatch_abort_lag_seconds",
-            "Time from the client leaving to the runtime stopping",
+            "Time from the client leaving to each boundary stopping (gateway, runtime)",
             metrics.abort_lag.clone(),
         );
         registry.register(

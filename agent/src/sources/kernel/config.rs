@@ -15,7 +15,9 @@ pub struct KernelConfig {
     pub enabled: bool,
     /// Local TCP ports to watch (the runtimes' HTTP ports). `--watch-port` adds to this list.
     pub watch_ports: Vec<u16>,
-    /// Also watch the default ports of vLLM, SGLang and TGI (8000, 8080, 3000, 30000).
+    /// Also watch the default ports of vLLM, SGLang and TGI (8000, 8080, 3000, 30000), and
+    /// the ports where a runtime (vLLM, SGLang, TGI) or a gateway in front of one (nginx,
+    /// Envoy, LiteLLM's proxy) is found listening at start-up.
     pub watch_runtime_ports: bool,
     /// The request header that names the tenant (lower case).
     pub tenant_header: String,

@@ -17,6 +17,8 @@ pub struct Listener {
     pub pid: u32,
     /// The runtime the process looks like, from its command line.
     pub runtime: Option<&'static str>,
+    /// The gateway the process looks like (`nginx`, `envoy`, `litellm`), from its command line.
+    pub gateway: Option<&'static str>,
 }
 
 /// Command-line markers of the known runtimes.
@@ -34,6 +36,33 @@ pub fn runtime_of(cmdline: &str) -> Option<&'static str> {
         .iter()
         .find(|(marker, _)| cmdline.contains(marker))
         .map(|(_, name)| *name)
+}
+
+/// Which gateway (a reverse proxy in front of runtimes, SPEC 2.1) a command line belongs to,
+/// if any: the program's own name, not a word anywhere in its arguments (nginx rewrites its
+/// argv to `nginx: master process ...` / `nginx: worker process`; LiteLLM's proxy runs as
+/// `python .../bin/litellm --config ...`).
+pub fn gateway_of(cmdline: &str) -> Option<&'static str> {
+    let program = |arg: &str| arg.rsplit('/').next().unwrap_or(arg).to_owned();
+    let mut args = cmdline.split_whitespace();
+    let first = program(args.next()?);
+    if first == "nginx" || first == "nginx:" {
+        return Some("nginx");
+    }
+    if first == "envoy" {
+        return Some("envoy");
+    }
+    if first == "litellm" {
+        return Some("litellm");
+    }
+    // Interpreters: the script is the program.
+    if first.starts_with("python") {
+        let script = args.find(|a| !a.starts_with('-'))?;
+        if program(script) == "litellm" {
+            return Some("litellm");
+        }
+    }
+    None
 }
 
 /// Parses /proc/net/tcp or tcp6: inode -> local port of every socket in LISTEN (state 0A).
@@ -103,6 +132,7 @@ pub fn listeners(proc_root: &Path) -> Vec<Listener> {
                         port: *port,
                         pid,
                         runtime: runtime_of(&cmdline),
+                        gateway: gateway_of(&cmdline),
                     }
                 });
             }
@@ -141,6 +171,29 @@ mod tests {
             Some("tgi")
         );
         assert_eq!(runtime_of("nginx: master process"), None);
+    }
+
+    #[test]
+    fn gateway_markers() {
+        assert_eq!(
+            gateway_of("nginx: master process /usr/sbin/nginx -c /tmp/n.conf"),
+            Some("nginx")
+        );
+        assert_eq!(gateway_of("nginx: worker process"), Some("nginx"));
+        assert_eq!(gateway_of("/usr/sbin/nginx -g daemon off;"), Some("nginx"));
+        assert_eq!(
+            gateway_of("/usr/local/bin/envoy -c /etc/envoy/envoy.yaml"),
+            Some("envoy")
+        );
+        assert_eq!(
+            gateway_of("/opt/venv/bin/python3 /opt/venv/bin/litellm --config c.yaml --port 4000"),
+            Some("litellm")
+        );
+        assert_eq!(gateway_of("litellm --config c.yaml"), Some("litellm"));
+        // A word in the arguments is not the program.
+        assert_eq!(gateway_of("python3 tools/check.py --nginx"), None);
+        assert_eq!(gateway_of("/usr/bin/vim nginx.conf"), None);
+        assert_eq!(gateway_of(""), None);
     }
 
     #[test]

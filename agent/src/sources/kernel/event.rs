@@ -37,6 +37,11 @@ const _: () = {
     assert!(size_of::<iw_closed_event>() == 24);
     assert!(size_of::<iw_process_exit_event>() == 32);
     assert!(size_of::<iw_oom_victim_event>() == 24);
+    assert!(offset_of!(iw_response_head_event, lens) == 24);
+    assert!(offset_of!(iw_response_head_event, data) == 48);
+    assert!(
+        size_of::<iw_response_head_event>() == 48 + (IW_RESPONSE_PARTS * IW_RESPONSE_PART) as usize
+    );
 };
 
 /// Why a ring-buffer record could not be decoded.
@@ -136,6 +141,12 @@ pub enum RawBody<'a> {
         bytes: u64,
         /// errno of the write, 0 on success.
         errno: i32,
+    },
+    /// `IW_EVENT_RESPONSE_HEAD`: the first bytes of one of the first sends of a response, in
+    /// pieces (borrowed from the ring; empty pieces left out).
+    ResponseHead {
+        /// The pieces, in order.
+        pieces: Vec<&'a [u8]>,
     },
     /// `IW_EVENT_LOCAL_CLOSED`.
     LocalClosed,
@@ -252,6 +263,7 @@ pub fn decode(bytes: &[u8]) -> Result<RawEvent<'_>, DecodeError> {
                 errno: ev.err,
             }
         }
+        IW_EVENT_RESPONSE_HEAD => decode_response_head(bytes, ty)?,
         IW_EVENT_LOCAL_CLOSED => {
             read::<iw_local_closed_event>(bytes, ty)?;
             RawBody::LocalClosed
@@ -278,9 +290,72 @@ pub fn decode(bytes: &[u8]) -> Result<RawEvent<'_>, DecodeError> {
     })
 }
 
+/// The pieces of a response head: each length checked against the piece size and the record.
+fn decode_response_head(bytes: &[u8], ty: u16) -> Result<RawBody<'_>, DecodeError> {
+    let data_at = offset_of!(iw_response_head_event, data);
+    if bytes.len() < data_at {
+        return Err(DecodeError::Truncated {
+            ty,
+            len: bytes.len(),
+            need: data_at,
+        });
+    }
+    let part = IW_RESPONSE_PART as usize;
+    let mut pieces = Vec::new();
+    for i in 0..IW_RESPONSE_PARTS as usize {
+        let at = offset_of!(iw_response_head_event, lens) + i * size_of::<u32>();
+        let len: u32 = read(&bytes[at..], ty)?;
+        let len = len as usize;
+        if len == 0 {
+            continue;
+        }
+        let start = data_at + i * part;
+        if len >= part || bytes.len() < start + len {
+            return Err(DecodeError::InvalidField {
+                ty,
+                field: "lens",
+                value: len as u64,
+            });
+        }
+        pieces.push(&bytes[start..start + len]);
+    }
+    Ok(RawBody::ResponseHead { pieces })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn response_head_pieces_round_trip_and_bad_lengths_are_errors() {
+        let mut ev = iw_response_head_event {
+            hdr: header(IW_EVENT_RESPONSE_HEAD, size_of::<iw_response_head_event>()),
+            lens: [3, 0, 4, 0],
+            send_len: 7,
+            _pad: 0,
+            data: [0; (IW_RESPONSE_PARTS * IW_RESPONSE_PART) as usize],
+        };
+        ev.data[..3].copy_from_slice(b"1f\r");
+        let two = 2 * IW_RESPONSE_PART as usize;
+        ev.data[two..two + 4].copy_from_slice(b"data");
+        let full = bytes_of(&ev);
+        // The kernel sends the record up to the end of its last piece.
+        let record = &full[..48 + two + 4];
+        assert_eq!(
+            decode(record).expect("decodes").body,
+            RawBody::ResponseHead {
+                pieces: vec![&b"1f\r"[..], &b"data"[..]]
+            }
+        );
+        for cut in 0..record.len() {
+            assert!(decode(&record[..cut]).is_err(), "cut at {cut}");
+        }
+        ev.lens[1] = IW_RESPONSE_PART;
+        assert!(matches!(
+            decode(&bytes_of(&ev)),
+            Err(DecodeError::InvalidField { field: "lens", .. })
+        ));
+    }
 
     /// Views a bindgen struct as the bytes the kernel would put in the ring.
     fn bytes_of<T: Copy>(v: &T) -> Vec<u8> {

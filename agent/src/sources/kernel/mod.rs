@@ -4,7 +4,8 @@
 //!
 //! `KernelProbes` loads and attaches the programs; `KernelSource` reads their ring buffer,
 //! decodes each record (`event::decode`), converts kernel time to wall-clock time, parses
-//! request heads down to the allow-listed headers (`http::HeadParser`) and sends typed
+//! request heads down to the allow-listed headers (`http::HeadParser`) and response heads down
+//! to the response's id (`response::response_id`) and sends typed
 //! [`KernelEvent`]s on a bounded channel, in batches of up to [`BATCH_EVENTS`]. A full channel
 //! drops the batch and counts its events; the reader never blocks the ring.
 
@@ -15,6 +16,7 @@ pub mod event;
 pub mod exit;
 pub mod http;
 mod probes;
+pub mod response;
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -140,6 +142,9 @@ pub struct KernelStats {
     pub unknown_types: AtomicU64,
     /// Request heads that were not HTTP/1.x requests after all.
     pub unparsed_heads: AtomicU64,
+    /// Response bytes captured after a request head that held no id (a response head without
+    /// `x-request-id`, a body that is not an OpenAI-style JSON object); dropped.
+    pub responses_without_id: AtomicU64,
     /// Events dropped because the pipeline's channel was full (whole batches).
     pub channel_full: AtomicU64,
     /// Process-exit events lost to the exit programs' full ring buffer (summed over CPUs).
@@ -163,7 +168,7 @@ impl EventConverter {
     }
 
     /// The model event for a decoded record; `None` for a request head that is not an HTTP/1.x
-    /// request.
+    /// request, or response bytes that hold no id.
     pub fn convert(&self, raw: &RawEvent<'_>) -> Option<KernelEvent> {
         let conn = ConnId(raw.conn);
         let kind = match &raw.body {
@@ -191,6 +196,10 @@ impl EventConverter {
                 conn,
                 bytes: *bytes,
                 errno: *errno,
+            },
+            RawBody::ResponseHead { pieces } => KernelEventKind::ResponseId {
+                conn,
+                id: response::response_id(pieces)?,
             },
             RawBody::LocalClosed => KernelEventKind::LocalClosed { conn },
             RawBody::Closed => KernelEventKind::Closed { conn },
@@ -369,7 +378,11 @@ impl KernelSource {
                     }
                 };
                 let Some(event) = converter.convert(&raw) else {
-                    stats.unparsed_heads.fetch_add(1, Ordering::Relaxed);
+                    let unused = match raw.body {
+                        RawBody::ResponseHead { .. } => &stats.responses_without_id,
+                        _ => &stats.unparsed_heads,
+                    };
+                    unused.fetch_add(1, Ordering::Relaxed);
                     continue;
                 };
                 drop(item);

@@ -1,0 +1,153 @@
+//! The response's own id (SPEC §2, rule 3) from the first bytes of a server's response that the
+//! kernel captured: an `x-request-id` response header, else the `"id"` of the first SSE chunk or
+//! of the JSON body. Only the id is kept; every other byte is dropped here.
+
+/// Longest id kept (OpenAI-style ids are ~40 bytes; anything longer is not an id).
+const MAX_ID_LEN: usize = 128;
+
+/// Most response headers looked at.
+const MAX_HEADERS: usize = 64;
+
+/// The id in the captured pieces of one send (see `iw_response_head_event`), or `None` when
+/// they hold none. The pieces are the start of what one send wrote: a status line and headers,
+/// a chunk-size line, an SSE `data:` line or a JSON body, in any split.
+pub fn response_id(pieces: &[&[u8]]) -> Option<String> {
+    let bytes: Vec<u8> = pieces.concat();
+    let body = if bytes.starts_with(b"HTTP/1.") {
+        let (header_id, body_at) = header_request_id(&bytes);
+        if header_id.is_some() {
+            return header_id;
+        }
+        &bytes[body_at?..]
+    } else {
+        &bytes[..]
+    };
+    body_id(skip_chunk_size(body))
+}
+
+/// The `x-request-id` header of a response head, and where its body starts when the head is
+/// complete. A head cut by the capture is read up to its last complete line.
+fn header_request_id(bytes: &[u8]) -> (Option<String>, Option<usize>) {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let body_at = match resp.parse(bytes) {
+        Ok(httparse::Status::Complete(n)) => Some(n),
+        Ok(httparse::Status::Partial) => {
+            // Cut capture: parse the complete lines only.
+            let Some(end) = bytes.windows(2).rposition(|w| w == b"\r\n") else {
+                return (None, None);
+            };
+            let mut cut = bytes[..end + 2].to_vec();
+            cut.extend_from_slice(b"\r\n");
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut resp = httparse::Response::new(&mut headers);
+            if resp.parse(&cut).is_err() {
+                return (None, None);
+            }
+            return (find_header(resp.headers), None);
+        }
+        Err(_) => return (None, None),
+    };
+    (find_header(resp.headers), body_at)
+}
+
+fn find_header(headers: &[httparse::Header<'_>]) -> Option<String> {
+    headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("x-request-id"))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
+        .map(str::trim)
+        .filter(|v| is_id(v))
+        .map(str::to_owned)
+}
+
+/// Skips a chunked transfer-encoding size line (`1f4\r\n`) at the start of a body.
+fn skip_chunk_size(body: &[u8]) -> &[u8] {
+    let digits = body.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits > 0 && digits <= 8 && body[digits..].starts_with(b"\r\n") {
+        &body[digits + 2..]
+    } else {
+        body
+    }
+}
+
+/// The first `"id": "<value>"` of a JSON object, after an optional SSE `data:` prefix: the
+/// OpenAI-compatible chunk and body put it first.
+fn body_id(body: &[u8]) -> Option<String> {
+    let body = body.strip_prefix(b"data:").unwrap_or(body);
+    let start = body.iter().position(|b| !b.is_ascii_whitespace())?;
+    if body[start] != b'{' {
+        return None;
+    }
+    let key = body.windows(4).position(|w| w == b"\"id\"")?;
+    let rest = &body[key + 4..];
+    let rest = trim_start(rest).strip_prefix(b":")?;
+    let rest = trim_start(rest).strip_prefix(b"\"")?;
+    let end = rest.iter().position(|b| *b == b'"')?;
+    let id = std::str::from_utf8(&rest[..end]).ok()?;
+    is_id(id).then(|| id.to_owned())
+}
+
+fn trim_start(bytes: &[u8]) -> &[u8] {
+    let n = bytes.iter().take_while(|b| b.is_ascii_whitespace()).count();
+    &bytes[n..]
+}
+
+/// Ids are short and plain: no escapes, no spaces.
+fn is_id(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= MAX_ID_LEN
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_from_headers_sse_chunks_and_json_bodies() {
+        // uvicorn: the head in one send, each chunk in the next.
+        let head = b"HTTP/1.1 200 OK\r\ndate: x\r\nserver: uvicorn\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+        assert_eq!(response_id(&[head]), None);
+        let chunk = b"8f\r\ndata: {\"id\":\"chatcmpl-abc123\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\r\n";
+        assert_eq!(response_id(&[chunk]).as_deref(), Some("chatcmpl-abc123"));
+        // nginx: writev of the chunk-size line and the data as separate pieces.
+        assert_eq!(
+            response_id(&[
+                b"8f\r\n",
+                b"data: {\"id\": \"chatcmpl-x\", \"object\": \"c\"}"
+            ])
+            .as_deref(),
+            Some("chatcmpl-x")
+        );
+        // Head and first chunk in one send; an x-request-id header wins over the body.
+        let both = b"HTTP/1.1 200 OK\r\nX-Request-Id: req-7\r\n\r\ndata: {\"id\":\"chatcmpl-7\"}";
+        assert_eq!(response_id(&[both]).as_deref(), Some("req-7"));
+        let no_header =
+            b"HTTP/1.1 200 OK\r\ncontent-length: 30\r\n\r\n{\"id\":\"cmpl-9\",\"object\":\"x\"}";
+        assert_eq!(response_id(&[no_header]).as_deref(), Some("cmpl-9"));
+        // A head cut by the capture still gives its complete header lines.
+        let cut = b"HTTP/1.1 200 OK\r\nx-request-id: r1\r\ncontent-ty";
+        assert_eq!(response_id(&[cut]).as_deref(), Some("r1"));
+    }
+
+    #[test]
+    fn no_id_is_made_up() {
+        for bytes in [
+            &b""[..],
+            b"data: [DONE]\n\n",
+            b"{\"object\":\"x\"}",
+            b"{\"id\": 5}",
+            b"{\"id\":\"has space\"}",
+            b"{\"id\":\"cut-off",
+            b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n",
+            b"\x00\x01\x02garbage",
+        ] {
+            assert_eq!(response_id(&[bytes]), None, "{bytes:?}");
+        }
+        let long = format!("{{\"id\":\"{}\"}}", "a".repeat(MAX_ID_LEN + 1));
+        assert_eq!(response_id(&[long.as_bytes()]), None);
+    }
+}
