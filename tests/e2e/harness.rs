@@ -178,6 +178,20 @@ impl Agent {
         scrape(self.metrics).await
     }
 
+    /// The Prometheus text once `metric` (summed over its label sets) reaches `at_least`, or
+    /// after `secs`: requests with no runtime span are settled (and counted) only after the
+    /// correlator's span wait.
+    pub async fn scrape_when(&self, metric: &str, at_least: f64, secs: u64) -> String {
+        let deadline = now_ns() + secs * 1_000_000_000;
+        loop {
+            let text = self.scrape().await;
+            if metric_total(&text, metric) >= at_least || now_ns() > deadline {
+                return text;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+
     /// SIGTERM-equivalent: stops, settles what is pending, flushes the exporter.
     pub async fn stop(self) {
         self.shutdown.cancel();
@@ -198,6 +212,14 @@ pub async fn scrape(addr: SocketAddr) -> String {
     let mut out = String::new();
     stream.read_to_string(&mut out).await.expect("read metrics");
     out
+}
+
+/// A metric's value in Prometheus text, summed over its label sets (`name` without labels).
+pub fn metric_total(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// A free TCP port on loopback.

@@ -1563,10 +1563,13 @@ impl Correlator {
             if facts.token_writes == 0 && !facts.not_started && !exports_spans {
                 continue;
             }
-            // Runtime stop: the last write after the peer left, else the server's close.
+            // Runtime stop: the last write after the peer left, else the server's close. The
+            // kernel reports a write only once the peer had left, but a write racing the FIN
+            // can carry a timestamp a hair before the FIN's (the sender's clock read against
+            // the softirq's): it is at t_c, not a reason to fall back to the server's close.
             let t_s = facts
                 .last_write
-                .filter(|w| *w > t_c)
+                .map(|w| w.max(t_c))
                 .or(facts.server_closed.filter(|c| *c >= t_c));
             let lag_ns = t_s.map_or(0, |t_s| t_s - t_c);
             let tokens_after = if facts.not_started {
