@@ -530,6 +530,7 @@ impl CorrelateStage {
     fn on_kv_eviction(&mut self, finding: KvEvictionFinding) {
         let mut attributes = vec![
             kv_str("inferwatch.kv_eviction.method", finding.method.as_str()),
+            kv_str("inferwatch.kv.evidence", finding.evidence.as_str()),
             kv_i64(
                 "inferwatch.kv_eviction.expected_cached_tokens",
                 finding.expected_cached_tokens as i64,
