@@ -220,6 +220,10 @@ pub fn instance(resource: Option<&Resource>) -> InstanceIdentity {
             "service.instance.id" => id.service_instance_id = str_of(&value).map(Arc::from),
             "host.name" => id.host_name = str_of(&value).map(Arc::from),
             "process.pid" => id.pid = u64_of(&value).and_then(|p| u32::try_from(p).ok()),
+            // vLLM 0.32 names its API server's pid only so; `process.pid` wins when both come.
+            "vllm.process_id" if id.pid.is_none() => {
+                id.pid = u64_of(&value).and_then(|p| u32::try_from(p).ok());
+            }
             _ => {}
         }
     }
