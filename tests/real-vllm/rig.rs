@@ -16,8 +16,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use inferwatch::sources::kvevents::KvEventsEndpoint;
-
 use crate::harness::{Agent, Collector, free_port, kernel_tests_enabled, now_ns, workspace};
 
 /// The rig's parts, shared by the tests.
@@ -144,11 +142,9 @@ fn start() -> Option<Rig> {
                     c.kernel.watch_ports = vec![vllm_port, spare_port];
                     c.otlp.grpc_port = otlp_grpc;
                     c.otlp.http_port = otlp_http;
-                    c.kv_events.endpoints = vec![KvEventsEndpoint {
-                        endpoint: format!("tcp://127.0.0.1:{kv_port}"),
-                        instance: "real-vllm".into(),
-                        topic: String::new(),
-                    }];
+                    // No KV endpoint configured: the agent finds it on vLLM's command line
+                    // (it starts before vLLM, so its periodic /proc scan does).
+                    c.kv_events.endpoints = Vec::new();
                 })
                 .await
             });

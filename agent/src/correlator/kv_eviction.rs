@@ -7,6 +7,14 @@
 //! `E >= min_prefix_tokens` and the reported cached tokens `C_n+1 < E / 2`. A conversation seen
 //! on another instance, or idle for longer than `conversation_idle_ms`, starts afresh.
 //!
+//! A turn whose span reports no cached tokens (vLLM 0.32) is decided at its attribution time
+//! from the instance's KV events when it has them (`MissEvidence::KvEvents`: the turn stored
+//! again blocks of the conversation's own hash chain, each removed since; `C` = `E` minus
+//! the blocks stored again), else from its prefill time against the
+//! instance's clean prefill rate (`MissEvidence::PrefillTime`, conservative: an overlapping
+//! prefill, too few rate samples or a time between a hit's and a miss's decides nothing).
+//! Ambiguities make no finding and are counted (`KvEvictionStats`).
+//!
 //! # Attribution
 //! The decision waits `attribution_delay_ms` after the victim's span settled, so that the spans
 //! of requests that overlapped the window `[end of turn n, arrival of turn n+1]` but ended later
@@ -14,8 +22,11 @@
 //! - `spans`: KV demand = uncached prompt tokens of the requests whose prefill started in the
 //!   window, plus their output tokens pro-rated by how much of their decode fell in the window
 //!   (a refinement of "prompt + output": only allocations made in the window can evict);
-//! - `kv_events`, when the instance published KV events covering the window without a sequence
-//!   gap: blocks stored in the window, each `BlockStored` event attributed to the request active
+//! - `kv_events` from the miss's own evidence: the batches that removed the victim's blocks
+//!   carry the evictor's stores, attributed to the requests in prefill at their timestamp
+//!   (exact with one, split by uncached prompt with several);
+//! - `kv_events`, otherwise, when the instance published KV events covering the window without
+//!   a sequence gap: blocks stored in the window, each `BlockStored` event attributed to the request active
 //!   on the instance at that time whose expected new blocks (`(P - C) / block_size`) match the
 //!   event's block count best. vLLM's events name no request, so this is a heuristic: exact when
 //!   one request is prefilling at a time, a best guess under heavy batching. The victim's
@@ -650,8 +661,10 @@ impl KvLogged {
     }
 }
 
-/// Clean prefill-rate samples needed before the prefill-time evidence is used.
-const PREFILL_MIN_SAMPLES: u32 = 5;
+/// Clean prefills of a similar length needed before the prefill-time evidence is used.
+const PREFILL_MIN_SAMPLES: usize = 3;
+/// Clean prefills kept per instance.
+const CLEAN_SAMPLES: usize = 64;
 
 /// Whether `ts` falls in the request's prefill (from its start to its first token, plus the
 /// store slack).
@@ -681,12 +694,11 @@ struct InstanceLog {
     last_seq: Option<u64>,
     /// Recent prefill rate, tokens per second (EWMA).
     prefill_rate: Option<f64>,
-    /// Prefill rate from requests that cannot have hit a conversation's prefix (a first turn,
-    /// or a known cached count), tokens per second (EWMA): the reference of the prefill-time
-    /// evidence, which a hit's short prefill must not inflate.
-    clean_rate: Option<f64>,
-    /// Samples in `clean_rate`.
-    clean_samples: u32,
+    /// Recent prefills of requests that cannot have hit a conversation's prefix (a first turn,
+    /// no conversation, or a known cached count): `(uncached tokens, prefill ns)`, at most
+    /// `CLEAN_SAMPLES`. The reference of the prefill-time evidence, by prompt length (a CPU's or
+    /// GPU's rate depends on it), which a hit's short prefill must not inflate.
+    clean: VecDeque<(u64, u64)>,
     /// The runtime's block size, from its `BlockStored` events.
     kv_block_size: Option<u32>,
 }
@@ -714,9 +726,6 @@ struct Undecided {
     prompt: u64,
     prefill_start: UnixNanos,
     first_token: Option<UnixNanos>,
-    /// The instance's clean prefill rate and its sample count before this turn.
-    rate: Option<f64>,
-    samples: u32,
 }
 
 /// The KV-eviction state inside the correlator.
@@ -948,11 +957,10 @@ impl KvTracker {
                     None => sample,
                 });
                 if clean {
-                    log.clean_rate = Some(match log.clean_rate {
-                        Some(r) => 0.8 * r + 0.2 * sample,
-                        None => sample,
-                    });
-                    log.clean_samples = log.clean_samples.saturating_add(1);
+                    if log.clean.len() >= CLEAN_SAMPLES {
+                        log.clean.pop_front();
+                    }
+                    log.clean.push_back((uncached, prefill_ns));
                 }
             }
         }
@@ -1052,8 +1060,6 @@ impl KvTracker {
                 prompt: logged.prompt,
                 prefill_start: logged.prefill_start,
                 first_token: req.first_token,
-                rate: log.clean_rate,
-                samples: log.clean_samples,
             }),
         };
         let cached = req.cached_tokens.unwrap_or(0);
@@ -1407,13 +1413,12 @@ impl KvTracker {
         }
         evictor_batches.sort_unstable();
         evictor_batches.dedup();
-        // vLLM hits the longest cached prefix: the turn kept the blocks before the first one it
-        // stored again.
-        let first_lost = chain
-            .iter()
-            .position(|h| restored.contains(h))
-            .unwrap_or(chain.len());
-        let cached = (first_lost as u64 * block).min(expected);
+        // The blocks stored again are lost for certain; whether a runtime also recomputed (without
+        // storing again) chain blocks after the first lost one depends on it: counting only the
+        // ones stored again never overstates the loss.
+        restored.sort_unstable();
+        restored.dedup();
+        let cached = expected.saturating_sub(restored.len() as u64 * block);
         if cached.saturating_mul(2) >= expected {
             return None;
         }
@@ -1441,11 +1446,26 @@ impl KvTracker {
         if expected < self.config.min_prefix_tokens {
             return None;
         }
-        let (Some(rate), Some(first)) = (u.rate, u.first_token) else {
+        // The rate for this prompt's length, from clean prefills of half to twice its length:
+        // the slowest of them, so that a turn is called a miss only when even the slowest
+        // prefill seen at this length could not have done it as a hit (timing noise and the
+        // contention those prefills met count against the finding, never for it).
+        let mut per_token: Vec<f64> = log
+            .clean
+            .iter()
+            .filter(|(tokens, _)| *tokens * 2 >= u.prompt && *tokens <= u.prompt * 2)
+            .map(|(tokens, ns)| *ns as f64 / *tokens as f64)
+            .collect();
+        per_token.sort_by(f64::total_cmp);
+        let rate = per_token
+            .last()
+            .filter(|_| per_token.len() >= PREFILL_MIN_SAMPLES)
+            .map(|ns| 1e9 / ns);
+        let (Some(rate), Some(first)) = (rate, u.first_token) else {
             stats.prefill_time_undecided += 1;
             return None;
         };
-        if u.samples < PREFILL_MIN_SAMPLES || rate <= 0.0 || first <= u.prefill_start {
+        if !rate.is_finite() || rate <= 0.0 || first <= u.prefill_start {
             stats.prefill_time_undecided += 1;
             return None;
         }

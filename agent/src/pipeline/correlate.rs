@@ -24,7 +24,7 @@ use crate::privacy::TenantHasher;
 use crate::sinks::batch::{EncodedGroup, EncodedSpan, SpanGroup, kv_f64, kv_i64, kv_str};
 use crate::sinks::prometheus::findings::{
     AbortLabels, ContentionLabels, FindingMetrics, GpuLabels, GpuProcessLabels, JoinLabels,
-    KvEvictionLabels, StartLabels, TableLabels, advance_to,
+    KvEvictionLabels, KvUndecidedLabels, StartLabels, TableLabels, advance_to,
 };
 use crate::sinks::prometheus::metrics::RuntimeSpanLabels;
 use crate::sinks::{SinkSender, SpanBatch, finding_span};
@@ -773,10 +773,25 @@ impl CorrelateStage {
             ("spans", stats.evictions.spans),
             ("listeners", stats.evictions.listeners),
             ("conversations", stats.kv_eviction.conversations_dropped),
+            ("kv_blocks", stats.kv_eviction.kv_blocks_dropped),
         ] {
             advance_to(
                 &m.correlator_evictions.get_or_create(&TableLabels {
                     table: table.to_owned(),
+                }),
+                total,
+            );
+        }
+        let kv = &stats.kv_eviction;
+        for (reason, total) in [
+            ("kv_ambiguous_store", kv.kv_ambiguous_stores),
+            ("kv_incomplete", kv.kv_turns_undecided),
+            ("kv_shared_evictor_store", kv.kv_shared_evictor_stores),
+            ("prefill_time", kv.prefill_time_undecided),
+        ] {
+            advance_to(
+                &m.kv_eviction_undecided.get_or_create(&KvUndecidedLabels {
+                    reason: reason.to_owned(),
                 }),
                 total,
             );
