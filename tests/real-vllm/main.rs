@@ -377,14 +377,19 @@ fn startup_spans_and_the_http_exporter() {
             attr(&found[0].span, "gen_ai.usage.completion_tokens"),
             Some(clients["rv-http-1"].chunks.to_string())
         );
+        // Those of the shared vLLM and of this one (the KV-eviction test starts another, under
+        // its own service name).
         let loading = spans
             .iter()
-            .filter(|r| r.span.name == "Overall Loading")
+            .filter(|r| r.span.name == "Overall Loading" && r.service != NO_KV_SERVICE)
             .count();
         assert_eq!(loading, 2, "both starts' Overall Loading spans");
     });
     rig::stop_vllm(child);
 }
+
+/// The service name of the KV-eviction test's vLLM without KV events.
+const NO_KV_SERVICE: &str = "vllm-no-kv-events";
 
 /// One turn or burst request of the eviction plan: non-streaming, so that vLLM reports its
 /// own `usage.prompt_tokens_details.cached_tokens` (the truth).
@@ -613,17 +618,20 @@ fn kv_eviction_on_a_real_vllm_with_and_without_kv_events() {
     // 2. A vLLM without KV events (and spans without cached tokens): the prefill time.
     let log = rig::log_path("no-kv-events");
     let endpoint = format!("http://{}/v1/traces", rig.agent_otlp_http);
-    let mut child = rig::spawn_vllm(
-        &rig.install,
-        rig.spare_port,
-        &endpoint,
-        Exporter::HttpProtobuf,
-        None,
-        &log,
-    );
-    rig::wait_ready(&mut child, rig.spare_port, &log);
-    let base = format!("http://127.0.0.1:{}/v1", rig.spare_port);
+    let base = format!("http://127.0.0.1:{}/v1", rig.no_kv_port);
+    // Started, used and stopped while this test holds the rig: its start-up load never
+    // overlaps another test's measurements.
     let (spans_pt, clients_pt, turns_pt) = rig.run(async {
+        let mut child = rig::spawn_vllm_env(
+            &rig.install,
+            rig.no_kv_port,
+            &endpoint,
+            Exporter::HttpProtobuf,
+            None,
+            &log,
+            &[("OTEL_SERVICE_NAME", NO_KV_SERVICE)],
+        );
+        rig::wait_ready(&mut child, rig.no_kv_port, &log);
         let dir = scratch("real-vllm-kv-eviction-prefill");
         let (plan, turns) = eviction_plan("rv-kvp");
         let clients = run_client(&rig.install, &base, &plan, &dir).await;
@@ -634,9 +642,10 @@ fn kv_eviction_on_a_real_vllm_with_and_without_kv_events() {
             .filter(|l| l.starts_with("inferwatch_kv_eviction_undecided_total"))
             .collect();
         eprintln!("{undecided:?}");
-        (rig.collector.spans(), clients, turns)
+        let spans = rig.collector.spans();
+        rig::stop_vllm(child);
+        (spans, clients, turns)
     });
-    rig::stop_vllm(child);
     let (evicted, found, top1, fp, notes) =
         score_evictions(&spans_pt, &clients_pt, &turns_pt, "prefill_time");
     eprintln!(

@@ -30,6 +30,9 @@ pub struct Rig {
     pub agent_otlp_http: SocketAddr,
     /// The port of a second vLLM, watched by the agent from the start.
     pub spare_port: u16,
+    /// The port of a vLLM without KV events (the KV-eviction test's), watched likewise: its own,
+    /// so that it never races the other spare vLLM for a port.
+    pub no_kv_port: u16,
     /// The shared vLLM.
     pub vllm: VllmInfo,
     /// The installed environment.
@@ -133,13 +136,14 @@ fn start() -> Option<Rig> {
             let collector = Collector::default();
             let vllm_port = free_port();
             let spare_port = free_port();
+            let no_kv_port = free_port();
             let otlp_grpc = free_port();
             let otlp_http = free_port();
             let kv_port = free_port();
             let agent = runtime.block_on(async {
                 let backend = collector.start().await;
                 Agent::start_with(vllm_port, backend, |c| {
-                    c.kernel.watch_ports = vec![vllm_port, spare_port];
+                    c.kernel.watch_ports = vec![vllm_port, spare_port, no_kv_port];
                     c.otlp.grpc_port = otlp_grpc;
                     c.otlp.http_port = otlp_http;
                     // No KV endpoint configured: the agent finds it on vLLM's command line
@@ -168,6 +172,7 @@ fn start() -> Option<Rig> {
                 agent_metrics: agent.metrics,
                 agent_otlp_http: SocketAddr::from(([127, 0, 0, 1], otlp_http)),
                 spare_port,
+                no_kv_port,
                 vllm: VllmInfo {
                     port: vllm_port,
                     log,
@@ -216,6 +221,19 @@ pub fn spawn_vllm(
     kv_port: Option<u16>,
     log: &Path,
 ) -> Child {
+    spawn_vllm_env(install, port, otlp, exporter, kv_port, log, &[])
+}
+
+/// [`spawn_vllm`] with more environment (`OTEL_SERVICE_NAME`, to tell its spans apart).
+pub fn spawn_vllm_env(
+    install: &Install,
+    port: u16,
+    otlp: &str,
+    exporter: Exporter,
+    kv_port: Option<u16>,
+    log: &Path,
+    env: &[(&str, &str)],
+) -> Child {
     let out = std::fs::File::create(log).expect("vLLM log");
     let err = out.try_clone().expect("vLLM log");
     let settings: serde_json::Value = serde_json::from_str(
@@ -249,6 +267,7 @@ pub fn spawn_vllm(
     if exporter == Exporter::HttpProtobuf {
         cmd.env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf");
     }
+    cmd.envs(env.iter().copied());
     if let Some(kv) = kv_port {
         cmd.arg("--kv-events-config").arg(format!(
             r#"{{"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": "tcp://*:{kv}"}}"#
