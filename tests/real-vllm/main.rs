@@ -41,6 +41,9 @@ struct ClientRecord {
     response_id: Option<String>,
     /// Content chunks the tap read after its FIN (half-closing clients only).
     chunks_after_close: Option<u64>,
+    /// The usage the server reported (non-streaming requests).
+    #[serde(default)]
+    usage: Option<serde_json::Value>,
 }
 
 /// Runs `client.py` with `plan` against `base_url`; returns its records by request id.
@@ -374,9 +377,11 @@ fn startup_spans_and_the_http_exporter() {
             attr(&found[0].span, "gen_ai.usage.completion_tokens"),
             Some(clients["rv-http-1"].chunks.to_string())
         );
+        // Those of the shared vLLM and of this one (the KV-eviction test starts another, under
+        // its own service name).
         let loading = spans
             .iter()
-            .filter(|r| r.span.name == "Overall Loading")
+            .filter(|r| r.span.name == "Overall Loading" && r.service != NO_KV_SERVICE)
             .count();
         assert_eq!(loading, 2, "both starts' Overall Loading spans");
     });
@@ -917,4 +922,287 @@ fn cold_start_phases_from_vllms_own_start_up_spans() {
             assert!(names.contains(&phase), "{phase} in {names:?}");
         }
     });
+}
+
+/// The service name of the KV-eviction test's vLLM without KV events.
+const NO_KV_SERVICE: &str = "vllm-no-kv-events";
+
+/// One turn or burst request of the eviction plan: non-streaming, so that vLLM reports its
+/// own `usage.prompt_tokens_details.cached_tokens` (the truth).
+fn kv_step(
+    id: &str,
+    tenant: &str,
+    conversation: Option<&str>,
+    words: u32,
+    seed: u32,
+) -> serde_json::Value {
+    let mut headers = json!({"x-tenant-id": tenant});
+    if let Some(c) = conversation {
+        headers["x-conversation-id"] = json!(c);
+    }
+    json!({
+        "request_id": id,
+        "max_tokens": 2,
+        "stream": false,
+        "words": words,
+        "seed": seed,
+        "headers": headers,
+        "pause_s": 0.3,
+    })
+}
+
+/// Victims' two-turn conversations (turn 2 repeats turn 1's words and adds some: the same
+/// prefix) with a noisy tenant's burst of long prompts in between, through the 150-block
+/// cache; and control conversations whose turn 2 comes right away (a hit). Returns the plan
+/// and, per conversation, its turns' request ids.
+fn eviction_plan(tag: &str) -> (Vec<serde_json::Value>, Vec<(String, String, String)>) {
+    // Benign prompts of the turns' length first: the instance's recent prefill rate for that
+    // length (the prefill-time evidence needs 3 such), and KV events flowing before turn 1.
+    let mut plan: Vec<serde_json::Value> = (0..4u32)
+        .map(|w| kv_step(&format!("{tag}-warm-{w}"), "quiet", None, 520, 900 + w))
+        .collect();
+    let mut turns = Vec::new();
+    for v in 0..3u32 {
+        let conv = format!("{tag}-victim-{v}");
+        let (t1, t2) = (format!("{conv}-t1"), format!("{conv}-t2"));
+        plan.push(kv_step(&t1, "victim", Some(&conv), 500, 10 + v));
+        // A quiet tenant's short request in the window: the noisy one must still be top-1.
+        plan.push(kv_step(
+            &format!("{conv}-quiet"),
+            "quiet",
+            None,
+            60,
+            500 + v,
+        ));
+        // ~2k tokens each, 6 of them: 12k tokens through a 4.8k-token cache.
+        for n in 0..6u32 {
+            plan.push(kv_step(
+                &format!("{conv}-noisy-{n}"),
+                "noisy",
+                None,
+                1800,
+                100 + 10 * v + n,
+            ));
+        }
+        plan.push(kv_step(&t2, "victim", Some(&conv), 560, 10 + v));
+        turns.push((conv, t1, t2));
+    }
+    for k in 0..3u32 {
+        let conv = format!("{tag}-kept-{k}");
+        let (t1, t2) = (format!("{conv}-t1"), format!("{conv}-t2"));
+        plan.push(kv_step(&t1, "victim", Some(&conv), 500, 50 + k));
+        plan.push(kv_step(&t2, "victim", Some(&conv), 560, 50 + k));
+        turns.push((conv, t1, t2));
+    }
+    (plan, turns)
+}
+
+/// Per evidence kind: the evicted turns vLLM reported (cached < half of turn 1's prompt),
+/// found or not, the noisy tenant named top-1, and findings on turns that kept their prefix.
+fn score_evictions(
+    spans: &[Received],
+    clients: &HashMap<String, ClientRecord>,
+    turns: &[(String, String, String)],
+    evidence: &str,
+) -> (usize, usize, usize, usize, Vec<String>) {
+    let prompt = |id: &str| {
+        clients[id]
+            .usage
+            .as_ref()
+            .and_then(|u| u["prompt_tokens"].as_u64())
+            .unwrap_or(0)
+    };
+    let cached = |id: &str| {
+        clients[id]
+            .usage
+            .as_ref()
+            .and_then(|u| u["prompt_tokens_details"]["cached_tokens"].as_u64())
+    };
+    let (mut evicted, mut found, mut top1, mut false_pos) = (0, 0, 0, 0);
+    let mut notes = Vec::new();
+    for (conv, t1, t2) in turns {
+        let Some(c) = cached(t2) else {
+            notes.push(format!("{t2}: no cached_tokens in {:?}", clients[t2].usage));
+            continue;
+        };
+        let victim_span = request_spans(spans, t2)
+            .first()
+            .map(|r| r.span.span_id.clone());
+        let findings: Vec<&Received> = spans
+            .iter()
+            .filter(|r| r.span.name == "inferwatch.kv_eviction")
+            .filter(|r| {
+                victim_span
+                    .as_ref()
+                    .is_some_and(|s| *s == r.span.parent_span_id)
+            })
+            .collect();
+        let truth_evicted = c * 2 < prompt(t1);
+        // vLLM's own timings (seconds): queue, prefill, TTFT of each turn.
+        let timing = |id: &str| {
+            request_spans(spans, id).first().map(|r| {
+                [
+                    "gen_ai.latency.time_in_queue",
+                    "gen_ai.latency.time_in_model_prefill",
+                    "gen_ai.latency.time_to_first_token",
+                ]
+                .map(|k| attr(&r.span, k).unwrap_or_default())
+            })
+        };
+        notes.push(format!(
+            "{conv}: turn 1 {} tokens {:?}, turn 2 {} cached of {} {:?}; findings {:?}",
+            prompt(t1),
+            timing(t1),
+            c,
+            prompt(t2),
+            timing(t2),
+            findings
+                .iter()
+                .map(|f| (
+                    attr(&f.span, "inferwatch.kv.evidence"),
+                    attr(&f.span, "inferwatch.noisy_neighbour.tenant"),
+                    attr(&f.span, "inferwatch.kv_eviction.cached_tokens"),
+                ))
+                .collect::<Vec<_>>()
+        ));
+        if truth_evicted {
+            evicted += 1;
+            if let Some(f) = findings.first() {
+                if attr(&f.span, "inferwatch.kv.evidence").as_deref() == Some(evidence) {
+                    found += 1;
+                }
+                if attr(&f.span, "inferwatch.noisy_neighbour.tenant").as_deref() == Some("noisy") {
+                    top1 += 1;
+                }
+            }
+        } else {
+            false_pos += findings.len();
+        }
+    }
+    (evicted, found, top1, false_pos, notes)
+}
+
+#[test]
+fn kv_eviction_on_a_real_vllm_with_and_without_kv_events() {
+    let Some(rig) = rig() else { return };
+    // 1. The shared vLLM publishes KV events; the agent found its endpoint on its command line
+    //    (the rig configures none).
+    let (spans_kv, clients_kv, turns_kv) = rig.run(async {
+        let dir = scratch("real-vllm-kv-eviction");
+        let (plan, turns) = eviction_plan("rv-kve");
+        // The agent subscribes within its discovery interval of vLLM's start: wait until its
+        // events arrive (a turn 1 stored before that has no evidence and is not decided).
+        let warm = scratch("real-vllm-kv-eviction-warm");
+        for _ in 0..30 {
+            let text = rig.scrape().await;
+            if metric(
+                &text,
+                "inferwatch_events_received_total",
+                &[("source", "kv_events")],
+            ) > 0.0
+            {
+                break;
+            }
+            run_client(&rig.install, &rig.base_url(), &plan[..1], &warm).await;
+        }
+        let clients = run_client(&rig.install, &rig.base_url(), &plan, &dir).await;
+        // The attribution waits 5 s after the victim's span.
+        let spans = spans_until(&rig.collector, 40, |s| {
+            s.iter()
+                .filter(|r| r.span.name == "inferwatch.kv_eviction")
+                .count()
+                >= 3
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let spans = if spans.is_empty() {
+            spans
+        } else {
+            rig.collector.spans()
+        };
+        let metrics = rig.scrape().await;
+        let undecided: Vec<&str> = metrics
+            .lines()
+            .filter(|l| l.starts_with("inferwatch_kv_eviction_undecided_total"))
+            .collect();
+        eprintln!("{undecided:?}");
+        (spans, clients, turns)
+    });
+    let (evicted, found, top1, fp, notes) =
+        score_evictions(&spans_kv, &clients_kv, &turns_kv, "kv_events");
+    eprintln!(
+        "kv_events: evicted {evicted}, found {found}, noisy top-1 {top1}, false positives {fp}\n{}",
+        notes.join("\n")
+    );
+    assert!(
+        evicted >= 3,
+        "the burst evicted the victims' prefixes (vLLM's own count)\n{}",
+        notes.join("\n")
+    );
+    assert!(
+        found as f64 >= 0.95 * evicted as f64,
+        "recall {found}/{evicted}\n{}",
+        notes.join("\n")
+    );
+    assert!(
+        top1 as f64 >= 0.9 * found as f64,
+        "top-1 {top1}/{found}\n{}",
+        notes.join("\n")
+    );
+    assert_eq!(fp, 0, "{}", notes.join("\n"));
+
+    // 2. A vLLM without KV events (and spans without cached tokens): the prefill time.
+    let log = rig::log_path("no-kv-events");
+    let endpoint = format!("http://{}/v1/traces", rig.agent_otlp_http);
+    let base = format!("http://127.0.0.1:{}/v1", rig.no_kv_port);
+    // Started, used and stopped while this test holds the rig: its start-up load never
+    // overlaps another test's measurements.
+    let (spans_pt, clients_pt, turns_pt) = rig.run(async {
+        let mut child = rig::spawn_vllm_env(
+            &rig.install,
+            rig.no_kv_port,
+            &endpoint,
+            Exporter::HttpProtobuf,
+            None,
+            &log,
+            &[("OTEL_SERVICE_NAME", NO_KV_SERVICE)],
+        );
+        rig::wait_ready(&mut child, rig.no_kv_port, &log);
+        let dir = scratch("real-vllm-kv-eviction-prefill");
+        let (plan, turns) = eviction_plan("rv-kvp");
+        let clients = run_client(&rig.install, &base, &plan, &dir).await;
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        let metrics = rig.scrape().await;
+        let undecided: Vec<&str> = metrics
+            .lines()
+            .filter(|l| l.starts_with("inferwatch_kv_eviction_undecided_total"))
+            .collect();
+        eprintln!("{undecided:?}");
+        let spans = rig.collector.spans();
+        rig::stop_vllm(child);
+        (spans, clients, turns)
+    });
+    let (evicted, found, top1, fp, notes) =
+        score_evictions(&spans_pt, &clients_pt, &turns_pt, "prefill_time");
+    eprintln!(
+        "prefill_time: evicted {evicted}, found {found}, noisy top-1 {top1}, false positives {fp}\n{}",
+        notes.join("\n")
+    );
+    assert!(evicted >= 3, "{}", notes.join("\n"));
+    assert_eq!(
+        fp,
+        0,
+        "the prefill time never fires on a kept prefix\n{}",
+        notes.join("\n")
+    );
+    assert!(
+        found as f64 >= 0.95 * evicted as f64,
+        "recall {found}/{evicted}\n{}",
+        notes.join("\n")
+    );
+    assert!(
+        top1 as f64 >= 0.9 * found as f64,
+        "top-1 {top1}/{found}\n{}",
+        notes.join("\n")
+    );
 }

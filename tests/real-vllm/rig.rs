@@ -16,8 +16,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use inferwatch::sources::kvevents::KvEventsEndpoint;
-
 use crate::harness::{Agent, Collector, free_port, kernel_tests_enabled, now_ns, workspace};
 
 /// The rig's parts, shared by the tests.
@@ -34,6 +32,9 @@ pub struct Rig {
     pub spare_port: u16,
     /// A port for a gateway in front of the shared vLLM, watched by the agent from the start.
     pub gateway_port: u16,
+    /// The port of a vLLM without KV events (the KV-eviction test's), watched likewise: its own,
+    /// so that it never races the other spare vLLM for a port.
+    pub no_kv_port: u16,
     /// The shared vLLM.
     pub vllm: VllmInfo,
     /// The installed environment.
@@ -138,20 +139,19 @@ fn start() -> Option<Rig> {
             let vllm_port = free_port();
             let spare_port = free_port();
             let gateway_port = free_port();
+            let no_kv_port = free_port();
             let otlp_grpc = free_port();
             let otlp_http = free_port();
             let kv_port = free_port();
             let agent = runtime.block_on(async {
                 let backend = collector.start().await;
                 Agent::start_with(vllm_port, backend, |c| {
-                    c.kernel.watch_ports = vec![vllm_port, spare_port, gateway_port];
+                    c.kernel.watch_ports = vec![vllm_port, spare_port, gateway_port, no_kv_port];
                     c.otlp.grpc_port = otlp_grpc;
                     c.otlp.http_port = otlp_http;
-                    c.kv_events.endpoints = vec![KvEventsEndpoint {
-                        endpoint: format!("tcp://127.0.0.1:{kv_port}"),
-                        instance: "real-vllm".into(),
-                        topic: String::new(),
-                    }];
+                    // No KV endpoint configured: the agent finds it on vLLM's command line
+                    // (it starts before vLLM, so its periodic /proc scan does).
+                    c.kv_events.endpoints = Vec::new();
                 })
                 .await
             });
@@ -176,6 +176,7 @@ fn start() -> Option<Rig> {
                 agent_otlp_http: SocketAddr::from(([127, 0, 0, 1], otlp_http)),
                 spare_port,
                 gateway_port,
+                no_kv_port,
                 vllm: VllmInfo {
                     port: vllm_port,
                     log,
@@ -224,6 +225,19 @@ pub fn spawn_vllm(
     kv_port: Option<u16>,
     log: &Path,
 ) -> Child {
+    spawn_vllm_env(install, port, otlp, exporter, kv_port, log, &[])
+}
+
+/// [`spawn_vllm`] with more environment (`OTEL_SERVICE_NAME`, to tell its spans apart).
+pub fn spawn_vllm_env(
+    install: &Install,
+    port: u16,
+    otlp: &str,
+    exporter: Exporter,
+    kv_port: Option<u16>,
+    log: &Path,
+    env: &[(&str, &str)],
+) -> Child {
     let out = std::fs::File::create(log).expect("vLLM log");
     let err = out.try_clone().expect("vLLM log");
     let settings: serde_json::Value = serde_json::from_str(
@@ -257,6 +271,7 @@ pub fn spawn_vllm(
     if exporter == Exporter::HttpProtobuf {
         cmd.env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf");
     }
+    cmd.envs(env.iter().copied());
     if let Some(kv) = kv_port {
         cmd.arg("--kv-events-config").arg(format!(
             r#"{{"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": "tcp://*:{kv}"}}"#

@@ -7,6 +7,14 @@
 //! `E >= min_prefix_tokens` and the reported cached tokens `C_n+1 < E / 2`. A conversation seen
 //! on another instance, or idle for longer than `conversation_idle_ms`, starts afresh.
 //!
+//! A turn whose span reports no cached tokens (vLLM 0.32) is decided at its attribution time
+//! from the instance's KV events when it has them (`MissEvidence::KvEvents`: the turn stored
+//! again blocks of the conversation's own hash chain, each removed since; `C` = `E` minus
+//! the blocks stored again), else from its prefill time against the
+//! instance's clean prefill rate (`MissEvidence::PrefillTime`, conservative: an overlapping
+//! prefill, too few rate samples or a time between a hit's and a miss's decides nothing).
+//! Ambiguities make no finding and are counted (`KvEvictionStats`).
+//!
 //! # Attribution
 //! The decision waits `attribution_delay_ms` after the victim's span settled, so that the spans
 //! of requests that overlapped the window `[end of turn n, arrival of turn n+1]` but ended later
@@ -14,8 +22,11 @@
 //! - `spans`: KV demand = uncached prompt tokens of the requests whose prefill started in the
 //!   window, plus their output tokens pro-rated by how much of their decode fell in the window
 //!   (a refinement of "prompt + output": only allocations made in the window can evict);
-//! - `kv_events`, when the instance published KV events covering the window without a sequence
-//!   gap: blocks stored in the window, each `BlockStored` event attributed to the request active
+//! - `kv_events` from the miss's own evidence: the batches that removed the victim's blocks
+//!   carry the evictor's stores, attributed to the requests in prefill at their timestamp
+//!   (exact with one, split by uncached prompt with several);
+//! - `kv_events`, otherwise, when the instance published KV events covering the window without
+//!   a sequence gap: blocks stored in the window, each `BlockStored` event attributed to the request active
 //!   on the instance at that time whose expected new blocks (`(P - C) / block_size`) match the
 //!   event's block count best. vLLM's events name no request, so this is a heuristic: exact when
 //!   one request is prefilling at a time, a best guess under heavy batching. The victim's
@@ -148,6 +159,30 @@ impl KvEvidence {
     }
 }
 
+/// How the victim's miss itself was established (`inferwatch.kv.evidence`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MissEvidence {
+    /// The span's cached-token count.
+    #[default]
+    Span,
+    /// The conversation's own block hashes, stored again by the later turn after their removal.
+    KvEvents,
+    /// The later turn's prefill time against the instance's recent prefill rate.
+    PrefillTime,
+}
+
+impl MissEvidence {
+    /// The attribute value (`inferwatch.kv.evidence`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MissEvidence::Span => "span",
+            MissEvidence::KvEvents => "kv_events",
+            MissEvidence::PrefillTime => "prefill_time",
+        }
+    }
+}
+
 /// One tenant's share of the KV demand in the window.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TenantShare {
@@ -209,6 +244,9 @@ pub struct KvEvictionFinding {
     pub method: KvEvidence,
     /// With KV events: the victim's blocks removed in the window.
     pub victim_blocks_removed: Option<u64>,
+    /// How the miss was established.
+    #[serde(default)]
+    pub evidence: MissEvidence,
 }
 
 /// Counters of the KV-eviction detection.
@@ -237,6 +275,25 @@ pub struct KvEvictionStats {
     pub tenants_overflowed: u64,
     /// Instances beyond `max_instances` (not tracked).
     pub instances_overflowed: u64,
+    /// Findings whose miss was established from the conversation's block hashes.
+    pub findings_evidence_kv_events: u64,
+    /// Findings whose miss was inferred from the prefill time.
+    pub findings_evidence_prefill_time: u64,
+    /// Block hashes dropped from an instance's KV log by `max_kv_blocks_per_instance`.
+    pub kv_blocks_dropped: u64,
+    /// `BlockStored` events in a conversation turn's prefill window that another request's
+    /// prefill also covered and that no hash chain tied to either: not used as evidence.
+    pub kv_ambiguous_stores: u64,
+    /// Turns without a cached-token count whose KV evidence was incomplete (no chain of the
+    /// conversation's blocks kept, a re-stored block with no removal seen, or a sequence gap
+    /// or cache clear in between): no finding.
+    pub kv_turns_undecided: u64,
+    /// Evictor batches' stores that several requests' prefills covered (split between them by
+    /// uncached prompt tokens).
+    pub kv_shared_evictor_stores: u64,
+    /// Turns without a cached-token count or KV events whose prefill time fell between a hit
+    /// and a miss, overlapped another prefill, or came before the rate was known: no finding.
+    pub prefill_time_undecided: u64,
 }
 
 /// How full the KV-eviction tables are (gauges).
@@ -576,6 +633,7 @@ enum KvLogged {
     Stored {
         ts: UnixNanos,
         hashes: Vec<u64>,
+        parent: Option<u64>,
     },
     Removed {
         ts: UnixNanos,
@@ -603,6 +661,29 @@ impl KvLogged {
     }
 }
 
+/// Clean prefills of a similar length needed before the prefill-time evidence is used.
+const PREFILL_MIN_SAMPLES: usize = 3;
+/// Clean prefills kept per instance.
+const CLEAN_SAMPLES: usize = 64;
+
+/// Whether `ts` falls in the request's prefill (from its start to its first token, plus the
+/// store slack).
+fn in_prefill(r: &LoggedRequest, ts: UnixNanos, slack: u64) -> bool {
+    r.prefill_start <= ts && ts <= r.first_token.unwrap_or(r.end).saturating_add(slack)
+}
+
+/// A miss established from KV events or the prefill time.
+#[derive(Debug)]
+struct KvMiss {
+    expected: u64,
+    cached: u64,
+    evidence: MissEvidence,
+    /// The conversation's blocks stored again.
+    blocks_lost: u64,
+    /// Timestamps of the batches that removed them, sorted.
+    evictor_batches: Vec<UnixNanos>,
+}
+
 #[derive(Debug, Default)]
 struct InstanceLog {
     requests: VecDeque<LoggedRequest>,
@@ -613,6 +694,13 @@ struct InstanceLog {
     last_seq: Option<u64>,
     /// Recent prefill rate, tokens per second (EWMA).
     prefill_rate: Option<f64>,
+    /// Recent prefills of requests that cannot have hit a conversation's prefix (a first turn,
+    /// no conversation, or a known cached count): `(uncached tokens, prefill ns)`, at most
+    /// `CLEAN_SAMPLES`. The reference of the prefill-time evidence, by prompt length (a CPU's or
+    /// GPU's rate depends on it), which a hit's short prefill must not inflate.
+    clean: VecDeque<(u64, u64)>,
+    /// The runtime's block size, from its `BlockStored` events.
+    kv_block_size: Option<u32>,
 }
 
 /// A detected eviction waiting for its attribution.
@@ -623,6 +711,21 @@ struct Pending {
     conv: u64,
     victim_tenant: u32,
     victim_end: UnixNanos,
+    /// `None`: the span reported the cached tokens (the miss is established). Otherwise what
+    /// deciding it from KV events or the prefill time needs, once the requests overlapping the
+    /// turn have settled.
+    undecided: Option<Undecided>,
+}
+
+/// A later turn without a cached-token count, waiting for its KV or prefill-time evidence.
+#[derive(Debug, Clone, Copy)]
+struct Undecided {
+    /// `P_n + O_n`.
+    history: u64,
+    /// `P_n+1`.
+    prompt: u64,
+    prefill_start: UnixNanos,
+    first_token: Option<UnixNanos>,
 }
 
 /// The KV-eviction state inside the correlator.
@@ -830,6 +933,14 @@ impl KvTracker {
 
         // The rate before this request: a victim's own slow prefill must not lower it.
         let rate = self.logs[instance as usize].prefill_rate;
+        // A request that cannot have hit a conversation's earlier turn: its prefill time is
+        // that of its whole prompt (or of its known uncached part).
+        let clean = req.cached_tokens.is_some()
+            || conv == 0
+            || self
+                .conversations
+                .get(conv)
+                .is_none_or(|p| p.instance != instance);
         if let (Some(conversation), true) = (conversation, conv != 0) {
             stats.conversation_turns += 1;
             self.on_turn(req, &logged, conversation, instance, key, rate, stats);
@@ -845,6 +956,12 @@ impl KvTracker {
                     Some(r) => 0.8 * r + 0.2 * sample,
                     None => sample,
                 });
+                if clean {
+                    if log.clean.len() >= CLEAN_SAMPLES {
+                        log.clean.pop_front();
+                    }
+                    log.clean.push_back((uncached, prefill_ns));
+                }
             }
         }
         // Trimmed before the push, so that the deque never holds one more than the cap (and
@@ -926,16 +1043,26 @@ impl KvTracker {
         rate: Option<f64>,
         stats: &mut KvEvictionStats,
     ) {
-        let Some(cached) = req.cached_tokens else {
-            // No cached-token count: without KV events there is nothing to compare.
-            return;
-        };
-        let block = u64::from(self.config.block_size.max(1));
+        let log = &self.logs[instance as usize];
+        let block = u64::from(log.kv_block_size.unwrap_or(self.config.block_size).max(1));
         let history = u64::from(prev.prompt_tokens) + u64::from(prev.output_tokens);
         let expected = history.min(logged.prompt) / block * block;
-        if expected < self.config.min_prefix_tokens || cached.saturating_mul(2) >= expected {
+        if expected < self.config.min_prefix_tokens {
             return;
         }
+        // Without a cached-token count the miss is decided at the due time, from the KV events
+        // or the prefill time, once the requests overlapping the turn have settled.
+        let undecided = match req.cached_tokens {
+            Some(cached) if cached.saturating_mul(2) >= expected => return,
+            Some(_) => None,
+            None => Some(Undecided {
+                history,
+                prompt: logged.prompt,
+                prefill_start: logged.prefill_start,
+                first_token: req.first_token,
+            }),
+        };
+        let cached = req.cached_tokens.unwrap_or(0);
         let ttft = req.first_token.map(|f| f.saturating_sub(req.arrival));
         let penalty = match (ttft, rate) {
             (Some(ttft), Some(rate)) if rate > 0.0 => {
@@ -964,6 +1091,7 @@ impl KvTracker {
             ttft_penalty_ns: penalty,
             method: KvEvidence::Spans,
             victim_blocks_removed: None,
+            evidence: MissEvidence::Span,
         };
         let due = req.end.saturating_add(
             self.config
@@ -983,6 +1111,7 @@ impl KvTracker {
                 conv: logged.conv,
                 victim_tenant: logged.tenant,
                 victim_end: req.end,
+                undecided,
             },
         );
         let _ = stats;
@@ -1019,16 +1148,39 @@ impl KvTracker {
             log.last_seq = Some(seq);
         }
         log.kv_since = Some(log.kv_since.map_or(batch.ts, |s| s.min(batch.ts)));
+        let first_new = log.kv.len();
         for event in &batch.events {
             let entry = match event {
-                KvEvent::BlockStored { block_hashes, .. } => KvLogged::Stored {
-                    ts: batch.ts,
-                    hashes: block_hashes.clone(),
-                },
-                KvEvent::BlockRemoved { block_hashes, .. } => KvLogged::Removed {
-                    ts: batch.ts,
-                    hashes: block_hashes.clone(),
-                },
+                KvEvent::BlockStored {
+                    block_hashes,
+                    parent_block_hash,
+                    block_size,
+                    ..
+                } => {
+                    if *block_size > 0 {
+                        log.kv_block_size = Some(*block_size);
+                    }
+                    KvLogged::Stored {
+                        ts: batch.ts,
+                        hashes: block_hashes.clone(),
+                        parent: *parent_block_hash,
+                    }
+                }
+                KvEvent::BlockRemoved { block_hashes, .. } => {
+                    // vLLM 0.32 sends one event per removed block: consecutive removals of one
+                    // batch share an entry, so that a tracked removed block costs its 8 bytes.
+                    if log.kv.len() > first_new
+                        && let Some(KvLogged::Removed { hashes, .. }) = log.kv.back_mut()
+                    {
+                        hashes.extend_from_slice(block_hashes);
+                        log.kv_blocks += block_hashes.len();
+                        continue;
+                    }
+                    KvLogged::Removed {
+                        ts: batch.ts,
+                        hashes: block_hashes.clone(),
+                    }
+                }
                 KvEvent::AllBlocksCleared => KvLogged::Broken { ts: batch.ts },
             };
             log.kv_blocks += entry.blocks();
@@ -1038,6 +1190,7 @@ impl KvTracker {
             let Some(old) = log.kv.pop_front() else {
                 break;
             };
+            stats.kv_blocks_dropped += old.blocks() as u64;
             log.kv_blocks -= old.blocks();
             // Evidence before the first kept event is gone.
             log.kv_since = log.kv.front().map(KvLogged::ts);
@@ -1065,8 +1218,25 @@ impl KvTracker {
             .map(|(k, _)| *k)
             .collect();
         for key in due {
-            if let Some(p) = self.pending.remove(&key) {
-                let finding = self.attribute(p, stats);
+            if let Some(mut p) = self.pending.remove(&key) {
+                let mut evictor = None;
+                if let Some(u) = p.undecided {
+                    let Some(miss) = self.decide(&p, u, stats) else {
+                        continue;
+                    };
+                    p.finding.expected_cached_tokens = miss.expected;
+                    p.finding.cached_tokens = miss.cached;
+                    p.finding.evidence = miss.evidence;
+                    p.finding.ttft_penalty_ns = self.penalty(&p, miss.expected, miss.cached);
+                    if miss.evidence == MissEvidence::KvEvents {
+                        p.finding.victim_blocks_removed = Some(miss.blocks_lost);
+                        stats.findings_evidence_kv_events += 1;
+                    } else {
+                        stats.findings_evidence_prefill_time += 1;
+                    }
+                    evictor = Some(miss.evictor_batches);
+                }
+                let finding = self.attribute(p, evictor.as_deref(), stats);
                 let victim = finding
                     .victim_tenant
                     .clone()
@@ -1110,7 +1280,231 @@ impl KvTracker {
         }
     }
 
-    fn attribute(&self, p: Pending, _stats: &mut KvEvictionStats) -> KvEvictionFinding {
+    /// The TTFT penalty of `expected - cached` lost tokens at the instance's recent rate.
+    fn penalty(&self, p: &Pending, expected: u64, cached: u64) -> Option<u64> {
+        let rate = self.logs.get(p.instance as usize)?.prefill_rate?;
+        let ttft = p.finding.ttft_ns?;
+        if rate <= 0.0 {
+            return None;
+        }
+        let lost = expected.saturating_sub(cached) as f64;
+        Some(((lost / rate * 1e9) as u64).min(ttft))
+    }
+
+    /// Decides a turn without a cached-token count: from the instance's KV events when it has
+    /// them, else from the prefill time. `None`: no miss, or not established (counted).
+    fn decide(&self, p: &Pending, u: Undecided, stats: &mut KvEvictionStats) -> Option<KvMiss> {
+        let log = self.logs.get(p.instance as usize)?;
+        if log.kv_since.is_some() {
+            return self.decide_kv(log, p, u, stats);
+        }
+        self.decide_prefill_time(log, p, u, stats)
+    }
+
+    fn decide_kv(
+        &self,
+        log: &InstanceLog,
+        p: &Pending,
+        u: Undecided,
+        stats: &mut KvEvictionStats,
+    ) -> Option<KvMiss> {
+        let slack = self
+            .config
+            .kv_store_slack_ms
+            .saturating_mul(NANOS_PER_MILLI);
+        let block = u64::from(log.kv_block_size.unwrap_or(self.config.block_size).max(1));
+        let expected = u.history.min(u.prompt) / block * block;
+        if expected < self.config.min_prefix_tokens {
+            return None;
+        }
+        let w0 = p.finding.window_start;
+        // The conversation's earlier turns still in the request log.
+        let earlier: Vec<&LoggedRequest> = log
+            .requests
+            .iter()
+            .filter(|r| r.conv == p.conv && r.end <= w0)
+            .collect();
+        let Some(t0) = earlier.iter().map(|r| r.prefill_start).min() else {
+            stats.kv_turns_undecided += 1;
+            return None;
+        };
+        let t1 = u.first_token.unwrap_or(p.victim_end).max(p.victim_end) + slack;
+        let broken = log
+            .kv
+            .iter()
+            .any(|e| matches!(e, KvLogged::Broken { ts } if *ts >= t0 && *ts <= t1));
+        // Events since before the end of turn n at least: a subscription that began later
+        // missed stores of the chain, which makes the answer a hit (conservative), never a
+        // false miss.
+        if log.kv_since.is_none_or(|since| since > w0) || broken {
+            stats.kv_turns_undecided += 1;
+            return None;
+        }
+        let start = log.kv.partition_point(|e| e.ts() < t0);
+        // The conversation's chain: what its earlier turns stored, in order. A store chained
+        // onto the chain is the conversation's whatever else ran; an unchained one is its only
+        // when no other request was in prefill then.
+        let mut chain: Vec<u64> = Vec::new();
+        let mut in_chain: HashSet<u64> = HashSet::new();
+        let mut restored: Vec<u64> = Vec::new();
+        let mut removed: HashMap<u64, UnixNanos> = HashMap::new();
+        for entry in log.kv.range(start..) {
+            match entry {
+                KvLogged::Stored {
+                    ts, hashes, parent, ..
+                } if *ts < u.prefill_start => {
+                    let chained = parent.is_some_and(|h| in_chain.contains(&h));
+                    if !chained {
+                        let covering = log.requests.iter().filter(|r| in_prefill(r, *ts, slack));
+                        let (mut mine, mut others) = (0, 0);
+                        for r in covering {
+                            if r.conv == p.conv && r.end <= w0 {
+                                mine += 1;
+                            } else {
+                                others += 1;
+                            }
+                        }
+                        if mine == 0 {
+                            continue;
+                        }
+                        if others > 0 {
+                            stats.kv_ambiguous_stores += 1;
+                            continue;
+                        }
+                    }
+                    for h in hashes {
+                        if in_chain.insert(*h) {
+                            chain.push(*h);
+                        }
+                    }
+                }
+                KvLogged::Stored { ts, hashes, .. } if *ts <= t1 => {
+                    restored.extend(hashes.iter().filter(|h| in_chain.contains(h)));
+                }
+                KvLogged::Removed { ts, hashes } if *ts <= t1 => {
+                    for h in hashes.iter().filter(|h| in_chain.contains(h)) {
+                        removed.insert(*h, *ts);
+                    }
+                }
+                _ => {}
+            }
+            if entry.ts() > t1 {
+                break;
+            }
+        }
+        if chain.is_empty() {
+            stats.kv_turns_undecided += 1;
+            return None;
+        }
+        if restored.is_empty() {
+            return None;
+        }
+        // Stored again only after its removal: a block re-stored with no removal seen is
+        // evidence missing, not an eviction.
+        let mut evictor_batches = Vec::new();
+        for h in &restored {
+            match removed.get(h) {
+                Some(ts) => evictor_batches.push(*ts),
+                None => {
+                    stats.kv_turns_undecided += 1;
+                    return None;
+                }
+            }
+        }
+        evictor_batches.sort_unstable();
+        evictor_batches.dedup();
+        // The blocks stored again are lost for certain; whether a runtime also recomputed (without
+        // storing again) chain blocks after the first lost one depends on it: counting only the
+        // ones stored again never overstates the loss.
+        restored.sort_unstable();
+        restored.dedup();
+        let cached = expected.saturating_sub(restored.len() as u64 * block);
+        if cached.saturating_mul(2) >= expected {
+            return None;
+        }
+        Some(KvMiss {
+            expected,
+            cached,
+            evidence: MissEvidence::KvEvents,
+            blocks_lost: restored.len() as u64,
+            evictor_batches,
+        })
+    }
+
+    /// The prefill-time evidence: the turn's prefill, at the instance's clean rate, took as long
+    /// as its whole prompt, not only the part past the expected prefix. Conservative: it needs
+    /// a settled rate, no other prefill overlapping the turn's, and a clear margin both ways.
+    fn decide_prefill_time(
+        &self,
+        log: &InstanceLog,
+        p: &Pending,
+        u: Undecided,
+        stats: &mut KvEvictionStats,
+    ) -> Option<KvMiss> {
+        let block = u64::from(self.config.block_size.max(1));
+        let expected = u.history.min(u.prompt) / block * block;
+        if expected < self.config.min_prefix_tokens {
+            return None;
+        }
+        // The rate for this prompt's length, from clean prefills of half to twice its length:
+        // the slowest of them, so that a turn is called a miss only when even the slowest
+        // prefill seen at this length could not have done it as a hit (timing noise and the
+        // contention those prefills met count against the finding, never for it).
+        let mut per_token: Vec<f64> = log
+            .clean
+            .iter()
+            .filter(|(tokens, _)| *tokens * 2 >= u.prompt && *tokens <= u.prompt * 2)
+            .map(|(tokens, ns)| *ns as f64 / *tokens as f64)
+            .collect();
+        per_token.sort_by(f64::total_cmp);
+        let rate = per_token
+            .last()
+            .filter(|_| per_token.len() >= PREFILL_MIN_SAMPLES)
+            .map(|ns| 1e9 / ns);
+        let (Some(rate), Some(first)) = (rate, u.first_token) else {
+            stats.prefill_time_undecided += 1;
+            return None;
+        };
+        if !rate.is_finite() || rate <= 0.0 || first <= u.prefill_start {
+            stats.prefill_time_undecided += 1;
+            return None;
+        }
+        let overlapped = log.requests.iter().any(|r| {
+            r.span_id != p.finding.parent_span_id
+                && r.prefill_start < first
+                && r.first_token.unwrap_or(r.end) > u.prefill_start
+        });
+        if overlapped {
+            stats.prefill_time_undecided += 1;
+            return None;
+        }
+        let observed_s = (first - u.prefill_start) as f64 / 1e9;
+        let beyond_prefix = u.prompt.saturating_sub(expected) as f64;
+        // Tokens the prefill had time for beyond the part past the prefix.
+        let lost = observed_s * rate - beyond_prefix;
+        let hit_s = beyond_prefix / rate;
+        if lost >= 0.75 * expected as f64 && observed_s >= 2.0 * hit_s {
+            let cached = expected.saturating_sub(lost.min(expected as f64) as u64);
+            return Some(KvMiss {
+                expected,
+                cached,
+                evidence: MissEvidence::PrefillTime,
+                blocks_lost: 0,
+                evictor_batches: Vec::new(),
+            });
+        }
+        if lost > 0.25 * expected as f64 {
+            stats.prefill_time_undecided += 1;
+        }
+        None
+    }
+
+    fn attribute(
+        &self,
+        p: Pending,
+        evictor_batches: Option<&[UnixNanos]>,
+        stats: &mut KvEvictionStats,
+    ) -> KvEvictionFinding {
         let mut f = p.finding;
         let Some(log) = self.logs.get(p.instance as usize) else {
             return f;
@@ -1118,6 +1512,56 @@ impl KvTracker {
         let (w0, w1) = (f.window_start, f.window_end);
         let mut demand: BTreeMap<u32, f64> = BTreeMap::new();
         let mut per_request: Vec<(f64, usize)> = Vec::new();
+        // The batches that removed the victim's blocks stored the evictor's: their stores go to
+        // the requests in prefill at that moment, exactly when one was, split by uncached
+        // prompt tokens when several were.
+        if let Some(batches) = evictor_batches.filter(|b| !b.is_empty()) {
+            let slack = self
+                .config
+                .kv_store_slack_ms
+                .saturating_mul(NANOS_PER_MILLI);
+            let mut shares: HashMap<usize, f64> = HashMap::new();
+            for entry in &log.kv {
+                let KvLogged::Stored { ts, hashes, .. } = entry else {
+                    continue;
+                };
+                if batches.binary_search(ts).is_err() {
+                    continue;
+                }
+                let covering: Vec<usize> = log
+                    .requests
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| !(r.conv == p.conv && r.conv != 0))
+                    .filter(|(_, r)| in_prefill(r, *ts, slack))
+                    .map(|(i, _)| i)
+                    .collect();
+                if covering.len() > 1 {
+                    stats.kv_shared_evictor_stores += 1;
+                }
+                let weight: f64 = covering
+                    .iter()
+                    .filter_map(|i| log.requests.get(*i))
+                    .map(|r| r.uncached().max(1) as f64)
+                    .sum();
+                for i in covering {
+                    if let Some(r) = log.requests.get(i) {
+                        *shares.entry(i).or_default() +=
+                            hashes.len() as f64 * r.uncached().max(1) as f64 / weight;
+                    }
+                }
+            }
+            for (i, blocks) in shares {
+                if let Some(r) = log.requests.get(i) {
+                    *demand.entry(r.tenant).or_default() += blocks;
+                    per_request.push((blocks, i));
+                }
+            }
+            if !demand.is_empty() {
+                f.method = KvEvidence::KvEvents;
+                return self.rank(f, p.victim_tenant, demand, per_request, log);
+            }
+        }
         let kv_usable = log.kv_since.is_some_and(|since| since <= w0)
             && !log
                 .kv
@@ -1135,7 +1579,7 @@ impl KvTracker {
             let mut restored: HashSet<u64> = HashSet::new();
             for entry in &log.kv {
                 match entry {
-                    KvLogged::Stored { ts, hashes } if *ts >= w0 && *ts < w1 => {
+                    KvLogged::Stored { ts, hashes, .. } if *ts >= w0 && *ts < w1 => {
                         stored_in_window = true;
                         let n = hashes.len() as u64;
                         let best = log
@@ -1152,7 +1596,7 @@ impl KvTracker {
                             *attributed.entry(i).or_default() += n as f64;
                         }
                     }
-                    KvLogged::Stored { ts, hashes }
+                    KvLogged::Stored { ts, hashes, .. }
                         if *ts >= w1 && *ts <= p.victim_end.saturating_add(slack) =>
                     {
                         restored.extend(hashes.iter().copied());
@@ -1190,6 +1634,18 @@ impl KvTracker {
                 }
             }
         }
+        self.rank(f, p.victim_tenant, demand, per_request, log)
+    }
+
+    /// Names the neighbour and the top 3 from the per-tenant demand.
+    fn rank(
+        &self,
+        mut f: KvEvictionFinding,
+        victim_tenant: u32,
+        demand: BTreeMap<u32, f64>,
+        mut per_request: Vec<(f64, usize)>,
+        log: &InstanceLog,
+    ) -> KvEvictionFinding {
         let total: f64 = demand.values().sum();
         if total <= 0.0 {
             return f;
@@ -1201,7 +1657,7 @@ impl KvTracker {
                 .then_with(|| self.tenant_name(a.0).cmp(&self.tenant_name(b.0)))
         });
         let name = |id: u32| {
-            if id == p.victim_tenant {
+            if id == victim_tenant {
                 SELF_TENANT.to_string()
             } else {
                 self.tenant_name(id)
@@ -1336,5 +1792,508 @@ mod tests {
         }
         assert_eq!(l.label("c"), "c");
         assert_eq!(l.label("b"), OTHER_TENANT);
+    }
+}
+
+#[cfg(test)]
+mod replay_vllm_0_32 {
+    use super::*;
+    use crate::sources::kvevents::decode_message;
+
+    /// The batches a real vLLM 0.32 published (`tests/real-vllm/fixtures`).
+    pub(super) fn recorded(instance: &str) -> Vec<KvEventBatch> {
+        let text = include_str!("../../../tests/real-vllm/fixtures/kv_events_vllm_0.32.jsonl");
+        text.lines()
+            .map(|line| {
+                let v: serde_json::Value = serde_json::from_str(line).expect("fixture line");
+                let frames: Vec<Vec<u8>> = v["frames"]
+                    .as_array()
+                    .expect("frames")
+                    .iter()
+                    .map(|f| hex::decode(f.as_str().expect("hex")).expect("hex frame"))
+                    .collect();
+                let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
+                decode_message(&refs, instance).expect("decodes")
+            })
+            .collect()
+    }
+
+    const MS: u64 = 1_000_000;
+
+    fn request(
+        trace: u8,
+        tenant: &str,
+        conversation: Option<&str>,
+        prefill: (UnixNanos, UnixNanos),
+        end: UnixNanos,
+        prompt: u64,
+    ) -> RuntimeRequest {
+        RuntimeRequest {
+            runtime: crate::model::RuntimeKind::Vllm,
+            trace_id: [trace; 16],
+            span_id: [trace; 8],
+            parent_span_id: None,
+            request_id: None,
+            model: Some("m".into()),
+            tenant: Some(tenant.into()),
+            conversation: conversation.map(Into::into),
+            client: None,
+            // vLLM 0.32: a random service.instance.id; the API server's pid ties the KV
+            // endpoint (named `pid:<pid>` by discovery) to the spans.
+            instance: InstanceIdentity {
+                service_name: Some("vllm".into()),
+                service_instance_id: Some("5f0c2a9e-random".into()),
+                pid: Some(4242),
+                host_name: None,
+            },
+            arrival: prefill.0,
+            queue_ns: Some(0),
+            first_token: Some(prefill.1),
+            end,
+            prompt_tokens: Some(prompt),
+            cached_tokens: None,
+            output_tokens: Some(16),
+            finish_reason: Some("stop".into()),
+            token_times: Vec::new(),
+        }
+    }
+
+    fn stored(b: &KvEventBatch) -> Vec<u64> {
+        b.events
+            .iter()
+            .flat_map(|e| match e {
+                KvEvent::BlockStored { block_hashes, .. } => block_hashes.clone(),
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+
+    fn removed(b: &KvEventBatch) -> Vec<u64> {
+        b.events
+            .iter()
+            .flat_map(|e| match e {
+                KvEvent::BlockRemoved { block_hashes, .. } => block_hashes.clone(),
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Twist {
+        None,
+        /// An `AllBlocksCleared` between the victim's turns.
+        Cleared,
+        /// The batch with the sequence number 7 lost.
+        Gap,
+        /// A noisy request in prefill when the victim's first turn stored its blocks.
+        ConcurrentFirstTurn,
+    }
+
+    struct Replay {
+        findings: Vec<KvEvictionFinding>,
+        stats: KvEvictionStats,
+        /// The victim's blocks that the noisy prompts' batches removed, in chain order.
+        victim_lost: usize,
+        /// The noisy requests whose batches removed the victim's blocks.
+        evictor_traces: Vec<u8>,
+        /// When the victim's second turn settled, and when the finding came.
+        victim_end: UnixNanos,
+        finding_at: Option<UnixNanos>,
+    }
+
+    /// Replays the recorded stream: batch 0 is the victim's first turn (conversation `c1`),
+    /// batches 1-9 the noisy tenant's 1000-token prompts (5-9 evict), then the victim's second
+    /// turn, which stores again, from the recorded hashes, what it lost (vLLM recomputes from the
+    /// first missing block on), then batches 10-11: conversation `c2`, whose second turn chains
+    /// onto its first (a hit).
+    fn replay(batches: Vec<KvEventBatch>, twist: Twist) -> Replay {
+        let config = KvEvictionConfig {
+            min_prefix_tokens: 64,
+            ..KvEvictionConfig::default()
+        };
+        let delay = config.attribution_delay_ms * MS;
+        let mut t = KvTracker::new(config);
+        let mut stats = KvEvictionStats::default();
+        let mut out = Vec::new();
+        let b = &batches;
+        let chain0 = stored(&b[0]);
+        let lost_from_noisy: HashSet<u64> = b[1..10].iter().flat_map(removed).collect();
+        let first_lost = chain0.iter().position(|h| lost_from_noisy.contains(h));
+        let victim_lost = first_lost.map_or(0, |i| chain0.len() - i);
+        let evictor_traces: Vec<u8> = (1..10u8)
+            .filter(|i| removed(&b[*i as usize]).iter().any(|h| chain0.contains(h)))
+            .collect();
+        let mut finding_at = None;
+        let mut tick = |t: &mut KvTracker, now, stats: &mut KvEvictionStats, out: &mut Vec<_>| {
+            let before = out.len();
+            t.on_tick(now, stats, out);
+            if out.len() > before && finding_at.is_none() {
+                finding_at = Some(now);
+            }
+        };
+        // Turn 1 of c1: its prefill ends with batch 0.
+        let t0 = b[0].ts;
+        if twist == Twist::ConcurrentFirstTurn {
+            t.on_request(
+                &request(
+                    200,
+                    "noisy",
+                    None,
+                    (t0 - 250 * MS, t0 + 5 * MS),
+                    t0 + 30 * MS,
+                    900,
+                ),
+                None,
+                &mut stats,
+            );
+        }
+        t.on_kv_events(&b[0], &mut stats);
+        t.on_request(
+            &request(
+                100,
+                "victim",
+                Some("c1"),
+                (t0 - 300 * MS, t0 + 5 * MS),
+                t0 + 200 * MS,
+                704,
+            ),
+            None,
+            &mut stats,
+        );
+        for (i, batch) in b.iter().enumerate().take(10).skip(1) {
+            if twist == Twist::Gap && i == 7 {
+                continue;
+            }
+            let ts = batch.ts;
+            t.on_kv_events(batch, &mut stats);
+            t.on_request(
+                &request(
+                    i as u8,
+                    "noisy",
+                    None,
+                    (ts - 300 * MS, ts + 5 * MS),
+                    ts + 40 * MS,
+                    1000,
+                ),
+                None,
+                &mut stats,
+            );
+            tick(&mut t, ts + 40 * MS, &mut stats, &mut out);
+        }
+        let a = b[9].ts + 1_000 * MS;
+        if twist == Twist::Cleared {
+            let mut clear = b[9].clone();
+            clear.ts = a - 100 * MS;
+            clear.seq = None;
+            clear.events = vec![KvEvent::AllBlocksCleared];
+            t.on_kv_events(&clear, &mut stats);
+        }
+        // Turn 2 of c1: stores again what it lost, then its new blocks.
+        let mut again = b[0].clone();
+        again.ts = a + 250 * MS;
+        again.seq = Some(10);
+        let keep = chain0.len() - victim_lost;
+        again.events = vec![KvEvent::BlockStored {
+            block_hashes: chain0[keep..].iter().copied().chain([7, 8, 9]).collect(),
+            parent_block_hash: keep.checked_sub(1).map(|i| chain0[i]),
+            num_tokens: (victim_lost as u32 + 3) * 32,
+            block_size: 32,
+            lora_id: None,
+            medium: Some("GPU".into()),
+        }];
+        t.on_kv_events(&again, &mut stats);
+        let victim_end = a + 400 * MS;
+        t.on_request(
+            &request(
+                101,
+                "victim",
+                Some("c1"),
+                (a, a + 260 * MS),
+                victim_end,
+                1100,
+            ),
+            None,
+            &mut stats,
+        );
+        let mut now = victim_end;
+        while now + 100 * MS < b[10].ts - 100 * MS {
+            now += 100 * MS;
+            tick(&mut t, now, &mut stats, &mut out);
+        }
+        // c2: two turns, the second a hit (chained onto the first's last block).
+        let shift = |mut x: KvEventBatch, seq| {
+            x.seq = Some(seq);
+            x
+        };
+        for (k, i) in [(0u8, 10usize), (1, 11)] {
+            let ts = b[i].ts;
+            t.on_kv_events(&shift(b[i].clone(), 11 + u64::from(k)), &mut stats);
+            t.on_request(
+                &request(
+                    150 + k,
+                    "victim",
+                    Some("c2"),
+                    (ts - 50 * MS, ts + 2 * MS),
+                    ts + 20 * MS,
+                    96 * (u64::from(k) + 1),
+                ),
+                None,
+                &mut stats,
+            );
+            tick(&mut t, ts + 20 * MS, &mut stats, &mut out);
+        }
+        while now < b[11].ts + 2 * delay {
+            now += 100 * MS;
+            tick(&mut t, now, &mut stats, &mut out);
+        }
+        Replay {
+            findings: out,
+            stats,
+            victim_lost,
+            evictor_traces,
+            victim_end,
+            finding_at,
+        }
+    }
+
+    #[test]
+    fn the_victims_restored_blocks_make_one_finding_naming_the_evictor() {
+        let r = replay(recorded("pid:4242"), Twist::None);
+        assert!(
+            r.victim_lost >= 16,
+            "the noisy prompts evicted {}",
+            r.victim_lost
+        );
+        assert_eq!(r.findings.len(), 1, "{:?}", r.findings);
+        let f = &r.findings[0];
+        assert_eq!(f.evidence, MissEvidence::KvEvents);
+        assert_eq!(f.method, KvEvidence::KvEvents);
+        assert_eq!(f.victim_conversation, "c1");
+        assert_eq!(f.trace_id, [101; 16]);
+        // Block size 32 from the events: E = 704 (22 blocks), C = the blocks kept.
+        assert_eq!(f.expected_cached_tokens, 704);
+        assert_eq!(f.cached_tokens, (22 - r.victim_lost as u64) * 32);
+        assert_eq!(f.victim_blocks_removed, Some(r.victim_lost as u64));
+        assert_eq!(f.neighbour_tenant.as_deref(), Some("noisy"));
+        assert_eq!(f.neighbour_share, 1.0);
+        assert_eq!(f.top_tenants.len(), 1);
+        // Links: exactly the noisy requests whose batches removed the victim's blocks.
+        let mut linked: Vec<u8> = f.neighbour_links.iter().map(|l| l.trace_id[0]).collect();
+        linked.sort_unstable();
+        assert_eq!(linked, r.evictor_traces);
+        assert!(f.ttft_penalty_ns.is_some_and(|p| p > 0));
+        assert_eq!(r.stats.findings_evidence_kv_events, 1);
+        assert_eq!(r.stats.kv_ambiguous_stores, 0);
+        assert_eq!(r.stats.kv_turns_undecided, 0);
+        // The finding comes the attribution delay after the victim's turn settled.
+        let delay = r.finding_at.map(|at| at - r.victim_end);
+        assert!(
+            delay.is_some_and(|d| (5_000 * MS..=5_100 * MS).contains(&d)),
+            "{delay:?}"
+        );
+    }
+
+    /// The older array encoding of the same events replays to the same finding.
+    #[test]
+    fn the_array_encoding_replays_the_same() {
+        use rmpv::Value;
+        let maps = recorded("pid:4242");
+        let arrays: Vec<KvEventBatch> = maps
+            .iter()
+            .map(|b| {
+                let events = b
+                    .events
+                    .iter()
+                    .map(|e| match e {
+                        KvEvent::BlockStored {
+                            block_hashes,
+                            parent_block_hash,
+                            num_tokens,
+                            block_size,
+                            ..
+                        } => Value::Array(vec![
+                            "BlockStored".into(),
+                            Value::Array(block_hashes.iter().map(|h| Value::from(*h)).collect()),
+                            parent_block_hash.map_or(Value::Nil, Value::from),
+                            Value::Array((0..*num_tokens).map(Value::from).collect()),
+                            Value::from(*block_size),
+                            Value::Nil,
+                            "GPU".into(),
+                        ]),
+                        KvEvent::BlockRemoved { block_hashes, .. } => Value::Array(vec![
+                            "BlockRemoved".into(),
+                            Value::Array(block_hashes.iter().map(|h| Value::from(*h)).collect()),
+                            "GPU".into(),
+                        ]),
+                        KvEvent::AllBlocksCleared => Value::Array(vec!["AllBlocksCleared".into()]),
+                    })
+                    .collect();
+                let payload = Value::Array(vec![
+                    Value::F64(b.ts as f64 / 1e9),
+                    Value::Array(events),
+                    Value::from(0),
+                ]);
+                let mut bytes = Vec::new();
+                rmpv::encode::write_value(&mut bytes, &payload).expect("encode");
+                let seq = b.seq.unwrap_or(0).to_be_bytes();
+                let mut back =
+                    decode_message(&[b"", &seq, &bytes], "pid:4242").expect("array form decodes");
+                // Float seconds round the timestamp to about a microsecond.
+                assert!(back.ts.abs_diff(b.ts) < 1_000, "{} {}", back.ts, b.ts);
+                back.ts = b.ts;
+                back
+            })
+            .collect();
+        for (a, m) in arrays.iter().zip(&maps) {
+            assert_eq!(a.events.len(), m.events.len());
+            assert_eq!(stored(a), stored(m));
+            assert_eq!(removed(a), removed(m));
+        }
+        let (x, y) = (replay(maps, Twist::None), replay(arrays, Twist::None));
+        assert_eq!(x.findings, y.findings);
+        assert_eq!(x.findings.len(), 1);
+    }
+
+    #[test]
+    fn a_cleared_cache_or_a_sequence_gap_makes_no_finding_and_is_counted() {
+        for twist in [Twist::Cleared, Twist::Gap] {
+            let r = replay(recorded("pid:4242"), twist);
+            assert!(r.findings.is_empty(), "{twist:?}: {:?}", r.findings);
+            assert_eq!(r.stats.kv_turns_undecided, 1, "{twist:?}");
+        }
+    }
+
+    #[test]
+    fn a_first_turn_stored_while_another_prefilled_is_ambiguous() {
+        let r = replay(recorded("pid:4242"), Twist::ConcurrentFirstTurn);
+        assert!(r.findings.is_empty(), "{:?}", r.findings);
+        assert_eq!(r.stats.kv_ambiguous_stores, 1);
+        assert_eq!(r.stats.kv_turns_undecided, 1);
+    }
+
+    #[test]
+    fn a_chained_second_turn_is_a_hit() {
+        // c2's turn 2 (batch 11) stores only blocks chained onto turn 1's last: no finding for
+        // c2 in any replay above; here without c1's eviction in the way.
+        let r = replay(recorded("pid:4242"), Twist::None);
+        assert!(r.findings.iter().all(|f| f.victim_conversation != "c2"));
+    }
+
+    /// A turn without cached tokens or KV events, decided by its prefill time: 6 first turns
+    /// of 1000 tokens at 10k tokens/s set the rate; then turn 2 of each takes `prefill_ms`.
+    fn prefill_run(
+        turn2_prefill_ms: &[u64],
+        overlap: bool,
+    ) -> (Vec<KvEvictionFinding>, KvEvictionStats) {
+        let mut t = KvTracker::new(KvEvictionConfig::default());
+        let mut stats = KvEvictionStats::default();
+        let mut out = Vec::new();
+        let base = 1_800_000_000_000 * MS;
+        let mut now = base;
+        let convs: Vec<String> = (0..turn2_prefill_ms.len().max(6))
+            .map(|i| format!("c{i}"))
+            .collect();
+        for (i, c) in convs.iter().enumerate() {
+            t.on_request(
+                &request(
+                    i as u8,
+                    "victim",
+                    Some(c),
+                    (now, now + 100 * MS),
+                    now + 150 * MS,
+                    1000,
+                ),
+                None,
+                &mut stats,
+            );
+            now += 200 * MS;
+        }
+        for (i, ms) in turn2_prefill_ms.iter().enumerate() {
+            if overlap {
+                t.on_request(
+                    &request(
+                        200,
+                        "noisy",
+                        None,
+                        (now, now + 100 * MS),
+                        now + 110 * MS,
+                        1000,
+                    ),
+                    None,
+                    &mut stats,
+                );
+            }
+            t.on_request(
+                &request(
+                    100 + i as u8,
+                    "victim",
+                    Some(&convs[i]),
+                    (now, now + ms * MS),
+                    now + (ms + 50) * MS,
+                    1100,
+                ),
+                None,
+                &mut stats,
+            );
+            now += 300 * MS;
+        }
+        t.on_tick(now + 10_000 * MS, &mut stats, &mut out);
+        (out, stats)
+    }
+
+    #[test]
+    fn a_prefill_as_long_as_the_whole_prompt_is_a_miss_and_a_short_one_is_not() {
+        // E = min(1000 + 16, 1100) rounded to 16 = 1008; a hit prefills 92 tokens (~9 ms),
+        // a miss 1100 (~110 ms).
+        let (out, stats) = prefill_run(&[110, 12, 9, 60, 105], false);
+        let missed: Vec<u8> = out.iter().map(|f| f.trace_id[0]).collect();
+        assert_eq!(missed, vec![100, 104], "{out:?}");
+        assert!(out.iter().all(|f| f.evidence == MissEvidence::PrefillTime));
+        assert_eq!(out[0].expected_cached_tokens, 1008);
+        assert!(out[0].cached_tokens < 504, "{}", out[0].cached_tokens);
+        assert_eq!(stats.findings_evidence_prefill_time, 2);
+        // 60 ms: between a hit and a miss.
+        assert_eq!(stats.prefill_time_undecided, 1);
+    }
+
+    #[test]
+    fn a_prefill_overlapping_another_or_before_the_rate_settles_is_undecided() {
+        let (out, stats) = prefill_run(&[110, 110], true);
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(stats.prefill_time_undecided, 2);
+    }
+
+    /// What one tracked block costs in an instance's KV log: 8 bytes in its entry's hash list,
+    /// plus its entry's share. vLLM 0.32 stores a prompt's blocks in one event (31 blocks) and
+    /// removes them one event each, merged per batch (29-31 blocks).
+    #[test]
+    fn a_tracked_block_costs_about_ten_bytes() {
+        let entry = size_of::<KvLogged>();
+        assert!(entry <= 48, "{entry}");
+        let mut t = KvTracker::new(KvEvictionConfig::default());
+        let mut stats = KvEvictionStats::default();
+        for b in recorded("pid:1") {
+            t.on_kv_events(&b, &mut stats);
+        }
+        let log = &t.logs[0];
+        let blocks = log.kv_blocks;
+        let bytes = log.kv.len() * entry
+            + log
+                .kv
+                .iter()
+                .map(|e| match e {
+                    KvLogged::Stored { hashes, .. } | KvLogged::Removed { hashes, .. } => {
+                        hashes.capacity() * 8
+                    }
+                    KvLogged::Broken { .. } => 0,
+                })
+                .sum::<usize>();
+        // 12 batches: 12 stores and 7 merged removals.
+        assert_eq!(log.kv.len(), 19);
+        let per_block = bytes as f64 / blocks as f64;
+        assert!(
+            per_block < 12.0,
+            "{per_block} bytes per block ({bytes} / {blocks})"
+        );
     }
 }

@@ -71,8 +71,8 @@ pub use contention::{
 pub use join::{ConnectionFacts, JoinRule, JoinedRequest, PeerClose};
 pub use kv_eviction::{
     ConversationRecord, ConversationTable, KvEvictionConfig, KvEvictionFinding, KvEvictionSizes,
-    KvEvictionStats, KvEvidence, OTHER_TENANT, SELF_TENANT, SpanLink, TenantLabels, TenantShare,
-    conversation_key, instance_key, siphash24,
+    KvEvictionStats, KvEvidence, MissEvidence, OTHER_TENANT, SELF_TENANT, SpanLink, TenantLabels,
+    TenantShare, conversation_key, instance_key, siphash24,
 };
 pub use lost::{LostCause, LostInFlightConfig, LostInFlightFinding, LostInFlightStats};
 pub use stats::{CorrelatorStats, EvictionCounts, FindingCounts, JoinCounts, StateSizes};

@@ -25,7 +25,8 @@ use crate::privacy::TenantHasher;
 use crate::sinks::batch::{EncodedGroup, EncodedSpan, SpanGroup, kv_f64, kv_i64, kv_str};
 use crate::sinks::prometheus::findings::{
     AbortLabels, AbortLagLabels, ContentionLabels, FindingMetrics, GpuLabels, GpuProcessLabels,
-    JoinLabels, KvEvictionLabels, LostLabels, StartLabels, TableLabels, advance_to,
+    JoinLabels, KvEvictionLabels, KvUndecidedLabels, LostLabels, StartLabels, TableLabels,
+    advance_to,
 };
 use crate::sinks::prometheus::metrics::RuntimeSpanLabels;
 use crate::sinks::{SinkSender, SpanBatch, finding_span};
@@ -596,6 +597,7 @@ impl CorrelateStage {
     fn on_kv_eviction(&mut self, finding: KvEvictionFinding) {
         let mut attributes = vec![
             kv_str("inferwatch.kv_eviction.method", finding.method.as_str()),
+            kv_str("inferwatch.kv.evidence", finding.evidence.as_str()),
             kv_i64(
                 "inferwatch.kv_eviction.expected_cached_tokens",
                 finding.expected_cached_tokens as i64,
@@ -922,6 +924,7 @@ impl CorrelateStage {
             ("listeners", stats.evictions.listeners),
             ("conversations", stats.kv_eviction.conversations_dropped),
             ("processes", stats.lost_in_flight.evictions),
+            ("kv_blocks", stats.kv_eviction.kv_blocks_dropped),
         ] {
             advance_to(
                 &m.correlator_evictions.get_or_create(&TableLabels {
@@ -931,6 +934,20 @@ impl CorrelateStage {
             );
         }
         advance_to(&m.lost_in_flight_ambiguous, stats.lost_in_flight.ambiguous);
+        let kv = &stats.kv_eviction;
+        for (reason, total) in [
+            ("kv_ambiguous_store", kv.kv_ambiguous_stores),
+            ("kv_incomplete", kv.kv_turns_undecided),
+            ("kv_shared_evictor_store", kv.kv_shared_evictor_stores),
+            ("prefill_time", kv.prefill_time_undecided),
+        ] {
+            advance_to(
+                &m.kv_eviction_undecided.get_or_create(&KvUndecidedLabels {
+                    reason: reason.to_owned(),
+                }),
+                total,
+            );
+        }
     }
 
     /// Sends the enriched spans and findings gathered since the last flush as one batch.

@@ -264,7 +264,7 @@ impl Pipeline {
             None
         };
 
-        let kv_events = if config.kv_events.endpoints.is_empty() {
+        let kv_events = if config.kv_events.endpoints.is_empty() && !config.kv_events.discover {
             None
         } else {
             match KvEventsSource::build(config.kv_events.clone()) {
@@ -297,7 +297,9 @@ impl Pipeline {
         };
         // contract §6: run on whatever works; but with no source at all the agent would only
         // serve empty metrics, which hides the failure from the orchestrator. Exit instead.
-        if kernel.is_none() && nvml.is_none() && otlp.is_none() && kv_events.is_none() {
+        // A KV source that only looks for runtimes is not a source of its own.
+        let kv_configured = kv_events.as_ref().is_some_and(|k| !k.discovery_only());
+        if kernel.is_none() && nvml.is_none() && otlp.is_none() && !kv_configured {
             return Err(NoSourceError {
                 reasons: not_running,
             }

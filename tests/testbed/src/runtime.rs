@@ -235,7 +235,13 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Running> {
     let mut kv_task = None;
     let mut kv_events_endpoint = None;
     if let Some(ep) = &opts.runtime.kv_events_endpoint {
-        let (publisher, bound, task) = crate::kvevents::start(ep).await?;
+        // vLLM 0.32 publishes map-encoded events; SGLang and older vLLM the tagged arrays.
+        let encoding = if opts.runtime.flavor == crate::flavor::Flavor::Vllm {
+            crate::kvevents::Encoding::Map
+        } else {
+            crate::kvevents::Encoding::Array
+        };
+        let (publisher, bound, task) = crate::kvevents::start(ep, encoding).await?;
         tracing::info!(endpoint = %bound, "publishing KV events");
         engine.set_kv_events(publisher);
         kv_events_endpoint = Some(bound);

@@ -122,6 +122,13 @@ pub struct TableLabels {
     pub table: String,
 }
 
+/// `{reason}` of a KV-eviction turn or store left undecided.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct KvUndecidedLabels {
+    /// Why the evidence was not used.
+    pub reason: String,
+}
+
 /// `{victim_tenant, neighbour_tenant}` (bounded by the correlator's tenant labels).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct KvEvictionLabels {
@@ -187,6 +194,9 @@ pub struct FindingMetrics {
     pub joins: Family<JoinLabels, Counter>,
     /// `inferwatch_correlator_evictions_total{table}`: state dropped at the caps.
     pub correlator_evictions: Family<TableLabels, Counter>,
+    /// `inferwatch_kv_eviction_undecided_total{reason}`: ambiguous KV-eviction evidence, no
+    /// finding made from it.
+    pub kv_eviction_undecided: Family<KvUndecidedLabels, Counter>,
     /// `inferwatch_events_received_total{source}`.
     pub events_received: Family<SourceLabels, Counter>,
     /// `inferwatch_events_dropped_total{source,reason}`.
@@ -244,6 +254,7 @@ impl FindingMetrics {
             abort_lag: Family::new_with_constructor(lag_histogram),
             joins: Family::default(),
             correlator_evictions: Family::default(),
+            kv_eviction_undecided: Family::default(),
             events_received: Family::default(),
             events_dropped: Family::default(),
             ringbuf_drops: Family::default(),
@@ -305,6 +316,11 @@ impl FindingMetrics {
             "inferwatch_correlator_evictions",
             "Correlator state dropped at its caps",
             metrics.correlator_evictions.clone(),
+        );
+        registry.register(
+            "inferwatch_kv_eviction_undecided",
+            "KV-eviction evidence left undecided (ambiguous or incomplete): no finding made from it",
+            metrics.kv_eviction_undecided.clone(),
         );
         registry.register(
             "inferwatch_events_received",

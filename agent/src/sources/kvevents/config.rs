@@ -15,6 +15,12 @@ pub struct KvEventsConfig {
     pub channel_capacity: usize,
     /// Delay before reconnecting after a socket error, in milliseconds.
     pub reconnect_ms: u64,
+    /// Find publishers on runtimes' command lines (`--kv-events-config`) and subscribe to
+    /// them, named by the API server's pid; explicit `endpoints` override what is found at
+    /// the same address.
+    pub discover: bool,
+    /// How often `/proc` is scanned for runtimes started or restarted since, in milliseconds.
+    pub discovery_interval_ms: u64,
 }
 
 impl Default for KvEventsConfig {
@@ -23,6 +29,8 @@ impl Default for KvEventsConfig {
             endpoints: Vec::new(),
             channel_capacity: 4096,
             reconnect_ms: 1000,
+            discover: true,
+            discovery_interval_ms: 2000,
         }
     }
 }

@@ -26,7 +26,10 @@
 //! that the correlator does not trust block evidence across a gap.
 
 mod config;
+pub mod discovery;
 
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -280,19 +283,37 @@ impl KvEventsSource {
         self.counters.clone()
     }
 
-    /// Subscribes to every endpoint and sends decoded batches on `tx` until `cancel` fires.
-    /// Socket errors are logged and retried after `reconnect_ms`; they never end the source.
+    /// Whether the source has nothing configured and only looks for runtimes.
+    pub fn discovery_only(&self) -> bool {
+        self.config.endpoints.is_empty()
+    }
+
+    /// Subscribes to every endpoint, and to those discovered on runtimes' command lines, and
+    /// sends decoded batches on `tx` until `cancel` fires. Socket errors are logged and retried
+    /// after `reconnect_ms`; they never end the source.
     pub async fn run(self, tx: mpsc::Sender<KvEventBatch>, cancel: CancellationToken) {
         let mut tasks = tokio::task::JoinSet::new();
-        for ep in self.config.endpoints.clone() {
-            let tx = tx.clone();
-            let cancel = cancel.clone();
-            let counters = self.counters.clone();
-            let reconnect = Duration::from_millis(self.config.reconnect_ms.max(1));
-            tasks.spawn(async move {
+        // Subscribers by endpoint: the instance they name, and their own stop.
+        let mut running: HashMap<String, (String, CancellationToken)> = HashMap::new();
+        let explicit: HashSet<String> = self
+            .config
+            .endpoints
+            .iter()
+            .map(|e| e.endpoint.clone())
+            .collect();
+        let reconnect = Duration::from_millis(self.config.reconnect_ms.max(1));
+        let start =
+            |ep: KvEventsEndpoint,
+             tasks: &mut tokio::task::JoinSet<()>,
+             running: &mut HashMap<String, (String, CancellationToken)>| {
+                let stop = cancel.child_token();
+                running.insert(ep.endpoint.clone(), (ep.instance.clone(), stop.clone()));
+                let tx = tx.clone();
+                let counters = self.counters.clone();
+                tasks.spawn(async move {
                 loop {
                     let result = tokio::select! {
-                        _ = cancel.cancelled() => return,
+                        _ = stop.cancelled() => return,
                         r = subscribe(&ep, &tx, &counters) => r,
                     };
                     if let Err(e) = result {
@@ -302,11 +323,48 @@ impl KvEventsSource {
                         return;
                     }
                     tokio::select! {
-                        _ = cancel.cancelled() => return,
+                        _ = stop.cancelled() => return,
                         _ = tokio::time::sleep(reconnect) => {}
                     }
                 }
             });
+            };
+        for ep in self.config.endpoints.clone() {
+            start(ep, &mut tasks, &mut running);
+        }
+        if !self.config.discover {
+            while tasks.join_next().await.is_some() {}
+            return;
+        }
+        let interval = Duration::from_millis(self.config.discovery_interval_ms.max(100));
+        while !tx.is_closed() {
+            // A cheap scan (only command lines naming the flag are parsed), off the runtime's
+            // worker threads.
+            let found = tokio::task::spawn_blocking(|| discovery::scan(Path::new("/proc")))
+                .await
+                .unwrap_or_default();
+            for ep in found {
+                if explicit.contains(&ep.endpoint) {
+                    continue;
+                }
+                match running.get(&ep.endpoint) {
+                    Some((instance, _)) if *instance == ep.instance => continue,
+                    Some((_, stop)) => {
+                        // Another runtime now publishes there (a restart): its events belong
+                        // to the new process.
+                        stop.cancel();
+                    }
+                    None => {}
+                }
+                tracing::info!(endpoint = %ep.endpoint, instance = %ep.instance, "KV event publisher discovered on a runtime's command line");
+                start(ep, &mut tasks, &mut running);
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(interval) => {}
+                // Reap finished subscribers so the set does not grow with restarts.
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
         }
         while tasks.join_next().await.is_some() {}
     }

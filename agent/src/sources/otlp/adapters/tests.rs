@@ -634,3 +634,25 @@ fn vllm_process_id_is_the_pid_alias_when_process_pid_is_absent() {
     );
     assert_eq!(instance(Some(&res(vec![]))).pid, None);
 }
+
+/// vLLM 0.32's resource names the API server's pid only as `vllm.process_id`: it becomes the
+/// instance's pid (how a discovered KV endpoint, `pid:<pid>`, ties to the spans); a
+/// `process.pid` wins wherever it comes.
+#[test]
+fn vllm_process_id_is_the_instance_pid_unless_process_pid_says() {
+    let res = |attrs: Vec<KeyValue>| Resource {
+        attributes: attrs,
+        ..Default::default()
+    };
+    let vllm = res(vec![
+        kv_str("service.instance.id", "5f0c2a9e"),
+        kv_i64("vllm.process_id", 4242),
+    ]);
+    assert_eq!(instance(Some(&vllm)).pid, Some(4242));
+    for attrs in [
+        vec![kv_i64("process.pid", 7), kv_i64("vllm.process_id", 4242)],
+        vec![kv_i64("vllm.process_id", 4242), kv_i64("process.pid", 7)],
+    ] {
+        assert_eq!(instance(Some(&res(attrs))).pid, Some(7));
+    }
+}
