@@ -66,6 +66,10 @@ struct Run {
 
 /// Runs `s` in-process: runtime, OTLP receiver, traffic and (with `kv`) the KV event source.
 async fn drive(s: &Scenario, tag: &str, kv: bool) -> Run {
+    // One run at a time: the runtime's prefill and decode times are the evidence (prefill-time
+    // misses), and runs sharing two cores would slow each other's.
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let sink = Sink::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
