@@ -7,6 +7,7 @@ use std::collections::HashMap;
 
 use inferwatch_testbed::truth::{ClientTruth, RequestTruth, TruthRecord};
 
+use crate::abort_truth::AbortTruth;
 use crate::harness::{
     Agent, Collector, Received, attr, free_port, kernel_tests_enabled, now_ns, run_testbed,
     scratch, serial,
@@ -17,13 +18,8 @@ use crate::harness::{
 struct Matched {
     id: String,
     method: String,
-    /// Tokens generated after the server noticed the client leave (the testbed's own count).
-    after_noticed: u64,
-    /// Tokens generated after the client's close call: the count when the abort is placed at
-    /// the client. The agent places it at the FIN / RST the kernel saw, which lies between.
-    after_close: u64,
+    truth: AbortTruth,
     agent: u64,
-    truth_lag_ms: f64,
     agent_lag_ms: f64,
     /// Whether the runtime made a span for the request (its end is the runtime's stop).
     with_span: bool,
@@ -158,28 +154,15 @@ async fn abort_run(name: &str, policy: &str, token_events: bool) -> Score {
         let client = clients
             .get(r.request_id.as_str())
             .unwrap_or_else(|| panic!("no client truth for {}", r.request_id));
-        let left_early =
-            matches!(client.close.as_str(), "fin" | "rst") && client.close_ns < r.stop_ns;
+        let truth = AbortTruth::of(
+            r,
+            matches!(client.close.as_str(), "fin" | "rst"),
+            client.close_ns,
+        );
+        let (left_early, must_find, lag_ms) = (truth.left_early, truth.must_find(), truth.lag_ms);
         let finding = findings
             .get(&r.trace_id)
             .or_else(|| findings_by_id.get(&r.request_id));
-        let after_close_truth = if r.token_times_ns.is_empty() {
-            r.tokens_after_abort
-        } else {
-            r.token_times_ns
-                .iter()
-                .filter(|&&t| t > client.close_ns)
-                .count() as u64
-        };
-        let lag_ms = (r.stop_ns as f64 - client.close_ns as f64) / 1e6;
-        // A count by interpolation is within 2 tokens of the truth (checked below), so one or
-        // two tokens after may round to none: those may make a finding, they need not.
-        let must_find = left_early && (r.tokens_after_abort > 2 || lag_ms > 1000.0);
-        // A token the runtime generated just before the FIN reached it and wrote just after
-        // is written after the client left (the kernel's count) but not generated after it
-        // (the truth's): a runtime that stopped within a few ms of the close may show one.
-        let may_find =
-            left_early && (must_find || after_close_truth >= 1 || !(5.0..=900.0).contains(&lag_ms));
         if left_early {
             score.left_early += 1;
             // A client whose close raced the end of a response the runtime finished (it made
@@ -192,7 +175,7 @@ async fn abort_run(name: &str, policy: &str, token_events: bool) -> Score {
             score.expected += 1;
             score.recalled += usize::from(finding.is_some());
         }
-        match (may_find, finding) {
+        match (truth.may_find(), finding) {
             (true, Some(f)) => {
                 score.true_positives += 1;
                 let method = attr(&f.span, "inferwatch.abort.method").expect("method");
@@ -202,7 +185,6 @@ async fn abort_run(name: &str, policy: &str, token_events: bool) -> Score {
                 let lag: f64 = attr(&f.span, "inferwatch.abort.lag_ms")
                     .and_then(|v| v.parse().ok())
                     .expect("lag_ms");
-                let truth_lag = (r.stop_ns as f64 - client.close_ns as f64) / 1e6;
                 // Under the runtime's request span; when the runtime exported none (vLLM makes
                 // no span for a request aborted because its client left), under the client's.
                 let parent = if r.span_id.is_empty() {
@@ -222,21 +204,11 @@ async fn abort_run(name: &str, policy: &str, token_events: bool) -> Score {
                 );
                 let how = attr(&f.span, "inferwatch.abort.how").expect("how");
                 assert_eq!(how, client.close, "{}: close kind", r.request_id);
-                let after_close = if r.token_times_ns.is_empty() {
-                    r.tokens_after_abort
-                } else {
-                    r.token_times_ns
-                        .iter()
-                        .filter(|&&t| t > client.close_ns)
-                        .count() as u64
-                };
                 score.matched.push(Matched {
                     id: r.request_id.clone(),
                     method,
-                    after_noticed: r.tokens_after_abort,
-                    after_close,
+                    truth,
                     agent: after,
-                    truth_lag_ms: truth_lag,
                     agent_lag_ms: lag,
                     with_span: !r.span_id.is_empty(),
                 });
@@ -298,10 +270,10 @@ fn report(name: &str, policy: &str, score: &mut Score) {
     for m in &score.matched {
         let e = by_method.entry(m.method.as_str()).or_default();
         e.0 += 1;
-        e.1 += m.after_noticed;
-        e.2 += m.after_noticed.abs_diff(m.agent);
-        e.3 += usize::from(m.agent == m.after_noticed);
-        e.4 = e.4.max((m.truth_lag_ms - m.agent_lag_ms).abs());
+        e.1 += m.truth.after_noticed;
+        e.2 += m.truth.after_noticed.abs_diff(m.agent);
+        e.3 += usize::from(m.agent == m.truth.after_noticed);
+        e.4 = e.4.max((m.truth.lag_ms - m.agent_lag_ms).abs());
     }
     let mut methods: Vec<_> = by_method.into_iter().collect();
     methods.sort_by_key(|(m, _)| *m);
@@ -354,29 +326,8 @@ fn assert_scores(name: &str, score: &Score) {
         "{name}: precision below 1.0"
     );
     for m in &score.matched {
-        let (id, method, agent) = (&m.id, &m.method, m.agent);
-        match method.as_str() {
-            // Exact: between the count after the client's close call and the count after the
-            // server noticed (tokens generated in between are after the FIN or not depending
-            // on microseconds; on a quiet machine the two counts are equal).
-            // (Plus the one token a runtime that stopped within a few ms of the close may
-            // have written just after the FIN: generated before it, written after it.)
-            "events" | "kernel_writes" => assert!(
-                (m.after_noticed..=m.after_close + u64::from(m.truth_lag_ms < 5.0))
-                    .contains(&agent),
-                "{name}: {id}: tokens after ({method}) {agent}, truth {} (after close {})",
-                m.after_noticed,
-                m.after_close
-            ),
-            "interpolated" => {
-                let truth = m.after_noticed as f64;
-                let tolerance = (truth * 0.05).max(2.0);
-                assert!(
-                    (agent as f64 - truth).abs() <= tolerance,
-                    "{name}: {id}: interpolated {agent} vs truth {truth}"
-                );
-            }
-            other => panic!("{name}: unknown method {other}"),
+        if let Err(e) = m.truth.check_tokens_after(&m.method, m.agent) {
+            panic!("{name}: {}: {e}", m.id);
         }
         // The runtime's stop is its span's end, exact. Without a span (vLLM makes none for a
         // request it aborted) the kernel's last write after the FIN, or the server's close,
@@ -384,10 +335,11 @@ fn assert_scores(name: &str, score: &Score) {
         // states the limit.
         if m.with_span {
             assert!(
-                (m.agent_lag_ms - m.truth_lag_ms).abs() <= 5.0,
-                "{name}: {id}: lag {:.2} ms vs truth {:.2} ms",
+                (m.agent_lag_ms - m.truth.lag_ms).abs() <= 5.0,
+                "{name}: {}: lag {:.2} ms vs truth {:.2} ms",
+                m.id,
                 m.agent_lag_ms,
-                m.truth_lag_ms
+                m.truth.lag_ms
             );
         }
     }

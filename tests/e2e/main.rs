@@ -6,6 +6,7 @@
 //! `INFERWATCH_REQUIRE_KERNEL_TESTS=1` (set by `cargo xtask test`).
 
 mod abort;
+mod abort_truth;
 mod faults;
 mod gateway;
 mod gpu;

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 
 use inferwatch_testbed::truth::{ClientTruth, RequestTruth, TruthRecord};
 
+use crate::abort_truth::AbortTruth;
 use crate::harness::{
     Agent, Collector, attr, free_port, kernel_tests_enabled, now_ns, run_testbed, scratch, serial,
 };
@@ -61,7 +62,8 @@ struct Score {
     joins: HashMap<String, usize>,
     /// (method, tokens after per the agent, truth after the server noticed, truth after the
     /// client's close, agent lag ms, truth lag ms, id).
-    matched: Vec<(String, u64, u64, u64, f64, f64, String)>,
+    /// Method, the agent's tokens after, the truth, the agent's lag (ms), the request id.
+    matched: Vec<(String, u64, AbortTruth, f64, String)>,
     /// `inferwatch_runtime_spans_total{runtime=<shape>,adapted}`: (true, false).
     runtime_spans: (u64, u64),
     /// Spans of the shape's runtime the collector received that are not request spans.
@@ -176,23 +178,13 @@ async fn run(shape: Shape, scenario: &str, extra: &[&str], omitted_roots: bool) 
             .get(r.request_id.as_str())
             .unwrap_or_else(|| panic!("{name}: no client truth for {}", r.request_id));
         let traced = client.tenant != NO_TRACEPARENT_TENANT;
-        let left_early =
-            matches!(client.close.as_str(), "fin" | "rst") && client.close_ns < r.stop_ns;
-        // Contract §3.1: a finding when tokens came after the close or the runtime took over
-        // `abort_lag_finding_ms` (1 s) to stop. A count by interpolation is within 2 tokens of
-        // the truth, so one or two tokens after may round to none: those may make a finding.
-        let after_close_truth = if r.token_times_ns.is_empty() {
-            r.tokens_after_abort
-        } else {
-            r.token_times_ns
-                .iter()
-                .filter(|&&t| t > client.close_ns)
-                .count() as u64
-        };
-        let lag_ms = (r.stop_ns as f64 - client.close_ns as f64) / 1e6;
-        let must_find = left_early && (r.tokens_after_abort > 2 || lag_ms > 1000.0);
-        score.left_traced += usize::from(left_early && traced);
-        let may_find = left_early && (must_find || after_close_truth >= 1 || lag_ms > 900.0);
+        let truth = AbortTruth::of(
+            r,
+            matches!(client.close.as_str(), "fin" | "rst"),
+            client.close_ns,
+        );
+        let (must_find, may_find) = (truth.must_find(), truth.may_find());
+        score.left_traced += usize::from(truth.left_early && traced);
         if omitted(r) {
             assert!(
                 !forwarded.contains_key(&(r.trace_id.clone(), r.span_id.clone())),
@@ -229,15 +221,9 @@ async fn run(shape: Shape, scenario: &str, extra: &[&str], omitted_roots: bool) 
                     let lag: f64 = attr(&f.span, "inferwatch.abort.lag_ms")
                         .and_then(|v| v.parse().ok())
                         .expect("lag_ms");
-                    score.matched.push((
-                        method,
-                        after,
-                        r.tokens_after_abort,
-                        r.tokens_after_abort,
-                        lag,
-                        (r.stop_ns as f64 - client.close_ns as f64) / 1e6,
-                        r.request_id.clone(),
-                    ));
+                    score
+                        .matched
+                        .push((method, after, truth, lag, r.request_id.clone()));
                 }
                 (false, Some(f)) => panic!(
                     "{name}: finding for {} which did not abort early: {:?}",
@@ -307,24 +293,9 @@ async fn run(shape: Shape, scenario: &str, extra: &[&str], omitted_roots: bool) 
                 let lag: f64 = attr(&f.span, "inferwatch.abort.lag_ms")
                     .and_then(|v| v.parse().ok())
                     .expect("lag_ms");
-                let after_close = if r.token_times_ns.is_empty() {
-                    r.tokens_after_abort
-                } else {
-                    r.token_times_ns
-                        .iter()
-                        .filter(|&&t| t > client.close_ns)
-                        .count() as u64
-                };
-                let truth_lag = (r.stop_ns as f64 - client.close_ns as f64) / 1e6;
-                score.matched.push((
-                    method,
-                    after,
-                    r.tokens_after_abort,
-                    after_close,
-                    lag,
-                    truth_lag,
-                    r.request_id.clone(),
-                ));
+                score
+                    .matched
+                    .push((method, after, truth, lag, r.request_id.clone()));
             }
             (false, Some(f)) => panic!(
                 "{name}: finding for {} which did not abort early (client {} at {}, stop {}): {:?}",
@@ -353,11 +324,11 @@ fn report(name: &str, score: &Score) {
         println!("   join {rule:<12} {n:>4}");
     }
     let mut by_method: HashMap<&str, (usize, u64, u64)> = HashMap::new();
-    for (method, agent, truth, _, _, _, _) in &score.matched {
+    for (method, agent, truth, _, _) in &score.matched {
         let e = by_method.entry(method.as_str()).or_default();
         e.0 += 1;
-        e.1 += truth;
-        e.2 += truth.abs_diff(*agent);
+        e.1 += truth.after_noticed;
+        e.2 += truth.after_noticed.abs_diff(*agent);
     }
     for (method, (n, truth, err)) in by_method {
         println!(
@@ -385,24 +356,14 @@ fn assert_scores(name: &str, score: &Score) {
         "{name}: recall below 1.0 on the requests with a traceparent"
     );
     assert_eq!(score.permitted, score.found, "{name}: precision below 1.0");
-    for (method, agent, after_noticed, after_close, lag, truth_lag, id) in &score.matched {
-        match method.as_str() {
-            "events" | "kernel_writes" => assert!(
-                (after_noticed..=after_close).contains(&agent),
-                "{name}: {id}: tokens after ({method}) {agent}, truth {after_noticed} (after close {after_close})"
-            ),
-            "interpolated" => {
-                let truth = *after_noticed as f64;
-                assert!(
-                    (*agent as f64 - truth).abs() <= (truth * 0.05).max(2.0),
-                    "{name}: {id}: interpolated {agent} vs truth {truth}"
-                );
-            }
-            other => panic!("{name}: unknown method {other}"),
+    for (method, agent, truth, lag, id) in &score.matched {
+        if let Err(e) = truth.check_tokens_after(method, *agent) {
+            panic!("{name}: {id}: {e}");
         }
         assert!(
-            (lag - truth_lag).abs() <= 5.0,
-            "{name}: {id}: lag {lag:.2} ms vs truth {truth_lag:.2} ms"
+            (lag - truth.lag_ms).abs() <= 5.0,
+            "{name}: {id}: lag {lag:.2} ms vs truth {:.2} ms",
+            truth.lag_ms
         );
     }
     assert_eq!(score.joins.get("missing"), None, "{name}: inferwatch.join");

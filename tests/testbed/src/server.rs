@@ -406,6 +406,7 @@ impl Server {
         let mut watch_read = true;
         let mut written = 0u64;
         let mut token_times = Vec::new();
+        let mut body_writes = Vec::new();
         let mut text = String::new();
         let mut write_failed = false;
 
@@ -455,7 +456,11 @@ impl Server {
                         if !(write_failed
                             && matches!(self.engine.policy(), crate::engine::Policy::Immediate))
                         {
-                            match wr.write_all(&sse_chunk(&data.to_string())).await {
+                            let chunk = sse_chunk(&data.to_string());
+                            let began = now_ns();
+                            let result = wr.write_all(&chunk).await;
+                            body_writes.push((began, now_ns()));
+                            match result {
                                 Ok(()) => written += 1,
                                 Err(e) => {
                                     write_failed = true;
@@ -532,10 +537,13 @@ impl Server {
             }
             tail.extend(sse_chunk("[DONE]"));
             tail.extend_from_slice(b"0\r\n\r\n");
-            if gone.at.is_none()
-                && let Err(e) = wr.write_all(&tail).await
-            {
-                self.note_gone(&mut gone, sub.id, CloseHow::from_io(&e));
+            if gone.at.is_none() {
+                let began = now_ns();
+                let result = wr.write_all(&tail).await;
+                body_writes.push((began, now_ns()));
+                if let Err(e) = result {
+                    self.note_gone(&mut gone, sub.id, CloseHow::from_io(&e));
+                }
             }
         } else if gone.at.is_none() {
             let body = if chat {
@@ -607,6 +615,11 @@ impl Server {
             tokens_after_abort,
             token_times_ns: if abort_ns.is_some() {
                 token_times
+            } else {
+                Vec::new()
+            },
+            body_writes_ns: if abort_ns.is_some() {
+                body_writes
             } else {
                 Vec::new()
             },

@@ -78,6 +78,11 @@ pub struct RequestTruth {
     /// moment the server noticed it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub token_times_ns: Vec<u64>,
+    /// For the same requests, when each write of the streamed body (token chunks and the
+    /// closing chunk) began and returned: the kernel counts writes after the peer's FIN, so a
+    /// token generated before the client's close can still be written after it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub body_writes_ns: Vec<(u64, u64)>,
     /// Output tokens that reached the socket successfully (write returned Ok).
     pub tokens_written: u64,
     /// `length`, `stop` or `abort`.
