@@ -160,6 +160,14 @@ impl ConnKey {
     };
 }
 
+/// The sockets the kernel has had at one address (it reuses them): the latest one's generation
+/// and how many generations are still tracked.
+#[derive(Debug, Clone, Copy)]
+struct Generations {
+    latest: u32,
+    live: u32,
+}
+
 /// A request head: when it was read, and on which connection.
 type HeadKey = (UnixNanos, ConnKey);
 
@@ -291,8 +299,9 @@ pub struct Correlator {
     /// at 10k requests/s the table holds ~10k of them, and hashbrown's buckets (up to twice
     /// the entries) are pointers instead of ~190-byte connections.
     conns: FastMap<ConnKey, Box<Conn>>,
-    /// The generation of the socket now at each kernel address.
-    current: FastMap<ConnId, u32>,
+    /// The generation of the socket now at each kernel address, and how many generations at
+    /// that address are still in `conns`.
+    current: FastMap<ConnId, Generations>,
     /// Connections by first sighting, for evicting the oldest, and the candidates for the
     /// idle time-out (a connection first seen within it cannot have been idle that long).
     conn_order: BTreeSet<(UnixNanos, ConnKey)>,
@@ -867,7 +876,7 @@ impl Correlator {
 
     /// The connection now at `id`, created when first seen.
     fn conn_for(&mut self, id: ConnId, ts: UnixNanos) -> ConnKey {
-        let generation = self.current.get(&id).copied().unwrap_or(0);
+        let generation = self.current.get(&id).map_or(0, |g| g.latest);
         let key = ConnKey { id, generation };
         if let Some(c) = self.conns.get_mut(&key) {
             c.last_seen = c.last_seen.max(ts);
@@ -888,11 +897,15 @@ impl Correlator {
         if !reused {
             return key;
         }
+        // Older generations may still wait for their requests to settle: the next one is
+        // above every generation in the table.
         let next = ConnKey {
             id,
             generation: key.generation.wrapping_add(1),
         };
-        self.current.insert(id, next.generation);
+        if let Some(g) = self.current.get_mut(&id) {
+            g.latest = next.generation;
+        }
         if !self.conns.contains_key(&next) {
             self.insert_conn(next, ts);
         }
@@ -909,7 +922,11 @@ impl Correlator {
         }
         self.conns.insert(key, Box::new(Conn::new(ts)));
         self.conn_order.insert((ts, key));
-        self.current.entry(key.id).or_insert(key.generation);
+        let g = self.current.entry(key.id).or_insert(Generations {
+            latest: key.generation,
+            live: 0,
+        });
+        g.live += 1;
     }
 
     fn remove_conn(&mut self, key: ConnKey, evicted: bool) {
@@ -926,8 +943,13 @@ impl Correlator {
         {
             self.by_peer.remove(&peer);
         }
-        if self.current.get(&key.id) == Some(&key.generation) {
-            self.current.remove(&key.id);
+        // The address is forgotten with its last generation, not with its current one: a
+        // later socket there must not be numbered as an older one still waiting to settle.
+        if let Some(g) = self.current.get_mut(&key.id) {
+            g.live = g.live.saturating_sub(1);
+            if g.live == 0 {
+                self.current.remove(&key.id);
+            }
         }
         for (ts, head) in conn.requests {
             if let Some(head) = head {

@@ -584,3 +584,76 @@ fn sglang_64_bit_trace_ids_join_only_on_all_sixteen_bytes() {
         Some((JoinRule::Traceparent, Some(ConnId(2))))
     );
 }
+
+/// The kernel reuses a socket's address. Two old sockets there still wait for their requests
+/// to settle (no span came) while a newer one, joined and settled, is forgotten: the next
+/// socket at the address is a new connection, not one of the old ones, and its client's
+/// abort is counted.
+#[test]
+fn a_reused_socket_address_is_a_new_connection_while_older_ones_wait() {
+    let config = CorrelatorConfig {
+        span_wait_ms: 3_000,
+        ..CorrelatorConfig::default()
+    };
+    let mut c = Correlator::new(config);
+    let mut out = Vec::new();
+    let peer_left = |ts: u64| {
+        kernel(
+            ts,
+            KernelEventKind::PeerClosed {
+                conn: ConnId(1),
+                how: CloseHow::Fin,
+                send_seq: None,
+            },
+        )
+    };
+    let write = |ts: u64| {
+        kernel(
+            ts,
+            KernelEventKind::WriteAfterPeerClose {
+                conn: ConnId(1),
+                bytes: 40,
+                errno: 0,
+            },
+        )
+    };
+    let closed = |ts: u64| kernel(ts, KernelEventKind::Closed { conn: ConnId(1) });
+    // Two requests whose clients left mid-stream; the runtime made no span for them.
+    for (i, id) in ["a", "b"].into_iter().enumerate() {
+        let at = T0 + i as u64 * 200 * MS;
+        out.extend(c.on_event(accepted(at, 1, 5000 + i as u16)));
+        out.extend(c.on_event(head(at + MS, 1, None, Some(id))));
+        out.extend(c.on_event(peer_left(at + 100 * MS)));
+        out.extend(c.on_event(write(at + 101 * MS)));
+        out.extend(c.on_event(closed(at + 102 * MS)));
+    }
+    // A complete request with a span: it settles and its connection is forgotten.
+    out.extend(c.on_event(accepted(T0 + 400 * MS, 1, 5002)));
+    out.extend(c.on_event(head(T0 + 401 * MS, 1, Some(5), None)));
+    out.extend(c.on_event(closed(T0 + 700 * MS)));
+    out.extend(c.on_event(Input::Runtime(RuntimeRequest {
+        finish_reason: Some("length".into()),
+        ..span(5, T0 + 402 * MS, T0 + 450 * MS, T0 + 690 * MS, 10)
+    })));
+    out.extend(c.on_tick(T0 + 1_500 * MS));
+    assert!(joined(&out, 5).is_some(), "{out:?}");
+    // The next socket at the address: its client leaves too.
+    out.extend(c.on_event(accepted(T0 + 1_600 * MS, 1, 5003)));
+    out.extend(c.on_event(head(T0 + 1_601 * MS, 1, None, Some("c"))));
+    out.extend(c.on_event(peer_left(T0 + 1_700 * MS)));
+    out.extend(c.on_event(write(T0 + 1_701 * MS)));
+    out.extend(c.on_event(closed(T0 + 1_702 * MS)));
+    out.extend(c.on_tick(T0 + 10_000 * MS));
+    let mut left: Vec<_> = aborts(&out)
+        .iter()
+        .filter_map(|a| a.request_id.clone())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["a", "b", "c"], "{out:?}");
+    let counted = out
+        .iter()
+        .filter(|o| matches!(o, Output::ClientAbort(_)))
+        .count();
+    assert_eq!(counted, 3);
+    assert_eq!(c.state_sizes().connections, 0);
+}
