@@ -22,9 +22,9 @@ use tokio_util::sync::CancellationToken;
 
 pub use correlate::{CorrelateStage, FindingSummary};
 
-use crate::check::error_chain;
 use crate::config::AgentConfig;
 use crate::correlator::Correlator;
+use crate::internal_events::ErrorChain;
 use crate::model::{GpuSample, KernelEvent, KvEventBatch, UnixNanos};
 use crate::sinks::file::FileSink;
 use crate::sinks::otlp::OtlpExporter;
@@ -236,8 +236,8 @@ impl Pipeline {
                     })
                 }
                 Err(err) => {
-                    tracing::error!(error = %error_chain(&err), "kernel source unavailable; running without it");
-                    not_running.push(format!("kernel: {}", error_chain(&err)));
+                    tracing::error!(error = %ErrorChain(&err), "kernel source unavailable; running without it");
+                    not_running.push(format!("kernel: {}", ErrorChain(&err)));
                     None
                 }
             }
@@ -254,8 +254,8 @@ impl Pipeline {
                     Some(source)
                 }
                 Err(err) => {
-                    tracing::warn!(error = %error_chain(&err), "NVML source unavailable; running without GPU data");
-                    not_running.push(format!("NVML: {}", error_chain(&err)));
+                    tracing::warn!(error = %ErrorChain(&err), "NVML source unavailable; running without GPU data");
+                    not_running.push(format!("NVML: {}", ErrorChain(&err)));
                     None
                 }
             }
@@ -270,7 +270,7 @@ impl Pipeline {
             match KvEventsSource::build(config.kv_events.clone()) {
                 Ok(source) => Some(source),
                 Err(err) => {
-                    tracing::warn!(error = %error_chain(&err), "KV event source unavailable; evictions are attributed from spans only");
+                    tracing::warn!(error = %ErrorChain(&err), "KV event source unavailable; evictions are attributed from spans only");
                     None
                 }
             }
@@ -286,8 +286,8 @@ impl Pipeline {
                     Some((receiver, rx))
                 }
                 Err(err) => {
-                    tracing::error!(error = %error_chain(&err), "OTLP receiver unavailable; running without runtime spans");
-                    not_running.push(format!("OTLP receiver: {}", error_chain(&err)));
+                    tracing::error!(error = %ErrorChain(&err), "OTLP receiver unavailable; running without runtime spans");
+                    not_running.push(format!("OTLP receiver: {}", ErrorChain(&err)));
                     None
                 }
             }
@@ -393,7 +393,7 @@ impl Pipeline {
             let token = sinks_stop.clone();
             sinks.spawn(async move {
                 if let Err(err) = prometheus.run(token).await {
-                    tracing::error!(error = %error_chain(&err), "Prometheus endpoint stopped");
+                    tracing::error!(error = %ErrorChain(&err), "Prometheus endpoint stopped");
                 }
             });
         }
@@ -409,7 +409,7 @@ impl Pipeline {
                     // Dropping the probes detaches every program.
                     Ok(probes) => drop(probes),
                     Err(err) => {
-                        tracing::error!(error = %error_chain(&err), "kernel source stopped")
+                        tracing::error!(error = %ErrorChain(&err), "kernel source stopped")
                     }
                 }
             });
@@ -444,7 +444,7 @@ impl Pipeline {
                 let token = sources_stop.clone();
                 sources.spawn(async move {
                     if let Err(err) = receiver.run(token).await {
-                        tracing::error!(error = %error_chain(&err), "OTLP receiver stopped");
+                        tracing::error!(error = %ErrorChain(&err), "OTLP receiver stopped");
                     }
                 });
                 Some(rx)
@@ -712,6 +712,6 @@ fn update_kernel_metrics(metrics: &FindingMetrics, stats: &KernelStats, counters
                 c.conn_state_alloc.iter().sum(),
             );
         }
-        Err(err) => tracing::debug!(error = %error_chain(&err), "reading the kernel counters"),
+        Err(err) => tracing::debug!(error = %ErrorChain(&err), "reading the kernel counters"),
     }
 }
