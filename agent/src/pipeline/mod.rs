@@ -15,24 +15,23 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::Context;
 use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use correlate::{CorrelateStage, FindingSummary};
 
-use crate::config::AgentConfig;
+use crate::config::RunConfig;
 use crate::correlator::Correlator;
 use crate::internal_events::ErrorChain;
 use crate::model::{GpuSample, KernelEvent, KvEventBatch, UnixNanos};
-use crate::sinks::file::FileSink;
-use crate::sinks::otlp::OtlpExporter;
+use crate::sinks::file::{FileSink, FileSinkError};
+use crate::sinks::otlp::{OtlpExportError, OtlpExporter};
 use crate::sinks::prometheus::findings::{
     CpuLabels, FindingMetrics, SourceDropLabels, SourceLabels, advance_to,
 };
 use crate::sinks::prometheus::metrics::AgentMetrics;
-use crate::sinks::prometheus::{PrometheusSink, Readiness};
+use crate::sinks::prometheus::{PrometheusError, PrometheusSink, Readiness};
 use crate::sinks::{SinkReceiver, SinkSender};
 use crate::sources::kernel::{CounterMap, KernelSource, KernelStats, batch_capacity};
 use crate::sources::kvevents::{KvEventsCounters, KvEventsSource};
@@ -52,6 +51,38 @@ const MONITOR: Duration = Duration::from_secs(1);
 pub struct NoSourceError {
     /// Why each source is not running.
     pub reasons: Vec<String>,
+}
+
+/// Errors of building or running the pipeline.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// The configured OTLP exporter could not be built.
+    #[error("building the OTLP exporter to {endpoint}")]
+    Exporter {
+        /// The export endpoint.
+        endpoint: String,
+        /// The cause.
+        #[source]
+        source: OtlpExportError,
+    },
+    /// The configured file sink could not be opened.
+    #[error("opening the file sink {path:?}")]
+    FileSink {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: FileSinkError,
+    },
+    /// No source could start.
+    #[error(transparent)]
+    NoSource(#[from] NoSourceError),
+    /// The Prometheus endpoint could not be started.
+    #[error("starting the Prometheus endpoint")]
+    Prometheus(#[source] PrometheusError),
+    /// A kernel event could not be printed (`--print-events`).
+    #[error("printing a kernel event")]
+    PrintEvent(#[source] serde_json::Error),
 }
 
 /// Options of a run that are not configuration.
@@ -121,7 +152,15 @@ fn now_unix_nanos() -> UnixNanos {
 impl Pipeline {
     /// Builds every stage. Sources that cannot run here are logged and left out; a sink that
     /// is configured but cannot be built is an error (its output would be lost silently).
-    pub async fn build(config: AgentConfig, options: RunOptions) -> anyhow::Result<Self> {
+    ///
+    /// # Errors
+    /// A configured sink that cannot be built, or [`NoSourceError`] when no source can run.
+    pub async fn build(config: RunConfig, options: RunOptions) -> Result<Self, PipelineError> {
+        let RunConfig {
+            agent: config,
+            export,
+            listeners,
+        } = config;
         let mut registry = Registry::default();
         let metrics = Arc::new(AgentMetrics::register(&mut registry));
         let finding_metrics = Arc::new(FindingMetrics::register(&mut registry));
@@ -129,15 +168,14 @@ impl Pipeline {
 
         // Sinks first: the sources' output needs somewhere to go.
         let mut sinks: Vec<SinkSender> = Vec::new();
-        let exporter = match config
-            .export
-            .resolve(std::env::vars())
-            .context("resolving the OTLP export settings")?
-        {
+        let exporter = match export {
             Some(resolved) => {
                 let endpoint = resolved.endpoint.clone();
                 let exporter = OtlpExporter::build(&config.export, resolved, Arc::clone(&metrics))
-                    .with_context(|| format!("building the OTLP exporter to {endpoint}"))?;
+                    .map_err(|source| PipelineError::Exporter {
+                        endpoint: endpoint.clone(),
+                        source,
+                    })?;
                 let (tx, rx) = config.export.queue(Arc::clone(&metrics));
                 sinks.push(tx);
                 tracing::info!(%endpoint, "exporting spans over OTLP");
@@ -148,7 +186,10 @@ impl Pipeline {
         let file = if config.file.enabled {
             let sink = FileSink::build(&config.file, Arc::clone(&metrics))
                 .await
-                .with_context(|| format!("opening the file sink {:?}", config.file.path))?;
+                .map_err(|source| PipelineError::FileSink {
+                    path: config.file.path.clone(),
+                    source,
+                })?;
             let (tx, rx) = config.file.queue(Arc::clone(&metrics));
             sinks.push(tx);
             tracing::info!(path = ?config.file.path, "writing spans as OTLP JSON lines");
@@ -162,43 +203,8 @@ impl Pipeline {
             );
         }
 
-        // Servers that listened before the agent started: the programs only see later
-        // listen() calls. Known runtimes' ports join the watched set when asked.
-        let listeners = crate::sources::kernel::discovery::listeners(std::path::Path::new("/proc"));
-        let mut config = config;
-        // Also done by `AgentConfig::resolve`; repeated for configs built in code.
-        config
-            .privacy
-            .merge_legacy(&mut config.correlator.kv_eviction);
-        if config.kernel.watch_runtime_ports {
-            for l in listeners.iter().filter(|l| l.runtime.is_some()) {
-                if !config.kernel.watch_ports.contains(&l.port) {
-                    tracing::info!(
-                        port = l.port,
-                        pid = l.pid,
-                        runtime = l.runtime,
-                        "watching a runtime found listening"
-                    );
-                    config.kernel.watch_ports.push(l.port);
-                }
-            }
-            // Gateways in front of the runtimes (SPEC 2.1): their ports carry the clients'
-            // connections, whose closes are the start of a cancel.
-            for l in listeners
-                .iter()
-                .filter(|l| l.runtime.is_none() && l.gateway.is_some())
-            {
-                if !config.kernel.watch_ports.contains(&l.port) {
-                    tracing::info!(
-                        port = l.port,
-                        pid = l.pid,
-                        gateway = l.gateway,
-                        "watching a gateway found listening"
-                    );
-                    config.kernel.watch_ports.push(l.port);
-                }
-            }
-        }
+        // Servers that listened before the agent started (found by `RunConfig::resolve`): the
+        // programs only see later listen() calls.
         let watched = config.kernel.ports();
         let existing: Vec<KernelEvent> = listeners
             .iter()
@@ -310,7 +316,7 @@ impl Pipeline {
         let prometheus = if config.prometheus.enabled {
             let sink = PrometheusSink::build(&config.prometheus, registry, readiness.clone())
                 .await
-                .context("starting the Prometheus endpoint")?;
+                .map_err(PipelineError::Prometheus)?;
             endpoints.metrics = sink.local_addr();
             Some(sink)
         } else {
@@ -360,7 +366,10 @@ impl Pipeline {
     }
 
     /// Runs until `shutdown` (SIGTERM / SIGINT) or the configured duration.
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    ///
+    /// # Errors
+    /// [`PipelineError::PrintEvent`] when `--print-events` cannot write an event.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), PipelineError> {
         let Self {
             options,
             kernel,
@@ -472,7 +481,7 @@ impl Pipeline {
                     Some(batch) => {
                         for event in batch {
                             if options.print_events {
-                                println!("{}", serde_json::to_string(&event)?);
+                                println!("{}", serde_json::to_string(&event).map_err(PipelineError::PrintEvent)?);
                             }
                             stage.on_kernel(event);
                         }
