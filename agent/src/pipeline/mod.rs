@@ -9,6 +9,7 @@
 //! programs are detached.
 
 mod correlate;
+mod held;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,8 +37,7 @@ use crate::sinks::{SinkReceiver, SinkSender};
 use crate::sources::kernel::{CounterMap, KernelSource, KernelStats, batch_capacity};
 use crate::sources::kvevents::{KvEventsCounters, KvEventsSource};
 use crate::sources::nvml::{NvmlCounters, NvmlSource};
-use crate::sources::otlp::adapters::AdapterOptions;
-use crate::sources::otlp::{OtlpReceiver, RawTraceRequest};
+use crate::sources::otlp::{AdaptedRequest, OtlpReceiver};
 use crate::sources::procfs::{ProcReader, ServedModels};
 
 /// How often the correlator's clock advances (and settled spans are forwarded).
@@ -120,7 +120,7 @@ pub struct Pipeline {
     nvml_capacity: usize,
     kv_events: Option<KvEventsSource>,
     kv_capacity: usize,
-    otlp: Option<(OtlpReceiver, mpsc::Receiver<RawTraceRequest>)>,
+    otlp: Option<(OtlpReceiver, mpsc::Receiver<AdaptedRequest>)>,
     exporter: Option<(OtlpExporter, SinkReceiver)>,
     file: Option<(FileSink, SinkReceiver)>,
     prometheus: Option<PrometheusSink>,
@@ -284,7 +284,13 @@ impl Pipeline {
 
         let otlp = if config.otlp.enabled {
             let (tx, rx) = crate::sources::otlp::channel(&config.otlp);
-            match OtlpReceiver::build(&config.otlp, tx, Arc::clone(&metrics)).await {
+            let receiver = OtlpReceiver::build(
+                &config.otlp,
+                tx,
+                Arc::clone(&metrics),
+                config.privacy.hasher(),
+            );
+            match receiver.await {
                 Ok(receiver) => {
                     endpoints.otlp_grpc = Some(receiver.grpc_addr());
                     endpoints.otlp_http = Some(receiver.http_addr());
@@ -328,12 +334,10 @@ impl Pipeline {
         let mut stage = CorrelateStage::new(
             Correlator::new(config.correlator.clone()),
             Box::new(move |pid| procfs.lineage_if_new(pid)),
-            AdapterOptions::from(&config.otlp),
             sinks,
             Arc::clone(&finding_metrics),
         )
         .with_tenant_hasher(config.privacy.hasher())
-        .with_runtime_spans(&metrics.runtime_spans)
         .with_served_models({
             let mut models = ServedModels::new("/proc", config.correlator.gpu.max_processes.max(1));
             Box::new(move |pid| models.model_of(pid))
@@ -546,7 +550,7 @@ impl Pipeline {
     }
 }
 
-async fn recv_spans(rx: &mut Option<mpsc::Receiver<RawTraceRequest>>) -> Option<RawTraceRequest> {
+async fn recv_spans(rx: &mut Option<mpsc::Receiver<AdaptedRequest>>) -> Option<AdaptedRequest> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
