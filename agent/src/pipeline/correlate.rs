@@ -13,10 +13,8 @@ use std::sync::Arc;
 use opentelemetry_proto::tonic::trace::v1::Span;
 
 use super::held::HeldSpans;
-use crate::correlator::{
-    AbortFinding, ColdStartFinding, Correlator, GpuContentionFinding, Input, KvEvictionFinding,
-    LostInFlightFinding, Output,
-};
+use super::summary::FindingSummary;
+use crate::correlator::{Correlator, Input, Output};
 use crate::model::{GpuSample, KernelEvent, KvEventBatch, ProcessIdentity, UnixNanos};
 use crate::privacy::TenantHasher;
 use crate::sinks::batch::EncodedGroup;
@@ -25,35 +23,6 @@ use crate::sinks::prometheus::findings::FindingMetrics;
 use crate::sinks::{SinkSender, SpanBatch};
 use crate::sources::otlp::AdaptedRequest;
 use crate::sources::otlp::adapted::{AdaptedSpan, SpanRole};
-
-/// A finding, summarised for logs and the demo.
-#[derive(Debug, Clone, PartialEq)]
-pub enum FindingSummary {
-    /// Tokens billed after the client left.
-    Abort(AbortFinding),
-    /// Another process on the GPU slowed the runtime's decode.
-    GpuContention(GpuContentionFinding),
-    /// A runtime instance's cold-start floor.
-    ColdStart(ColdStartFinding),
-    /// A conversation's warm prefix was evicted.
-    KvEviction(KvEvictionFinding),
-    /// A request lost in flight.
-    LostInFlight(LostInFlightFinding),
-}
-
-impl FindingSummary {
-    /// The summary of a finding; `None` for the outputs that are not findings.
-    fn of(output: Output) -> Option<Self> {
-        match output {
-            Output::Abort(f) => Some(Self::Abort(f)),
-            Output::GpuContention(f) => Some(Self::GpuContention(f)),
-            Output::ColdStart(f) => Some(Self::ColdStart(f)),
-            Output::KvEviction(f) => Some(Self::KvEviction(f)),
-            Output::LostInFlight(f) => Some(Self::LostInFlight(f)),
-            Output::Joined(_) | Output::ClientAbort(_) | Output::RequestGpu(_) => None,
-        }
-    }
-}
 
 /// Looks up the identities of a process and of its ancestors (the `PPid` chain that ties a GPU
 /// worker to the front process of its runtime, contract §1.4), each once per pid: empty when

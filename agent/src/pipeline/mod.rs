@@ -1,5 +1,10 @@
 //! Builds every stage, then runs them: sources -> correlate stage -> sinks.
 //!
+//! The pipeline is built from a [`RunConfig`] (the configuration resolved against this node).
+//! `correlate` ([`CorrelateStage`]) routes the sources' inputs to the correlator and its
+//! outputs to the sinks; `held` keeps runtime request spans until their join; `summary`
+//! ([`FindingSummary`]) logs the findings.
+//!
 //! Every stage is constructed before any starts. A source that cannot be built here (no BTF, no
 //! privileges, a port in use) is logged once and left out: the agent runs on what it has. The
 //! queues between stages are bounded; a full queue drops and counts, it never blocks a source.
@@ -10,6 +15,7 @@
 
 mod correlate;
 mod held;
+mod summary;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,7 +26,10 @@ use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub use correlate::{CorrelateStage, FindingSummary};
+pub use correlate::CorrelateStage;
+pub use summary::FindingSummary;
+
+use summary::log_findings;
 
 use crate::config::RunConfig;
 use crate::correlator::Correlator;
@@ -554,71 +563,6 @@ async fn recv_spans(rx: &mut Option<mpsc::Receiver<AdaptedRequest>>) -> Option<A
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
-    }
-}
-
-fn log_findings(stage: &mut CorrelateStage) {
-    for summary in stage.take_summaries() {
-        match summary {
-            FindingSummary::GpuContention(f) => tracing::info!(
-                target: "inferwatch::finding",
-                finding = "gpu_contention",
-                gpu = %f.gpu_uuid,
-                runtime_pid = f.runtime_pid,
-                neighbour_pid = f.neighbour.pid,
-                neighbour = f.neighbour.executable.as_deref().unwrap_or("-"),
-                neighbour_share = f.neighbour.sm_share / 100.0,
-                tpot_inflation = f.inflation,
-                seconds = f.seconds(),
-                "another process on the GPU slowed the runtime's decode"
-            ),
-            FindingSummary::KvEviction(f) => tracing::info!(
-                target: "inferwatch::finding",
-                finding = "kv_eviction",
-                victim_tenant = f.victim_tenant.as_deref().unwrap_or("-"),
-                conversation = %f.victim_conversation,
-                expected_cached = f.expected_cached_tokens,
-                cached = f.cached_tokens,
-                neighbour = f.neighbour_tenant.as_deref().unwrap_or("-"),
-                share = f.neighbour_share,
-                ttft_penalty_ms = f.ttft_penalty_ns.map(|n| n / 1_000_000),
-                method = f.method.as_str(),
-                "a conversation's warm prefix was evicted"
-            ),
-            FindingSummary::ColdStart(f) => tracing::info!(
-                target: "inferwatch::finding",
-                finding = "cold_start",
-                pid = f.pid,
-                executable = f.executable.as_deref().unwrap_or("-"),
-                floor_ms = f.floor_ns / 1_000_000,
-                phases = ?f.phases.iter().map(|p| (p.name.as_str(), p.end.saturating_sub(p.start) / 1_000_000)).collect::<Vec<_>>(),
-                "cold-start latency floor"
-            ),
-            FindingSummary::LostInFlight(f) => tracing::info!(
-                target: "inferwatch::finding",
-                finding = "lost_in_flight",
-                cause = f.cause.as_str(),
-                pid = f.pid,
-                exit_code = ?f.exit_code,
-                signal = ?f.signal,
-                request_id = f.request_id.as_deref().unwrap_or("-"),
-                ran_ms = f.ran_ns() / 1_000_000,
-                "a request was lost in flight"
-            ),
-            FindingSummary::Abort(f) => tracing::info!(
-                target: "inferwatch::finding",
-                finding = "abort",
-                request_id = f.request_id.as_deref().unwrap_or("-"),
-                tenant = f.tenant.as_deref().unwrap_or("-"),
-                tokens_after = f.tokens_after,
-                tokens_total = ?f.tokens_total,
-                method = f.method.as_str(),
-                lag_ms = f.lag_ns / 1_000_000,
-                how = f.how.as_str(),
-                join = f.join.as_str(),
-                "tokens billed after the client left"
-            ),
-        }
     }
 }
 
