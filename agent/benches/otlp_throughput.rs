@@ -3,8 +3,9 @@
 //!
 //! - decode only: `prost` decode of each request, as the gRPC / HTTP receivers do first.
 //! - full path: decode as the receiver does (spans kept encoded: [`RawTraceRequest`]) ->
-//!   [`validate`] (every span walked, the receiver's limits) -> [`CorrelateStage::on_spans`]
-//!   (adapt, hold for the join, feed the correlator) -> [`CorrelateStage::on_tick`] far
+//!   [`validate`] (every span walked, the receiver's limits) -> [`RequestAdapter::adapt`] (as
+//!   the receiver does) -> [`CorrelateStage::on_spans`] (hold for the join, feed the
+//!   correlator) -> [`CorrelateStage::on_tick`] far
 //!   enough ahead that every span settles (enriched, regrouped, queued) -> drain the sink
 //!   queue, merge and encode as the OTLP exporter does -> discard.
 //!
@@ -31,7 +32,7 @@ use inferwatch::sinks::prometheus::metrics::AgentMetrics;
 use inferwatch::sources::otlp::adapters::AdapterOptions;
 use inferwatch::sources::otlp::sample::vllm_request;
 use inferwatch::sources::otlp::wire::{SpanView, WireLimits};
-use inferwatch::sources::otlp::{OtlpReceiverConfig, RawTraceRequest, validate};
+use inferwatch::sources::otlp::{OtlpReceiverConfig, RawTraceRequest, RequestAdapter, validate};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use prometheus_client::registry::Registry;
@@ -93,6 +94,7 @@ fn measure(min: Duration, bodies: &[Vec<u8>], f: &mut dyn FnMut(&[u8]) -> usize)
 /// (no identity reads: the resolver knows nobody), with the exporter's queue drained here.
 struct FullPath {
     receiver: OtlpReceiverConfig,
+    adapter: RequestAdapter,
     stage: CorrelateStage,
     queue: SinkReceiver,
     export: ExportConfig,
@@ -112,12 +114,12 @@ impl FullPath {
         let stage = CorrelateStage::new(
             Correlator::new(config),
             Box::new(|_pid| Vec::new()),
-            AdapterOptions::default(),
             vec![tx],
             finding_metrics,
         );
         Self {
             receiver: OtlpReceiverConfig::default(),
+            adapter: RequestAdapter::new(AdapterOptions::default()),
             stage,
             queue,
             export,
@@ -141,7 +143,7 @@ impl FullPath {
             .map(|s| s.end_time_unix_nano)
             .max()
             .unwrap_or(0);
-        self.stage.on_spans(request);
+        self.stage.on_spans(self.adapter.adapt(request));
         self.stage.on_tick(last_end + self.settle_horizon);
         let mut exported = 0;
         while let Some(first) = self.queue.try_recv() {

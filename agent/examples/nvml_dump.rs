@@ -45,7 +45,10 @@ async fn main() -> anyhow::Result<()> {
     let source = match NvmlSource::build(&config) {
         Ok(s) => s,
         Err(err) => {
-            eprintln!("nvml_dump: {}", inferwatch::check::error_chain(&err));
+            eprintln!(
+                "nvml_dump: {}",
+                inferwatch::internal_events::ErrorChain(&err)
+            );
             std::process::exit(2);
         }
     };

@@ -121,7 +121,7 @@ pub fn kernel_checks(config: &AgentConfig) -> Vec<CheckItem> {
                 ),
             ));
         }
-        Err(err) => items.push(item("load and attach", false, error_chain(&err))),
+        Err(err) => items.push(item("load and attach", false, ErrorChain(&err).to_string())),
     }
     items
 }
@@ -161,14 +161,9 @@ pub fn nvml_checks(config: &crate::sources::nvml::NvmlConfig) -> Vec<CheckItem> 
                 ));
             }
         }
-        Err(err) => items.push(item("library", false, error_chain(&err))),
+        Err(err) => items.push(item("library", false, ErrorChain(&err).to_string())),
     }
     items
-}
-
-/// `err` and its causes on one line ([`ErrorChain`], the agent's one formatter of them).
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    ErrorChain(err).to_string()
 }
 
 fn kernel_at_least(release: &str, major: u32, minor: u32) -> bool {
@@ -229,7 +224,7 @@ mod tests {
             ))),
         );
         assert_eq!(
-            error_chain(&err),
+            ErrorChain(&err).to_string(),
             "loading NVML: libnvidia-ml.so.1: cannot open shared object file: No such file or directory"
         );
         // A message that already ends with its cause's text.
@@ -238,7 +233,7 @@ mod tests {
             Some(Box::new(Layer("Address already in use", None))),
         );
         assert_eq!(
-            error_chain(&err),
+            ErrorChain(&err).to_string(),
             "binding 0.0.0.0:9464: Address already in use"
         );
     }

@@ -1,11 +1,17 @@
 //! The agent's configuration: one TOML file, overridden by `INFERWATCH_*` environment variables,
-//! then by flags.
+//! then by flags, then resolved against the node it runs on.
 //!
-//! Each component owns its `XxxConfig` (serde, `deny_unknown_fields`, `Default`); this module
-//! only composes them and resolves the three layers. Environment variables name a key as
-//! `INFERWATCH_<SECTION>__<KEY>` (double underscore between levels), and their values are read
-//! as TOML values where they parse as one (`INFERWATCH_KERNEL__WATCH_PORTS=[8000,8001]`), as a
-//! string otherwise.
+//! Two stages, as in ripgrep's low-level and high-level arguments:
+//! 1. [`AgentConfig::resolve`] gathers the settings: the file, `INFERWATCH_*` variables, flags.
+//!    Each component owns its `XxxConfig` (serde, `deny_unknown_fields`, `Default`); this
+//!    module only composes them. Environment variables name a key as
+//!    `INFERWATCH_<SECTION>__<KEY>` (double underscore between levels), and their values are
+//!    read as TOML values where they parse as one (`INFERWATCH_KERNEL__WATCH_PORTS=[8000,8001]`),
+//!    as a string otherwise.
+//! 2. [`RunConfig::resolve`] turns them into what the pipeline builds from: the older KV-only
+//!    privacy keys merged, the standard `OTEL_EXPORTER_OTLP_*` variables applied under the
+//!    export settings, and the runtimes and gateways already listening on this node added to
+//!    the watched ports.
 
 use std::path::{Path, PathBuf};
 
@@ -15,9 +21,11 @@ use crate::cli::CommonArgs;
 use crate::correlator::CorrelatorConfig;
 use crate::privacy::PrivacyConfig;
 use crate::sinks::file::FileSinkConfig;
-use crate::sinks::otlp::ExportConfig;
+use crate::sinks::otlp::config::EnvError;
+use crate::sinks::otlp::{ExportConfig, ResolvedExport};
 use crate::sinks::prometheus::PrometheusConfig;
 use crate::sources::kernel::KernelConfig;
+use crate::sources::kernel::discovery::{self, Listener};
 use crate::sources::kvevents::KvEventsConfig;
 use crate::sources::nvml::NvmlConfig;
 use crate::sources::otlp::OtlpReceiverConfig;
@@ -87,6 +95,9 @@ pub enum ConfigError {
         /// What is wrong.
         reason: String,
     },
+    /// An `OTEL_EXPORTER_OTLP_*` variable has a value the exporter cannot use.
+    #[error("resolving the OTLP export settings")]
+    Export(#[source] EnvError),
 }
 
 impl AgentConfig {
@@ -153,6 +164,81 @@ impl AgentConfig {
             .privacy
             .merge_legacy(&mut config.correlator.kv_eviction);
         Ok(config)
+    }
+}
+
+/// The configuration the pipeline is built from: [`AgentConfig`] resolved against this run's
+/// environment and node (see the module docs, stage 2).
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// The settings, with the older privacy keys merged and the discovered runtimes' and
+    /// gateways' ports (when `kernel.watch_runtime_ports`) in `kernel.watch_ports`.
+    pub agent: AgentConfig,
+    /// Where spans are exported, `OTEL_EXPORTER_OTLP_*` applied; `None` when export is off or
+    /// no endpoint is configured anywhere.
+    pub export: Option<ResolvedExport>,
+    /// Servers that were listening before the agent started: the kernel programs only see later
+    /// `listen()` calls, so the pipeline tells the correlator about these itself.
+    pub listeners: Vec<Listener>,
+}
+
+impl RunConfig {
+    /// Resolves `config` against `env` (the process environment, for the `OTEL_*` variables)
+    /// and the listening sockets under `proc_root` (`/proc`).
+    ///
+    /// # Errors
+    /// [`ConfigError::Export`] when an `OTEL_EXPORTER_OTLP_*` variable has an unusable value.
+    pub fn resolve(
+        mut config: AgentConfig,
+        env: impl IntoIterator<Item = (String, String)>,
+        proc_root: &Path,
+    ) -> Result<Self, ConfigError> {
+        let export = config.export.resolve(env).map_err(ConfigError::Export)?;
+        // Also done by `AgentConfig::resolve`; repeated for configs built in code.
+        config
+            .privacy
+            .merge_legacy(&mut config.correlator.kv_eviction);
+        let listeners = discovery::listeners(proc_root);
+        if config.kernel.watch_runtime_ports {
+            watch_discovered(&mut config.kernel.watch_ports, &listeners);
+        }
+        Ok(Self {
+            agent: config,
+            export,
+            listeners,
+        })
+    }
+}
+
+/// Adds the ports of the known runtimes (and of the gateways in front of them) found listening
+/// to `watch_ports`.
+fn watch_discovered(watch_ports: &mut Vec<u16>, listeners: &[Listener]) {
+    for l in listeners.iter().filter(|l| l.runtime.is_some()) {
+        if !watch_ports.contains(&l.port) {
+            tracing::info!(
+                port = l.port,
+                pid = l.pid,
+                runtime = l.runtime,
+                "watching a runtime found listening"
+            );
+            watch_ports.push(l.port);
+        }
+    }
+    // Gateways in front of the runtimes (SPEC 2.1): their ports carry the clients'
+    // connections, whose closes are the start of a cancel.
+    for l in listeners
+        .iter()
+        .filter(|l| l.runtime.is_none() && l.gateway.is_some())
+    {
+        if !watch_ports.contains(&l.port) {
+            tracing::info!(
+                port = l.port,
+                pid = l.pid,
+                gateway = l.gateway,
+                "watching a gateway found listening"
+            );
+            watch_ports.push(l.port);
+        }
     }
 }
 
@@ -279,5 +365,57 @@ mod tests {
         )
         .expect_err("unknown key");
         assert!(matches!(err, ConfigError::Schema { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn the_run_config_applies_otel_variables_and_merges_legacy_privacy() {
+        let mut config = AgentConfig::default();
+        config.correlator.kv_eviction.hash_tenants = true;
+        let run = RunConfig::resolve(
+            config,
+            env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317")]),
+            Path::new("/nonexistent"),
+        )
+        .expect("resolves");
+        assert!(run.agent.privacy.hash_tenants);
+        assert!(run.listeners.is_empty());
+        let export = run.export.expect("an endpoint from OTEL_*");
+        assert!(
+            export.endpoint.contains("collector:4317"),
+            "{}",
+            export.endpoint
+        );
+
+        let err = RunConfig::resolve(
+            AgentConfig::default(),
+            env(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon"),
+            ]),
+            Path::new("/nonexistent"),
+        )
+        .expect_err("unknown protocol");
+        assert!(matches!(err, ConfigError::Export(_)), "{err:?}");
+    }
+
+    #[test]
+    fn discovered_runtimes_and_gateways_are_watched_once() {
+        let listener = |port, runtime, gateway| Listener {
+            port,
+            pid: 1,
+            runtime,
+            gateway,
+        };
+        let mut ports = vec![8000];
+        watch_discovered(
+            &mut ports,
+            &[
+                listener(8000, Some("vllm"), None),
+                listener(8001, Some("sglang"), None),
+                listener(4000, None, Some("litellm")),
+                listener(22, None, None),
+            ],
+        );
+        assert_eq!(ports, vec![8000, 8001, 4000]);
     }
 }

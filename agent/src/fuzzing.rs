@@ -23,39 +23,11 @@ use crate::sources::otlp::adapters::{AdapterOptions, adapt, adapt_decoded, insta
 use crate::sources::otlp::wire::{SpanView, WireLimits};
 use crate::sources::otlp::{OtlpReceiverConfig, RawTraceRequest, validate, validate_decoded};
 
-/// The fuzz targets, by the name of their folders under `fuzz/regressions/` and the working
-/// corpus `target/fuzz/corpus/`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Target {
-    /// OTLP/protobuf and OTLP/JSON trace requests through `validate` and the adapters.
-    Otlp,
-    /// Kernel ring-buffer records, HTTP request heads and `traceparent` values.
-    KernelHead,
-    /// KV event messages (vLLM's msgpack `KVEventBatch`).
-    KvEvents,
-    /// The agent's TOML config plus `INFERWATCH_*` overrides.
-    Config,
-}
+mod target;
+
+pub use self::target::Target;
 
 impl Target {
-    /// Every target.
-    pub const ALL: [Target; 4] = [
-        Target::Otlp,
-        Target::KernelHead,
-        Target::KvEvents,
-        Target::Config,
-    ];
-
-    /// The cargo-fuzz target name (also the corpus folder name).
-    pub fn name(self) -> &'static str {
-        match self {
-            Target::Otlp => "otlp",
-            Target::KernelHead => "kernel_head",
-            Target::KvEvents => "kv_events",
-            Target::Config => "config",
-        }
-    }
-
     /// Runs the target's body on one input.
     pub fn run(self, data: &[u8]) {
         match self {

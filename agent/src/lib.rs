@@ -4,6 +4,8 @@
 //! values of [`model`]; the sans-IO correlator joins them per request and returns findings; sinks
 //! publish spans and metrics. `main.rs` only parses, builds and runs.
 
+#![warn(missing_docs)]
+
 pub mod alloc;
 pub mod check;
 pub mod cli;

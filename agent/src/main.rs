@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use inferwatch::cli::{Cli, Command};
-use inferwatch::config::AgentConfig;
+use inferwatch::config::{AgentConfig, RunConfig};
 use inferwatch::internal_events::ErrorChain;
 use inferwatch::pipeline::{Pipeline, RunOptions};
 use tokio_util::sync::CancellationToken;
@@ -60,6 +60,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(args) => {
             let config = AgentConfig::resolve(&args.common, std::env::vars())
                 .context("loading the configuration")?;
+            let config =
+                RunConfig::resolve(config, std::env::vars(), std::path::Path::new("/proc"))?;
             let options = RunOptions {
                 print_events: args.print_events,
                 duration: args.duration.map(Duration::from_secs_f64),
@@ -79,7 +81,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 // thread once per event (a futex wake and two context switches each).
                 tokio::spawn(pipeline.run(shutdown))
                     .await
-                    .context("the pipeline task panicked")?
+                    .context("the pipeline task panicked")??;
+                anyhow::Ok(())
             })?;
             Ok(ExitCode::SUCCESS)
         }

@@ -5,9 +5,11 @@
 //! replaced by `t-<16 hex>`, a keyed SipHash-2-4 of the id. The correlator still joins on the
 //! raw ids inside the process: hashing happens at the edge, once per exported value.
 
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use serde::{Deserialize, Serialize};
 
 use crate::correlator::siphash24;
+use crate::sources::otlp::wire::rewrite_str_attributes;
 
 /// `[privacy]`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -44,6 +46,31 @@ impl TenantHasher {
     /// `t-<16 hex>` for `tenant`.
     pub fn hash(&self, tenant: &str) -> String {
         format!("t-{:016x}", siphash24(self.k0, self.k1, tenant.as_bytes()))
+    }
+
+    /// A received span's protobuf bytes with the string value of its `attribute` attribute
+    /// hashed; the bytes as they came when the span has none. Every other byte is kept.
+    pub fn hash_in_span(&self, attribute: &str, span: Vec<u8>) -> Vec<u8> {
+        let mut out = Vec::new();
+        if rewrite_str_attributes(&span, attribute, |tenant| self.hash(tenant), &mut out) {
+            out
+        } else {
+            span
+        }
+    }
+
+    /// Replaces the string value of `attribute` in decoded `attributes` (a resource's) by its
+    /// hash.
+    pub fn hash_attributes(&self, attribute: &str, attributes: &mut [KeyValue]) {
+        for kv in attributes {
+            if kv.key == attribute
+                && let Some(AnyValue {
+                    value: Some(any_value::Value::StringValue(v)),
+                }) = &mut kv.value
+            {
+                *v = self.hash(v);
+            }
+        }
     }
 }
 

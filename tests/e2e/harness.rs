@@ -8,8 +8,8 @@ use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use inferwatch::config::AgentConfig;
-use inferwatch::pipeline::{Pipeline, RunOptions};
+use inferwatch::config::{AgentConfig, RunConfig};
+use inferwatch::pipeline::{Pipeline, PipelineError, RunOptions};
 use inferwatch_testbed::truth::{ClientTruth, TruthRecord, read_jsonl};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -134,7 +134,7 @@ pub struct Agent {
     pub otlp_grpc: SocketAddr,
     pub metrics: SocketAddr,
     shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    task: tokio::task::JoinHandle<Result<(), PipelineError>>,
 }
 
 impl Agent {
@@ -159,6 +159,8 @@ impl Agent {
         config.prometheus.bind_address = "127.0.0.1".parse().expect("ip");
         config.export.endpoint = Some(format!("http://{export}"));
         adjust(&mut config);
+        let config = RunConfig::resolve(config, std::env::vars(), std::path::Path::new("/proc"))
+            .expect("config resolves");
         let pipeline = Pipeline::build(config, RunOptions::default())
             .await
             .expect("agent builds");

@@ -627,8 +627,8 @@ fn reference_documented(ctx: &Ctx) -> anyhow::Result<String> {
             missing.push(m.clone());
         }
     }
-    // Span names and attribute keys the correlate stage writes.
-    let text = std::fs::read_to_string(ctx.path("agent/src/pipeline/correlate.rs"))?;
+    // Span names and attribute keys the OTLP rendering of the correlator's outputs writes.
+    let text = std::fs::read_to_string(ctx.path("agent/src/sinks/otlp/render.rs"))?;
     let mut keys = BTreeSet::new();
     for (at, _) in text.match_indices("\"inferwatch.") {
         let rest = &text[at + 1..];

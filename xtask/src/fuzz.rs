@@ -19,45 +19,21 @@ use clap::ValueEnum;
 
 use crate::util::{cargo, have_cargo_subcommand, root, run, target_dir};
 
-/// A fuzz target of `fuzz/fuzz_targets/`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Target {
-    /// OTLP/protobuf and OTLP/JSON requests through `validate` and the runtime adapters.
-    Otlp,
-    /// Kernel ring-buffer records, HTTP request heads, `traceparent` values.
-    KernelHead,
-    /// vLLM KV event messages (msgpack).
-    KvEvents,
-    /// The TOML config plus `INFERWATCH_*` overrides.
-    Config,
-}
+/// The fuzz targets, declared once, in the agent's `fuzzing` module (a file without
+/// dependencies, so that xtask builds without building the agent).
+#[path = "../../agent/src/fuzzing/target.rs"]
+mod target;
 
-impl Target {
-    const ALL: [Target; 4] = [
-        Target::Otlp,
-        Target::KernelHead,
-        Target::KvEvents,
-        Target::Config,
-    ];
+use self::target::Target;
 
-    fn name(self) -> &'static str {
-        match self {
-            Target::Otlp => "otlp",
-            Target::KernelHead => "kernel_head",
-            Target::KvEvents => "kv_events",
-            Target::Config => "config",
-        }
+/// On the command line a target is named as cargo-fuzz names it (`kernel_head`).
+impl ValueEnum for Target {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Target::ALL
     }
 
-    /// Longest input tried: above the largest real input of the kind (a kernel record is at
-    /// most 24 + 16 + 2048 bytes), small enough to keep the executions fast.
-    fn max_len(self) -> u32 {
-        match self {
-            Target::Otlp => 65_536,
-            Target::KernelHead => 4_096,
-            Target::KvEvents => 16_384,
-            Target::Config => 8_192,
-        }
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name()).help(self.about()))
     }
 }
 

@@ -309,8 +309,6 @@ pub struct KvEvictionSizes {
     pub pending_findings: usize,
 }
 
-/// The instance key of a span's exporter: `service.instance.id`, else `pid:<process.pid>`, else
-/// `svc:<service.name>@<host.name>`. A KV event endpoint names its instance with the same key.
 /// The other names an instance answers to, for KV event sources configured by name: its
 /// `service.instance.id`, `pid:<pid>`, and `svc:<service.name>@<host.name>` (what a KV source's
 /// `instance` setting may say). When several instances share a service name the first keeps
@@ -331,6 +329,8 @@ pub fn instance_aliases(identity: &InstanceIdentity) -> Vec<String> {
     out
 }
 
+/// The instance key of a span's exporter: `service.instance.id`, else `pid:<process.pid>`, else
+/// `svc:<service.name>@<host.name>`. A KV event endpoint names its instance with the same key.
 pub fn instance_key(identity: &InstanceIdentity) -> String {
     if let Some(id) = &identity.service_instance_id {
         return id.to_string();

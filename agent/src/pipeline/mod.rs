@@ -1,5 +1,10 @@
 //! Builds every stage, then runs them: sources -> correlate stage -> sinks.
 //!
+//! The pipeline is built from a [`RunConfig`] (the configuration resolved against this node).
+//! `correlate` ([`CorrelateStage`]) routes the sources' inputs to the correlator and its
+//! outputs to the sinks; `held` keeps runtime request spans until their join; `summary`
+//! ([`FindingSummary`]) logs the findings.
+//!
 //! Every stage is constructed before any starts. A source that cannot be built here (no BTF, no
 //! privileges, a port in use) is logged once and left out: the agent runs on what it has. The
 //! queues between stages are bounded; a full queue drops and counts, it never blocks a source.
@@ -9,36 +14,39 @@
 //! programs are detached.
 
 mod correlate;
+mod held;
+mod summary;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::Context;
 use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub use correlate::{CorrelateStage, FindingSummary};
+pub use correlate::CorrelateStage;
+pub use summary::FindingSummary;
 
-use crate::check::error_chain;
-use crate::config::AgentConfig;
+use summary::log_findings;
+
+use crate::config::RunConfig;
 use crate::correlator::Correlator;
+use crate::internal_events::ErrorChain;
 use crate::model::{GpuSample, KernelEvent, KvEventBatch, UnixNanos};
-use crate::sinks::file::FileSink;
-use crate::sinks::otlp::OtlpExporter;
+use crate::sinks::file::{FileSink, FileSinkError};
+use crate::sinks::otlp::{OtlpExportError, OtlpExporter};
 use crate::sinks::prometheus::findings::{
     CpuLabels, FindingMetrics, SourceDropLabels, SourceLabels, advance_to,
 };
 use crate::sinks::prometheus::metrics::AgentMetrics;
-use crate::sinks::prometheus::{PrometheusSink, Readiness};
+use crate::sinks::prometheus::{PrometheusError, PrometheusSink, Readiness};
 use crate::sinks::{SinkReceiver, SinkSender};
 use crate::sources::kernel::{CounterMap, KernelSource, KernelStats, batch_capacity};
 use crate::sources::kvevents::{KvEventsCounters, KvEventsSource};
 use crate::sources::nvml::{NvmlCounters, NvmlSource};
-use crate::sources::otlp::adapters::AdapterOptions;
-use crate::sources::otlp::{OtlpReceiver, RawTraceRequest};
+use crate::sources::otlp::{AdaptedRequest, OtlpReceiver};
 use crate::sources::procfs::{ProcReader, ServedModels};
 
 /// How often the correlator's clock advances (and settled spans are forwarded).
@@ -52,6 +60,38 @@ const MONITOR: Duration = Duration::from_secs(1);
 pub struct NoSourceError {
     /// Why each source is not running.
     pub reasons: Vec<String>,
+}
+
+/// Errors of building or running the pipeline.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// The configured OTLP exporter could not be built.
+    #[error("building the OTLP exporter to {endpoint}")]
+    Exporter {
+        /// The export endpoint.
+        endpoint: String,
+        /// The cause.
+        #[source]
+        source: OtlpExportError,
+    },
+    /// The configured file sink could not be opened.
+    #[error("opening the file sink {path:?}")]
+    FileSink {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: FileSinkError,
+    },
+    /// No source could start.
+    #[error(transparent)]
+    NoSource(#[from] NoSourceError),
+    /// The Prometheus endpoint could not be started.
+    #[error("starting the Prometheus endpoint")]
+    Prometheus(#[source] PrometheusError),
+    /// A kernel event could not be printed (`--print-events`).
+    #[error("printing a kernel event")]
+    PrintEvent(#[source] serde_json::Error),
 }
 
 /// Options of a run that are not configuration.
@@ -89,7 +129,7 @@ pub struct Pipeline {
     nvml_capacity: usize,
     kv_events: Option<KvEventsSource>,
     kv_capacity: usize,
-    otlp: Option<(OtlpReceiver, mpsc::Receiver<RawTraceRequest>)>,
+    otlp: Option<(OtlpReceiver, mpsc::Receiver<AdaptedRequest>)>,
     exporter: Option<(OtlpExporter, SinkReceiver)>,
     file: Option<(FileSink, SinkReceiver)>,
     prometheus: Option<PrometheusSink>,
@@ -121,7 +161,15 @@ fn now_unix_nanos() -> UnixNanos {
 impl Pipeline {
     /// Builds every stage. Sources that cannot run here are logged and left out; a sink that
     /// is configured but cannot be built is an error (its output would be lost silently).
-    pub async fn build(config: AgentConfig, options: RunOptions) -> anyhow::Result<Self> {
+    ///
+    /// # Errors
+    /// A configured sink that cannot be built, or [`NoSourceError`] when no source can run.
+    pub async fn build(config: RunConfig, options: RunOptions) -> Result<Self, PipelineError> {
+        let RunConfig {
+            agent: config,
+            export,
+            listeners,
+        } = config;
         let mut registry = Registry::default();
         let metrics = Arc::new(AgentMetrics::register(&mut registry));
         let finding_metrics = Arc::new(FindingMetrics::register(&mut registry));
@@ -129,15 +177,14 @@ impl Pipeline {
 
         // Sinks first: the sources' output needs somewhere to go.
         let mut sinks: Vec<SinkSender> = Vec::new();
-        let exporter = match config
-            .export
-            .resolve(std::env::vars())
-            .context("resolving the OTLP export settings")?
-        {
+        let exporter = match export {
             Some(resolved) => {
                 let endpoint = resolved.endpoint.clone();
                 let exporter = OtlpExporter::build(&config.export, resolved, Arc::clone(&metrics))
-                    .with_context(|| format!("building the OTLP exporter to {endpoint}"))?;
+                    .map_err(|source| PipelineError::Exporter {
+                        endpoint: endpoint.clone(),
+                        source,
+                    })?;
                 let (tx, rx) = config.export.queue(Arc::clone(&metrics));
                 sinks.push(tx);
                 tracing::info!(%endpoint, "exporting spans over OTLP");
@@ -148,7 +195,10 @@ impl Pipeline {
         let file = if config.file.enabled {
             let sink = FileSink::build(&config.file, Arc::clone(&metrics))
                 .await
-                .with_context(|| format!("opening the file sink {:?}", config.file.path))?;
+                .map_err(|source| PipelineError::FileSink {
+                    path: config.file.path.clone(),
+                    source,
+                })?;
             let (tx, rx) = config.file.queue(Arc::clone(&metrics));
             sinks.push(tx);
             tracing::info!(path = ?config.file.path, "writing spans as OTLP JSON lines");
@@ -162,43 +212,8 @@ impl Pipeline {
             );
         }
 
-        // Servers that listened before the agent started: the programs only see later
-        // listen() calls. Known runtimes' ports join the watched set when asked.
-        let listeners = crate::sources::kernel::discovery::listeners(std::path::Path::new("/proc"));
-        let mut config = config;
-        // Also done by `AgentConfig::resolve`; repeated for configs built in code.
-        config
-            .privacy
-            .merge_legacy(&mut config.correlator.kv_eviction);
-        if config.kernel.watch_runtime_ports {
-            for l in listeners.iter().filter(|l| l.runtime.is_some()) {
-                if !config.kernel.watch_ports.contains(&l.port) {
-                    tracing::info!(
-                        port = l.port,
-                        pid = l.pid,
-                        runtime = l.runtime,
-                        "watching a runtime found listening"
-                    );
-                    config.kernel.watch_ports.push(l.port);
-                }
-            }
-            // Gateways in front of the runtimes (SPEC 2.1): their ports carry the clients'
-            // connections, whose closes are the start of a cancel.
-            for l in listeners
-                .iter()
-                .filter(|l| l.runtime.is_none() && l.gateway.is_some())
-            {
-                if !config.kernel.watch_ports.contains(&l.port) {
-                    tracing::info!(
-                        port = l.port,
-                        pid = l.pid,
-                        gateway = l.gateway,
-                        "watching a gateway found listening"
-                    );
-                    config.kernel.watch_ports.push(l.port);
-                }
-            }
-        }
+        // Servers that listened before the agent started (found by `RunConfig::resolve`): the
+        // programs only see later listen() calls.
         let watched = config.kernel.ports();
         let existing: Vec<KernelEvent> = listeners
             .iter()
@@ -236,8 +251,8 @@ impl Pipeline {
                     })
                 }
                 Err(err) => {
-                    tracing::error!(error = %error_chain(&err), "kernel source unavailable; running without it");
-                    not_running.push(format!("kernel: {}", error_chain(&err)));
+                    tracing::error!(error = %ErrorChain(&err), "kernel source unavailable; running without it");
+                    not_running.push(format!("kernel: {}", ErrorChain(&err)));
                     None
                 }
             }
@@ -254,8 +269,8 @@ impl Pipeline {
                     Some(source)
                 }
                 Err(err) => {
-                    tracing::warn!(error = %error_chain(&err), "NVML source unavailable; running without GPU data");
-                    not_running.push(format!("NVML: {}", error_chain(&err)));
+                    tracing::warn!(error = %ErrorChain(&err), "NVML source unavailable; running without GPU data");
+                    not_running.push(format!("NVML: {}", ErrorChain(&err)));
                     None
                 }
             }
@@ -270,7 +285,7 @@ impl Pipeline {
             match KvEventsSource::build(config.kv_events.clone()) {
                 Ok(source) => Some(source),
                 Err(err) => {
-                    tracing::warn!(error = %error_chain(&err), "KV event source unavailable; evictions are attributed from spans only");
+                    tracing::warn!(error = %ErrorChain(&err), "KV event source unavailable; evictions are attributed from spans only");
                     None
                 }
             }
@@ -278,7 +293,13 @@ impl Pipeline {
 
         let otlp = if config.otlp.enabled {
             let (tx, rx) = crate::sources::otlp::channel(&config.otlp);
-            match OtlpReceiver::build(&config.otlp, tx, Arc::clone(&metrics)).await {
+            let receiver = OtlpReceiver::build(
+                &config.otlp,
+                tx,
+                Arc::clone(&metrics),
+                config.privacy.hasher(),
+            );
+            match receiver.await {
                 Ok(receiver) => {
                     endpoints.otlp_grpc = Some(receiver.grpc_addr());
                     endpoints.otlp_http = Some(receiver.http_addr());
@@ -286,8 +307,8 @@ impl Pipeline {
                     Some((receiver, rx))
                 }
                 Err(err) => {
-                    tracing::error!(error = %error_chain(&err), "OTLP receiver unavailable; running without runtime spans");
-                    not_running.push(format!("OTLP receiver: {}", error_chain(&err)));
+                    tracing::error!(error = %ErrorChain(&err), "OTLP receiver unavailable; running without runtime spans");
+                    not_running.push(format!("OTLP receiver: {}", ErrorChain(&err)));
                     None
                 }
             }
@@ -310,7 +331,7 @@ impl Pipeline {
         let prometheus = if config.prometheus.enabled {
             let sink = PrometheusSink::build(&config.prometheus, registry, readiness.clone())
                 .await
-                .context("starting the Prometheus endpoint")?;
+                .map_err(PipelineError::Prometheus)?;
             endpoints.metrics = sink.local_addr();
             Some(sink)
         } else {
@@ -322,12 +343,10 @@ impl Pipeline {
         let mut stage = CorrelateStage::new(
             Correlator::new(config.correlator.clone()),
             Box::new(move |pid| procfs.lineage_if_new(pid)),
-            AdapterOptions::from(&config.otlp),
             sinks,
             Arc::clone(&finding_metrics),
         )
         .with_tenant_hasher(config.privacy.hasher())
-        .with_runtime_spans(&metrics.runtime_spans)
         .with_served_models({
             let mut models = ServedModels::new("/proc", config.correlator.gpu.max_processes.max(1));
             Box::new(move |pid| models.model_of(pid))
@@ -360,7 +379,10 @@ impl Pipeline {
     }
 
     /// Runs until `shutdown` (SIGTERM / SIGINT) or the configured duration.
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    ///
+    /// # Errors
+    /// [`PipelineError::PrintEvent`] when `--print-events` cannot write an event.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), PipelineError> {
         let Self {
             options,
             kernel,
@@ -393,7 +415,7 @@ impl Pipeline {
             let token = sinks_stop.clone();
             sinks.spawn(async move {
                 if let Err(err) = prometheus.run(token).await {
-                    tracing::error!(error = %error_chain(&err), "Prometheus endpoint stopped");
+                    tracing::error!(error = %ErrorChain(&err), "Prometheus endpoint stopped");
                 }
             });
         }
@@ -409,7 +431,7 @@ impl Pipeline {
                     // Dropping the probes detaches every program.
                     Ok(probes) => drop(probes),
                     Err(err) => {
-                        tracing::error!(error = %error_chain(&err), "kernel source stopped")
+                        tracing::error!(error = %ErrorChain(&err), "kernel source stopped")
                     }
                 }
             });
@@ -444,7 +466,7 @@ impl Pipeline {
                 let token = sources_stop.clone();
                 sources.spawn(async move {
                     if let Err(err) = receiver.run(token).await {
-                        tracing::error!(error = %error_chain(&err), "OTLP receiver stopped");
+                        tracing::error!(error = %ErrorChain(&err), "OTLP receiver stopped");
                     }
                 });
                 Some(rx)
@@ -472,7 +494,7 @@ impl Pipeline {
                     Some(batch) => {
                         for event in batch {
                             if options.print_events {
-                                println!("{}", serde_json::to_string(&event)?);
+                                println!("{}", serde_json::to_string(&event).map_err(PipelineError::PrintEvent)?);
                             }
                             stage.on_kernel(event);
                         }
@@ -537,75 +559,10 @@ impl Pipeline {
     }
 }
 
-async fn recv_spans(rx: &mut Option<mpsc::Receiver<RawTraceRequest>>) -> Option<RawTraceRequest> {
+async fn recv_spans(rx: &mut Option<mpsc::Receiver<AdaptedRequest>>) -> Option<AdaptedRequest> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
-    }
-}
-
-fn log_findings(stage: &mut CorrelateStage) {
-    for summary in stage.take_summaries() {
-        match summary {
-            FindingSummary::GpuContention(f) => tracing::info!(
-                target: "inferwatch::finding",
-                finding = "gpu_contention",
-                gpu = %f.gpu_uuid,
-                runtime_pid = f.runtime_pid,
-                neighbour_pid = f.neighbour.pid,
-                neighbour = f.neighbour.executable.as_deref().unwrap_or("-"),
-                neighbour_share = f.neighbour.sm_share / 100.0,
-                tpot_inflation = f.inflation,
-                seconds = f.seconds(),
-                "another process on the GPU slowed the runtime's decode"
-            ),
-            FindingSummary::KvEviction(f) => tracing::info!(
-                target: "inferwatch::finding",
-                finding = "kv_eviction",
-                victim_tenant = f.victim_tenant.as_deref().unwrap_or("-"),
-                conversation = %f.victim_conversation,
-                expected_cached = f.expected_cached_tokens,
-                cached = f.cached_tokens,
-                neighbour = f.neighbour_tenant.as_deref().unwrap_or("-"),
-                share = f.neighbour_share,
-                ttft_penalty_ms = f.ttft_penalty_ns.map(|n| n / 1_000_000),
-                method = f.method.as_str(),
-                "a conversation's warm prefix was evicted"
-            ),
-            FindingSummary::ColdStart(f) => tracing::info!(
-                target: "inferwatch::finding",
-                finding = "cold_start",
-                pid = f.pid,
-                executable = f.executable.as_deref().unwrap_or("-"),
-                floor_ms = f.floor_ns / 1_000_000,
-                phases = ?f.phases.iter().map(|p| (p.name.as_str(), p.end.saturating_sub(p.start) / 1_000_000)).collect::<Vec<_>>(),
-                "cold-start latency floor"
-            ),
-            FindingSummary::LostInFlight(f) => tracing::info!(
-                target: "inferwatch::finding",
-                finding = "lost_in_flight",
-                cause = f.cause.as_str(),
-                pid = f.pid,
-                exit_code = ?f.exit_code,
-                signal = ?f.signal,
-                request_id = f.request_id.as_deref().unwrap_or("-"),
-                ran_ms = f.ran_ns() / 1_000_000,
-                "a request was lost in flight"
-            ),
-            FindingSummary::Abort(f) => tracing::info!(
-                target: "inferwatch::finding",
-                finding = "abort",
-                request_id = f.request_id.as_deref().unwrap_or("-"),
-                tenant = f.tenant.as_deref().unwrap_or("-"),
-                tokens_after = f.tokens_after,
-                tokens_total = ?f.tokens_total,
-                method = f.method.as_str(),
-                lag_ms = f.lag_ns / 1_000_000,
-                how = f.how.as_str(),
-                join = f.join.as_str(),
-                "tokens billed after the client left"
-            ),
-        }
     }
 }
 
@@ -712,6 +669,6 @@ fn update_kernel_metrics(metrics: &FindingMetrics, stats: &KernelStats, counters
                 c.conn_state_alloc.iter().sum(),
             );
         }
-        Err(err) => tracing::debug!(error = %error_chain(&err), "reading the kernel counters"),
+        Err(err) => tracing::debug!(error = %ErrorChain(&err), "reading the kernel counters"),
     }
 }

@@ -22,6 +22,7 @@
 
 pub mod config;
 pub(crate) mod encode;
+pub mod render;
 
 use std::sync::Arc;
 use std::time::Duration;

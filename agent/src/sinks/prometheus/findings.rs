@@ -227,6 +227,8 @@ pub struct FindingMetrics {
     pub gpu_requests_without_instance: Counter,
     /// Bounds the `model` label.
     pub models: BoundedLabel,
+    /// The counters [`FindingMetrics::record`] bumps for every span, resolved once.
+    pub(super) cached: Mutex<super::record::JoinCounters>,
 }
 
 fn ttft_histogram() -> Histogram {
@@ -271,6 +273,7 @@ impl FindingMetrics {
             gpu_process_memory: Family::default(),
             gpu_requests_without_instance: Counter::default(),
             models: BoundedLabel::new(32),
+            cached: Mutex::default(),
         };
         registry.register(
             "inferwatch_billed_after_abort_tokens",

@@ -7,6 +7,7 @@
 pub mod config;
 pub mod findings;
 pub mod metrics;
+mod record;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

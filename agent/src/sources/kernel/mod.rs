@@ -253,7 +253,7 @@ impl KernelSource {
             Ok(exit) => Some(exit),
             Err(e) => {
                 tracing::warn!(
-                    error = %crate::check::error_chain(&e),
+                    error = %crate::internal_events::ErrorChain(&e),
                     "process-exit programs not loaded: requests lost in flight are found from server-side closes only, without exit causes"
                 );
                 None

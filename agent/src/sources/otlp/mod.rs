@@ -2,8 +2,9 @@
 //! (`POST /v1/traces`, protobuf or JSON, optionally gzip), plus the runtime [`adapters`].
 //!
 //! Requests are decoded as [`RawTraceRequest`]s (each span kept as its protobuf bytes: see
-//! [`request`]). Each accepted request is checked against the configured limits and sent,
-//! whole, onto a bounded channel to the pipeline. The receiver never waits on that
+//! [`request`]). Each accepted request is checked against the configured limits, read once by
+//! the adapters ([`adapted`]) and sent, whole, onto a bounded channel to the pipeline as an
+//! [`AdaptedRequest`]. The receiver never waits on that
 //! channel: when it is full the request is dropped, counted and answered UNAVAILABLE (gRPC) /
 //! 503 (HTTP), which the OTLP exporters treat as retryable.
 //!
@@ -13,6 +14,7 @@
 //! instead of overflowing the stack), which [`wire`]'s span walker keeps too; and [`validate`]
 //! (every span well-formed, attribute counts and `AnyValue` depth).
 
+pub mod adapted;
 pub mod adapters;
 pub mod config;
 mod grpc;
@@ -25,7 +27,7 @@ mod tls;
 pub mod wire;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
@@ -36,11 +38,14 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+pub use self::adapted::{AdaptedRequest, RequestAdapter};
+use self::adapters::AdapterOptions;
 pub use self::config::OtlpReceiverConfig;
 pub use self::request::RawTraceRequest;
 pub use self::tls::TlsError;
 use self::wire::{SpanView, WireError, WireLimits};
 use crate::internal_events::{OtlpRequestRejected, OtlpSpansReceived, SpansDropped};
+use crate::privacy::TenantHasher;
 use crate::sinks::prometheus::metrics::{AgentMetrics, DropStage, Protocol, RejectReason};
 
 /// Errors of the OTLP receiver.
@@ -104,10 +109,10 @@ pub enum InvalidRequest {
 }
 
 /// The sending side of the receiver -> pipeline channel.
-pub type SpanSender = mpsc::Sender<RawTraceRequest>;
+pub type SpanSender = mpsc::Sender<AdaptedRequest>;
 
 /// Creates the bounded receiver -> pipeline channel with the configured capacity.
-pub fn channel(config: &OtlpReceiverConfig) -> (SpanSender, mpsc::Receiver<RawTraceRequest>) {
+pub fn channel(config: &OtlpReceiverConfig) -> (SpanSender, mpsc::Receiver<AdaptedRequest>) {
     mpsc::channel(config.queue_capacity.max(1))
 }
 
@@ -117,6 +122,8 @@ pub(crate) struct Shared {
     pub(crate) config: OtlpReceiverConfig,
     pub(crate) sender: SpanSender,
     pub(crate) metrics: Arc<AgentMetrics>,
+    /// Reads each accepted request's spans once; requests from both front-ends take turns.
+    pub(crate) adapter: Mutex<RequestAdapter>,
     /// TLS on both listeners, when configured.
     pub(crate) tls: Option<tls::TlsMaterial>,
 }
@@ -129,7 +136,7 @@ pub(crate) enum Accepted {
 }
 
 impl Shared {
-    /// Validates a decoded request and queues it for the pipeline.
+    /// Validates a decoded request, adapts it and queues it for the pipeline.
     pub(crate) fn accept(&self, protocol: Protocol, mut request: RawTraceRequest) -> Accepted {
         if let Err(e) = validate(&mut request, &self.config) {
             let reason = match e {
@@ -143,8 +150,16 @@ impl Shared {
         if count == 0 {
             return Accepted::Ok;
         }
-        match self.sender.try_send(request) {
-            Ok(()) => {
+        // A slot first: a request the pipeline has no room for is not adapted (the adapter's
+        // memory across spans only sees what reaches the pipeline).
+        match self.sender.try_reserve() {
+            Ok(permit) => {
+                let adapted = self
+                    .adapter
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .adapt(request);
+                permit.send(adapted);
                 OtlpSpansReceived { protocol, count }.emit(&self.metrics);
                 Accepted::Ok
             }
@@ -331,7 +346,8 @@ pub struct OtlpReceiver {
 }
 
 impl OtlpReceiver {
-    /// Binds both listeners. Spans go to `sender` (see [`channel`]); counters to `metrics`.
+    /// Binds both listeners. Spans go to `sender` (see [`channel`]), adapted, with their tenant
+    /// hashed by `tenant_hasher` when given; counters to `metrics`.
     ///
     /// # Errors
     /// [`OtlpError::Bind`] when a port is taken or the address is not local.
@@ -339,6 +355,7 @@ impl OtlpReceiver {
         config: &OtlpReceiverConfig,
         sender: SpanSender,
         metrics: Arc<AgentMetrics>,
+        tenant_hasher: Option<TenantHasher>,
     ) -> Result<Self, OtlpError> {
         // Before binding: a half-configured or unreadable TLS setup must not leave a
         // plaintext receiver running.
@@ -363,11 +380,15 @@ impl OtlpReceiver {
                 addr: http_addr,
                 source,
             })?;
+        let adapter = RequestAdapter::new(AdapterOptions::from(config))
+            .with_tenant_hasher(tenant_hasher)
+            .with_runtime_spans(&metrics.runtime_spans);
         Ok(Self {
             shared: Arc::new(Shared {
                 config: config.clone(),
                 sender,
                 metrics,
+                adapter: Mutex::new(adapter),
                 tls,
             }),
             grpc,

@@ -24,11 +24,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Code, Status};
 
-use super::adapters::{AdapterOptions, adapt_request};
+use super::adapted::{AdaptedSpan, SpanRole};
 use super::sample::vllm_request;
 use super::{OtlpReceiver, OtlpReceiverConfig, channel};
 use crate::model::{RuntimeKind, RuntimeRequest};
-use crate::sinks::batch::{kv_i64, kv_str};
+use crate::sinks::batch::{EncodedGroup, kv_i64, kv_str};
 use crate::sinks::otlp::{ExportConfig, ExportProtocol, OtlpExporter};
 use crate::sinks::prometheus::metrics::{AgentMetrics, DropStage, Protocol, RejectReason};
 use crate::sinks::{SinkSender, SpanBatch, finding_span};
@@ -149,7 +149,7 @@ async fn start_agent(receiver: OtlpReceiverConfig, export: Option<ExportConfig>)
     let metrics = Arc::new(AgentMetrics::default());
     let shutdown = CancellationToken::new();
     let (tx, mut rx) = channel(&receiver);
-    let rcv = OtlpReceiver::build(&receiver, tx, metrics.clone())
+    let rcv = OtlpReceiver::build(&receiver, tx, metrics.clone(), None)
         .await
         .expect("receiver binds");
     let (grpc, http) = (rcv.grpc_addr(), rcv.http_addr());
@@ -166,20 +166,34 @@ async fn start_agent(receiver: OtlpReceiverConfig, export: Option<ExportConfig>)
         etx
     });
     let (adapted_tx, adapted) = mpsc::unbounded_channel();
-    let options = AdapterOptions::from(&receiver);
     let forward = export_tx.clone();
     let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counted = requests.clone();
     tokio::spawn(async move {
         while let Some(request) = rx.recv().await {
             counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let adapted = adapt_request(&request, &options);
-            // The raw request encodes to the bytes it was read from: decoded here so that the
-            // test enriches prost messages.
-            let mut batch = SpanBatch::from(
-                ExportTraceServiceRequest::decode(request.encode_to_vec().as_slice())
-                    .expect("the receiver validated every span"),
-            );
+            // The runtime requests the receiver's adapters read, and the spans decoded (one
+            // `ResourceSpans` per scope, as the pipeline groups them) so that the test
+            // enriches prost messages.
+            let mut adapted = Vec::new();
+            let mut resource_spans = Vec::new();
+            for scope in request.resources.into_iter().flat_map(|r| r.scopes) {
+                let mut spans = Vec::new();
+                for AdaptedSpan { span, role } in scope.spans {
+                    if let SpanRole::Request(r) = role {
+                        adapted.push(r);
+                    }
+                    spans.push(span);
+                }
+                resource_spans.push(
+                    EncodedGroup {
+                        group: scope.group,
+                        spans,
+                    }
+                    .decode(),
+                );
+            }
+            let mut batch = SpanBatch::from(ExportTraceServiceRequest { resource_spans });
             for r in adapted {
                 // What the correlator will do: mark the join, add a finding in the trace.
                 batch.add_attributes(
@@ -780,7 +794,7 @@ async fn full_pipeline_queue_answers_unavailable_and_counts() {
     };
     let metrics = Arc::new(AgentMetrics::default());
     let (tx, _rx_kept_but_never_read) = channel(&config);
-    let rcv = OtlpReceiver::build(&config, tx, metrics.clone())
+    let rcv = OtlpReceiver::build(&config, tx, metrics.clone(), None)
         .await
         .expect("binds");
     let addr = rcv.grpc_addr();
