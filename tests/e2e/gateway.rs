@@ -325,17 +325,35 @@ async fn gateway_run(name: &str, gateway: Gateway, policy: &str, salt: u8) {
     }
     // Let the runtime finish what it decodes after the clients left, and export the spans:
     // one per request, but none for a request the runtime aborted (vLLM makes none).
+    // Wait until the runtime has recorded every request and the collector holds a span for
+    // each one the runtime made a span for (a client that left may still be decoded to its
+    // end under the `delayed` policy, and its span comes after the others).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let deadline = now_ns() + 15_000_000_000;
-    let finished = runs.iter().filter(|r| r.left_at.is_none()).count();
-    while collector
-        .spans()
-        .iter()
-        .filter(|s| s.span.name == "llm_request")
-        .count()
-        < finished
-        && now_ns() < deadline
-    {
+    loop {
+        let spans_made = read_jsonl::<TruthRecord>(&truth_path).ok().map(|records| {
+            let requests: Vec<_> = records
+                .iter()
+                .filter_map(|r| match r {
+                    TruthRecord::Request(r) => Some(r),
+                    _ => None,
+                })
+                .collect();
+            (
+                requests.len(),
+                requests.iter().filter(|r| !r.span_id.is_empty()).count(),
+            )
+        });
+        let forwarded = collector
+            .spans()
+            .iter()
+            .filter(|s| s.span.name == "llm_request")
+            .count();
+        let done = spans_made
+            .is_some_and(|(requests, with_span)| requests == CLIENTS && forwarded >= with_span);
+        if done || now_ns() > deadline {
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let left_early = runs.iter().filter(|r| r.left_at.is_some()).count();
