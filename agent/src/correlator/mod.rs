@@ -45,10 +45,9 @@
 //! and otherwise marks the span `ambiguous` (no join, no finding).
 
 mod abort;
-mod cold_start;
 mod config;
-mod contention;
 mod gateway;
+mod gpu;
 mod index;
 mod join;
 mod kv_eviction;
@@ -62,12 +61,10 @@ use std::ops::Bound;
 use serde::{Deserialize, Serialize};
 
 pub use abort::{AbortBoundary, AbortFinding, ClientAbort, TokenCountMethod};
-pub use cold_start::{ColdStartFinding, ColdStartPhase, PhaseSource, StartKind};
-pub use config::CorrelatorConfig;
-pub use contention::{
-    AffectedRequest, GpuContentionFinding, GpuDetectionConfig, GpuMetrics, NoisyNeighbour,
-    RequestGpu, RequestGpuFacts,
-};
+pub use config::{CorrelatorConfig, GpuDetectionConfig};
+pub use gpu::cold_start::{ColdStartFinding, ColdStartPhase, PhaseSource, StartKind};
+pub use gpu::contention::{AffectedRequest, GpuContentionFinding, NoisyNeighbour};
+pub use gpu::{GpuMetrics, RequestGpu, RequestGpuFacts};
 pub use join::{ConnectionFacts, JoinRule, JoinedRequest, PeerClose};
 pub use kv_eviction::{
     ConversationRecord, ConversationTable, KvEvictionConfig, KvEvictionFinding, KvEvictionSizes,
@@ -140,6 +137,15 @@ pub enum Output {
     /// A request lost in flight: the runtime exited or closed the connection mid-response
     /// (contract §3.5).
     LostInFlight(LostInFlightFinding),
+}
+
+impl From<gpu::GpuFinding> for Output {
+    fn from(finding: gpu::GpuFinding) -> Self {
+        match finding {
+            gpu::GpuFinding::Contention(f) => Output::GpuContention(f),
+            gpu::GpuFinding::ColdStart(f) => Output::ColdStart(f),
+        }
+    }
 }
 
 /// A connection, told apart from an earlier socket at the same kernel address.
@@ -321,7 +327,7 @@ pub struct Correlator {
     /// Conversations and per-instance request / KV event logs (contract §3.3).
     kv: kv_eviction::KvTracker,
     /// GPU samples, process identities, contention and cold starts.
-    gpu: contention::GpuView,
+    gpu: gpu::GpuView,
     /// Process exits and OOM victims, for requests lost in flight (contract §3.5).
     procs: lost::ProcessTracker,
 }
@@ -347,7 +353,7 @@ impl Correlator {
             listeners: BTreeMap::new(),
             span_ports: BTreeSet::new(),
             span_pids: BTreeSet::new(),
-            gpu: contention::GpuView::default(),
+            gpu: gpu::GpuView::default(),
             procs: lost::ProcessTracker::default(),
         }
     }
@@ -438,7 +444,12 @@ impl Correlator {
                 self.kv.on_kv_events(&batch, &mut self.stats.kv_eviction);
                 Vec::new()
             }
-            Input::Startup(span) => self.gpu.on_startup(span, &self.config.gpu),
+            Input::Startup(span) => self
+                .gpu
+                .on_startup(span, &self.config.gpu)
+                .map(Output::ColdStart)
+                .into_iter()
+                .collect(),
         }
     }
 
@@ -474,7 +485,7 @@ impl Correlator {
             if let Some(facts) = facts {
                 with.push(Output::RequestGpu(facts));
             }
-            with.extend(findings);
+            with.extend(findings.into_iter().map(Output::from));
         }
         with
     }
@@ -613,7 +624,12 @@ impl Correlator {
             &mut self.stats.lost_in_flight,
         );
         let mut out = self.gpu_facts(out);
-        out.extend(self.gpu.on_tick(now, &self.config.gpu));
+        out.extend(
+            self.gpu
+                .on_tick(now, &self.config.gpu)
+                .into_iter()
+                .map(Output::from),
+        );
         let mut evictions = Vec::new();
         self.kv
             .on_tick(now, &mut self.stats.kv_eviction, &mut evictions);

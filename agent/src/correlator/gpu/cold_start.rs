@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use super::contention::GpuDetectionConfig;
+use crate::correlator::config::GpuDetectionConfig;
 use crate::model::{GpuSample, ProcessIdentity, RuntimeRequest, StartupSpan, UnixNanos};
 
 const MS: u64 = 1_000_000;
