@@ -69,7 +69,7 @@ pub use join::{ConnectionFacts, JoinRule, JoinedRequest, PeerClose};
 pub use kv_eviction::{
     ConversationRecord, ConversationTable, KvEvictionConfig, KvEvictionFinding, KvEvictionSizes,
     KvEvictionStats, KvEvidence, MissEvidence, OTHER_TENANT, SELF_TENANT, SpanLink, TenantLabels,
-    TenantShare, conversation_key, instance_key, siphash24,
+    TenantShare, conversation_key, instance_key,
 };
 pub use lost::{LostCause, LostInFlightConfig, LostInFlightFinding, LostInFlightStats};
 pub use stats::{CorrelatorStats, EvictionCounts, FindingCounts, JoinCounts, StateSizes};
