@@ -64,18 +64,10 @@ pub struct ConnectionFacts {
     pub pid: Option<u32>,
     /// When the request head was read.
     pub head_ts: UnixNanos,
-    /// The request method.
-    pub method: String,
-    /// The request path.
-    pub path: String,
-    /// `x-request-id`.
-    pub request_id: Option<String>,
-    /// `traceparent`.
-    pub traceparent: Option<TraceParent>,
-    /// The tenant header.
-    pub tenant: Option<String>,
-    /// The conversation header.
-    pub conversation: Option<String>,
+    /// The request head as the kernel read it (method, path, the allow-listed headers, the
+    /// body's model); flattened, so that its fields read as the connection's.
+    #[serde(flatten)]
+    pub head: RequestHead,
     /// The first peer close while this request was the connection's current one.
     pub peer_closed: Option<PeerClose>,
     /// Writes after the peer left that look like token chunks.

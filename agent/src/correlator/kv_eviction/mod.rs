@@ -309,12 +309,12 @@ impl KvTracker {
         let tenant_raw = req
             .tenant
             .as_deref()
-            .or(conn.and_then(|c| c.tenant.as_deref()))
+            .or(conn.and_then(|c| c.head.tenant.as_deref()))
             .unwrap_or(UNKNOWN_TENANT);
         let conversation = req
             .conversation
             .as_deref()
-            .or(conn.and_then(|c| c.conversation.as_deref()));
+            .or(conn.and_then(|c| c.head.conversation.as_deref()));
         let tenant = self.tenant_id(tenant_raw, stats);
         let conv = conversation
             .map(|c| conversation_key(tenant_raw, c))
