@@ -70,8 +70,8 @@ pub use gpu::{GpuMetrics, RequestGpu, RequestGpuFacts};
 pub use join::{ConnectionFacts, JoinRule, JoinedRequest};
 pub use kv_eviction::{
     ConversationRecord, ConversationTable, KvEvictionConfig, KvEvictionFinding, KvEvictionSizes,
-    KvEvictionStats, KvEvidence, MissEvidence, OTHER_TENANT, SELF_TENANT, SpanLink, TenantLabels,
-    TenantShare, conversation_key, instance_key,
+    KvEvictionStats, KvEvidence, MissEvidence, OTHER_TENANT, SELF_TENANT, SpanLink, TenantShare,
+    conversation_key, instance_key,
 };
 pub use lost::{LostCause, LostInFlightConfig, LostInFlightFinding, LostInFlightStats};
 pub use stats::{CorrelatorStats, FindingCounts, JoinCounts, StateSizes};
@@ -205,7 +205,7 @@ impl Correlator {
     }
 
     /// KV evictions found so far by `(victim_tenant, neighbour_tenant)` label pair, with tenant
-    /// labels bounded by [`TenantLabels`] (`metric_tenant_labels` tenants, the rest `other`;
+    /// labels bounded by a sticky top-k [`BoundedLabel`](crate::labels::BoundedLabel) (`metric_tenant_labels` tenants, the rest `other`;
     /// `self` when the victim's own tenant evicted it, `unknown` when no tenant was known).
     /// Monotonic: the metrics sink reads it as `inferwatch_kv_evictions_total`.
     pub fn kv_eviction_counts(&self) -> &BTreeMap<(String, String), u64> {

@@ -414,7 +414,7 @@ impl Contention {
         let series = self.seconds.len();
         let mut key = (uuid.to_owned(), finding.neighbour.label());
         if !self.seconds.contains_key(&key) && series >= cfg.max_contention_series {
-            key.1 = "other".into();
+            key.1 = crate::labels::OTHER.into();
         }
         *self.seconds.entry(key).or_default() += finding.seconds();
         self.findings += 1;

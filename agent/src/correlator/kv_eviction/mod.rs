@@ -50,13 +50,13 @@ mod config;
 mod conversations;
 mod detection;
 mod finding;
-mod labels;
 mod log;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use crate::correlator::join::ConnectionFacts;
+use crate::labels::BoundedLabel;
 use crate::model::{InstanceIdentity, KvEvent, KvEventBatch, RuntimeRequest, UnixNanos};
 pub use config::KvEvictionConfig;
 pub use conversations::{ConversationRecord, ConversationTable, conversation_key};
@@ -64,7 +64,6 @@ pub use finding::{
     KvEvictionFinding, KvEvictionSizes, KvEvictionStats, KvEvidence, MissEvidence, SpanLink,
     TenantShare,
 };
-pub use labels::TenantLabels;
 use log::{CLEAN_SAMPLES, InstanceLog, KvLogged, LoggedRequest};
 
 const NANOS_PER_MILLI: u64 = 1_000_000;
@@ -72,9 +71,9 @@ const NANOS_PER_MILLI: u64 = 1_000_000;
 /// The tenant name reported when the victim's own tenant is the noisy neighbour.
 pub const SELF_TENANT: &str = "self";
 /// The metric label for tenants outside the top K.
-pub const OTHER_TENANT: &str = "other";
+pub const OTHER_TENANT: &str = crate::labels::OTHER;
 /// The tenant name used when a request carries none.
-pub const UNKNOWN_TENANT: &str = "unknown";
+pub const UNKNOWN_TENANT: &str = crate::labels::UNKNOWN;
 
 /// The other names an instance answers to, for KV event sources configured by name: its
 /// `service.instance.id`, `pid:<pid>`, and `svc:<service.name>@<host.name>` (what a KV source's
@@ -154,7 +153,8 @@ pub(crate) struct KvTracker {
     last_instance: Option<(InstanceIdentity, u16, Arc<str>)>,
     logs: Vec<InstanceLog>,
     pending: BTreeMap<(UnixNanos, [u8; 16], [u8; 8]), Pending>,
-    labels: TenantLabels,
+    /// `victim_tenant` / `neighbour_tenant` label values, bounded.
+    labels: BoundedLabel,
     counts: BTreeMap<(String, String), u64>,
     hasher: crate::privacy::TenantHasher,
 }
@@ -165,7 +165,8 @@ impl KvTracker {
         let hasher = crate::privacy::TenantHasher::new(&config.tenant_hash_key);
         Self {
             conversations: ConversationTable::new(config.max_conversations),
-            labels: TenantLabels::new(config.metric_tenant_labels),
+            labels: BoundedLabel::sticky_top(config.metric_tenant_labels)
+                .passing(&[SELF_TENANT, OTHER_TENANT]),
             tenant_ids: HashMap::new(),
             tenant_names: Vec::new(),
             instance_ids: HashMap::new(),
