@@ -51,8 +51,9 @@ impl BoundedLabel {
     }
 
     /// A label that keeps the `max` most counted values, sticky so that a labelled value's
-    /// counter stays monotonic (see [`Policy`] in the source: a newcomer takes a label only
-    /// when counted more than twice as often as the least counted labelled value).
+    /// counter stays monotonic: the first `max` values counted get a label; afterwards a value
+    /// counted more than twice as often as the least counted labelled one takes its place
+    /// (whose later counts go to [`OTHER`]). Counts are kept for at most `16 * max` candidates.
     pub fn sticky_top(max: usize) -> Self {
         Self::with_policy(max, Policy::StickyTop)
     }

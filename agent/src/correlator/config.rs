@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::kv_eviction::KvEvictionConfig;
+use super::kv_eviction::config::KvEvictionConfig;
 use super::lost::LostInFlightConfig;
 use crate::model::UnixNanos;
 

@@ -4,9 +4,10 @@
 
 use std::net::SocketAddr;
 
-use super::abort;
+use super::abort::{self, AbortFinding, ClientAbort, TokenCountMethod};
+use super::join::JoinRule;
 use super::tables::{Head, HeadKey, KernelAbortFacts};
-use super::{AbortFinding, ClientAbort, Correlator, JoinRule, Output, TokenCountMethod};
+use super::{Correlator, Output};
 use crate::model::{CloseHow, UnixNanos};
 
 impl Correlator {

@@ -43,6 +43,19 @@
 //! and the temporal rule leaves out heads whose connection shows the span cannot be theirs; it
 //! joins only when one head is closer to the arrival than every other by `temporal_margin_ms`,
 //! and otherwise marks the span `ambiguous` (no join, no finding).
+//!
+//! # Modules
+//! This file holds the inputs, the outputs and the orchestration (`on_event`, `on_tick`, the
+//! pending spans). The modules below it import one another without cycles, and none imports
+//! this file except `settle.rs` and `gateway.rs`, which add methods to [`Correlator`]:
+//! - `settle.rs`, `gateway.rs`: a settled span or an unclaimed head into its outputs (the
+//!   gateway's two-head case apart);
+//! - `join.rs`: the join rules and the search for a span's head; `tables.rs`: connections and
+//!   request heads with their indexes (`index.rs`: their small containers);
+//! - `abort.rs`, `lost.rs`: client aborts and requests lost in flight;
+//! - `kv_eviction/`: conversations, per-instance logs, miss detection and attribution;
+//! - `gpu/`: the NVML sample store, process identities, contention and cold starts;
+//! - `config.rs`, `stats.rs`: settings and counters.
 
 mod abort;
 mod config;

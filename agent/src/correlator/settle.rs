@@ -3,11 +3,11 @@
 //! request lost in flight (contract §3.1, §3.5). The gateway's two-head case is in
 //! `gateway.rs`.
 
+use super::abort::{self, AbortFinding, ClientAbort, TokenCountMethod};
 use super::join::{Claims, ConnectionFacts, JoinRule, JoinedRequest};
+use super::lost::LostInFlightFinding;
 use super::tables::{ConnKey, HeadKey, PeerClose};
-use super::{
-    AbortFinding, ClientAbort, Correlator, LostInFlightFinding, Output, TokenCountMethod, abort,
-};
+use super::{Correlator, Output};
 use crate::model::{RuntimeRequest, UnixNanos};
 
 impl Correlator {

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::join::JoinRule;
-use super::kv_eviction::KvEvictionStats;
+use super::kv_eviction::finding::KvEvictionStats;
 use super::lost::LostInFlightStats;
 use super::tables::EvictionCounts;
 use crate::model::CloseHow;

@@ -316,8 +316,9 @@ impl ColdStarts {
         series.get(start).map(|(ts, _)| (*ts, level))
     }
 
-    /// A settled request of instance `pid` (GPU pids `pids`): decides the instance's first
-    /// token, and returns the cold-start finding when this request decided it.
+    /// A settled request of instance `pid` (its pids `pids`, start-up helpers included):
+    /// decides the instance's first token, and returns the cold-start finding when this
+    /// request decided it.
     #[allow(
         clippy::too_many_arguments,
         reason = "one call site (GpuView::on_request), all borrowed from it"

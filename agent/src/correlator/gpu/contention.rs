@@ -40,11 +40,12 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use super::MS;
 use super::processes::Processes;
 use super::samples::{GpuSamples, Snapshot};
 use crate::correlator::config::GpuDetectionConfig;
 use crate::model::{RuntimeRequest, UnixNanos};
+
+const MS: u64 = 1_000_000;
 
 /// The process that took the GPU (contract §4.1 `inferwatch.noisy_neighbour.*`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -3,9 +3,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use super::MS;
 use crate::correlator::config::GpuDetectionConfig;
 use crate::model::{GpuSample, UnixNanos};
+
+const MS: u64 = 1_000_000;
 
 /// One NVML sample of one GPU, reduced to what the detections read.
 #[derive(Debug, Clone)]

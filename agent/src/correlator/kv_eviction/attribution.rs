@@ -3,11 +3,9 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use super::finding::{KvEvictionFinding, KvEvictionStats, KvEvidence, SpanLink, TenantShare};
 use super::log::{InstanceLog, KvLogged, in_prefill};
-use super::{
-    KvEvictionFinding, KvEvictionStats, KvEvidence, KvTracker, NANOS_PER_MILLI, Pending,
-    SELF_TENANT, SpanLink, TenantShare,
-};
+use super::{KvTracker, NANOS_PER_MILLI, Pending, SELF_TENANT};
 use crate::model::UnixNanos;
 
 impl KvTracker {

@@ -4,8 +4,9 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::finding::{KvEvictionStats, MissEvidence};
 use super::log::{InstanceLog, KvLogged, LoggedRequest, PREFILL_MIN_SAMPLES, in_prefill};
-use super::{KvEvictionStats, KvTracker, MissEvidence, NANOS_PER_MILLI, Pending, Undecided};
+use super::{KvTracker, NANOS_PER_MILLI, Pending, Undecided};
 use crate::model::UnixNanos;
 
 /// A miss established from KV events or the prefill time.

@@ -80,7 +80,7 @@ pub struct KvEvictionFinding {
     pub victim_conversation: String,
     /// The victim request's runtime id.
     pub victim_request_id: Option<String>,
-    /// The runtime instance (see [`instance_key`]).
+    /// The runtime instance (see [`instance_key`](super::instance_key)).
     pub instance: String,
     /// The model.
     pub model: Option<String>,

@@ -46,10 +46,10 @@
 //! a KV event log (cap in blocks) are kept; tenants are interned up to `max_tenants`.
 
 mod attribution;
-mod config;
+pub(super) mod config;
 mod conversations;
 mod detection;
-mod finding;
+pub(super) mod finding;
 mod log;
 
 use std::collections::{BTreeMap, HashMap};
