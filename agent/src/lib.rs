@@ -14,6 +14,7 @@ pub mod correlator;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod internal_events;
+pub mod labels;
 pub mod model;
 pub mod pipeline;
 pub mod privacy;

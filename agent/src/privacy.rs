@@ -1,4 +1,5 @@
-//! Agent-wide privacy settings (`[privacy]`): tenant hashing.
+//! Agent-wide privacy settings (`[privacy]`): tenant hashing, and the keyed SipHash-2-4 it
+//! shares with the correlator's conversation keys.
 //!
 //! With `hash_tenants` on, every tenant id that leaves the agent (abort and KV-eviction
 //! findings, forwarded runtime spans' tenant attribute, metric labels, finding logs) is
@@ -8,8 +9,54 @@
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use serde::{Deserialize, Serialize};
 
-use crate::correlator::siphash24;
 use crate::sources::otlp::wire::rewrite_str_attributes;
+
+/// SipHash-2-4 of `data` under the 128-bit key `(k0, k1)` (Aumasson & Bernstein): the tenant
+/// hash here and the correlator's conversation keys. Written out because `std`'s
+/// `DefaultHasher` does not promise a stable output across Rust releases and its `SipHasher`
+/// is deprecated; the output must stay stable across restarts and nodes.
+pub fn siphash24(k0: u64, k1: u64, data: &[u8]) -> u64 {
+    let mut v0 = k0 ^ 0x736f_6d65_7073_6575;
+    let mut v1 = k1 ^ 0x646f_7261_6e64_6f6d;
+    let mut v2 = k0 ^ 0x6c79_6765_6e65_7261;
+    let mut v3 = k1 ^ 0x7465_6462_7974_6573;
+    let round = |v0: &mut u64, v1: &mut u64, v2: &mut u64, v3: &mut u64| {
+        *v0 = v0.wrapping_add(*v1);
+        *v1 = v1.rotate_left(13) ^ *v0;
+        *v0 = v0.rotate_left(32);
+        *v2 = v2.wrapping_add(*v3);
+        *v3 = v3.rotate_left(16) ^ *v2;
+        *v0 = v0.wrapping_add(*v3);
+        *v3 = v3.rotate_left(21) ^ *v0;
+        *v2 = v2.wrapping_add(*v1);
+        *v1 = v1.rotate_left(17) ^ *v2;
+        *v2 = v2.rotate_left(32);
+    };
+    let chunks = data.chunks_exact(8);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let m = u64::from_le_bytes(word);
+        v3 ^= m;
+        round(&mut v0, &mut v1, &mut v2, &mut v3);
+        round(&mut v0, &mut v1, &mut v2, &mut v3);
+        v0 ^= m;
+    }
+    let mut last = [0u8; 8];
+    last[..tail.len()].copy_from_slice(tail);
+    last[7] = data.len() as u8;
+    let m = u64::from_le_bytes(last);
+    v3 ^= m;
+    round(&mut v0, &mut v1, &mut v2, &mut v3);
+    round(&mut v0, &mut v1, &mut v2, &mut v3);
+    v0 ^= m;
+    v2 ^= 0xff;
+    for _ in 0..4 {
+        round(&mut v0, &mut v1, &mut v2, &mut v3);
+    }
+    v0 ^ v1 ^ v2 ^ v3
+}
 
 /// `[privacy]`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -74,17 +121,27 @@ impl TenantHasher {
     }
 }
 
+/// An older config section with its own tenant-hashing keys
+/// (`[correlator.kv_eviction] hash_tenants`, `tenant_hash_key`), merged into `[privacy]` by
+/// [`PrivacyConfig::merge_legacy`]. Implemented where the section is defined, so that this
+/// module stays below the components that hash tenants.
+pub trait LegacyTenantHashing {
+    /// The section's `hash_tenants` switch and `tenant_hash_key`.
+    fn tenant_hashing(&mut self) -> (&mut bool, &mut String);
+}
+
 impl PrivacyConfig {
     /// Folds the older KV-only keys into this section, so one setting governs every export:
     /// `hash_tenants` is on when either says so; the key is this section's, or the older one
     /// when this one is empty. The KV tracker then reads the merged values back.
-    pub fn merge_legacy(&mut self, kv: &mut crate::correlator::KvEvictionConfig) {
-        self.hash_tenants |= kv.hash_tenants;
+    pub fn merge_legacy(&mut self, kv: &mut impl LegacyTenantHashing) {
+        let (hash_tenants, tenant_hash_key) = kv.tenant_hashing();
+        self.hash_tenants |= *hash_tenants;
         if self.tenant_hash_key.is_empty() {
-            self.tenant_hash_key = kv.tenant_hash_key.clone();
+            self.tenant_hash_key = tenant_hash_key.clone();
         }
-        kv.hash_tenants = self.hash_tenants;
-        kv.tenant_hash_key = self.tenant_hash_key.clone();
+        *hash_tenants = self.hash_tenants;
+        *tenant_hash_key = self.tenant_hash_key.clone();
     }
 
     /// The hasher when hashing is on.
@@ -99,6 +156,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn siphash_matches_the_reference_vector() {
+        // The reference paper's test: key 00..0f, message 00..0e (15 bytes).
+        let k0 = u64::from_le_bytes([0, 1, 2, 3, 4, 5, 6, 7]);
+        let k1 = u64::from_le_bytes([8, 9, 10, 11, 12, 13, 14, 15]);
+        let msg: Vec<u8> = (0..15).collect();
+        assert_eq!(siphash24(k0, k1, &msg), 0xa129_ca61_49be_45e5);
+    }
+
+    #[test]
     fn hash_is_stable_keyed_and_opaque() {
         let a = TenantHasher::new("k1");
         let b = TenantHasher::new("k2");
@@ -107,26 +173,5 @@ mod tests {
         assert_ne!(a.hash("acme"), a.hash("globex"));
         let h = a.hash("acme");
         assert!(h.starts_with("t-") && h.len() == 18 && !h.contains("acme"));
-    }
-
-    #[test]
-    fn legacy_kv_keys_turn_hashing_on_everywhere() {
-        let mut p = PrivacyConfig::default();
-        let mut kv = crate::correlator::KvEvictionConfig {
-            hash_tenants: true,
-            tenant_hash_key: "old".into(),
-            ..Default::default()
-        };
-        p.merge_legacy(&mut kv);
-        assert!(p.hash_tenants);
-        assert_eq!(p.tenant_hash_key, "old");
-        let mut p = PrivacyConfig {
-            hash_tenants: true,
-            tenant_hash_key: "new".into(),
-        };
-        let mut kv = crate::correlator::KvEvictionConfig::default();
-        p.merge_legacy(&mut kv);
-        assert!(kv.hash_tenants);
-        assert_eq!(kv.tenant_hash_key, "new");
     }
 }

@@ -161,22 +161,6 @@ pub(crate) fn makes_finding(tokens_after: u64, lag_ns: u64, lag_threshold: UnixN
     tokens_after >= 1 || lag_ns > lag_threshold
 }
 
-/// What the kernel saw of a request's connection after the peer left.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct KernelAbortFacts {
-    /// The first peer close inside the request's interval on the connection.
-    pub close: Option<(UnixNanos, CloseHow)>,
-    /// Writes after the peer left that look like token chunks.
-    pub token_writes: u64,
-    /// The last write after the peer left (token or framing).
-    pub last_write: Option<UnixNanos>,
-    /// The kernel said no response byte had been written when the peer left: the request
-    /// was certainly in flight.
-    pub not_started: bool,
-    /// When the server closed its side of the connection (or the socket closed).
-    pub server_closed: Option<UnixNanos>,
-}
-
 /// Tokens after `t_c` for a request with a span; `None` when there is nothing to report
 /// (the client did not leave while the runtime was working).
 pub(crate) fn tokens_after_with_span(

@@ -2,8 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::contention::GpuDetectionConfig;
-use super::kv_eviction::KvEvictionConfig;
+use super::kv_eviction::config::KvEvictionConfig;
 use super::lost::LostInFlightConfig;
 use crate::model::UnixNanos;
 
@@ -95,6 +94,85 @@ impl Default for CorrelatorConfig {
             kv_eviction: KvEvictionConfig::default(),
             gpu: GpuDetectionConfig::default(),
             lost_in_flight: LostInFlightConfig::default(),
+        }
+    }
+}
+
+/// Settings of the GPU detections (contention, cold start) and the bounds of their state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GpuDetectionConfig {
+    /// Others' summed SM utilisation, in percent, at or above which a GPU counts as shared
+    /// (contract §3.4: 30).
+    pub neighbour_sm_pct: u32,
+    /// Time per output token, in percent of the instance's baseline, at or above which its
+    /// decode counts as slowed (contract §3.4: 150, i.e. 1.5x).
+    pub tpot_inflation_pct: u32,
+    /// How far back the baseline reaches, in milliseconds (contract §3.4: 10 minutes).
+    pub baseline_window_ms: u64,
+    /// Fewest uncontended requests in the window for a baseline to exist.
+    pub baseline_min_requests: usize,
+    /// Most uncontended requests remembered per instance for the baseline.
+    pub max_baseline_requests: usize,
+    /// A contended request whose decode starts within this many milliseconds after the open
+    /// interval's end extends it; a later one starts a new interval.
+    pub interval_merge_gap_ms: u64,
+    /// An interval closes when no contended request ended for this many milliseconds (tick
+    /// time).
+    pub interval_close_ms: u64,
+    /// Most requests listed per contention finding (the rest are counted).
+    pub max_affected_requests: usize,
+    /// When a window holds no NVML sample, the last sample before its end counts if it is at
+    /// most this many milliseconds older (set it above the NVML period).
+    pub sample_gap_ms: u64,
+    /// How long NVML samples are kept, in milliseconds (must cover the longest request).
+    pub sample_history_ms: u64,
+    /// Most NVML samples kept per GPU.
+    pub max_samples_per_gpu: usize,
+    /// Most GPUs tracked.
+    pub max_gpus: usize,
+    /// Most runtime instances tracked; beyond it the least recently seen is forgotten.
+    pub max_instances: usize,
+    /// Most process identities and GPU processes tracked; beyond it the least recently seen is
+    /// forgotten.
+    pub max_processes: usize,
+    /// A runtime instance or GPU process not seen for this many milliseconds is forgotten.
+    pub instance_idle_ms: u64,
+    /// Cold start: a GPU memory sample within this many percent of the plateau level counts as
+    /// on the plateau.
+    pub plateau_tolerance_pct: u32,
+    /// Cold start: how long after the first token a cold start waits for the rest of its
+    /// runtime's start-up spans (exporters batch them) when the runtime sends such spans.
+    pub startup_span_wait_ms: u64,
+    /// Cold start: GPU memory samples kept per process until its first token.
+    pub max_memory_samples: usize,
+    /// Most (GPU, neighbour) series in the contention-seconds counter; the rest count under
+    /// `other`.
+    pub max_contention_series: usize,
+}
+
+impl Default for GpuDetectionConfig {
+    fn default() -> Self {
+        Self {
+            neighbour_sm_pct: 30,
+            tpot_inflation_pct: 150,
+            baseline_window_ms: 10 * 60 * 1000,
+            baseline_min_requests: 5,
+            max_baseline_requests: 1024,
+            interval_merge_gap_ms: 5_000,
+            interval_close_ms: 15_000,
+            max_affected_requests: 256,
+            sample_gap_ms: 5_000,
+            sample_history_ms: 15 * 60 * 1000,
+            max_samples_per_gpu: 4096,
+            max_gpus: 64,
+            max_instances: 256,
+            max_processes: 4096,
+            instance_idle_ms: 60 * 60 * 1000,
+            plateau_tolerance_pct: 2,
+            startup_span_wait_ms: 10_000,
+            max_memory_samples: 4096,
+            max_contention_series: 256,
         }
     }
 }

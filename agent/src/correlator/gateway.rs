@@ -4,10 +4,10 @@
 
 use std::net::SocketAddr;
 
-use super::abort::{self, KernelAbortFacts};
-use super::{
-    AbortFinding, ClientAbort, Correlator, Head, HeadKey, JoinRule, Output, TokenCountMethod,
-};
+use super::abort::{self, AbortFinding, ClientAbort, TokenCountMethod};
+use super::join::JoinRule;
+use super::tables::{Head, HeadKey, KernelAbortFacts};
+use super::{Correlator, Output};
 use crate::model::{CloseHow, UnixNanos};
 
 impl Correlator {
@@ -15,7 +15,7 @@ impl Correlator {
     /// carry one of the head's ids: the same `traceparent` (trace and parent, as a proxy
     /// forwards it), the same `x-request-id`, or a response id in common (SPEC 2 rules 1-3).
     pub(super) fn linked(&self, hk: HeadKey) -> Vec<HeadKey> {
-        let Some((conn, head)) = self.head_ref(hk) else {
+        let Some((conn, head)) = self.tables.head_ref(hk) else {
             return Vec::new();
         };
         let port = conn.local.map(|l| l.port());
@@ -23,25 +23,25 @@ impl Correlator {
         let sets = [
             head.head
                 .traceparent
-                .and_then(|tp| self.by_trace.get(&tp.trace_id)),
+                .and_then(|tp| self.tables.by_trace.get(&tp.trace_id)),
             head.head
                 .request_id
                 .as_ref()
-                .and_then(|id| self.by_request_id.get(id)),
+                .and_then(|id| self.tables.by_request_id.get(id)),
         ]
         .into_iter()
         .flatten()
         .chain(
             head.response_ids
                 .iter()
-                .filter_map(|id| self.by_response_id.get(id)),
+                .filter_map(|id| self.tables.by_response_id.get(id)),
         );
         for set in sets {
             for other in set.iter() {
                 if other.1 == hk.1 || found.contains(&other) {
                     continue;
                 }
-                let Some((oconn, ohead)) = self.head_ref(other) else {
+                let Some((oconn, ohead)) = self.tables.head_ref(other) else {
                     continue;
                 };
                 let other_port = oconn.local.map(|l| l.port());
@@ -90,8 +90,8 @@ impl Correlator {
     /// runtimes carry the same `traceparent`, but come from the application's address, not
     /// from the gateway's.
     fn forwards(&self, client: HeadKey, upstream: HeadKey) -> bool {
-        let gateway = self.conns.get(&client.1).and_then(|c| c.local);
-        let from = self.conns.get(&upstream.1).and_then(|c| c.peer);
+        let gateway = self.tables.conns.get(&client.1).and_then(|c| c.local);
+        let from = self.tables.conns.get(&upstream.1).and_then(|c| c.peer);
         match (gateway, from) {
             (Some(gateway), Some(from)) => {
                 gateway.ip() == from.ip() || (gateway.ip().is_loopback() && from.ip().is_loopback())
@@ -102,7 +102,7 @@ impl Correlator {
 
     /// Whether the request read at `hk` was still its connection's current one at `ts`.
     fn current_at(&self, hk: HeadKey, ts: UnixNanos) -> bool {
-        self.conns.get(&hk.1).is_some_and(|c| {
+        self.tables.conns.get(&hk.1).is_some_and(|c| {
             c.requests
                 .next_key_after(&hk.0)
                 .is_none_or(|next| ts < next)

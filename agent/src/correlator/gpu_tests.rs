@@ -2,7 +2,7 @@
 //! heads and spans fed in time order with ticks, as the pipeline would.
 
 use super::*;
-use crate::model::{GpuProcessStat, GpuStat, InstanceIdentity};
+use crate::model::{ConnId, GpuProcessStat, GpuStat, InstanceIdentity, RuntimeKind};
 
 const MS: u64 = 1_000_000;
 const S: u64 = 1_000 * MS;

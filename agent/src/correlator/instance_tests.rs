@@ -3,7 +3,9 @@
 //! a pid reused after its process exited, two instances on one GPU.
 
 use super::*;
-use crate::model::{GpuProcessStat, GpuStat, InstanceIdentity, TraceParent};
+use crate::model::{
+    ConnId, GpuProcessStat, GpuStat, InstanceIdentity, RequestHead, RuntimeKind, TraceParent,
+};
 
 const MS: u64 = 1_000_000;
 const S: u64 = 1_000 * MS;

@@ -3,8 +3,9 @@
 use serde::{Deserialize, Serialize};
 
 use super::join::JoinRule;
-use super::kv_eviction::KvEvictionStats;
+use super::kv_eviction::finding::KvEvictionStats;
 use super::lost::LostInFlightStats;
+use super::tables::EvictionCounts;
 use crate::model::CloseHow;
 
 /// Counters of everything the correlator decided; monotonic, read with
@@ -69,21 +70,6 @@ impl JoinCounts {
         };
         *counter += 1;
     }
-}
-
-/// Evictions from full tables, by table.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct EvictionCounts {
-    /// Connections evicted (`max_connections`).
-    pub connections: u64,
-    /// Pending request heads evicted (`max_pending_heads`, `max_heads_per_connection`, or with
-    /// their evicted connection).
-    pub heads: u64,
-    /// Spans settled early because `max_pending_spans` was reached.
-    pub spans: u64,
-    /// Listening ports not remembered (`max_listeners`).
-    pub listeners: u64,
 }
 
 /// Findings by kind.

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::model::{CloseHow, InstanceIdentity, RuntimeKind, TraceParent};
+use crate::model::{ConnId, RequestHead};
 
 const MS: u64 = 1_000_000;
 const T0: u64 = 1_700_000_000_000_000_000;
@@ -165,14 +166,16 @@ fn replayed_head_replaces_the_first_and_leaves_no_stale_index() {
     c.on_event(head(T0 + MS, 1, None, Some("first")));
     c.on_event(head(T0 + MS, 1, None, Some("second")));
     assert_eq!(c.state_sizes().pending_heads, 1);
-    assert!(!c.by_request_id.contains_key("first"));
+    assert!(!c.tables.by_request_id.contains_key("first"));
     c.on_event(kernel(
         T0 + 2 * MS,
         KernelEventKind::Closed { conn: ConnId(1) },
     ));
     c.on_tick(T0 + 60_000 * MS);
     assert_eq!(c.stats().unjoined_heads, 1);
-    assert!(c.by_request_id.is_empty() && c.heads.is_empty() && c.conns.is_empty());
+    assert!(
+        c.tables.by_request_id.is_empty() && c.tables.heads.is_empty() && c.tables.conns.is_empty()
+    );
 }
 
 /// A span that is not due yet still keeps the head its traceparent names from an earlier span's

@@ -2,53 +2,16 @@
 //! start-up. They are updated by the correlate stage and the source monitors; the scrape handler
 //! only encodes.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 
-/// Label value used once a bounded label has used up its distinct values.
-pub const OTHER: &str = "other";
-
-/// Keeps a label's cardinality bounded: the first `max` distinct values are kept, every later
-/// one is reported as `other`.
-#[derive(Debug)]
-pub struct BoundedLabel {
-    max: usize,
-    seen: Mutex<HashMap<String, ()>>,
-}
-
-impl BoundedLabel {
-    /// A label that keeps at most `max` distinct values.
-    pub fn new(max: usize) -> Self {
-        Self {
-            max,
-            seen: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// The label value to use for `value`.
-    pub fn get(&self, value: Option<&str>) -> String {
-        let value = value.unwrap_or("unknown");
-        let Ok(mut seen) = self.seen.lock() else {
-            return OTHER.to_owned();
-        };
-        if seen.contains_key(value) {
-            return value.to_owned();
-        }
-        if seen.len() < self.max {
-            seen.insert(value.to_owned(), ());
-            return value.to_owned();
-        }
-        OTHER.to_owned()
-    }
-}
+pub use crate::labels::{BoundedLabel, OTHER};
 
 /// `{model}`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]

@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use super::contention::GpuDetectionConfig;
+use crate::correlator::config::GpuDetectionConfig;
 use crate::model::{GpuSample, ProcessIdentity, RuntimeRequest, StartupSpan, UnixNanos};
 
 const MS: u64 = 1_000_000;
@@ -316,8 +316,9 @@ impl ColdStarts {
         series.get(start).map(|(ts, _)| (*ts, level))
     }
 
-    /// A settled request of instance `pid` (GPU pids `pids`): decides the instance's first
-    /// token, and returns the cold-start finding when this request decided it.
+    /// A settled request of instance `pid` (its pids `pids`, start-up helpers included):
+    /// decides the instance's first token, and returns the cold-start finding when this
+    /// request decided it.
     #[allow(
         clippy::too_many_arguments,
         reason = "one call site (GpuView::on_request), all borrowed from it"
