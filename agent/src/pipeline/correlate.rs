@@ -20,6 +20,7 @@ use crate::correlator::{
     Input, JoinRule, JoinedRequest, KvEvictionFinding, LostInFlightFinding, NoisyNeighbour, Output,
     RequestGpuFacts, StartKind,
 };
+use crate::internal_events::RuntimeSpanLabels;
 use crate::model::{GpuSample, KernelEvent, KvEventBatch, ProcessIdentity, UnixNanos};
 use crate::privacy::TenantHasher;
 use crate::sinks::batch::{EncodedGroup, EncodedSpan, SpanGroup, kv_f64, kv_i64, kv_str};
@@ -28,7 +29,6 @@ use crate::sinks::prometheus::findings::{
     JoinLabels, KvEvictionLabels, KvUndecidedLabels, LostLabels, StartLabels, TableLabels,
     advance_to,
 };
-use crate::sinks::prometheus::metrics::RuntimeSpanLabels;
 use crate::sinks::{SinkSender, SpanBatch, finding_span};
 use crate::sources::otlp::RawTraceRequest;
 use crate::sources::otlp::adapters::{
@@ -1043,8 +1043,8 @@ mod tests {
 
     use super::*;
     use crate::correlator::CorrelatorConfig;
+    use crate::internal_events::AgentMetrics;
     use crate::sinks::otlp::ExportConfig;
-    use crate::sinks::prometheus::metrics::AgentMetrics;
     use crate::sources::otlp::sample::vllm_request;
 
     #[test]

@@ -25,13 +25,13 @@ pub use correlate::{CorrelateStage, FindingSummary};
 use crate::check::error_chain;
 use crate::config::AgentConfig;
 use crate::correlator::Correlator;
+use crate::internal_events::AgentMetrics;
 use crate::model::{GpuSample, KernelEvent, KvEventBatch, UnixNanos};
 use crate::sinks::file::FileSink;
 use crate::sinks::otlp::OtlpExporter;
 use crate::sinks::prometheus::findings::{
     CpuLabels, FindingMetrics, SourceDropLabels, SourceLabels, advance_to,
 };
-use crate::sinks::prometheus::metrics::AgentMetrics;
 use crate::sinks::prometheus::{PrometheusSink, Readiness};
 use crate::sinks::{SinkReceiver, SinkSender};
 use crate::sources::kernel::{CounterMap, KernelSource, KernelStats, batch_capacity};

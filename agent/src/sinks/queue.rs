@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use super::SpanBatch;
 use crate::internal_events::SpansDropped;
-use crate::sinks::prometheus::metrics::{AgentMetrics, DropStage, QueueLabels};
+use crate::internal_events::{AgentMetrics, DropStage, QueueLabels};
 
 /// The sending side, cloned into the pipeline.
 #[derive(Debug, Clone)]

@@ -42,8 +42,8 @@ use tonic::transport::Channel;
 pub use self::config::{ExportCompression, ExportConfig, ExportProtocol, ResolvedExport};
 use super::batch::agent_resource;
 use super::{SinkReceiver, SinkSender, SpanBatch, sink_queue};
+use crate::internal_events::{AgentMetrics, DropStage};
 use crate::internal_events::{ExportFailed, SpansDropped, SpansExported};
-use crate::sinks::prometheus::metrics::{AgentMetrics, DropStage};
 
 /// The sink's name in metrics and logs.
 pub const SINK_NAME: &str = "otlp";

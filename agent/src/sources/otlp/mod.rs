@@ -40,8 +40,8 @@ pub use self::config::OtlpReceiverConfig;
 pub use self::request::RawTraceRequest;
 pub use self::tls::TlsError;
 use self::wire::{SpanView, WireError, WireLimits};
+use crate::internal_events::{AgentMetrics, DropStage, Protocol, RejectReason};
 use crate::internal_events::{OtlpRequestRejected, OtlpSpansReceived, SpansDropped};
-use crate::sinks::prometheus::metrics::{AgentMetrics, DropStage, Protocol, RejectReason};
 
 /// Errors of the OTLP receiver.
 #[derive(Debug, thiserror::Error)]

@@ -27,10 +27,10 @@ use tonic::{Code, Status};
 use super::adapters::{AdapterOptions, adapt_request};
 use super::sample::vllm_request;
 use super::{OtlpReceiver, OtlpReceiverConfig, channel};
+use crate::internal_events::{AgentMetrics, DropStage, Protocol, RejectReason};
 use crate::model::{RuntimeKind, RuntimeRequest};
 use crate::sinks::batch::{kv_i64, kv_str};
 use crate::sinks::otlp::{ExportConfig, ExportProtocol, OtlpExporter};
-use crate::sinks::prometheus::metrics::{AgentMetrics, DropStage, Protocol, RejectReason};
 use crate::sinks::{SinkSender, SpanBatch, finding_span};
 
 // ---------------------------------------------------------------- harness

@@ -1,7 +1,7 @@
 //! The agent's own health metrics, registered once at start-up with typed label sets.
 //!
-//! Everything here is updated by the `emit()` of an internal event
-//! (`crate::internal_events`) or by a queue's fill gauge; the scrape handler only encodes.
+//! Everything here is updated by the `emit()` of an internal event (the parent module) or by a
+//! queue's fill gauge; the Prometheus sink's scrape handler only encodes.
 
 use std::fmt::Write;
 
