@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 
 use inferwatch::correlator::{Correlator, CorrelatorConfig};
 use inferwatch::internal_events::AgentMetrics;
+use inferwatch::otlp_wire::batch::agent_resource;
 use inferwatch::pipeline::CorrelateStage;
 use inferwatch::sinks::SinkReceiver;
-use inferwatch::sinks::batch::agent_resource;
 use inferwatch::sinks::otlp::{ExportConfig, encode_batch_body};
 use inferwatch::sinks::prometheus::findings::FindingMetrics;
 use inferwatch::sources::otlp::adapters::AdapterOptions;

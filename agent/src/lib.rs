@@ -13,6 +13,7 @@ pub mod correlator;
 pub mod fuzzing;
 pub mod internal_events;
 pub mod model;
+pub mod otlp_wire;
 pub mod pipeline;
 pub mod privacy;
 pub mod sinks;

@@ -22,14 +22,16 @@ use crate::correlator::{
 };
 use crate::internal_events::RuntimeSpanLabels;
 use crate::model::{GpuSample, KernelEvent, KvEventBatch, ProcessIdentity, UnixNanos};
+use crate::otlp_wire::batch::{
+    EncodedGroup, EncodedSpan, SpanBatch, SpanGroup, finding_span, kv_f64, kv_i64, kv_str,
+};
 use crate::privacy::TenantHasher;
-use crate::sinks::batch::{EncodedGroup, EncodedSpan, SpanGroup, kv_f64, kv_i64, kv_str};
+use crate::sinks::SinkSender;
 use crate::sinks::prometheus::findings::{
     AbortLabels, AbortLagLabels, ContentionLabels, FindingMetrics, GpuLabels, GpuProcessLabels,
     JoinLabels, KvEvictionLabels, KvUndecidedLabels, LostLabels, StartLabels, TableLabels,
     advance_to,
 };
-use crate::sinks::{SinkSender, SpanBatch, finding_span};
 use crate::sources::otlp::RawTraceRequest;
 use crate::sources::otlp::adapters::{
     AdapterOptions, RuntimeLabel, SpanAdapter, instance, runtime_of, runtime_of_resource,
@@ -1027,8 +1029,8 @@ fn neighbour_attributes(n: &NoisyNeighbour) -> Vec<KeyValue> {
 
 /// A random, non-zero trace id for findings that have no trace of their own.
 fn new_trace_id() -> [u8; 16] {
-    let a = crate::sinks::batch::new_span_id();
-    let b = crate::sinks::batch::new_span_id();
+    let a = crate::otlp_wire::batch::new_span_id();
+    let b = crate::otlp_wire::batch::new_span_id();
     let mut id = [0u8; 16];
     id[..8].copy_from_slice(&a);
     id[8..].copy_from_slice(&b);

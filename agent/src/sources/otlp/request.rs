@@ -95,7 +95,7 @@ mod tests {
     use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 
     use super::*;
-    use crate::sinks::batch::kv_str;
+    use crate::otlp_wire::batch::kv_str;
 
     #[test]
     fn the_raw_request_reads_the_same_bytes_as_the_decoded_one() {

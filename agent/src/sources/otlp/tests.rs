@@ -29,9 +29,9 @@ use super::sample::vllm_request;
 use super::{OtlpReceiver, OtlpReceiverConfig, channel};
 use crate::internal_events::{AgentMetrics, DropStage, Protocol, RejectReason};
 use crate::model::{RuntimeKind, RuntimeRequest};
-use crate::sinks::batch::{kv_i64, kv_str};
+use crate::otlp_wire::batch::{SpanBatch, finding_span, kv_i64, kv_str};
+use crate::sinks::SinkSender;
 use crate::sinks::otlp::{ExportConfig, ExportProtocol, OtlpExporter};
-use crate::sinks::{SinkSender, SpanBatch, finding_span};
 
 // ---------------------------------------------------------------- harness
 

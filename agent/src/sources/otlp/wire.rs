@@ -58,7 +58,7 @@
 use prost::encoding::{WireType, decode_key, decode_varint};
 
 use super::{LimitError, OtlpReceiverConfig};
-use crate::sinks::otlp::encode::{field_len, put_len_key};
+use crate::otlp_wire::write::{field_len, put_len_key};
 
 /// The recursion budget prost has left when it reads a span's fields inside an
 /// `ExportTraceServiceRequest`: 100 at the request, minus one per message entered (the

@@ -121,7 +121,7 @@ mod tests {
     use prost::Message;
 
     use super::*;
-    use crate::sinks::batch::{kv_i64, kv_str};
+    use crate::otlp_wire::batch::{kv_i64, kv_str};
     use crate::sources::otlp::adapters::{AdapterOptions, adapt_decoded, instance};
     use crate::sources::otlp::wire::WireLimits;
 

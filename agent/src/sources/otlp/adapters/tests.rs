@@ -6,7 +6,7 @@ use opentelemetry_proto::tonic::trace::v1::{Span, span::Event};
 
 use super::tgi::parse_debug_duration;
 use super::*;
-use crate::sinks::batch::{kv_f64, kv_i64, kv_str};
+use crate::otlp_wire::batch::{kv_f64, kv_i64, kv_str};
 use crate::sources::otlp::sample::vllm_span;
 use crate::sources::otlp::wire::SpanView;
 
