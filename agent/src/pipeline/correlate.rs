@@ -25,6 +25,7 @@ use crate::model::{GpuSample, KernelEvent, KvEventBatch, ProcessIdentity, UnixNa
 use crate::otlp_wire::batch::{
     EncodedGroup, EncodedSpan, SpanBatch, SpanGroup, finding_span, kv_f64, kv_i64, kv_str,
 };
+use crate::otlp_wire::read::{SpanView, rewrite_str_attributes};
 use crate::privacy::TenantHasher;
 use crate::sinks::SinkSender;
 use crate::sinks::prometheus::findings::{
@@ -37,7 +38,6 @@ use crate::sources::otlp::adapters::{
     AdapterOptions, RuntimeLabel, SpanAdapter, instance, runtime_of, runtime_of_resource,
     runtime_of_scope, startup,
 };
-use crate::sources::otlp::wire::{SpanView, rewrite_str_attributes};
 
 /// A request span waiting for its join: encoded, since it waits a few hundred ms or more (see
 /// [`EncodedSpan`]), with the resource and scope it shares with the spans it came with.

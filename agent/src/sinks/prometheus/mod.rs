@@ -1,8 +1,8 @@
 //! The Prometheus text endpoint (`/metrics`) with `/healthz` and `/readyz`.
 //!
-//! The metric families are created and registered once, at start-up ([`crate::internal_events::AgentMetrics`]
-//! and whatever else the pipeline registers in the same [`Registry`]); the scrape handler only
-//! encodes the registry.
+//! The metric families are created and registered once, at start-up
+//! ([`crate::internal_events::AgentMetrics`] and whatever else the pipeline registers in the
+//! same [`Registry`]); the scrape handler only encodes the registry.
 
 pub mod config;
 pub mod findings;

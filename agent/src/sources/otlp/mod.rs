@@ -10,7 +10,8 @@
 //! Hostile input is bounded three ways: the request size (`max_request_bytes`, checked before
 //! buffering on HTTP and by tonic's framing on gRPC, and again after decompression); prost's
 //! decoder recursion limit (100 nested messages, so a deeply nested `AnyValue` fails to decode
-//! instead of overflowing the stack), which [`wire`]'s span walker keeps too; and [`validate`]
+//! instead of overflowing the stack), which [`crate::otlp_wire::read`]'s span walker keeps
+//! too; and [`validate`]
 //! (every span well-formed, attribute counts and `AnyValue` depth).
 
 pub mod adapters;
@@ -22,7 +23,6 @@ pub mod sample;
 #[cfg(test)]
 mod tests;
 mod tls;
-pub mod wire;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -39,9 +39,9 @@ use tracing::info;
 pub use self::config::OtlpReceiverConfig;
 pub use self::request::RawTraceRequest;
 pub use self::tls::TlsError;
-use self::wire::{SpanView, WireError, WireLimits};
 use crate::internal_events::{AgentMetrics, DropStage, Protocol, RejectReason};
 use crate::internal_events::{OtlpRequestRejected, OtlpSpansReceived, SpansDropped};
+use crate::otlp_wire::read::{LimitError, SpanView, WireError, WireLimits};
 
 /// Errors of the OTLP receiver.
 #[derive(Debug, thiserror::Error)]
@@ -69,27 +69,6 @@ pub enum OtlpError {
     /// The HTTP server stopped with an error.
     #[error("serving OTLP/HTTP")]
     Http(#[source] std::io::Error),
-}
-
-/// Why a decoded request was refused by [`validate`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum LimitError {
-    /// Too many attributes in one list.
-    #[error("{count} attributes on one {owner}, the limit is {limit}")]
-    TooManyAttributes {
-        /// span, resource, scope, event or link.
-        owner: &'static str,
-        /// The count found.
-        count: usize,
-        /// The limit.
-        limit: usize,
-    },
-    /// An `AnyValue` nested too deeply.
-    #[error("attribute value nested deeper than {limit}")]
-    TooDeep {
-        /// The limit.
-        limit: usize,
-    },
 }
 
 /// Why a decoded request was refused by [`validate`].
