@@ -9,6 +9,8 @@
 //! programs are detached.
 
 mod correlate;
+#[cfg(test)]
+mod otlp_tests;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -21,7 +21,7 @@ mod http;
 pub mod request;
 pub mod sample;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod tls;
 
 use std::net::SocketAddr;
