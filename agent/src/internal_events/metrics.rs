@@ -125,6 +125,14 @@ pub struct QueueLabels {
     pub queue: &'static str,
 }
 
+/// Label set `{source}` of a source -> pipeline channel: `kernel`, `nvml`, `kv_events` or
+/// `otlp`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct SourceQueueLabels {
+    /// The source's name.
+    pub source: &'static str,
+}
+
 /// Label set `{runtime, adapted}` of `inferwatch_runtime_spans_total`: the runtime a received
 /// span came from (`vllm`, `sglang`, `tgi`, `genai`, `unknown`) and whether an adapter read it
 /// as a request (`true` / `false`).
@@ -155,6 +163,11 @@ pub struct AgentMetrics {
     pub queue_capacity: Family<QueueLabels, Gauge>,
     /// `inferwatch_runtime_spans_total{runtime,adapted}`.
     pub runtime_spans: Family<RuntimeSpanLabels, Counter>,
+    /// `inferwatch_source_queue_depth{source}`: messages waiting in a source -> pipeline
+    /// channel.
+    pub source_queue_depth: Family<SourceQueueLabels, Gauge>,
+    /// `inferwatch_source_queue_capacity{source}`: the channel's bound, in messages.
+    pub source_queue_capacity: Family<SourceQueueLabels, Gauge>,
 }
 
 impl AgentMetrics {
@@ -201,6 +214,16 @@ impl AgentMetrics {
             "Spans received, by the runtime that sent them and whether an adapter read them as a request",
             m.runtime_spans.clone(),
         );
+        registry.register(
+            "inferwatch_source_queue_depth",
+            "Messages waiting in a source's channel to the pipeline",
+            m.source_queue_depth.clone(),
+        );
+        registry.register(
+            "inferwatch_source_queue_capacity",
+            "Capacity of a source's channel to the pipeline, in messages",
+            m.source_queue_capacity.clone(),
+        );
         m
     }
 
@@ -240,5 +263,19 @@ impl AgentMetrics {
     /// The current depth of a queue.
     pub fn depth(&self, queue: &'static str) -> i64 {
         self.queue_depth.get_or_create(&QueueLabels { queue }).get()
+    }
+
+    /// The current depth of a source's channel.
+    pub fn source_depth(&self, source: &'static str) -> i64 {
+        self.source_queue_depth
+            .get_or_create(&SourceQueueLabels { source })
+            .get()
+    }
+
+    /// The bound of a source's channel.
+    pub fn source_capacity(&self, source: &'static str) -> i64 {
+        self.source_queue_capacity
+            .get_or_create(&SourceQueueLabels { source })
+            .get()
     }
 }

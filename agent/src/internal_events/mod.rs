@@ -9,7 +9,7 @@ use tracing::{debug, warn};
 
 pub use self::metrics::{
     AgentMetrics, DropLabels, DropStage, Protocol, ProtocolLabels, QueueLabels, RejectLabels,
-    RejectReason, RuntimeSpanLabels, SinkLabels,
+    RejectReason, RuntimeSpanLabels, SinkLabels, SourceQueueLabels,
 };
 
 /// The OTLP receiver accepted a request.

@@ -19,7 +19,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use prometheus_client::registry::Registry;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use correlate::{CorrelateStage, FindingSummary};
@@ -36,6 +35,7 @@ use crate::sinks::prometheus::findings::{
 };
 use crate::sinks::prometheus::{PrometheusSink, Readiness};
 use crate::sinks::{SinkReceiver, SinkSender};
+use crate::sources::channel::{SourceReceiver, source_channel};
 use crate::sources::kernel::{CounterMap, KernelSource, KernelStats, batch_capacity};
 use crate::sources::kvevents::{KvEventsCounters, KvEventsSource};
 use crate::sources::nvml::{NvmlCounters, NvmlSource};
@@ -91,12 +91,13 @@ pub struct Pipeline {
     nvml_capacity: usize,
     kv_events: Option<KvEventsSource>,
     kv_capacity: usize,
-    otlp: Option<(OtlpReceiver, mpsc::Receiver<RawTraceRequest>)>,
+    otlp: Option<(OtlpReceiver, SourceReceiver<RawTraceRequest>)>,
     exporter: Option<(OtlpExporter, SinkReceiver)>,
     file: Option<(FileSink, SinkReceiver)>,
     prometheus: Option<PrometheusSink>,
     readiness: Readiness,
     stage: CorrelateStage,
+    metrics: Arc<AgentMetrics>,
     finding_metrics: Arc<FindingMetrics>,
     endpoints: Endpoints,
 }
@@ -279,7 +280,7 @@ impl Pipeline {
         };
 
         let otlp = if config.otlp.enabled {
-            let (tx, rx) = crate::sources::otlp::channel(&config.otlp);
+            let (tx, rx) = crate::sources::otlp::channel(&config.otlp, &metrics);
             match OtlpReceiver::build(&config.otlp, tx, Arc::clone(&metrics)).await {
                 Ok(receiver) => {
                     endpoints.otlp_grpc = Some(receiver.grpc_addr());
@@ -351,6 +352,7 @@ impl Pipeline {
             prometheus,
             readiness,
             stage,
+            metrics,
             finding_metrics,
             endpoints,
         })
@@ -377,6 +379,7 @@ impl Pipeline {
             prometheus,
             readiness,
             mut stage,
+            metrics,
             finding_metrics,
             ..
         } = self;
@@ -401,7 +404,7 @@ impl Pipeline {
         }
 
         let (kernel_tx, mut kernel_rx) =
-            mpsc::channel::<Vec<KernelEvent>>(batch_capacity(kernel_capacity));
+            source_channel::<Vec<KernelEvent>>("kernel", batch_capacity(kernel_capacity), &metrics);
         let mut kernel_monitor = None;
         if let Some(parts) = kernel {
             kernel_monitor = Some((Arc::clone(&parts.stats), Arc::clone(&parts.counters)));
@@ -418,7 +421,7 @@ impl Pipeline {
         } else {
             drop(kernel_tx);
         }
-        let (gpu_tx, mut gpu_rx) = mpsc::channel::<GpuSample>(nvml_capacity.max(1));
+        let (gpu_tx, mut gpu_rx) = source_channel::<GpuSample>("nvml", nvml_capacity, &metrics);
         let mut nvml_counters = None;
         let mut gpu_open = nvml.is_some();
         if let Some(source) = nvml {
@@ -432,7 +435,7 @@ impl Pipeline {
         } else {
             drop(gpu_tx);
         }
-        let (kv_tx, mut kv_rx) = mpsc::channel::<KvEventBatch>(kv_capacity.max(1));
+        let (kv_tx, mut kv_rx) = source_channel::<KvEventBatch>("kv_events", kv_capacity, &metrics);
         let mut kv_open = kv_events.is_some();
         let mut kv_counters = None;
         if let Some(source) = kv_events {
@@ -539,7 +542,7 @@ impl Pipeline {
     }
 }
 
-async fn recv_spans(rx: &mut Option<mpsc::Receiver<RawTraceRequest>>) -> Option<RawTraceRequest> {
+async fn recv_spans(rx: &mut Option<SourceReceiver<RawTraceRequest>>) -> Option<RawTraceRequest> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,

@@ -32,7 +32,6 @@ use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -42,6 +41,7 @@ pub use self::tls::TlsError;
 use crate::internal_events::{AgentMetrics, DropStage, Protocol, RejectReason};
 use crate::internal_events::{OtlpRequestRejected, OtlpSpansReceived, SpansDropped};
 use crate::otlp_wire::read::{LimitError, SpanView, WireError, WireLimits};
+use crate::sources::channel::{SourceReceiver, SourceSender, source_channel};
 
 /// Errors of the OTLP receiver.
 #[derive(Debug, thiserror::Error)]
@@ -83,11 +83,14 @@ pub enum InvalidRequest {
 }
 
 /// The sending side of the receiver -> pipeline channel.
-pub type SpanSender = mpsc::Sender<RawTraceRequest>;
+pub type SpanSender = SourceSender<RawTraceRequest>;
 
-/// Creates the bounded receiver -> pipeline channel with the configured capacity.
-pub fn channel(config: &OtlpReceiverConfig) -> (SpanSender, mpsc::Receiver<RawTraceRequest>) {
-    mpsc::channel(config.queue_capacity.max(1))
+/// Creates the bounded receiver -> pipeline channel (`otlp`) with the configured capacity.
+pub fn channel(
+    config: &OtlpReceiverConfig,
+    metrics: &AgentMetrics,
+) -> (SpanSender, SourceReceiver<RawTraceRequest>) {
+    source_channel("otlp", config.queue_capacity, metrics)
 }
 
 /// The state both protocol front-ends share.

@@ -54,7 +54,7 @@ impl Drop for Agent {
 pub(crate) async fn start_agent(receiver: OtlpReceiverConfig) -> Agent {
     let metrics = Arc::new(AgentMetrics::default());
     let shutdown = CancellationToken::new();
-    let (tx, mut rx) = channel(&receiver);
+    let (tx, mut rx) = channel(&receiver, &metrics);
     let rcv = OtlpReceiver::build(&receiver, tx, metrics.clone())
         .await
         .expect("receiver binds");
@@ -451,7 +451,7 @@ async fn full_pipeline_queue_answers_unavailable_and_counts() {
         ..ephemeral()
     };
     let metrics = Arc::new(AgentMetrics::default());
-    let (tx, _rx_kept_but_never_read) = channel(&config);
+    let (tx, _rx_kept_but_never_read) = channel(&config, &metrics);
     let rcv = OtlpReceiver::build(&config, tx, metrics.clone())
         .await
         .expect("binds");
