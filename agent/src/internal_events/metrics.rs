@@ -133,6 +133,29 @@ pub struct SourceQueueLabels {
     pub source: &'static str,
 }
 
+/// Label set `{source}` of `inferwatch_events_received_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct SourceLabels {
+    /// `kernel`, `otlp`, `nvml`, ...
+    pub source: String,
+}
+
+/// Label set `{source, reason}` of `inferwatch_events_dropped_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct SourceDropLabels {
+    /// The source.
+    pub source: String,
+    /// Why the events were lost.
+    pub reason: String,
+}
+
+/// Label set `{cpu}` of `inferwatch_kernel_ringbuf_drops_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct CpuLabels {
+    /// The CPU index.
+    pub cpu: String,
+}
+
 /// Label set `{runtime, adapted}` of `inferwatch_runtime_spans_total`: the runtime a received
 /// span came from (`vllm`, `sglang`, `tgi`, `genai`, `unknown`) and whether an adapter read it
 /// as a request (`true` / `false`).
@@ -163,6 +186,12 @@ pub struct AgentMetrics {
     pub queue_capacity: Family<QueueLabels, Gauge>,
     /// `inferwatch_runtime_spans_total{runtime,adapted}`.
     pub runtime_spans: Family<RuntimeSpanLabels, Counter>,
+    /// `inferwatch_events_received_total{source}`.
+    pub events_received: Family<SourceLabels, Counter>,
+    /// `inferwatch_events_dropped_total{source,reason}`.
+    pub events_dropped: Family<SourceDropLabels, Counter>,
+    /// `inferwatch_kernel_ringbuf_drops_total{cpu}`: records the kernel could not queue.
+    pub ringbuf_drops: Family<CpuLabels, Counter>,
     /// `inferwatch_source_queue_depth{source}`: messages waiting in a source -> pipeline
     /// channel.
     pub source_queue_depth: Family<SourceQueueLabels, Gauge>,
@@ -213,6 +242,21 @@ impl AgentMetrics {
             "inferwatch_runtime_spans",
             "Spans received, by the runtime that sent them and whether an adapter read them as a request",
             m.runtime_spans.clone(),
+        );
+        registry.register(
+            "inferwatch_events_received",
+            "Events received per source",
+            m.events_received.clone(),
+        );
+        registry.register(
+            "inferwatch_events_dropped",
+            "Events lost per source and reason",
+            m.events_dropped.clone(),
+        );
+        registry.register(
+            "inferwatch_kernel_ringbuf_drops",
+            "Kernel records lost because the ring buffer was full, per CPU",
+            m.ringbuf_drops.clone(),
         );
         registry.register(
             "inferwatch_source_queue_depth",
@@ -277,5 +321,27 @@ impl AgentMetrics {
         self.source_queue_capacity
             .get_or_create(&SourceQueueLabels { source })
             .get()
+    }
+}
+
+/// Adds to a counter so that it reaches `total` (for sources that keep their own monotonic
+/// totals); never goes back.
+pub fn advance_to(counter: &Counter, total: u64) {
+    let now = counter.get();
+    if total > now {
+        counter.inc_by(total - now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advance_to_is_monotonic() {
+        let c = Counter::<u64>::default();
+        advance_to(&c, 5);
+        advance_to(&c, 3);
+        assert_eq!(c.get(), 5);
     }
 }

@@ -8,8 +8,9 @@ mod metrics;
 use tracing::{debug, warn};
 
 pub use self::metrics::{
-    AgentMetrics, DropLabels, DropStage, Protocol, ProtocolLabels, QueueLabels, RejectLabels,
-    RejectReason, RuntimeSpanLabels, SinkLabels, SourceQueueLabels,
+    AgentMetrics, CpuLabels, DropLabels, DropStage, Protocol, ProtocolLabels, QueueLabels,
+    RejectLabels, RejectReason, RuntimeSpanLabels, SinkLabels, SourceDropLabels, SourceLabels,
+    SourceQueueLabels, advance_to,
 };
 
 /// The OTLP receiver accepted a request.

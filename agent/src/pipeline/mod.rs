@@ -26,13 +26,11 @@ pub use correlate::{CorrelateStage, FindingSummary};
 use crate::check::error_chain;
 use crate::config::AgentConfig;
 use crate::correlator::Correlator;
-use crate::internal_events::AgentMetrics;
+use crate::internal_events::{AgentMetrics, CpuLabels, SourceDropLabels, SourceLabels, advance_to};
 use crate::model::{GpuSample, KernelEvent, KvEventBatch, UnixNanos};
 use crate::sinks::file::FileSink;
 use crate::sinks::otlp::OtlpExporter;
-use crate::sinks::prometheus::findings::{
-    CpuLabels, FindingMetrics, SourceDropLabels, SourceLabels, advance_to,
-};
+use crate::sinks::prometheus::findings::FindingMetrics;
 use crate::sinks::prometheus::{PrometheusSink, Readiness};
 use crate::sinks::{SinkReceiver, SinkSender};
 use crate::sources::channel::{SourceReceiver, source_channel};
@@ -98,7 +96,6 @@ pub struct Pipeline {
     readiness: Readiness,
     stage: CorrelateStage,
     metrics: Arc<AgentMetrics>,
-    finding_metrics: Arc<FindingMetrics>,
     endpoints: Endpoints,
 }
 
@@ -353,7 +350,6 @@ impl Pipeline {
             readiness,
             stage,
             metrics,
-            finding_metrics,
             endpoints,
         })
     }
@@ -380,7 +376,6 @@ impl Pipeline {
             readiness,
             mut stage,
             metrics,
-            finding_metrics,
             ..
         } = self;
         let sources_stop = CancellationToken::new();
@@ -502,13 +497,13 @@ impl Pipeline {
                 }
                 _ = monitor.tick() => {
                     if let Some((stats, counters)) = &kernel_monitor {
-                        update_kernel_metrics(&finding_metrics, stats, counters);
+                        update_kernel_metrics(&metrics, stats, counters);
                     }
                     if let Some(counters) = &kv_counters {
-                        update_kv_events_metrics(&finding_metrics, counters);
+                        update_kv_events_metrics(&metrics, counters);
                     }
                     if let Some(counters) = &nvml_counters {
-                        update_nvml_metrics(&finding_metrics, counters);
+                        update_nvml_metrics(&metrics, counters);
                     }
                     stage.sync_gpu_metrics();
                 }
@@ -614,7 +609,7 @@ fn log_findings(stage: &mut CorrelateStage) {
     }
 }
 
-fn update_nvml_metrics(metrics: &FindingMetrics, counters: &NvmlCounters) {
+fn update_nvml_metrics(metrics: &AgentMetrics, counters: &NvmlCounters) {
     let nvml = SourceLabels {
         source: "nvml".into(),
     };
@@ -637,7 +632,7 @@ fn update_nvml_metrics(metrics: &FindingMetrics, counters: &NvmlCounters) {
     }
 }
 
-fn update_kv_events_metrics(metrics: &FindingMetrics, counters: &KvEventsCounters) {
+fn update_kv_events_metrics(metrics: &AgentMetrics, counters: &KvEventsCounters) {
     let kv = SourceLabels {
         source: "kv_events".into(),
     };
@@ -665,7 +660,7 @@ fn update_kv_events_metrics(metrics: &FindingMetrics, counters: &KvEventsCounter
     }
 }
 
-fn update_kernel_metrics(metrics: &FindingMetrics, stats: &KernelStats, counters: &CounterMap) {
+fn update_kernel_metrics(metrics: &AgentMetrics, stats: &KernelStats, counters: &CounterMap) {
     let kernel = SourceLabels {
         source: "kernel".into(),
     };
