@@ -21,8 +21,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use inferwatch::internal_events::AgentMetrics;
+use inferwatch::sources::channel::source_channel;
 use inferwatch::sources::kernel::{KernelConfig, KernelProbes, KernelSource, batch_capacity};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 const ROUNDS: usize = 100;
@@ -268,7 +269,11 @@ fn reader() {
         .map(|c| c.ringbuf_drops.iter().sum())
         .unwrap_or(0);
 
-    let (tx, mut rx) = mpsc::channel(batch_capacity(config.channel_capacity));
+    let (tx, mut rx) = source_channel(
+        "kernel",
+        batch_capacity(config.channel_capacity),
+        &AgentMetrics::default(),
+    );
     let shutdown = CancellationToken::new();
     let (received, drain_secs) = runtime.block_on(async {
         let reader = tokio::spawn(source.run(tx, shutdown.clone()));

@@ -23,15 +23,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use inferwatch::correlator::{Correlator, CorrelatorConfig};
+use inferwatch::internal_events::AgentMetrics;
+use inferwatch::otlp_wire::batch::agent_resource;
+use inferwatch::otlp_wire::read::{SpanView, WireLimits};
 use inferwatch::pipeline::CorrelateStage;
 use inferwatch::sinks::SinkReceiver;
-use inferwatch::sinks::batch::agent_resource;
 use inferwatch::sinks::otlp::{ExportConfig, encode_batch_body};
 use inferwatch::sinks::prometheus::findings::FindingMetrics;
-use inferwatch::sinks::prometheus::metrics::AgentMetrics;
 use inferwatch::sources::otlp::adapters::AdapterOptions;
 use inferwatch::sources::otlp::sample::vllm_request;
-use inferwatch::sources::otlp::wire::{SpanView, WireLimits};
 use inferwatch::sources::otlp::{OtlpReceiverConfig, RawTraceRequest, RequestAdapter, validate};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::resource::v1::Resource;

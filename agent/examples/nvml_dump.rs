@@ -9,9 +9,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use inferwatch::internal_events::AgentMetrics;
+use inferwatch::sources::channel::source_channel;
 use inferwatch::sources::nvml::{NvmlConfig, NvmlSource};
 use inferwatch::sources::procfs::ProcReader;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 fn parse_args() -> anyhow::Result<(u64, u64, Option<PathBuf>)> {
@@ -54,7 +55,7 @@ async fn main() -> anyhow::Result<()> {
     };
     eprintln!("nvml_dump: loaded {}", source.library());
     let counters = source.counters();
-    let (tx, mut rx) = mpsc::channel(64);
+    let (tx, mut rx) = source_channel("nvml", 64, &AgentMetrics::default());
     let cancel = CancellationToken::new();
     let poller = source.spawn(tx, cancel.clone());
     let stop = cancel.clone();

@@ -15,12 +15,12 @@ use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
 
 use crate::config::AgentConfig;
+use crate::otlp_wire::read::{SpanView, WireLimits};
 use crate::sources::kernel::event::{self, raw};
 use crate::sources::kernel::http::{HeadParser, parse_traceparent};
 use crate::sources::kernel::{EventConverter, KernelConfig, MonotonicToWall};
 use crate::sources::kvevents;
 use crate::sources::otlp::adapters::{AdapterOptions, adapt, adapt_decoded, instance};
-use crate::sources::otlp::wire::{SpanView, WireLimits};
 use crate::sources::otlp::{OtlpReceiverConfig, RawTraceRequest, validate, validate_decoded};
 
 mod target;

@@ -16,6 +16,7 @@ pub mod fuzzing;
 pub mod internal_events;
 pub mod labels;
 pub mod model;
+pub mod otlp_wire;
 pub mod pipeline;
 pub mod privacy;
 pub mod sinks;

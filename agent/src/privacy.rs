@@ -9,7 +9,7 @@
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use serde::{Deserialize, Serialize};
 
-use crate::sources::otlp::wire::rewrite_str_attributes;
+use crate::otlp_wire::read::rewrite_str_attributes;
 
 /// SipHash-2-4 of `data` under the 128-bit key `(k0, k1)` (Aumasson & Bernstein): the tenant
 /// hash here and the correlator's conversation keys. Written out because `std`'s

@@ -18,9 +18,10 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use inferwatch::internal_events::AgentMetrics;
 use inferwatch::model::{CloseHow, ConnId, KernelEvent, KernelEventKind};
+use inferwatch::sources::channel::source_channel;
 use inferwatch::sources::kernel::{KernelConfig, KernelSource, batch_capacity};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 const CHUNKS: usize = 20;
@@ -255,7 +256,7 @@ fn start_capture(ports: Vec<u16>) -> Capture {
     let source = runtime
         .block_on(async { KernelSource::build(&config) })
         .unwrap_or_else(|e| panic!("loading the kernel source: {e:#?}"));
-    let (tx, mut rx) = mpsc::channel(batch_capacity(65_536));
+    let (tx, mut rx) = source_channel("kernel", batch_capacity(65_536), &AgentMetrics::default());
     let shutdown = CancellationToken::new();
     let events = Arc::new(Mutex::new(Vec::new()));
     runtime.spawn(source.run(tx, shutdown.clone()));

@@ -115,7 +115,11 @@ async fn drive(s: &Scenario, tag: &str, kv: bool) -> Run {
             ..KvEventsConfig::default()
         })
         .expect("build the KV event source");
-        let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
+        let (tx, mut rx) = inferwatch::sources::channel::source_channel(
+            "kv_events",
+            4096,
+            &inferwatch::internal_events::AgentMetrics::default(),
+        );
         let cancel = tokio_util::sync::CancellationToken::new();
         let run_cancel = cancel.clone();
         let handle = tokio::spawn(async move { source.run(tx, run_cancel).await });

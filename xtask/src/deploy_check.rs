@@ -451,11 +451,19 @@ fn configmap_toml(ctx: &Ctx) -> anyhow::Result<String> {
     ))
 }
 
-/// Family names registered in agent/src/sinks/prometheus/*.rs: every string literal that is a
+/// Where metric families are registered: the Prometheus sink (findings) and the agent's own
+/// telemetry (`internal_events`).
+const METRIC_DIRS: [&str; 2] = ["agent/src/sinks/prometheus", "agent/src/internal_events"];
+
+/// Family names registered in the [`METRIC_DIRS`]' `*.rs`: every string literal that is a
 /// whole `inferwatch_*` name.
 fn registered_metrics(ctx: &Ctx) -> anyhow::Result<BTreeSet<String>> {
     let mut names = BTreeSet::new();
-    for f in ctx.files("agent/src/sinks/prometheus", &[".rs"])? {
+    let mut files = Vec::new();
+    for dir in METRIC_DIRS {
+        files.extend(ctx.files(dir, &[".rs"])?);
+    }
+    for f in files {
         let text = std::fs::read_to_string(ctx.path(&f))?;
         for (at, _) in text.match_indices("\"inferwatch_") {
             let rest = &text[at + 1..];
@@ -468,7 +476,10 @@ fn registered_metrics(ctx: &Ctx) -> anyhow::Result<BTreeSet<String>> {
         }
     }
     if names.is_empty() {
-        bail!("no metric registrations found in agent/src/sinks/prometheus");
+        bail!(
+            "no metric registrations found in {}",
+            METRIC_DIRS.join(", ")
+        );
     }
     Ok(names)
 }

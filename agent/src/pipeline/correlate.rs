@@ -16,11 +16,11 @@ use super::held::HeldSpans;
 use super::summary::FindingSummary;
 use crate::correlator::{Correlator, Input, Output};
 use crate::model::{GpuSample, KernelEvent, KvEventBatch, ProcessIdentity, UnixNanos};
+use crate::otlp_wire::batch::{EncodedGroup, SpanBatch};
 use crate::privacy::TenantHasher;
-use crate::sinks::batch::EncodedGroup;
+use crate::sinks::SinkSender;
 use crate::sinks::otlp::render;
 use crate::sinks::prometheus::findings::FindingMetrics;
-use crate::sinks::{SinkSender, SpanBatch};
 use crate::sources::otlp::AdaptedRequest;
 use crate::sources::otlp::adapted::{AdaptedSpan, SpanRole};
 
@@ -321,9 +321,9 @@ mod tests {
 
     use super::*;
     use crate::correlator::CorrelatorConfig;
-    use crate::sinks::batch::kv_str;
+    use crate::internal_events::AgentMetrics;
+    use crate::otlp_wire::batch::kv_str;
     use crate::sinks::otlp::ExportConfig;
-    use crate::sinks::prometheus::metrics::AgentMetrics;
     use crate::sources::otlp::adapters::AdapterOptions;
     use crate::sources::otlp::sample::vllm_request;
     use crate::sources::otlp::{RawTraceRequest, RequestAdapter};

@@ -7,8 +7,7 @@ use std::sync::Arc;
 
 use opentelemetry_proto::tonic::trace::v1::Span;
 
-use crate::sinks::SpanBatch;
-use crate::sinks::batch::{EncodedGroup, EncodedSpan, SpanGroup};
+use crate::otlp_wire::batch::{EncodedGroup, EncodedSpan, SpanBatch, SpanGroup};
 
 /// A request span waiting for its join: encoded, since it waits a few hundred ms or more (see
 /// [`EncodedSpan`]), with the resource and scope it shares with the spans it came with.

@@ -15,6 +15,8 @@
 
 mod correlate;
 mod held;
+#[cfg(test)]
+mod otlp_tests;
 mod summary;
 
 use std::net::SocketAddr;
@@ -23,7 +25,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::registry::Registry;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use correlate::CorrelateStage;
@@ -33,16 +34,16 @@ use summary::log_findings;
 
 use crate::config::RunConfig;
 use crate::correlator::Correlator;
-use crate::internal_events::ErrorChain;
+use crate::internal_events::{
+    AgentMetrics, CpuLabels, ErrorChain, SourceDropLabels, SourceLabels, advance_to,
+};
 use crate::model::{GpuSample, KernelEvent, KvEventBatch, UnixNanos};
 use crate::sinks::file::{FileSink, FileSinkError};
 use crate::sinks::otlp::{OtlpExportError, OtlpExporter};
-use crate::sinks::prometheus::findings::{
-    CpuLabels, FindingMetrics, SourceDropLabels, SourceLabels, advance_to,
-};
-use crate::sinks::prometheus::metrics::AgentMetrics;
+use crate::sinks::prometheus::findings::FindingMetrics;
 use crate::sinks::prometheus::{PrometheusError, PrometheusSink, Readiness};
 use crate::sinks::{SinkReceiver, SinkSender};
+use crate::sources::channel::{SourceReceiver, source_channel};
 use crate::sources::kernel::{CounterMap, KernelSource, KernelStats, batch_capacity};
 use crate::sources::kvevents::{KvEventsCounters, KvEventsSource};
 use crate::sources::nvml::{NvmlCounters, NvmlSource};
@@ -129,13 +130,13 @@ pub struct Pipeline {
     nvml_capacity: usize,
     kv_events: Option<KvEventsSource>,
     kv_capacity: usize,
-    otlp: Option<(OtlpReceiver, mpsc::Receiver<AdaptedRequest>)>,
+    otlp: Option<(OtlpReceiver, SourceReceiver<AdaptedRequest>)>,
     exporter: Option<(OtlpExporter, SinkReceiver)>,
     file: Option<(FileSink, SinkReceiver)>,
     prometheus: Option<PrometheusSink>,
     readiness: Readiness,
     stage: CorrelateStage,
-    finding_metrics: Arc<FindingMetrics>,
+    metrics: Arc<AgentMetrics>,
     endpoints: Endpoints,
 }
 
@@ -292,7 +293,7 @@ impl Pipeline {
         };
 
         let otlp = if config.otlp.enabled {
-            let (tx, rx) = crate::sources::otlp::channel(&config.otlp);
+            let (tx, rx) = crate::sources::otlp::channel(&config.otlp, &metrics);
             let receiver = OtlpReceiver::build(
                 &config.otlp,
                 tx,
@@ -368,7 +369,7 @@ impl Pipeline {
             prometheus,
             readiness,
             stage,
-            finding_metrics,
+            metrics,
             endpoints,
         })
     }
@@ -397,7 +398,7 @@ impl Pipeline {
             prometheus,
             readiness,
             mut stage,
-            finding_metrics,
+            metrics,
             ..
         } = self;
         let sources_stop = CancellationToken::new();
@@ -421,7 +422,7 @@ impl Pipeline {
         }
 
         let (kernel_tx, mut kernel_rx) =
-            mpsc::channel::<Vec<KernelEvent>>(batch_capacity(kernel_capacity));
+            source_channel::<Vec<KernelEvent>>("kernel", batch_capacity(kernel_capacity), &metrics);
         let mut kernel_monitor = None;
         if let Some(parts) = kernel {
             kernel_monitor = Some((Arc::clone(&parts.stats), Arc::clone(&parts.counters)));
@@ -438,7 +439,7 @@ impl Pipeline {
         } else {
             drop(kernel_tx);
         }
-        let (gpu_tx, mut gpu_rx) = mpsc::channel::<GpuSample>(nvml_capacity.max(1));
+        let (gpu_tx, mut gpu_rx) = source_channel::<GpuSample>("nvml", nvml_capacity, &metrics);
         let mut nvml_counters = None;
         let mut gpu_open = nvml.is_some();
         if let Some(source) = nvml {
@@ -452,7 +453,7 @@ impl Pipeline {
         } else {
             drop(gpu_tx);
         }
-        let (kv_tx, mut kv_rx) = mpsc::channel::<KvEventBatch>(kv_capacity.max(1));
+        let (kv_tx, mut kv_rx) = source_channel::<KvEventBatch>("kv_events", kv_capacity, &metrics);
         let mut kv_open = kv_events.is_some();
         let mut kv_counters = None;
         if let Some(source) = kv_events {
@@ -519,13 +520,13 @@ impl Pipeline {
                 }
                 _ = monitor.tick() => {
                     if let Some((stats, counters)) = &kernel_monitor {
-                        update_kernel_metrics(&finding_metrics, stats, counters);
+                        update_kernel_metrics(&metrics, stats, counters);
                     }
                     if let Some(counters) = &kv_counters {
-                        update_kv_events_metrics(&finding_metrics, counters);
+                        update_kv_events_metrics(&metrics, counters);
                     }
                     if let Some(counters) = &nvml_counters {
-                        update_nvml_metrics(&finding_metrics, counters);
+                        update_nvml_metrics(&metrics, counters);
                     }
                     stage.sync_gpu_metrics();
                 }
@@ -559,14 +560,14 @@ impl Pipeline {
     }
 }
 
-async fn recv_spans(rx: &mut Option<mpsc::Receiver<AdaptedRequest>>) -> Option<AdaptedRequest> {
+async fn recv_spans(rx: &mut Option<SourceReceiver<AdaptedRequest>>) -> Option<AdaptedRequest> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
 }
 
-fn update_nvml_metrics(metrics: &FindingMetrics, counters: &NvmlCounters) {
+fn update_nvml_metrics(metrics: &AgentMetrics, counters: &NvmlCounters) {
     let nvml = SourceLabels {
         source: "nvml".into(),
     };
@@ -589,7 +590,7 @@ fn update_nvml_metrics(metrics: &FindingMetrics, counters: &NvmlCounters) {
     }
 }
 
-fn update_kv_events_metrics(metrics: &FindingMetrics, counters: &KvEventsCounters) {
+fn update_kv_events_metrics(metrics: &AgentMetrics, counters: &KvEventsCounters) {
     let kv = SourceLabels {
         source: "kv_events".into(),
     };
@@ -617,7 +618,7 @@ fn update_kv_events_metrics(metrics: &FindingMetrics, counters: &KvEventsCounter
     }
 }
 
-fn update_kernel_metrics(metrics: &FindingMetrics, stats: &KernelStats, counters: &CounterMap) {
+fn update_kernel_metrics(metrics: &AgentMetrics, stats: &KernelStats, counters: &CounterMap) {
     let kernel = SourceLabels {
         source: "kernel".into(),
     };

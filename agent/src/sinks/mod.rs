@@ -6,13 +6,13 @@
 //! - [`prometheus`]: serves the agent's metrics, `/healthz` and `/readyz`.
 //!
 //! Spans reach the span sinks as [`SpanBatch`]es through a [`queue::SinkSender`]: the pipeline
-//! may enrich a batch (see [`batch`]) before sending it.
+//! may enrich a batch (see [`crate::otlp_wire::batch`]) before sending it.
+//!
+//! [`SpanBatch`]: crate::otlp_wire::batch::SpanBatch
 
-pub mod batch;
 pub mod file;
 pub mod otlp;
 pub mod prometheus;
 pub mod queue;
 
-pub use batch::{SpanBatch, finding_span};
 pub use queue::{SinkReceiver, SinkSender, sink_queue};

@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::mpsc;
 
-use super::SpanBatch;
 use crate::internal_events::SpansDropped;
-use crate::sinks::prometheus::metrics::{AgentMetrics, DropStage, QueueLabels};
+use crate::internal_events::{AgentMetrics, DropStage, QueueLabels};
+use crate::otlp_wire::batch::SpanBatch;
 
 /// The sending side, cloned into the pipeline.
 #[derive(Debug, Clone)]

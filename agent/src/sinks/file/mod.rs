@@ -12,10 +12,10 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 pub use self::config::FileSinkConfig;
-use super::batch::agent_resource;
-use super::{SinkReceiver, SinkSender, SpanBatch, sink_queue};
+use super::{SinkReceiver, SinkSender, sink_queue};
+use crate::internal_events::AgentMetrics;
 use crate::internal_events::{ExportFailed, SpansExported};
-use crate::sinks::prometheus::metrics::AgentMetrics;
+use crate::otlp_wire::batch::{SpanBatch, agent_resource};
 
 /// The sink's name in metrics and logs.
 pub const SINK_NAME: &str = "file";

@@ -41,10 +41,10 @@ use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tonic::transport::Channel;
 
 pub use self::config::{ExportCompression, ExportConfig, ExportProtocol, ResolvedExport};
-use super::batch::agent_resource;
-use super::{SinkReceiver, SinkSender, SpanBatch, sink_queue};
+use super::{SinkReceiver, SinkSender, sink_queue};
+use crate::internal_events::{AgentMetrics, DropStage};
 use crate::internal_events::{ExportFailed, SpansDropped, SpansExported};
-use crate::sinks::prometheus::metrics::{AgentMetrics, DropStage};
+use crate::otlp_wire::batch::{SpanBatch, agent_resource};
 
 /// The sink's name in metrics and logs.
 pub const SINK_NAME: &str = "otlp";

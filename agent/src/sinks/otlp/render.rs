@@ -11,8 +11,7 @@ use crate::correlator::{
     AbortFinding, ColdStartFinding, ColdStartPhase, GpuContentionFinding, JoinedRequest,
     KvEvictionFinding, LostInFlightFinding, NoisyNeighbour, Output, RequestGpuFacts,
 };
-use crate::sinks::batch::{EncodedSpan, kv_f64, kv_i64, kv_str, new_span_id};
-use crate::sinks::finding_span;
+use crate::otlp_wire::batch::{EncodedSpan, finding_span, kv_f64, kv_i64, kv_str, new_span_id};
 
 /// Appends the spans of a finding to `out`; the outputs that are not findings (`Joined`,
 /// `ClientAbort`, `RequestGpu`) make none.

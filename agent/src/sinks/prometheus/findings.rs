@@ -1,6 +1,6 @@
-//! Metrics of the findings (contract §4.2) and of the sources' health, registered once at
-//! start-up. They are updated by the correlate stage and the source monitors; the scrape handler
-//! only encodes.
+//! Metrics of the findings (contract §4.2), registered once at start-up. They are updated by
+//! the correlate stage; the scrape handler only encodes. The sources' health families are the
+//! agent's own telemetry, in `crate::internal_events`.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -53,29 +53,6 @@ pub struct AbortLagLabels {
 pub struct JoinLabels {
     /// `traceparent | request_id | client_addr | temporal | unjoined`.
     pub rule: String,
-}
-
-/// `{source}`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct SourceLabels {
-    /// `kernel`, `otlp`, `nvml`, ...
-    pub source: String,
-}
-
-/// `{source, reason}`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct SourceDropLabels {
-    /// The source.
-    pub source: String,
-    /// Why the events were lost.
-    pub reason: String,
-}
-
-/// `{cpu}`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct CpuLabels {
-    /// The CPU index.
-    pub cpu: String,
 }
 
 /// `{table}`.
@@ -160,12 +137,6 @@ pub struct FindingMetrics {
     /// `inferwatch_kv_eviction_undecided_total{reason}`: ambiguous KV-eviction evidence, no
     /// finding made from it.
     pub kv_eviction_undecided: Family<KvUndecidedLabels, Counter>,
-    /// `inferwatch_events_received_total{source}`.
-    pub events_received: Family<SourceLabels, Counter>,
-    /// `inferwatch_events_dropped_total{source,reason}`.
-    pub events_dropped: Family<SourceDropLabels, Counter>,
-    /// `inferwatch_kernel_ringbuf_drops_total{cpu}`: records the kernel could not queue.
-    pub ringbuf_drops: Family<CpuLabels, Counter>,
     /// `inferwatch_kv_evictions_total{victim_tenant,neighbour_tenant}`.
     pub kv_evictions: Family<KvEvictionLabels, Counter>,
     /// `inferwatch_cold_start_floor_seconds`.
@@ -220,9 +191,6 @@ impl FindingMetrics {
             joins: Family::default(),
             correlator_evictions: Family::default(),
             kv_eviction_undecided: Family::default(),
-            events_received: Family::default(),
-            events_dropped: Family::default(),
-            ringbuf_drops: Family::default(),
             kv_evictions: Family::default(),
             cold_start_floor: Histogram::new([
                 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0,
@@ -289,21 +257,6 @@ impl FindingMetrics {
             metrics.kv_eviction_undecided.clone(),
         );
         registry.register(
-            "inferwatch_events_received",
-            "Events received per source",
-            metrics.events_received.clone(),
-        );
-        registry.register(
-            "inferwatch_events_dropped",
-            "Events lost per source and reason",
-            metrics.events_dropped.clone(),
-        );
-        registry.register(
-            "inferwatch_kernel_ringbuf_drops",
-            "Kernel records lost because the ring buffer was full, per CPU",
-            metrics.ringbuf_drops.clone(),
-        );
-        registry.register(
             "inferwatch_kv_evictions",
             "Conversations whose warm KV prefix was evicted, by victim and neighbour tenant",
             metrics.kv_evictions.clone(),
@@ -364,14 +317,8 @@ impl FindingMetrics {
     }
 }
 
-/// Adds to a counter so that it reaches `total` (for sources that keep their own monotonic
-/// totals); never goes back.
-pub fn advance_to(counter: &Counter, total: u64) {
-    let now = counter.get();
-    if total > now {
-        counter.inc_by(total - now);
-    }
-}
+/// Re-exported for the correlate stage, which advances finding counters the same way.
+pub use crate::internal_events::advance_to;
 
 #[cfg(test)]
 mod tests {
@@ -385,13 +332,5 @@ mod tests {
         assert_eq!(label.get(Some("c")), OTHER);
         assert_eq!(label.get(Some("a")), "a");
         assert_eq!(label.get(None), OTHER);
-    }
-
-    #[test]
-    fn advance_to_is_monotonic() {
-        let c = Counter::<u64>::default();
-        advance_to(&c, 5);
-        advance_to(&c, 3);
-        assert_eq!(c.get(), 5);
     }
 }

@@ -1,12 +1,11 @@
 //! The Prometheus text endpoint (`/metrics`) with `/healthz` and `/readyz`.
 //!
-//! The metric families are created and registered once, at start-up ([`metrics::AgentMetrics`]
-//! and whatever else the pipeline registers in the same [`Registry`]); the scrape handler only
-//! encodes the registry.
+//! The metric families are created and registered once, at start-up
+//! ([`crate::internal_events::AgentMetrics`] and whatever else the pipeline registers in the
+//! same [`Registry`]); the scrape handler only encodes the registry.
 
 pub mod config;
 pub mod findings;
-pub mod metrics;
 mod record;
 
 use std::net::SocketAddr;
@@ -146,8 +145,8 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use super::metrics::{AgentMetrics, DropStage, Protocol};
     use super::*;
+    use crate::internal_events::{AgentMetrics, DropStage, Protocol};
     use crate::internal_events::{OtlpSpansReceived, SpansDropped};
 
     async fn get(addr: SocketAddr, path: &str) -> (u16, String) {

@@ -32,6 +32,7 @@ pub use config::{KernelConfig, RUNTIME_DEFAULT_PORTS};
 pub use probes::{CounterMap, KernelCounters, KernelProbes, PROGRAM_COUNT, TRACEPOINTS};
 
 use crate::model::{CloseHow, ConnId, KernelEvent, KernelEventKind};
+use crate::sources::channel::SourceSender;
 use event::{RawBody, RawEvent, RawHow};
 use http::HeadParser;
 
@@ -286,7 +287,7 @@ impl KernelSource {
     /// when to detach; dropping them detaches every program.
     pub async fn run(
         self,
-        tx: mpsc::Sender<Vec<KernelEvent>>,
+        tx: SourceSender<Vec<KernelEvent>>,
         shutdown: CancellationToken,
     ) -> Result<KernelProbes, KernelError> {
         let Self {
@@ -405,7 +406,7 @@ impl KernelSource {
 /// Sends `batch` (leaving it empty), counting its events as sent or dropped. False when the
 /// pipeline is gone.
 fn send_batch(
-    tx: &mpsc::Sender<Vec<KernelEvent>>,
+    tx: &SourceSender<Vec<KernelEvent>>,
     batch: &mut Vec<KernelEvent>,
     stats: &KernelStats,
 ) -> bool {
@@ -429,6 +430,8 @@ fn send_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::internal_events::AgentMetrics;
+    use crate::sources::channel::source_channel;
 
     fn event(n: u64) -> KernelEvent {
         KernelEvent {
@@ -448,7 +451,7 @@ mod tests {
     #[test]
     fn a_full_channel_drops_the_batch_and_counts_its_events() {
         let stats = KernelStats::default();
-        let (tx, mut rx) = mpsc::channel(1);
+        let (tx, mut rx) = source_channel("kernel", 1, &AgentMetrics::default());
         let mut batch: Vec<KernelEvent> = (0..3).map(event).collect();
         assert!(send_batch(&tx, &mut batch, &stats));
         assert!(batch.is_empty());

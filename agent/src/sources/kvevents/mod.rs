@@ -41,6 +41,7 @@ use zeromq::{Socket, SocketRecv, SubSocket};
 pub use config::{KvEventsConfig, KvEventsEndpoint};
 
 use crate::model::{KvEvent, KvEventBatch, UnixNanos};
+use crate::sources::channel::SourceSender;
 
 /// Errors of the KV event source.
 #[derive(Debug, thiserror::Error)]
@@ -291,7 +292,7 @@ impl KvEventsSource {
     /// Subscribes to every endpoint, and to those discovered on runtimes' command lines, and
     /// sends decoded batches on `tx` until `cancel` fires. Socket errors are logged and retried
     /// after `reconnect_ms`; they never end the source.
-    pub async fn run(self, tx: mpsc::Sender<KvEventBatch>, cancel: CancellationToken) {
+    pub async fn run(self, tx: SourceSender<KvEventBatch>, cancel: CancellationToken) {
         let mut tasks = tokio::task::JoinSet::new();
         // Subscribers by endpoint: the instance they name, and their own stop.
         let mut running: HashMap<String, (String, CancellationToken)> = HashMap::new();
@@ -372,7 +373,7 @@ impl KvEventsSource {
 
 async fn subscribe(
     ep: &KvEventsEndpoint,
-    tx: &mpsc::Sender<KvEventBatch>,
+    tx: &SourceSender<KvEventBatch>,
     counters: &KvEventsCounters,
 ) -> Result<(), KvEventsError> {
     let zmq = |op| {

@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 pub use config::{MIN_PERIOD_MS, NvmlConfig};
 
 use crate::model::{GpuProcessStat, GpuSample, GpuStat, UnixNanos};
+use crate::sources::channel::SourceSender;
 
 /// The library name the loader resolves when no `library_path` is configured.
 pub const DEFAULT_LIBRARY: &str = "libnvidia-ml.so.1";
@@ -436,14 +437,14 @@ impl NvmlSource {
     /// receiver is gone; returns the thread's handle (it ends within about 50 ms of `cancel`).
     pub fn spawn(
         mut self,
-        tx: mpsc::Sender<GpuSample>,
+        tx: SourceSender<GpuSample>,
         cancel: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
         tokio::task::spawn_blocking(move || self.run(&tx, &cancel))
     }
 
     /// The poll loop of [`NvmlSource::spawn`], on the calling thread.
-    pub fn run(&mut self, tx: &mpsc::Sender<GpuSample>, cancel: &CancellationToken) {
+    pub fn run(&mut self, tx: &SourceSender<GpuSample>, cancel: &CancellationToken) {
         let period = Duration::from_millis(self.config.period_ms.max(MIN_PERIOD_MS));
         let mut next = Instant::now();
         while !cancel.is_cancelled() {

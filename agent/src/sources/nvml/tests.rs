@@ -7,6 +7,8 @@ use std::sync::{Mutex, OnceLock};
 use nvml_wrapper::enums::device::UsedGpuMemory;
 
 use super::*;
+use crate::internal_events::AgentMetrics;
+use crate::sources::channel::source_channel;
 
 fn proc_info(pid: u32, bytes: Option<u64>) -> ProcessInfo {
     ProcessInfo {
@@ -330,7 +332,7 @@ fn spawn_sends_samples_and_stops_on_cancel() {
         runtime.block_on(async {
             let source = NvmlSource::build(&config).expect("build");
             let counters = source.counters();
-            let (tx, mut rx) = mpsc::channel(1);
+            let (tx, mut rx) = source_channel("nvml", 1, &AgentMetrics::default());
             let cancel = CancellationToken::new();
             let handle = source.spawn(tx, cancel.clone());
             let sample = tokio::time::timeout(Duration::from_secs(5), rx.recv())

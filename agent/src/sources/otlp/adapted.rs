@@ -17,11 +17,11 @@ use super::adapters::{
     AdapterOptions, RuntimeLabel, SpanAdapter, instance, runtime_of, runtime_of_resource,
     runtime_of_scope, startup,
 };
-use super::wire::SpanView;
+use crate::internal_events::RuntimeSpanLabels;
 use crate::model::{RuntimeRequest, StartupSpan};
+use crate::otlp_wire::batch::{EncodedSpan, SpanGroup};
+use crate::otlp_wire::read::SpanView;
 use crate::privacy::TenantHasher;
-use crate::sinks::batch::{EncodedSpan, SpanGroup};
-use crate::sinks::prometheus::metrics::RuntimeSpanLabels;
 
 /// A received request with every span adapted, grouped as it came.
 #[derive(Debug, Default)]

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::otlp_wire::read::WireLimits;
+
 /// The OTLP trace receiver (`[otlp]`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -58,6 +60,15 @@ impl Default for OtlpReceiverConfig {
             queue_capacity: 1024,
             tenant_attribute: "tenant.id".into(),
             conversation_attribute: "gen_ai.conversation.id".into(),
+        }
+    }
+}
+
+impl From<&OtlpReceiverConfig> for WireLimits {
+    fn from(config: &OtlpReceiverConfig) -> Self {
+        Self {
+            max_attributes: config.max_attributes,
+            max_value_depth: config.max_value_depth,
         }
     }
 }

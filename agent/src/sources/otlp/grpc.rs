@@ -13,7 +13,7 @@ use tonic::codegen::{Body, BoxFuture, EnabledCompressionEncodings, StdError};
 use tonic::{Request, Response, Status};
 
 use super::{Accepted, OtlpError, RawTraceRequest, Shared};
-use crate::sinks::prometheus::metrics::{Protocol, RejectReason};
+use crate::internal_events::{Protocol, RejectReason};
 
 /// The gRPC service's name, and the one method's path.
 const SERVICE_NAME: &str = "opentelemetry.proto.collector.trace.v1.TraceService";

@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::{Accepted, OtlpError, RawTraceRequest, Shared};
-use crate::sinks::prometheus::metrics::{Protocol, RejectReason};
+use crate::internal_events::{Protocol, RejectReason};
 
 #[derive(Clone, Copy)]
 enum Format {

@@ -11,7 +11,8 @@
 //! Hostile input is bounded three ways: the request size (`max_request_bytes`, checked before
 //! buffering on HTTP and by tonic's framing on gRPC, and again after decompression); prost's
 //! decoder recursion limit (100 nested messages, so a deeply nested `AnyValue` fails to decode
-//! instead of overflowing the stack), which [`wire`]'s span walker keeps too; and [`validate`]
+//! instead of overflowing the stack), which [`crate::otlp_wire::read`]'s span walker keeps
+//! too; and [`validate`]
 //! (every span well-formed, attribute counts and `AnyValue` depth).
 
 pub mod adapted;
@@ -22,9 +23,8 @@ mod http;
 pub mod request;
 pub mod sample;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod tls;
-pub mod wire;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -34,7 +34,6 @@ use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -43,10 +42,11 @@ use self::adapters::AdapterOptions;
 pub use self::config::OtlpReceiverConfig;
 pub use self::request::RawTraceRequest;
 pub use self::tls::TlsError;
-use self::wire::{SpanView, WireError, WireLimits};
+use crate::internal_events::{AgentMetrics, DropStage, Protocol, RejectReason};
 use crate::internal_events::{OtlpRequestRejected, OtlpSpansReceived, SpansDropped};
+use crate::otlp_wire::read::{LimitError, SpanView, WireError, WireLimits};
 use crate::privacy::TenantHasher;
-use crate::sinks::prometheus::metrics::{AgentMetrics, DropStage, Protocol, RejectReason};
+use crate::sources::channel::{SourceReceiver, SourceSender, source_channel};
 
 /// Errors of the OTLP receiver.
 #[derive(Debug, thiserror::Error)]
@@ -77,27 +77,6 @@ pub enum OtlpError {
 }
 
 /// Why a decoded request was refused by [`validate`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum LimitError {
-    /// Too many attributes in one list.
-    #[error("{count} attributes on one {owner}, the limit is {limit}")]
-    TooManyAttributes {
-        /// span, resource, scope, event or link.
-        owner: &'static str,
-        /// The count found.
-        count: usize,
-        /// The limit.
-        limit: usize,
-    },
-    /// An `AnyValue` nested too deeply.
-    #[error("attribute value nested deeper than {limit}")]
-    TooDeep {
-        /// The limit.
-        limit: usize,
-    },
-}
-
-/// Why a decoded request was refused by [`validate`].
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum InvalidRequest {
     /// A limit was broken.
@@ -109,11 +88,14 @@ pub enum InvalidRequest {
 }
 
 /// The sending side of the receiver -> pipeline channel.
-pub type SpanSender = mpsc::Sender<AdaptedRequest>;
+pub type SpanSender = SourceSender<AdaptedRequest>;
 
-/// Creates the bounded receiver -> pipeline channel with the configured capacity.
-pub fn channel(config: &OtlpReceiverConfig) -> (SpanSender, mpsc::Receiver<AdaptedRequest>) {
-    mpsc::channel(config.queue_capacity.max(1))
+/// Creates the bounded receiver -> pipeline channel (`otlp`) with the configured capacity.
+pub fn channel(
+    config: &OtlpReceiverConfig,
+    metrics: &AgentMetrics,
+) -> (SpanSender, SourceReceiver<AdaptedRequest>) {
+    source_channel("otlp", config.queue_capacity, metrics)
 }
 
 /// The state both protocol front-ends share.

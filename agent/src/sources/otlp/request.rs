@@ -7,8 +7,8 @@
 //! held or forwarded: at 1k requests/s that decoding, re-encoding and dropping was about a fifth
 //! of the agent's CPU. The wire format allows doing neither: these message types read the same
 //! bytes as `ExportTraceServiceRequest` (same field numbers), but a `Span` is a `bytes` field,
-//! copied once and never parsed by prost. [`super::wire::SpanView`] reads it in place, and the
-//! same bytes (plus appended attributes) are what the exporter writes.
+//! copied once and never parsed by prost. [`crate::otlp_wire::read::SpanView`] reads it in
+//! place, and the same bytes (plus appended attributes) are what the exporter writes.
 //!
 //! prost does not look inside a span here, so [`super::validate`] walks each one: a request is
 //! accepted only when prost would have decoded all of it, as before.
@@ -95,7 +95,7 @@ mod tests {
     use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 
     use super::*;
-    use crate::sinks::batch::kv_str;
+    use crate::otlp_wire::batch::kv_str;
 
     #[test]
     fn the_raw_request_reads_the_same_bytes_as_the_decoded_one() {

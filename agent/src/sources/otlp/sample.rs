@@ -7,7 +7,7 @@ use opentelemetry_proto::tonic::common::v1::{
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, span};
 
-use crate::sinks::batch::{kv_f64, kv_i64, kv_str};
+use crate::otlp_wire::batch::{kv_f64, kv_i64, kv_str};
 
 /// One `llm_request` span as vLLM exports it (same keys and value types), request number `i`.
 pub fn vllm_span(i: u64) -> Span {

@@ -1,11 +1,10 @@
-//! Receiver and pass-through tests, driven by real clients: the Python OpenTelemetry SDK as the
-//! runtime, a Python gRPC receiver on the SDK's protobuf types as the backend, and raw gRPC /
-//! HTTP clients for hostile input. All ports are ephemeral.
+//! Receiver tests, driven by real clients: raw gRPC / HTTP clients for hostile input, limits,
+//! authentication and a full queue. All ports are ephemeral. The harness (receiver plus a
+//! minimal pipeline) is shared with the pass-through tests (`crate::pipeline`'s `otlp_tests`),
+//! which add the exporter and real peers.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +17,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::{AnyValue, ArrayValue, any_value};
 use prost::Message;
-use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -27,116 +25,24 @@ use tonic::{Code, Status};
 use super::adapted::{AdaptedSpan, SpanRole};
 use super::sample::vllm_request;
 use super::{OtlpReceiver, OtlpReceiverConfig, channel};
-use crate::model::{RuntimeKind, RuntimeRequest};
-use crate::sinks::batch::{EncodedGroup, kv_i64, kv_str};
-use crate::sinks::otlp::{ExportConfig, ExportProtocol, OtlpExporter};
-use crate::sinks::prometheus::metrics::{AgentMetrics, DropStage, Protocol, RejectReason};
-use crate::sinks::{SinkSender, SpanBatch, finding_span};
+use crate::internal_events::{AgentMetrics, DropStage, Protocol, RejectReason};
+use crate::model::RuntimeRequest;
+use crate::otlp_wire::batch::{EncodedGroup, SpanBatch, finding_span, kv_i64, kv_str};
 
 // ---------------------------------------------------------------- harness
 
-fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
-/// The Python with the OpenTelemetry SDK: `INFERWATCH_PYTHON`, else `<workspace>/.venv`.
-fn python() -> PathBuf {
-    let p = std::env::var_os("INFERWATCH_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join(".venv/bin/python"));
-    assert!(
-        p.exists(),
-        "Python for the real-peer tests not found at {}: run `cargo xtask setup` \
-         (creates .venv from tests/python/requirements.txt) or set INFERWATCH_PYTHON",
-        p.display()
-    );
-    p
-}
-
-fn script(name: &str) -> PathBuf {
-    workspace_root().join("tests/python").join(name)
-}
-
-/// The Python OTLP/gRPC receiver playing the backend.
-struct Backend {
-    child: Child,
-    port: u16,
-    lines: std::sync::mpsc::Receiver<Value>,
-}
-
-impl Backend {
-    fn start(port: u16) -> Self {
-        let mut child = Command::new(python())
-            .arg(script("otlp_receiver.py"))
-            .args(["--port", &port.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn the Python OTLP receiver");
-        let stdout = child.stdout.take().expect("receiver stdout");
-        let mut reader = BufReader::new(stdout);
-        let mut first = String::new();
-        reader.read_line(&mut first).expect("read PORT line");
-        let port = first
-            .trim()
-            .strip_prefix("PORT ")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("receiver did not print its port: {first:?}"));
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in reader.lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line)
-                    && tx.send(v).is_err()
-                {
-                    break;
-                }
-            }
-        });
-        Self { child, port, lines }
-    }
-
-    /// Waits (up to 30 s) for a span matching `pred`.
-    fn wait_for(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(v) if pred(&v) => return v,
-                Ok(_) => continue,
-                Err(_) => panic!("backend never received {what}"),
-            }
-        }
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        if let Some(mut stdin) = self.child.stdin.take() {
-            let _ = stdin.flush();
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The receiver, a minimal pipeline (adapt, enrich, forward) and optionally the exporter.
-struct Agent {
-    grpc: SocketAddr,
-    http: SocketAddr,
-    metrics: Arc<AgentMetrics>,
-    export: Option<SinkSender>,
-    adapted: mpsc::UnboundedReceiver<RuntimeRequest>,
+/// The receiver and a minimal pipeline (adapt, enrich, forward). The enriched batches wait in
+/// `batches` for whoever takes them (the pass-through tests in `crate::pipeline` forward them
+/// to the exporter; a source does not reach a sink).
+pub(crate) struct Agent {
+    pub(crate) grpc: SocketAddr,
+    pub(crate) http: SocketAddr,
+    pub(crate) metrics: Arc<AgentMetrics>,
+    pub(crate) batches: Option<mpsc::UnboundedReceiver<SpanBatch>>,
+    pub(crate) adapted: mpsc::UnboundedReceiver<RuntimeRequest>,
     /// Export requests received, either protocol.
-    requests: Arc<std::sync::atomic::AtomicUsize>,
-    shutdown: CancellationToken,
+    pub(crate) requests: Arc<std::sync::atomic::AtomicUsize>,
+    pub(crate) shutdown: CancellationToken,
 }
 
 impl Drop for Agent {
@@ -145,28 +51,17 @@ impl Drop for Agent {
     }
 }
 
-async fn start_agent(receiver: OtlpReceiverConfig, export: Option<ExportConfig>) -> Agent {
+pub(crate) async fn start_agent(receiver: OtlpReceiverConfig) -> Agent {
     let metrics = Arc::new(AgentMetrics::default());
     let shutdown = CancellationToken::new();
-    let (tx, mut rx) = channel(&receiver);
+    let (tx, mut rx) = channel(&receiver, &metrics);
     let rcv = OtlpReceiver::build(&receiver, tx, metrics.clone(), None)
         .await
         .expect("receiver binds");
     let (grpc, http) = (rcv.grpc_addr(), rcv.http_addr());
     tokio::spawn(rcv.run(shutdown.clone()));
-    let export_tx = export.map(|config| {
-        let resolved = config
-            .resolve(Vec::new())
-            .expect("export config resolves")
-            .expect("export endpoint set");
-        let exporter =
-            OtlpExporter::build(&config, resolved, metrics.clone()).expect("exporter builds");
-        let (etx, erx) = config.queue(metrics.clone());
-        tokio::spawn(exporter.run(erx, shutdown.clone()));
-        etx
-    });
     let (adapted_tx, adapted) = mpsc::unbounded_channel();
-    let forward = export_tx.clone();
+    let (forward, batches) = mpsc::unbounded_channel();
     let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counted = requests.clone();
     tokio::spawn(async move {
@@ -214,23 +109,21 @@ async fn start_agent(receiver: OtlpReceiverConfig, export: Option<ExportConfig>)
                 ));
                 let _ = adapted_tx.send(r);
             }
-            if let Some(f) = &forward {
-                f.send(batch);
-            }
+            let _ = forward.send(batch);
         }
     });
     Agent {
         grpc,
         http,
         metrics,
-        export: export_tx,
+        batches: Some(batches),
         adapted,
         requests,
         shutdown,
     }
 }
 
-fn ephemeral() -> OtlpReceiverConfig {
+pub(crate) fn ephemeral() -> OtlpReceiverConfig {
     OtlpReceiverConfig {
         grpc_port: 0,
         http_port: 0,
@@ -238,228 +131,7 @@ fn ephemeral() -> OtlpReceiverConfig {
     }
 }
 
-fn export_to(endpoint: String, protocol: ExportProtocol) -> ExportConfig {
-    ExportConfig {
-        endpoint: Some(endpoint),
-        protocol: Some(protocol),
-        retry_initial_ms: 20,
-        retry_max_ms: 200,
-        ..Default::default()
-    }
-}
-
-/// Runs the vLLM-shaped Python sender; returns the ids it reports.
-async fn send_vllm_spans(protocol: &str, endpoint: String) -> Value {
-    let protocol = protocol.to_owned();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python())
-            .arg(script("otlp_vllm_sender.py"))
-            .args(["--protocol", &protocol, "--endpoint", &endpoint])
-            .output()
-            .expect("run the Python sender")
-    })
-    .await
-    .expect("sender task");
-    assert!(
-        out.status.success(),
-        "Python sender failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let ids: Value = serde_json::from_slice(&out.stdout).expect("sender prints JSON");
-    ids[0].clone()
-}
-
-// ---------------------------------------------------------------- real peers
-
-async fn python_sdk_through_agent_to_backend(protocol: &str) {
-    let backend = tokio::task::spawn_blocking(|| Backend::start(0))
-        .await
-        .expect("backend");
-    let mut agent = start_agent(
-        ephemeral(),
-        Some(export_to(backend.endpoint(), ExportProtocol::Grpc)),
-    )
-    .await;
-    let endpoint = match protocol {
-        "grpc" => format!("http://{}", agent.grpc),
-        _ => format!("http://{}/v1/traces", agent.http),
-    };
-    let ids = send_vllm_spans(protocol, endpoint).await;
-    let span_id = ids["span_id"].as_str().expect("span id").to_owned();
-    let trace_id = ids["trace_id"].as_str().expect("trace id").to_owned();
-
-    let (forwarded, client, finding) = tokio::task::spawn_blocking(move || {
-        let sid = span_id.clone();
-        let forwarded = backend.wait_for("the llm_request span", |v| v["span_id"] == sid);
-        let client = backend.wait_for("the client span", |v| {
-            v["name"] == "POST /v1/chat/completions"
-        });
-        let finding = backend.wait_for("the abort finding", |v| {
-            v["name"] == "inferwatch.abort" && v["parent_span_id"] == span_id
-        });
-        (forwarded, client, finding)
-    })
-    .await
-    .expect("wait");
-
-    // Ids, kind, resource and the runtime's attributes arrive unchanged.
-    assert_eq!(forwarded["name"], "llm_request");
-    assert_eq!(forwarded["kind"], 2, "SERVER");
-    assert_eq!(forwarded["trace_id"], trace_id);
-    assert_eq!(forwarded["parent_span_id"], ids["parent_span_id"]);
-    assert_eq!(forwarded["scope"], "vllm.entrypoints.openai.api_server");
-    let res = &forwarded["resource"];
-    assert_eq!(res["service.name"], "vllm");
-    assert_eq!(res["process.pid"], ids["pid"]);
-    assert_eq!(res["host.name"], "gpu-node-1");
-    let a = &forwarded["attributes"];
-    assert_eq!(a["gen_ai.request.id"], "chatcmpl-test-0");
-    assert_eq!(a["gen_ai.usage.prompt_tokens"], 1200);
-    assert_eq!(a["gen_ai.usage.completion_tokens"], 87);
-    assert_eq!(a["gen_ai.latency.time_in_queue"], 0.012);
-    assert_eq!(a["gen_ai.latency.time_to_first_token"], 0.145);
-    assert_eq!(
-        a["gen_ai.response.finish_reasons"],
-        serde_json::json!(["stop"])
-    );
-    assert_eq!(a["tenant.id"], "acme");
-    // Plus the agent's attributes.
-    assert_eq!(a["inferwatch.join"], "traceparent");
-    assert_eq!(a["inferwatch.runtime"], "vllm");
-    // The unknown client span passed through untouched.
-    assert_eq!(client["attributes"], serde_json::json!({}));
-    assert_eq!(client["span_id"], ids["parent_span_id"]);
-    // The finding is in the request's trace, under the agent's resource.
-    assert_eq!(finding["trace_id"], trace_id);
-    assert_eq!(finding["resource"]["service.name"], "inferwatch");
-    assert_eq!(finding["attributes"]["inferwatch.abort.tokens_after"], 5);
-
-    // The adapter read vLLM's units (seconds as doubles).
-    let r = agent.adapted.recv().await.expect("adapted request");
-    assert_eq!(r.runtime, RuntimeKind::Vllm);
-    assert_eq!(r.queue_ns, Some(12_000_000));
-    assert_eq!(r.first_token, Some(r.arrival + 145_000_000));
-    assert_eq!(r.end, r.arrival + 2_500_000_000);
-    assert_eq!(r.prompt_tokens, Some(1200));
-    assert_eq!(r.output_tokens, Some(87));
-    assert_eq!(r.tenant.as_deref(), Some("acme"));
-    assert_eq!(r.finish_reason.as_deref(), Some("stop"));
-    assert_eq!(r.instance.service_name.as_deref(), Some("vllm"));
-    assert_eq!(r.instance.pid, ids["pid"].as_u64().map(|p| p as u32));
-    let proto = match protocol {
-        "grpc" => Protocol::Grpc,
-        _ => Protocol::HttpProtobuf,
-    };
-    assert_eq!(agent.metrics.received(proto), 2);
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn python_sdk_grpc_spans_reach_backend_unchanged_plus_agent_attributes() {
-    python_sdk_through_agent_to_backend("grpc").await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn python_sdk_http_spans_reach_backend_unchanged_plus_agent_attributes() {
-    python_sdk_through_agent_to_backend("http").await;
-}
-
-/// The HTTP exporter (gzip) into a second agent's HTTP receiver.
-#[tokio::test(flavor = "multi_thread")]
-async fn http_exporter_delivers_gzip_protobuf() {
-    let mut sink = start_agent(ephemeral(), None).await;
-    let mut export = export_to(
-        format!("http://{}/v1/traces", sink.http),
-        ExportProtocol::HttpProtobuf,
-    );
-    export.compression = Some(crate::sinks::otlp::ExportCompression::Gzip);
-    let agent = start_agent(ephemeral(), Some(export)).await;
-    raw_grpc(agent.grpc, vllm_request(0, 3).encode_to_vec())
-        .await
-        .expect("valid request accepted");
-    for _ in 0..3 {
-        let r = sink.adapted.recv().await.expect("forwarded span adapted");
-        assert_eq!(r.runtime, RuntimeKind::Vllm);
-    }
-    assert_eq!(
-        sink.metrics.received(Protocol::HttpProtobuf),
-        3 + 3,
-        "3 spans + 3 findings"
-    );
-}
-
-/// Export requests go at most once per `min_send_interval_ms`: the first at once, the batches
-/// that come within the interval after it together in one request.
-#[tokio::test(flavor = "multi_thread")]
-async fn exporter_merges_the_batches_of_one_send_interval() {
-    let sink = start_agent(ephemeral(), None).await;
-    let mut export = export_to(format!("http://{}", sink.grpc), ExportProtocol::Grpc);
-    export.min_send_interval_ms = 3_000;
-    let agent = start_agent(ephemeral(), Some(export)).await;
-    let received = || sink.metrics.received(Protocol::Grpc);
-    let requests = || sink.requests.load(std::sync::atomic::Ordering::SeqCst);
-
-    raw_grpc(agent.grpc, vllm_request(0, 1).encode_to_vec())
-        .await
-        .expect("valid request accepted");
-    wait_until("the first batch exported", || received() == 2).await;
-    assert_eq!(requests(), 1);
-    // Five batches (a span and its finding each) within the interval: one request.
-    for i in 1..6 {
-        raw_grpc(agent.grpc, vllm_request(i, 1).encode_to_vec())
-            .await
-            .expect("valid request accepted");
-    }
-    wait_until("the five batches exported", || received() == 2 + 10).await;
-    assert_eq!(requests(), 2, "the five batches went in one request");
-}
-
-// ---------------------------------------------------------------- backend down
-
-#[tokio::test(flavor = "multi_thread")]
-async fn backend_down_queue_bounded_drops_counted_then_resumes() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
-    let mut export = export_to(format!("http://127.0.0.1:{port}"), ExportProtocol::Grpc);
-    export.queue_max_spans = 20;
-    export.max_batch_spans = 4;
-    let agent = start_agent(ephemeral(), Some(export)).await;
-    let queue = agent.export.clone().expect("export queue");
-
-    // 50 requests of 2 spans (each becomes 2 spans + 2 findings) while nothing listens.
-    for i in 0..50 {
-        raw_grpc(agent.grpc, vllm_request(i * 2, 2).encode_to_vec())
-            .await
-            .expect("receiver keeps accepting while the backend is down");
-        assert!(queue.depth() <= 20, "queue bounded: {}", queue.depth());
-    }
-    let m = &agent.metrics;
-    assert_eq!(m.received(Protocol::Grpc), 100);
-    wait_until("export errors and drops", || {
-        m.errors("otlp") > 0 && m.dropped("otlp", DropStage::SinkQueue) > 0
-    })
-    .await;
-    assert_eq!(m.exported("otlp"), 0);
-    let dropped = m.dropped("otlp", DropStage::SinkQueue);
-
-    // The backend comes back on the same port: export resumes and drains the queue.
-    let backend = tokio::task::spawn_blocking(move || Backend::start(port))
-        .await
-        .expect("backend");
-    wait_until("everything not dropped is exported", || {
-        m.exported("otlp") + dropped == 200 && queue.depth() == 0
-    })
-    .await;
-    assert_eq!(m.depth("otlp"), 0);
-    tokio::task::spawn_blocking(move || {
-        backend.wait_for("a span after recovery", |v| v["name"] == "llm_request");
-    })
-    .await
-    .expect("wait");
-}
-
-async fn wait_until(what: &str, cond: impl Fn() -> bool) {
+pub(crate) async fn wait_until(what: &str, cond: impl Fn() -> bool) {
     for _ in 0..600 {
         if cond() {
             return;
@@ -533,7 +205,7 @@ async fn raw_grpc_with(addr: SocketAddr, body: Vec<u8>, token: Option<&str>) -> 
     grpc.unary(request, path, RawCodec).await.map(|_| ())
 }
 
-async fn raw_grpc(addr: SocketAddr, body: Vec<u8>) -> Result<(), Status> {
+pub(crate) async fn raw_grpc(addr: SocketAddr, body: Vec<u8>) -> Result<(), Status> {
     raw_grpc_with(addr, body, None).await
 }
 
@@ -595,7 +267,7 @@ fn invalid_utf8() -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn grpc_bad_input_gets_protocol_errors_and_receiver_stays_up() {
-    let agent = start_agent(ephemeral(), None).await;
+    let agent = start_agent(ephemeral()).await;
     let cases: Vec<(&str, Vec<u8>, Code)> = vec![
         ("garbage", garbage(), Code::InvalidArgument),
         ("truncated", truncated(), Code::InvalidArgument),
@@ -686,7 +358,7 @@ fn json_request() -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn http_bad_input_gets_protocol_errors_and_receiver_stays_up() {
-    let agent = start_agent(ephemeral(), None).await;
+    let agent = start_agent(ephemeral()).await;
     let bomb = gzip(&vec![0u8; 20 * 1024 * 1024]);
     type Case<'a> = (
         &'a str,
@@ -747,7 +419,7 @@ async fn http_bad_input_gets_protocol_errors_and_receiver_stays_up() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn otlp_json_ids_are_hex_and_adapt() {
-    let mut agent = start_agent(ephemeral(), None).await;
+    let mut agent = start_agent(ephemeral()).await;
     let expected = vllm_request(5, 1);
     let span = &expected.resource_spans[0].scope_spans[0].spans[0];
     let text = String::from_utf8(json_request()).expect("utf8");
@@ -768,7 +440,7 @@ async fn bearer_token_is_required_when_configured() {
         bearer_token: Some("s3cret".into()),
         ..ephemeral()
     };
-    let agent = start_agent(config, None).await;
+    let agent = start_agent(config).await;
     let body = vllm_request(0, 1).encode_to_vec();
     let err = raw_grpc(agent.grpc, body.clone())
         .await
@@ -793,7 +465,7 @@ async fn full_pipeline_queue_answers_unavailable_and_counts() {
         ..ephemeral()
     };
     let metrics = Arc::new(AgentMetrics::default());
-    let (tx, _rx_kept_but_never_read) = channel(&config);
+    let (tx, _rx_kept_but_never_read) = channel(&config, &metrics);
     let rcv = OtlpReceiver::build(&config, tx, metrics.clone(), None)
         .await
         .expect("binds");

@@ -30,9 +30,9 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
 
-use super::wire::{AttributeView, SpanView, ValueView, WireLimits};
 use super::{OtlpReceiverConfig, RawTraceRequest};
 use crate::model::{InstanceIdentity, RuntimeKind, RuntimeRequest};
+use crate::otlp_wire::read::{AttributeView, SpanView, ValueView, WireLimits};
 
 /// What the adapters need from the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -33,7 +33,7 @@ use std::collections::{HashMap, VecDeque};
 
 use super::{Fields, secs_to_ns};
 use crate::model::RuntimeRequest;
-use crate::sources::otlp::wire::SpanView;
+use crate::otlp_wire::read::SpanView;
 
 /// The word between the role and the rid in the root span's name.
 const REQ_WORD: &str = "Req ";

@@ -16,7 +16,7 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 
 use super::{scalar_view, str_of, u64_of};
 use crate::model::{RuntimeKind, StartupSpan};
-use crate::sources::otlp::wire::SpanView;
+use crate::otlp_wire::read::SpanView;
 
 /// vLLM's start-up span names and the phase each stands for.
 pub const VLLM_STARTUP_SPANS: &[(&str, &str)] = &[
@@ -121,9 +121,9 @@ mod tests {
     use prost::Message;
 
     use super::*;
-    use crate::sinks::batch::{kv_i64, kv_str};
+    use crate::otlp_wire::batch::{kv_i64, kv_str};
+    use crate::otlp_wire::read::WireLimits;
     use crate::sources::otlp::adapters::{AdapterOptions, adapt_decoded, instance};
-    use crate::sources::otlp::wire::WireLimits;
 
     fn span(name: &str, parent: Vec<u8>, attributes: Vec<KeyValue>) -> Span {
         Span {

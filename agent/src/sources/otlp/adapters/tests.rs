@@ -6,9 +6,9 @@ use opentelemetry_proto::tonic::trace::v1::{Span, span::Event};
 
 use super::tgi::parse_debug_duration;
 use super::*;
-use crate::sinks::batch::{kv_f64, kv_i64, kv_str};
+use crate::otlp_wire::batch::{kv_f64, kv_i64, kv_str};
+use crate::otlp_wire::read::SpanView;
 use crate::sources::otlp::sample::vllm_span;
-use crate::sources::otlp::wire::SpanView;
 
 const START: u64 = 1_000_000_000_000;
 
@@ -240,7 +240,7 @@ fn sglang_stage(name: &str, start: u64, end: u64) -> Span {
 
 #[test]
 fn sglang_queue_time_from_the_prefill_waiting_stage() {
-    use crate::sources::otlp::wire::WireLimits;
+    use crate::otlp_wire::read::WireLimits;
     let mut adapter = SpanAdapter::new(AdapterOptions::default());
     let identity = instance(Some(&sglang_resource()));
     let thread = Span {
@@ -277,7 +277,7 @@ fn sglang_queue_time_from_the_prefill_waiting_stage() {
 
 #[test]
 fn sglang_queue_times_are_bounded() {
-    use crate::sources::otlp::wire::WireLimits;
+    use crate::otlp_wire::read::WireLimits;
     let mut times = sglang::QueueTimes::default();
     for i in 0..(sglang::QUEUE_TIMES_CAPACITY as u64 + 10) {
         let mut s = sglang_stage("prefill_waiting", START, START + 1_000);

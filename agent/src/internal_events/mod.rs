@@ -1,11 +1,16 @@
 //! The agent observing itself: one struct per internal event, whose `emit()` logs and counts
-//! with a fixed label set (STYLE rule 10).
+//! with a fixed label set (STYLE rule 10). The metric families they count into, with their
+//! typed label sets, are in `metrics.rs`; sources and sinks both update them, and the
+//! Prometheus sink only serves the registry they are registered in.
+
+mod metrics;
 
 use tracing::{debug, warn};
 
-use crate::sinks::prometheus::metrics::{
-    AgentMetrics, DropLabels, DropStage, Protocol, ProtocolLabels, RejectLabels, RejectReason,
-    SinkLabels,
+pub use self::metrics::{
+    AgentMetrics, CpuLabels, DropLabels, DropStage, Protocol, ProtocolLabels, QueueLabels,
+    RejectLabels, RejectReason, RuntimeSpanLabels, SinkLabels, SourceDropLabels, SourceLabels,
+    SourceQueueLabels, advance_to,
 };
 
 /// The OTLP receiver accepted a request.

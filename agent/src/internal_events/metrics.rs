@@ -1,7 +1,7 @@
 //! The agent's own health metrics, registered once at start-up with typed label sets.
 //!
-//! Everything here is updated by the `emit()` of an internal event
-//! (`crate::internal_events`) or by a queue's fill gauge; the scrape handler only encodes.
+//! Everything here is updated by the `emit()` of an internal event (the parent module) or by a
+//! queue's fill gauge; the Prometheus sink's scrape handler only encodes.
 
 use std::fmt::Write;
 
@@ -125,6 +125,37 @@ pub struct QueueLabels {
     pub queue: &'static str,
 }
 
+/// Label set `{source}` of a source -> pipeline channel: `kernel`, `nvml`, `kv_events` or
+/// `otlp`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct SourceQueueLabels {
+    /// The source's name.
+    pub source: &'static str,
+}
+
+/// Label set `{source}` of `inferwatch_events_received_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct SourceLabels {
+    /// `kernel`, `otlp`, `nvml`, ...
+    pub source: String,
+}
+
+/// Label set `{source, reason}` of `inferwatch_events_dropped_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct SourceDropLabels {
+    /// The source.
+    pub source: String,
+    /// Why the events were lost.
+    pub reason: String,
+}
+
+/// Label set `{cpu}` of `inferwatch_kernel_ringbuf_drops_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct CpuLabels {
+    /// The CPU index.
+    pub cpu: String,
+}
+
 /// Label set `{runtime, adapted}` of `inferwatch_runtime_spans_total`: the runtime a received
 /// span came from (`vllm`, `sglang`, `tgi`, `genai`, `unknown`) and whether an adapter read it
 /// as a request (`true` / `false`).
@@ -155,6 +186,17 @@ pub struct AgentMetrics {
     pub queue_capacity: Family<QueueLabels, Gauge>,
     /// `inferwatch_runtime_spans_total{runtime,adapted}`.
     pub runtime_spans: Family<RuntimeSpanLabels, Counter>,
+    /// `inferwatch_events_received_total{source}`.
+    pub events_received: Family<SourceLabels, Counter>,
+    /// `inferwatch_events_dropped_total{source,reason}`.
+    pub events_dropped: Family<SourceDropLabels, Counter>,
+    /// `inferwatch_kernel_ringbuf_drops_total{cpu}`: records the kernel could not queue.
+    pub ringbuf_drops: Family<CpuLabels, Counter>,
+    /// `inferwatch_source_queue_depth{source}`: messages waiting in a source -> pipeline
+    /// channel.
+    pub source_queue_depth: Family<SourceQueueLabels, Gauge>,
+    /// `inferwatch_source_queue_capacity{source}`: the channel's bound, in messages.
+    pub source_queue_capacity: Family<SourceQueueLabels, Gauge>,
 }
 
 impl AgentMetrics {
@@ -201,6 +243,31 @@ impl AgentMetrics {
             "Spans received, by the runtime that sent them and whether an adapter read them as a request",
             m.runtime_spans.clone(),
         );
+        registry.register(
+            "inferwatch_events_received",
+            "Events received per source",
+            m.events_received.clone(),
+        );
+        registry.register(
+            "inferwatch_events_dropped",
+            "Events lost per source and reason",
+            m.events_dropped.clone(),
+        );
+        registry.register(
+            "inferwatch_kernel_ringbuf_drops",
+            "Kernel records lost because the ring buffer was full, per CPU",
+            m.ringbuf_drops.clone(),
+        );
+        registry.register(
+            "inferwatch_source_queue_depth",
+            "Messages waiting in a source's channel to the pipeline",
+            m.source_queue_depth.clone(),
+        );
+        registry.register(
+            "inferwatch_source_queue_capacity",
+            "Capacity of a source's channel to the pipeline, in messages",
+            m.source_queue_capacity.clone(),
+        );
         m
     }
 
@@ -240,5 +307,41 @@ impl AgentMetrics {
     /// The current depth of a queue.
     pub fn depth(&self, queue: &'static str) -> i64 {
         self.queue_depth.get_or_create(&QueueLabels { queue }).get()
+    }
+
+    /// The current depth of a source's channel.
+    pub fn source_depth(&self, source: &'static str) -> i64 {
+        self.source_queue_depth
+            .get_or_create(&SourceQueueLabels { source })
+            .get()
+    }
+
+    /// The bound of a source's channel.
+    pub fn source_capacity(&self, source: &'static str) -> i64 {
+        self.source_queue_capacity
+            .get_or_create(&SourceQueueLabels { source })
+            .get()
+    }
+}
+
+/// Adds to a counter so that it reaches `total` (for sources that keep their own monotonic
+/// totals); never goes back.
+pub fn advance_to(counter: &Counter, total: u64) {
+    let now = counter.get();
+    if total > now {
+        counter.inc_by(total - now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advance_to_is_monotonic() {
+        let c = Counter::<u64>::default();
+        advance_to(&c, 5);
+        advance_to(&c, 3);
+        assert_eq!(c.get(), 5);
     }
 }

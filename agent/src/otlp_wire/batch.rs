@@ -31,7 +31,7 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, span};
 use prost::Message;
 
-use crate::sinks::otlp::encode;
+use super::write;
 
 /// The instrumentation scope name of the spans the agent creates.
 pub const AGENT_SCOPE: &str = "inferwatch";
@@ -89,7 +89,7 @@ const ADDED_CAPACITY: usize = 256;
 impl EncodedSpan {
     /// Encodes `span`, byte for byte as prost would.
     pub fn new(span: &Span) -> Self {
-        Self::from_received(encode::encode_span(span))
+        Self::from_received(write::encode_span(span))
     }
 
     /// A received span's bytes, kept as they are. The receiver checked that they decode as a
@@ -112,19 +112,19 @@ impl EncodedSpan {
     /// Appends attributes: the decoded span gets them after the ones it had.
     pub fn add_attributes(&mut self, attributes: impl IntoIterator<Item = KeyValue>) {
         for kv in attributes {
-            encode::append_attribute(kv, self.added());
+            write::append_attribute(kv, self.added());
         }
     }
 
     /// Appends one string attribute.
     pub fn add_str_attribute(&mut self, key: &str, value: &str) {
-        encode::append_str_attribute(key, value, self.added());
+        write::append_str_attribute(key, value, self.added());
     }
 
     /// Moves the span into another trace, under `parent_span_id` (the decoded span has the
     /// new ids: the last value of a singular field wins).
     pub fn move_to_trace(&mut self, trace_id: &[u8; 16], parent_span_id: &[u8; 8]) {
-        encode::append_trace_and_parent(trace_id, parent_span_id, self.added());
+        write::append_trace_and_parent(trace_id, parent_span_id, self.added());
     }
 
     /// The length of the encoding.
