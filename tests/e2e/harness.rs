@@ -187,7 +187,7 @@ impl Agent {
         let deadline = now_ns() + secs * 1_000_000_000;
         loop {
             let text = self.scrape().await;
-            if metric_total(&text, metric) >= at_least || now_ns() > deadline {
+            if metric_sum(&text, metric, "") >= at_least || now_ns() > deadline {
                 return text;
             }
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
@@ -216,10 +216,16 @@ pub async fn scrape(addr: SocketAddr) -> String {
     out
 }
 
-/// A metric's value in Prometheus text, summed over its label sets (`name` without labels).
-pub fn metric_total(text: &str, name: &str) -> f64 {
+/// The value of every sample of `metric` (a Prometheus text exposition), summed; `filter` must
+/// appear in the sample's line.
+pub fn metric_sum(text: &str, metric: &str, filter: &str) -> f64 {
     text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.starts_with(metric)
+                && matches!(l.as_bytes().get(metric.len()), Some(b'{' | b' '))
+                && l.contains(filter)
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }

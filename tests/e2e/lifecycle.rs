@@ -7,70 +7,15 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-use crate::faults::{wait_listening, wait_until};
 use crate::harness::{
     Agent, Collector, Received, attr, free_port, kernel_tests_enabled, now_ns, scratch, serial,
-    testbed_bin,
 };
+use crate::peers::{Runtime, open_stream_of, wait_until};
 
 const STREAMS: usize = 8;
-
-/// `iw-testbed serve` on `port` exporting to `otlp`, with `--drain` when asked.
-async fn serve(port: u16, otlp: SocketAddr, dir: &Path, drain: bool) -> tokio::process::Child {
-    let mut cmd = tokio::process::Command::new(testbed_bin());
-    cmd.args(["serve", "--port", &port.to_string(), "--policy", "never"])
-        .arg("--truth")
-        .arg(dir.join(format!("truth-{}.jsonl", now_ns())))
-        .args(["--otlp-endpoint", &format!("http://{otlp}")])
-        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true);
-    if drain {
-        cmd.arg("--drain");
-    }
-    let child = cmd.spawn().expect("start iw-testbed serve");
-    wait_listening(port).await;
-    child
-}
-
-/// A streaming chat completion with `x-request-id: id` and `max_tokens`, returned once two SSE
-/// chunks came (the response is under way).
-async fn open_stream(port: u16, id: &str, max_tokens: u32) -> TcpStream {
-    let body = serde_json::json!({
-        "model": "m",
-        "messages": [{"role": "user", "content": "tell me a long story"}],
-        "max_tokens": max_tokens,
-        "stream": true,
-    })
-    .to_string();
-    let head = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nx-request-id: {id}\r\n\
-         x-tenant-id: acme\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    );
-    let mut stream = TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect runtime");
-    stream
-        .write_all(format!("{head}{body}").as_bytes())
-        .await
-        .expect("send request");
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    tokio::time::timeout(Duration::from_secs(15), async {
-        while seen.windows(5).filter(|w| *w == b"data:").count() < 2 {
-            let n = stream.read(&mut buf).await.expect("read stream");
-            assert!(n > 0, "runtime closed the stream early");
-            seen.extend_from_slice(&buf[..n]);
-        }
-    })
-    .await
-    .expect("first chunks within 15 s");
-    stream
-}
 
 /// Reads a stream to its end; whether it ended with the stream terminator (`[DONE]`).
 async fn read_to_end(mut s: TcpStream) -> bool {
@@ -115,15 +60,15 @@ async fn cut_streams(name: &str, cause: &str, signal: Option<i64>, cut: impl FnO
     let backend = collector.start().await;
     let port = free_port();
     let agent = agent(port, backend).await;
-    let mut runtime = serve(port, agent.otlp_grpc, &dir, false).await;
-    let pid = runtime.id().expect("runtime pid");
+    let mut runtime = Runtime::serve(port, agent.otlp_grpc, &dir).await;
+    let pid = runtime.pid() as u32;
     let ids: Vec<String> = (0..STREAMS).map(|i| format!("{name}-{i}")).collect();
     let mut open = Vec::new();
     for id in &ids {
-        open.push(open_stream(port, id, 4000).await);
+        open.push(open_stream_of(port, id, "", "tell me a long story", 4000, 2).await);
     }
     cut(pid);
-    let _ = tokio::time::timeout(Duration::from_secs(20), runtime.wait()).await;
+    runtime.wait(Duration::from_secs(20)).await;
     let mut cut_short = 0;
     for s in open {
         if !read_to_end(s).await {
@@ -286,25 +231,25 @@ async fn sigterm_with_a_drain_loses_nothing() {
     let backend = collector.start().await;
     let port = free_port();
     let agent = agent(port, backend).await;
-    let mut runtime = serve(port, agent.otlp_grpc, &dir, true).await;
-    let pid = runtime.id().expect("runtime pid");
+    let mut runtime = Runtime::serve_with(port, agent.otlp_grpc, &dir, &["--drain"]).await;
+    let pid = runtime.pid();
     let ids: Vec<String> = (0..STREAMS).map(|i| format!("drained-{i}")).collect();
     let mut open = Vec::new();
     for id in &ids {
-        open.push(open_stream(port, id, 300).await);
+        open.push(open_stream_of(port, id, "", "tell me a long story", 300, 2).await);
     }
     // SAFETY: kill(2) on our own child, not reaped yet.
-    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    unsafe { libc::kill(pid, libc::SIGTERM) };
     let mut finished = 0;
     for s in open {
         if read_to_end(s).await {
             finished += 1;
         }
     }
-    let exited = tokio::time::timeout(Duration::from_secs(30), runtime.wait()).await;
+    let exited = runtime.wait(Duration::from_secs(30)).await;
     assert_eq!(finished, STREAMS, "the drain finished every stream");
     assert!(
-        exited.is_ok_and(|s| s.is_ok_and(|s| s.success())),
+        exited.is_some_and(|s| s.success()),
         "the drained runtime exits 0"
     );
     // Every request's span came and joined; then, past span_wait_ms, still no loss.

@@ -13,5 +13,6 @@ mod gpu;
 mod harness;
 mod lifecycle;
 mod openai_client;
+mod peers;
 mod runtimes;
 mod security;

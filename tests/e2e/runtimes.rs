@@ -9,7 +9,8 @@ use inferwatch_testbed::truth::{ClientTruth, RequestTruth, TruthRecord};
 
 use crate::abort_truth::AbortTruth;
 use crate::harness::{
-    Agent, Collector, attr, free_port, kernel_tests_enabled, now_ns, run_testbed, scratch, serial,
+    Agent, Collector, attr, free_port, kernel_tests_enabled, metric_sum, now_ns, run_testbed,
+    scratch, serial,
 };
 
 /// The tenant whose client sends no `traceparent` in both scenarios.
@@ -74,15 +75,6 @@ struct Score {
     forwarded: usize,
     /// True findings made without a runtime span (the kernel's view alone).
     kernel_only: usize,
-}
-
-fn metric(metrics: &str, name_and_labels: &str) -> u64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(name_and_labels))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
 }
 
 /// `omitted_roots`: the runtime exports no request span for a request whose client it saw
@@ -152,20 +144,16 @@ async fn run(shape: Shape, scenario: &str, extra: &[&str], omitted_roots: bool) 
         requests: requests.len(),
         found: findings.len(),
         runtime_spans: (
-            metric(
+            metric_sum(
                 &metrics,
-                &format!(
-                    "inferwatch_runtime_spans_total{{runtime=\"{}\",adapted=\"true\"}}",
-                    shape.label()
-                ),
-            ),
-            metric(
+                "inferwatch_runtime_spans_total",
+                &format!("runtime=\"{}\",adapted=\"true\"", shape.label()),
+            ) as u64,
+            metric_sum(
                 &metrics,
-                &format!(
-                    "inferwatch_runtime_spans_total{{runtime=\"{}\",adapted=\"false\"}}",
-                    shape.label()
-                ),
-            ),
+                "inferwatch_runtime_spans_total",
+                &format!("runtime=\"{}\",adapted=\"false\"", shape.label()),
+            ) as u64,
         ),
         other_spans: received
             .iter()

@@ -5,11 +5,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::faults::{
-    Runtime, metric_sum, open_stream, rst_close, wait_listening, wait_until, write_config,
-};
 use crate::harness::{
-    Agent, Collector, agent_bin, attr, free_port, kernel_tests_enabled, scratch, serial,
+    Agent, Collector, agent_bin, attr, free_port, kernel_tests_enabled, metric_sum, scratch, serial,
+};
+use crate::peers::{
+    Runtime, abort_is_found, open_stream, rst_close, wait_listening, wait_until, write_config,
 };
 
 const SECRETS: [&str; 4] = [
@@ -189,7 +189,7 @@ async fn bearer_token_through_the_agent() {
         .spawn()
         .expect("start iw-testbed serve");
     wait_listening(port).await;
-    let found = crate::faults::abort_is_found(&collector, port, "with-token").await;
+    let found = abort_is_found(&collector, port, "with-token").await;
     drop(child);
     agent.stop().await;
     let forwarded_without = collector.spans().iter().any(|s| {
@@ -225,7 +225,7 @@ async fn tenant_hashing_reaches_every_export() {
     })
     .await;
     let runtime = Runtime::serve(port, agent.otlp_grpc, &dir).await;
-    let found = crate::faults::abort_is_found(&collector, port, "hashed-0").await;
+    let found = abort_is_found(&collector, port, "hashed-0").await;
     // A completed request too, so the runtime's own span (with its tenant attribute) is
     // forwarded after its join.
     let mut stream = open_stream(port, "hashed-1", "", "hi", 1).await;

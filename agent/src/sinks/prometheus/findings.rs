@@ -316,21 +316,3 @@ impl FindingMetrics {
         }
     }
 }
-
-/// Re-exported for the correlate stage, which advances finding counters the same way.
-pub use crate::internal_events::advance_to;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bounded_label_caps_cardinality() {
-        let label = BoundedLabel::new(2);
-        assert_eq!(label.get(Some("a")), "a");
-        assert_eq!(label.get(Some("b")), "b");
-        assert_eq!(label.get(Some("c")), OTHER);
-        assert_eq!(label.get(Some("a")), "a");
-        assert_eq!(label.get(None), OTHER);
-    }
-}

@@ -7,12 +7,12 @@ use prometheus_client::metrics::histogram::Histogram;
 use super::findings::{
     AbortLabels, AbortLagLabels, ContentionLabels, FindingMetrics, GpuLabels, GpuProcessLabels,
     JoinLabels, KvEvictionLabels, KvUndecidedLabels, LostLabels, StartLabels, TableLabels,
-    advance_to,
 };
 use crate::correlator::{
     AbortFinding, ClientAbort, ColdStartFinding, Correlator, GpuContentionFinding, JoinRule,
     JoinedRequest, LostInFlightFinding, Output, RequestGpuFacts, StartKind,
 };
+use crate::internal_events::advance_to;
 
 /// The counters [`FindingMetrics::record`] bumps for every span, kept instead of looked up
 /// (label allocation, lock, hash) each time.
