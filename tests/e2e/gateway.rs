@@ -182,27 +182,6 @@ enum Gateway {
     LiteLlm(std::path::PathBuf),
 }
 
-/// LiteLLM's `litellm` program: `INFERWATCH_LITELLM`, else the workspace venv's. `None` (and a
-/// loud SKIPPED line) when it is not installed, unless `INFERWATCH_REQUIRE_LITELLM=1`.
-fn litellm() -> Option<std::path::PathBuf> {
-    let path = std::env::var_os("INFERWATCH_LITELLM")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| crate::harness::workspace().join(".venv/bin/litellm"));
-    if path.exists() {
-        return Some(path);
-    }
-    assert!(
-        std::env::var("INFERWATCH_REQUIRE_LITELLM").as_deref() != Ok("1"),
-        "LiteLLM required (INFERWATCH_REQUIRE_LITELLM=1) but {} does not exist",
-        path.display()
-    );
-    eprintln!(
-        "\n*** SKIPPED abort_through_litellm: no {} (pip install 'litellm[proxy]', or set INFERWATCH_LITELLM) ***\n",
-        path.display()
-    );
-    None
-}
-
 async fn gateway_run(name: &str, gateway: Gateway, policy: &str, salt: u8) {
     let _one_at_a_time = serial().await;
     let dir = scratch(name);
@@ -545,7 +524,7 @@ async fn abort_through_litellm() {
     if !kernel_tests_enabled("abort_through_litellm") {
         return;
     }
-    let Some(program) = litellm() else {
+    let Some(program) = crate::harness::litellm("abort_through_litellm") else {
         return;
     };
     gateway_run(

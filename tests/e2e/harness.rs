@@ -242,6 +242,28 @@ pub fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// LiteLLM's `litellm` program: `INFERWATCH_LITELLM`, else the workspace venv's. `None` (and a
+/// loud SKIPPED line naming `test`) when it is not installed, unless
+/// `INFERWATCH_REQUIRE_LITELLM=1` makes that a failure.
+pub fn litellm(test: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("INFERWATCH_LITELLM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join(".venv/bin/litellm"));
+    if path.exists() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var("INFERWATCH_REQUIRE_LITELLM").as_deref() != Ok("1"),
+        "LiteLLM required (INFERWATCH_REQUIRE_LITELLM=1) but {} does not exist",
+        path.display()
+    );
+    eprintln!(
+        "\n*** SKIPPED {test}: no {} (pip install 'litellm[proxy]', or set INFERWATCH_LITELLM) ***\n",
+        path.display()
+    );
+    None
+}
+
 /// The `iw-testbed` binary, built on first use.
 pub fn testbed_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();

@@ -1222,3 +1222,286 @@ fn kv_eviction_on_a_real_vllm_with_and_without_kv_events() {
         notes.join("\n")
     );
 }
+
+/// The forwarded `llm_request` spans whose `gen_ai.request.id` is `id` (vLLM's own id, which
+/// the client read as the response's `id`).
+fn spans_of_response<'a>(spans: &'a [Received], id: &str) -> Vec<&'a Received> {
+    spans
+        .iter()
+        .filter(|r| {
+            r.span.name == "llm_request"
+                && attr(&r.span, "gen_ai.request.id").as_deref() == Some(id)
+        })
+        .collect()
+}
+
+/// Issue 24 on the real runtime: clients -> LiteLLM's proxy (on the rig's watched gateway port)
+/// -> the shared vLLM. LiteLLM forwards neither `traceparent` nor `x-request-id`; vLLM names
+/// each request `chatcmpl-<uuid>` and LiteLLM passes that id through to its client, so the
+/// response id is the only link between the two sides. When a client leaves, LiteLLM closes its
+/// upstream and vLLM aborts the request within milliseconds, with no span.
+#[test]
+fn litellm_in_front_of_the_real_vllm() {
+    let Some(rig) = rig() else { return };
+    let Some(program) = harness::litellm("litellm_in_front_of_the_real_vllm") else {
+        return;
+    };
+    // The rig's agent settles a request with no span `span_wait` after the kernel last saw it,
+    // and counts it then. Every request made before this test took the rig (by the rig itself,
+    // such as its `/health` probe, or by another test) is settled by `quiet`, and the counters'
+    // baseline is taken after it: what they count from then on is this test's.
+    let span_wait =
+        Duration::from_millis(inferwatch::correlator::CorrelatorConfig::default().span_wait_ms);
+    rig.run(async {
+        let quiet = tokio::time::Instant::now() + span_wait + Duration::from_secs(2);
+        let dir = scratch("real-vllm-litellm");
+        // LiteLLM's proxy requires its master key as the bearer token: `client.py`'s.
+        let key = "sk-test-not-a-secret";
+        let conf = dir.join("litellm.yaml");
+        std::fs::write(
+            &conf,
+            format!(
+                "model_list:\n  - model_name: m\n    litellm_params:\n      model: hosted_vllm/m\n      api_base: {}\n",
+                rig.base_url()
+            ),
+        )
+        .expect("write litellm.yaml");
+        let log = std::fs::File::create(dir.join("litellm.log")).expect("LiteLLM log");
+        let mut proxy = tokio::process::Command::new(&program)
+            .arg("--config")
+            .arg(&conf)
+            .args(["--port", &rig.gateway_port.to_string(), "--host", "127.0.0.1"])
+            .env("LITELLM_MASTER_KEY", key)
+            .stdout(log.try_clone().expect("LiteLLM log"))
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start litellm");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while tokio::net::TcpStream::connect(("127.0.0.1", rig.gateway_port))
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "LiteLLM did not listen on {} (its log: {})",
+                rig.gateway_port,
+                dir.join("litellm.log").display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // It listens before its routes are up.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let base_url = format!("http://127.0.0.1:{}/v1", rig.gateway_port);
+        // One request first, unscored: LiteLLM's first request through a route is slower.
+        run_client(
+            &rig.install,
+            &base_url,
+            &[step("rv-llm-warm", 8, true, None)],
+            &dir,
+        )
+        .await;
+        // Ten streams through LiteLLM, each in its own trace; every other one abandoned early.
+        let base = now_ns();
+        let trace = |i: u64| format!("{:032x}", base + i);
+        let parent = "00f067aa0ba902b7";
+        let plan: Vec<_> = (0..10u64)
+            .map(|i| {
+                let abandon = (i % 2 == 1).then_some(3 + i as u32);
+                let mut s = step(&format!("rv-llm-{i}"), 60, true, abandon);
+                s["seed"] = json!(70 + i);
+                s["traceparent"] = json!(format!("00-{}-{parent}-01", trace(i)));
+                s
+            })
+            .collect();
+        tokio::time::sleep_until(quiet).await;
+        let seen_before = rig.collector.spans().len();
+        let metrics_before = rig.scrape().await;
+        let finished_before = rig::vllm_counter(rig.vllm.port, "vllm:request_success_total").await;
+        let clients = run_client(&rig.install, &base_url, &plan, &dir).await;
+        let ids: Vec<String> = (0..10).map(|i| format!("rv-llm-{i}")).collect();
+        let abandoned: Vec<&String> = ids.iter().filter(|id| clients[*id].abandoned).collect();
+        let finished: Vec<&String> = ids.iter().filter(|id| !clients[*id].abandoned).collect();
+        assert_eq!(abandoned.len(), 5);
+        let response_id = |id: &str| {
+            clients[id]
+                .response_id
+                .clone()
+                .unwrap_or_else(|| panic!("{id}: the client read no response id"))
+        };
+        for id in &ids {
+            // vLLM's own id, passed through: LiteLLM did not forward the x-request-id.
+            let rid = response_id(id);
+            assert!(
+                rid.starts_with("chatcmpl-") && rid != format!("chatcmpl-{id}"),
+                "{id}: response id {rid}"
+            );
+        }
+        // vLLM's span of every finished request; none comes for an aborted one.
+        let spans = spans_until(&rig.collector, 30, |s| {
+            finished
+                .iter()
+                .all(|id| !spans_of_response(s, &response_id(id)).is_empty())
+        })
+        .await;
+        // Requests vLLM made no span for settle `span_wait` after the kernel last saw them:
+        // wait until every abandoned stream is settled through the gateway (one observation of
+        // the gateway's lag each; only this test's clients cross LiteLLM), or 30 s more.
+        let through_gateway = |text: &str| {
+            let labels = [("boundary", "gateway")];
+            metric(text, "inferwatch_abort_lag_seconds_count", &labels)
+                - metric(&metrics_before, "inferwatch_abort_lag_seconds_count", &labels)
+        };
+        let deadline = tokio::time::Instant::now() + span_wait + Duration::from_secs(30);
+        let metrics = loop {
+            let text = rig.scrape().await;
+            if through_gateway(&text) >= abandoned.len() as f64
+                || tokio::time::Instant::now() > deadline
+            {
+                break text;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        // Findings are made when the abort settles: read the spans again.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let spans = {
+            let all = rig.collector.spans();
+            if all.len() >= spans.len() { all } else { spans }
+        };
+        drop(proxy.kill().await);
+        let new = &spans[seen_before.min(spans.len())..];
+        let finished_vllm =
+            rig::vllm_counter(rig.vllm.port, "vllm:request_success_total").await - finished_before;
+        let vllm_log = std::fs::read_to_string(&rig.vllm.log).expect("vLLM log");
+
+        // The figures, first, for the closing note.
+        let delta = |name: &str, labels: &[(&str, &str)]| {
+            metric(&metrics, name, labels) - metric(&metrics_before, name, labels)
+        };
+        let mut joins: HashMap<String, usize> = HashMap::new();
+        for r in ids
+            .iter()
+            .flat_map(|id| spans_of_response(new, &response_id(id)))
+        {
+            *joins
+                .entry(attr(&r.span, "inferwatch.join").unwrap_or_else(|| "missing".into()))
+                .or_default() += 1;
+        }
+        let findings: Vec<&Received> = new
+            .iter()
+            .filter(|r| r.span.name == "inferwatch.abort")
+            .collect();
+        let described: Vec<String> = findings
+            .iter()
+            .map(|f| {
+                format!(
+                    "trace {} id {:?} tokens_after {:?} lag_ms {:?} stalled_at {:?}",
+                    hex::encode(&f.span.trace_id),
+                    attr(&f.span, "gen_ai.request.id"),
+                    attr(&f.span, "inferwatch.abort.tokens_after"),
+                    attr(&f.span, "inferwatch.abort.lag_ms"),
+                    attr(&f.span, "inferwatch.abort.stalled_at"),
+                )
+            })
+            .collect();
+        let aborts = delta("inferwatch_client_aborts_total", &[]);
+        let lag = |boundary: &str| {
+            let count = delta("inferwatch_abort_lag_seconds_count", &[("boundary", boundary)]);
+            let sum = delta("inferwatch_abort_lag_seconds_sum", &[("boundary", boundary)]);
+            (count, if count > 0.0 { sum / count * 1e3 } else { 0.0 })
+        };
+        let (gateway_lags, gateway_mean_ms) = lag("gateway");
+        let (runtime_lags, runtime_mean_ms) = lag("runtime");
+        eprintln!(
+            "real vLLM behind LiteLLM: 10 streams, {} abandoned; vLLM finished {finished_vllm} (vllm:request_success_total); \
+             joins {joins:?}; client aborts counted {aborts}; lags observed: gateway {gateway_lags} (mean {gateway_mean_ms:.1} ms), \
+             runtime {runtime_lags} (mean {runtime_mean_ms:.1} ms); {} abort findings {described:?}",
+            abandoned.len(),
+            findings.len()
+        );
+
+        // What vLLM did: a span for each finished request, an abort (logged, no span) for each
+        // abandoned one.
+        assert_eq!(
+            finished_vllm,
+            finished.len() as f64,
+            "vLLM finished the streams that were read to the end, and only those"
+        );
+        for id in &abandoned {
+            let rid = response_id(id);
+            assert!(
+                vllm_log
+                    .lines()
+                    .any(|l| l.contains(&rid) && l.contains("aborted")),
+                "vLLM logged no abort for {id} ({rid})"
+            );
+            assert!(
+                spans_of_response(&spans, &rid).is_empty(),
+                "vLLM 0.32 exports no span for a request aborted because its client left ({id}, {rid})"
+            );
+        }
+        // Every finished request's span is forwarded, joined by the response id, in the
+        // client's trace.
+        for (i, id) in ids.iter().enumerate() {
+            if clients[id].abandoned {
+                continue;
+            }
+            let rid = response_id(id);
+            let found = spans_of_response(&spans, &rid);
+            assert_eq!(found.len(), 1, "{id} ({rid}): one forwarded llm_request span");
+            let span = &found[0].span;
+            assert_eq!(
+                attr(span, "inferwatch.join").as_deref(),
+                Some("response_id"),
+                "{id} ({rid}): LiteLLM forwards no traceparent or x-request-id"
+            );
+            assert_eq!(
+                hex::encode(&span.trace_id),
+                trace(i as u64),
+                "{id} ({rid}): the client's trace"
+            );
+            // vLLM decoded to max_tokens (`ignore_eos`). The client counts chunks with text: a
+            // special token the random model samples (`<unk>`) decodes to nothing, and vLLM
+            // sends it as an empty chunk, which LiteLLM drops (seen with a fixed seed, directly
+            // and through LiteLLM: 60 tokens, 59 chunks with text, both ways).
+            assert_eq!(
+                attr(span, "gen_ai.usage.completion_tokens").as_deref(),
+                Some("60"),
+                "{id} ({rid})"
+            );
+            assert!(
+                clients[id].chunks <= 60,
+                "{id}: {} chunks with text",
+                clients[id].chunks
+            );
+        }
+        // Every abandoned stream is counted once, with both boundaries measured: LiteLLM
+        // closing its upstream (gateway) and vLLM stopping (runtime).
+        assert_eq!(
+            aborts,
+            abandoned.len() as f64,
+            "every abandoned stream counted, once\n{metrics}"
+        );
+        assert_eq!(gateway_lags, abandoned.len() as f64, "t_g of every abort");
+        assert_eq!(runtime_lags, abandoned.len() as f64, "t_s of every abort");
+        // No false finding: any finding is an abandoned client's, and claims no more than
+        // vLLM can have written after the client left (it stops at once).
+        let abandoned_traces: Vec<String> = ids
+            .iter()
+            .enumerate()
+            .filter(|(_, id)| clients[*id].abandoned)
+            .map(|(i, _)| trace(i as u64))
+            .collect();
+        for f in &findings {
+            let t = hex::encode(&f.span.trace_id);
+            assert!(
+                abandoned_traces.contains(&t),
+                "a finding outside the abandoned clients' traces: {described:?}"
+            );
+            let after: u64 = attr(&f.span, "inferwatch.abort.tokens_after")
+                .and_then(|v| v.parse().ok())
+                .expect("tokens_after");
+            assert!(after <= 2, "vLLM stops within ms: {described:?}");
+        }
+    });
+}
