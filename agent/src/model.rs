@@ -263,6 +263,11 @@ pub struct RuntimeRequest {
     pub arrival: UnixNanos,
     /// Time spent waiting in the scheduler's queue, in nanoseconds.
     pub queue_ns: Option<u64>,
+    /// The runtime's own prefill time, scheduled to first token, in nanoseconds
+    /// (`gen_ai.latency.time_in_model_prefill`). Unlike `first_token - arrival - queue`, it
+    /// leaves out the tokenizer and the hops between the API server and the engine.
+    #[serde(default)]
+    pub prefill_ns: Option<u64>,
     /// When the first output token was produced.
     pub first_token: Option<UnixNanos>,
     /// The span's end: the runtime stopped working on the request.

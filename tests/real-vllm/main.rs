@@ -1213,9 +1213,10 @@ fn kv_eviction_on_a_real_vllm_with_and_without_kv_events() {
         "the prefill time never fires on a kept prefix\n{}",
         notes.join("\n")
     );
-    // The prefill-time recall is not asserted: it found 3/3 in three runs of this binary with
-    // five tests, and 0/3 in both fresh-clone CI runs with eight (the misses undecided, never
-    // wrong); issue 23 stays open for it. A miss it does name must name the noisy tenant.
+    // The prefill-time recall is not asserted (issue 23 stays open for it): the rule is
+    // conservative by design, and a run whose first turns met contention decides less (see
+    // docs/detections/kv-eviction.md for the runs measured). A miss it does name must name
+    // the noisy tenant.
     assert!(
         top1 as f64 >= 0.9 * found as f64,
         "top-1 {top1}/{found}\n{}",

@@ -80,6 +80,7 @@ fn request(n: u32, pid: u32, arrival: u64, ttft: u64, tpot: u64, tokens: u64) ->
         },
         arrival,
         queue_ns: None,
+        prefill_ns: None,
         first_token: Some(first),
         end: first + tpot * (tokens - 1),
         prompt_tokens: Some(100),

@@ -104,6 +104,7 @@ fn request(n: u32, front: u32, binding: Binding, arrival: u64, tpot: u64) -> Vec
         },
         arrival,
         queue_ns: None,
+        prefill_ns: None,
         first_token: Some(first),
         end: first + tpot * 19,
         prompt_tokens: Some(100),

@@ -64,6 +64,7 @@ fn span(trace: u8, arrival: u64, first: u64, end: u64, tokens: u64) -> RuntimeRe
         instance: InstanceIdentity::default(),
         arrival,
         queue_ns: None,
+        prefill_ns: None,
         first_token: Some(first),
         end,
         prompt_tokens: Some(10),

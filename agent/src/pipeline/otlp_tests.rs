@@ -239,6 +239,7 @@ async fn python_sdk_through_agent_to_backend(protocol: &str) {
     let r = agent.adapted.recv().await.expect("adapted request");
     assert_eq!(r.runtime, RuntimeKind::Vllm);
     assert_eq!(r.queue_ns, Some(12_000_000));
+    assert_eq!(r.prefill_ns, Some(130_000_000));
     assert_eq!(r.first_token, Some(r.arrival + 145_000_000));
     assert_eq!(r.end, r.arrival + 2_500_000_000);
     assert_eq!(r.prompt_tokens, Some(1200));

@@ -194,9 +194,10 @@ impl KvTracker {
             return None;
         }
         // The rate for this prompt's length, from clean prefills of half to twice its length:
-        // the slowest of them, so that a turn is called a miss only when even the slowest
-        // prefill seen at this length could not have done it as a hit (timing noise and the
-        // contention those prefills met count against the finding, never for it).
+        // the third quartile (nearest rank). Slow, so that fast samples (a first turn that hit a
+        // shared system prompt) do not make a hit look slow; not the slowest, so that one first
+        // turn slowed by contention does not hide every miss after it. The margins below keep
+        // a hit from a finding.
         let mut per_token: Vec<f64> = log
             .clean
             .iter()
@@ -205,7 +206,7 @@ impl KvTracker {
             .collect();
         per_token.sort_by(f64::total_cmp);
         let rate = per_token
-            .last()
+            .get((per_token.len() * 3).div_ceil(4).saturating_sub(1))
             .filter(|_| per_token.len() >= PREFILL_MIN_SAMPLES)
             .map(|ns| 1e9 / ns);
         let (Some(rate), Some(first)) = (rate, u.first_token) else {

@@ -323,10 +323,14 @@ impl KvTracker {
         let prompt = req.prompt_tokens.unwrap_or(0);
         let cached = req.cached_tokens.unwrap_or(0).min(prompt);
         let output = req.output_tokens.unwrap_or(0);
-        let prefill_start = req
-            .arrival
-            .saturating_add(req.queue_ns.unwrap_or(0))
-            .min(req.end);
+        // The runtime's own prefill time when it reports one; else from the arrival and the
+        // queue, which also counts the tokenizer and the hops to and from the engine: under CPU
+        // load those grow, and a prefill-time miss is decided on the difference.
+        let prefill_start = match (req.prefill_ns, req.first_token) {
+            (Some(prefill), Some(first)) => first.saturating_sub(prefill).max(req.arrival),
+            _ => req.arrival.saturating_add(req.queue_ns.unwrap_or(0)),
+        }
+        .min(req.end);
         let logged = LoggedRequest {
             trace_id: req.trace_id,
             span_id: req.span_id,

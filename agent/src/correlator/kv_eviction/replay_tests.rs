@@ -53,6 +53,7 @@ fn request(
         },
         arrival: prefill.0,
         queue_ns: Some(0),
+        prefill_ns: None,
         first_token: Some(prefill.1),
         end,
         prompt_tokens: Some(prompt),
@@ -384,75 +385,104 @@ fn a_chained_second_turn_is_a_hit() {
     assert!(r.findings.iter().all(|f| f.victim_conversation != "c2"));
 }
 
-/// A turn without cached tokens or KV events, decided by its prefill time: 6 first turns
-/// of 1000 tokens at 10k tokens/s set the rate; then turn 2 of each takes `prefill_ms`.
-fn prefill_run(
-    turn2_prefill_ms: &[u64],
+/// Turns without cached tokens or KV events, decided by their prefill time: first turns of
+/// 1000 tokens (six, 100 ms each unless `first_ms` says) set the rate; then turn 2 of the
+/// first conversations, 1100 tokens each, prefills in `turn2_ms`.
+#[derive(Default)]
+struct PrefillPlan {
+    first_ms: Vec<u64>,
+    turn2_ms: Vec<u64>,
+    /// A noisy request prefilling alongside each turn 2.
     overlap: bool,
-) -> (Vec<KvEvictionFinding>, KvEvictionStats) {
-    let mut t = KvTracker::new(KvEvictionConfig::default());
-    let mut stats = KvEvictionStats::default();
-    let mut out = Vec::new();
-    let base = 1_800_000_000_000 * MS;
-    let mut now = base;
-    let convs: Vec<String> = (0..turn2_prefill_ms.len().max(6))
-        .map(|i| format!("c{i}"))
-        .collect();
-    for (i, c) in convs.iter().enumerate() {
-        t.on_request(
-            &request(
-                i as u8,
-                "victim",
-                Some(c),
-                (now, now + 100 * MS),
-                now + 150 * MS,
-                1000,
-            ),
-            None,
-            &mut stats,
-        );
-        now += 200 * MS;
+    /// More between turn 2's prefill and the first token its span reports (the API server's
+    /// side under load), per turn.
+    frontend_ms: Vec<u64>,
+    /// The runtime's own prefill time on every span (`gen_ai.latency.time_in_model_prefill`).
+    runtime_prefill: bool,
+}
+
+impl PrefillPlan {
+    fn turns(turn2_ms: &[u64]) -> Self {
+        Self {
+            turn2_ms: turn2_ms.to_vec(),
+            ..Self::default()
+        }
     }
-    for (i, ms) in turn2_prefill_ms.iter().enumerate() {
-        if overlap {
+
+    fn run(&self) -> (Vec<KvEvictionFinding>, KvEvictionStats) {
+        let mut t = KvTracker::new(KvEvictionConfig::default());
+        let mut stats = KvEvictionStats::default();
+        let mut out = Vec::new();
+        let mut now = 1_800_000_000_000 * MS;
+        let first_ms: Vec<u64> = if self.first_ms.is_empty() {
+            vec![100; self.turn2_ms.len().max(6)]
+        } else {
+            self.first_ms.clone()
+        };
+        // One request: prefill from `now` for `prefill_ms`, its span's first token
+        // `frontend_ms` later, its end 50 ms after that.
+        let span = |trace: u8,
+                    tenant: &str,
+                    conversation: Option<&str>,
+                    now: u64,
+                    prefill_ms: u64,
+                    frontend_ms: u64,
+                    prompt: u64| {
+            let first = now + (prefill_ms + frontend_ms) * MS;
+            let mut r = request(
+                trace,
+                tenant,
+                conversation,
+                (now, first),
+                first + 50 * MS,
+                prompt,
+            );
+            if self.runtime_prefill {
+                r.prefill_ns = Some(prefill_ms * MS);
+            }
+            r
+        };
+        for (i, ms) in first_ms.iter().enumerate() {
+            let c = format!("c{i}");
             t.on_request(
-                &request(
-                    200,
-                    "noisy",
-                    None,
-                    (now, now + 100 * MS),
-                    now + 110 * MS,
-                    1000,
-                ),
+                &span(i as u8, "victim", Some(&c), now, *ms, 0, 1000),
                 None,
                 &mut stats,
             );
+            now += 300 * MS;
         }
-        t.on_request(
-            &request(
-                100 + i as u8,
-                "victim",
-                Some(&convs[i]),
-                (now, now + ms * MS),
-                now + (ms + 50) * MS,
-                1100,
-            ),
-            None,
-            &mut stats,
-        );
-        now += 300 * MS;
+        for (i, ms) in self.turn2_ms.iter().enumerate() {
+            if self.overlap {
+                t.on_request(
+                    &span(200, "noisy", None, now, 100, 0, 1000),
+                    None,
+                    &mut stats,
+                );
+            }
+            let c = format!("c{i}");
+            let frontend = self.frontend_ms.get(i).copied().unwrap_or(0);
+            t.on_request(
+                &span(100 + i as u8, "victim", Some(&c), now, *ms, frontend, 1100),
+                None,
+                &mut stats,
+            );
+            now += 300 * MS;
+        }
+        t.on_tick(now + 10_000 * MS, &mut stats, &mut out);
+        (out, stats)
     }
-    t.on_tick(now + 10_000 * MS, &mut stats, &mut out);
-    (out, stats)
+}
+
+fn missed(findings: &[KvEvictionFinding]) -> Vec<u8> {
+    findings.iter().map(|f| f.trace_id[0]).collect()
 }
 
 #[test]
 fn a_prefill_as_long_as_the_whole_prompt_is_a_miss_and_a_short_one_is_not() {
     // E = min(1000 + 16, 1100) rounded to 16 = 1008; a hit prefills 92 tokens (~9 ms),
     // a miss 1100 (~110 ms).
-    let (out, stats) = prefill_run(&[110, 12, 9, 60, 105], false);
-    let missed: Vec<u8> = out.iter().map(|f| f.trace_id[0]).collect();
-    assert_eq!(missed, vec![100, 104], "{out:?}");
+    let (out, stats) = PrefillPlan::turns(&[110, 12, 9, 60, 105]).run();
+    assert_eq!(missed(&out), vec![100, 104], "{out:?}");
     assert!(out.iter().all(|f| f.evidence == MissEvidence::PrefillTime));
     assert_eq!(out[0].expected_cached_tokens, 1008);
     assert!(out[0].cached_tokens < 504, "{}", out[0].cached_tokens);
@@ -462,8 +492,62 @@ fn a_prefill_as_long_as_the_whole_prompt_is_a_miss_and_a_short_one_is_not() {
 }
 
 #[test]
+fn one_slow_clean_prefill_does_not_hide_a_miss() {
+    // Five first turns prefilled in 100 ms, one in 170 ms (contention); turn 2 of c0 took
+    // 115 ms, a miss at the instance's usual rate (at the slow turn's, undecided); c1 hit.
+    let plan = PrefillPlan {
+        first_ms: vec![170, 100, 100, 100, 100, 100],
+        ..PrefillPlan::turns(&[115, 9])
+    };
+    let (out, stats) = plan.run();
+    assert_eq!(missed(&out), vec![100], "{out:?}");
+    assert_eq!(stats.prefill_time_undecided, 0);
+}
+
+#[test]
+fn fast_clean_prefills_do_not_make_a_slow_hit_a_miss() {
+    // Three of six first turns hit a shared system prompt (30 ms); turn 2 of c3 hit its
+    // prefix but prefilled its 92 new tokens slowly (30 ms, not 9). At the fast turns' rate
+    // that is a miss; at the third quartile it is not even undecided.
+    let plan = PrefillPlan {
+        first_ms: vec![30, 30, 30, 100, 100, 100],
+        ..PrefillPlan::turns(&[110, 110, 110, 30])
+    };
+    let (out, _) = plan.run();
+    assert!(!missed(&out).contains(&103), "{out:?}");
+}
+
+#[test]
+fn the_runtimes_own_prefill_time_leaves_out_a_slow_frontend() {
+    // Turn 2 of c0 missed (110 ms of prefill), c1 and c2 hit (9 ms); the API server then took
+    // 30, 100 and 40 ms more to see their first tokens (a loaded CPU). From the span's TTFT
+    // alone, c1's hit looks like a miss; from the runtime's prefill time, only c0 is one.
+    let plan = PrefillPlan {
+        frontend_ms: vec![30, 100, 40],
+        runtime_prefill: true,
+        ..PrefillPlan::turns(&[110, 9, 9])
+    };
+    let (out, _) = plan.run();
+    assert_eq!(missed(&out), vec![100], "{out:?}");
+    let without = PrefillPlan {
+        runtime_prefill: false,
+        ..plan
+    };
+    let (out, _) = without.run();
+    assert_eq!(
+        missed(&out),
+        vec![100, 101],
+        "without it, the frontend decides: {out:?}"
+    );
+}
+
+#[test]
 fn a_prefill_overlapping_another_or_before_the_rate_settles_is_undecided() {
-    let (out, stats) = prefill_run(&[110, 110], true);
+    let plan = PrefillPlan {
+        overlap: true,
+        ..PrefillPlan::turns(&[110, 110])
+    };
+    let (out, stats) = plan.run();
     assert!(out.is_empty(), "{out:?}");
     assert_eq!(stats.prefill_time_undecided, 2);
 }

@@ -194,6 +194,8 @@ fn base(
         instance: instance.clone(),
         arrival: span.start_time_unix_nano,
         queue_ns: None,
+        // vLLM's and SGLang's key alike.
+        prefill_ns: fields.time_in_model_prefill_s.and_then(secs_to_ns),
         first_token: None,
         end: span.end_time_unix_nano.max(span.start_time_unix_nano),
         prompt_tokens: fields.input_tokens.or(fields.prompt_tokens),
@@ -296,6 +298,8 @@ pub struct Fields<'a> {
     pub finish_reason: Option<String>,
     /// `gen_ai.latency.time_in_queue`, seconds.
     pub time_in_queue_s: Option<f64>,
+    /// `gen_ai.latency.time_in_model_prefill`, seconds.
+    pub time_in_model_prefill_s: Option<f64>,
     /// `gen_ai.latency.time_to_first_token`, seconds.
     pub time_to_first_token_s: Option<f64>,
     /// `gen_ai.latency.e2e`, seconds.
@@ -348,6 +352,9 @@ impl<'a> Fields<'a> {
                 }
                 "gen_ai.latency.time_in_queue" => f.time_in_queue_s = f64_of(&value),
                 "gen_ai.latency.time_to_first_token" => f.time_to_first_token_s = f64_of(&value),
+                "gen_ai.latency.time_in_model_prefill" => {
+                    f.time_in_model_prefill_s = f64_of(&value)
+                }
                 "gen_ai.latency.e2e" => f.e2e_s = f64_of(&value),
                 "queue_time" => f.tgi_queue_time = str_of(&value),
                 "inference_time" => f.tgi_inference_time = str_of(&value),
