@@ -1015,6 +1015,66 @@ fn eviction_plan(tag: &str) -> (Vec<serde_json::Value>, Vec<(String, String, Str
     (plan, turns)
 }
 
+/// A benign run: two-turn conversations with other tenants' short requests in between and
+/// nothing that fills the cache. Every turn 2 keeps its prefix (vLLM's own count says so) and
+/// must make no finding.
+fn benign_plan(tag: &str) -> (Vec<serde_json::Value>, Vec<(String, String, String)>) {
+    let mut plan = Vec::new();
+    let mut turns = Vec::new();
+    for b in 0..4u32 {
+        let conv = format!("{tag}-benign-{b}");
+        let (t1, t2) = (format!("{conv}-t1"), format!("{conv}-t2"));
+        plan.push(kv_step(&t1, "victim", Some(&conv), 500, 70 + b));
+        for n in 0..2u32 {
+            plan.push(kv_step(
+                &format!("{conv}-other-{n}"),
+                "quiet",
+                None,
+                120,
+                700 + 10 * b + n,
+            ));
+        }
+        plan.push(kv_step(&t2, "victim", Some(&conv), 560, 70 + b));
+        turns.push((conv, t1, t2));
+    }
+    (plan, turns)
+}
+
+/// The benign run's score, asserted: no turn lost its prefix by vLLM's own count, and no
+/// finding on any of them.
+fn assert_benign(
+    spans: &[Received],
+    clients: &HashMap<String, ClientRecord>,
+    turns: &[(String, String, String)],
+    evidence: &str,
+) {
+    let (evicted, _, _, fp, notes) = score_evictions(spans, clients, turns, evidence);
+    eprintln!(
+        "{evidence}, benign run: {} turns, {evicted} evicted, {fp} findings\n{}",
+        turns.len(),
+        notes.join("\n")
+    );
+    assert_eq!(
+        evicted,
+        0,
+        "the benign run evicted nothing\n{}",
+        notes.join("\n")
+    );
+    for (_, _, t2) in turns {
+        assert_eq!(
+            request_spans(spans, t2).len(),
+            1,
+            "{t2}: vLLM's span, which a finding would be under"
+        );
+    }
+    assert!(
+        notes.iter().all(|n| !n.contains("no cached_tokens")),
+        "vLLM's own count for every turn\n{}",
+        notes.join("\n")
+    );
+    assert_eq!(fp, 0, "no finding on a benign run\n{}", notes.join("\n"));
+}
+
 /// Per evidence kind: the evicted turns vLLM reported (cached < half of turn 1's prompt),
 /// found or not, the noisy tenant named top-1, and findings on turns that kept their prefix.
 fn score_evictions(
@@ -1123,7 +1183,9 @@ fn kv_eviction_on_a_real_vllm_with_and_without_kv_events() {
             }
             run_client(&rig.install, &rig.base_url(), &plan[..1], &warm).await;
         }
-        let clients = run_client(&rig.install, &rig.base_url(), &plan, &dir).await;
+        let (benign, benign_turns) = benign_plan("rv-kve");
+        let mut clients = run_client(&rig.install, &rig.base_url(), &benign, &dir).await;
+        clients.extend(run_client(&rig.install, &rig.base_url(), &plan, &dir).await);
         // The attribution waits 5 s after the victim's span.
         let spans = spans_until(&rig.collector, 40, |s| {
             s.iter()
@@ -1144,8 +1206,10 @@ fn kv_eviction_on_a_real_vllm_with_and_without_kv_events() {
             .filter(|l| l.starts_with("inferwatch_kv_eviction_undecided_total"))
             .collect();
         eprintln!("{undecided:?}");
-        (spans, clients, turns)
+        (spans, clients, (benign_turns, turns))
     });
+    let (benign_kv, turns_kv) = turns_kv;
+    assert_benign(&spans_kv, &clients_kv, &benign_kv, "kv_events");
     let (evicted, found, top1, fp, notes) =
         score_evictions(&spans_kv, &clients_kv, &turns_kv, "kv_events");
     eprintln!(
@@ -1188,7 +1252,12 @@ fn kv_eviction_on_a_real_vllm_with_and_without_kv_events() {
         rig::wait_ready(&mut child, rig.no_kv_port, &log);
         let dir = scratch("real-vllm-kv-eviction-prefill");
         let (plan, turns) = eviction_plan("rv-kvp");
-        let clients = run_client(&rig.install, &base, &plan, &dir).await;
+        // The benign run after the eviction plan's warm-up prompts (the rate needs them).
+        let (benign, benign_turns) = benign_plan("rv-kvp");
+        let (warm, rest) = plan.split_at(4);
+        let mut clients = run_client(&rig.install, &base, warm, &dir).await;
+        clients.extend(run_client(&rig.install, &base, &benign, &dir).await);
+        clients.extend(run_client(&rig.install, &base, rest, &dir).await);
         tokio::time::sleep(Duration::from_secs(12)).await;
         let metrics = rig.scrape().await;
         let undecided: Vec<&str> = metrics
@@ -1198,8 +1267,10 @@ fn kv_eviction_on_a_real_vllm_with_and_without_kv_events() {
         eprintln!("{undecided:?}");
         let spans = rig.collector.spans();
         rig::stop_vllm(child);
-        (spans, clients, turns)
+        (spans, clients, (benign_turns, turns))
     });
+    let (benign_pt, turns_pt) = turns_pt;
+    assert_benign(&spans_pt, &clients_pt, &benign_pt, "prefill_time");
     let (evicted, found, top1, fp, notes) =
         score_evictions(&spans_pt, &clients_pt, &turns_pt, "prefill_time");
     eprintln!(
