@@ -7,55 +7,20 @@
 //! raw ids inside the process: hashing happens at the edge, once per exported value.
 
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use std::hash::Hasher;
+
 use serde::{Deserialize, Serialize};
 
 use crate::otlp_wire::read::rewrite_str_attributes;
 
 /// SipHash-2-4 of `data` under the 128-bit key `(k0, k1)` (Aumasson & Bernstein): the tenant
-/// hash here and the correlator's conversation keys. Written out because `std`'s
-/// `DefaultHasher` does not promise a stable output across Rust releases and its `SipHasher`
-/// is deprecated; the output must stay stable across restarts and nodes.
+/// hash here and the correlator's conversation keys. The `siphasher` crate's, not `std`'s:
+/// `DefaultHasher` does not promise a stable output across Rust releases and `std`'s
+/// `SipHasher` is deprecated; the output must stay stable across restarts and nodes.
 pub fn siphash24(k0: u64, k1: u64, data: &[u8]) -> u64 {
-    let mut v0 = k0 ^ 0x736f_6d65_7073_6575;
-    let mut v1 = k1 ^ 0x646f_7261_6e64_6f6d;
-    let mut v2 = k0 ^ 0x6c79_6765_6e65_7261;
-    let mut v3 = k1 ^ 0x7465_6462_7974_6573;
-    let round = |v0: &mut u64, v1: &mut u64, v2: &mut u64, v3: &mut u64| {
-        *v0 = v0.wrapping_add(*v1);
-        *v1 = v1.rotate_left(13) ^ *v0;
-        *v0 = v0.rotate_left(32);
-        *v2 = v2.wrapping_add(*v3);
-        *v3 = v3.rotate_left(16) ^ *v2;
-        *v0 = v0.wrapping_add(*v3);
-        *v3 = v3.rotate_left(21) ^ *v0;
-        *v2 = v2.wrapping_add(*v1);
-        *v1 = v1.rotate_left(17) ^ *v2;
-        *v2 = v2.rotate_left(32);
-    };
-    let chunks = data.chunks_exact(8);
-    let tail = chunks.remainder();
-    for chunk in chunks {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(chunk);
-        let m = u64::from_le_bytes(word);
-        v3 ^= m;
-        round(&mut v0, &mut v1, &mut v2, &mut v3);
-        round(&mut v0, &mut v1, &mut v2, &mut v3);
-        v0 ^= m;
-    }
-    let mut last = [0u8; 8];
-    last[..tail.len()].copy_from_slice(tail);
-    last[7] = data.len() as u8;
-    let m = u64::from_le_bytes(last);
-    v3 ^= m;
-    round(&mut v0, &mut v1, &mut v2, &mut v3);
-    round(&mut v0, &mut v1, &mut v2, &mut v3);
-    v0 ^= m;
-    v2 ^= 0xff;
-    for _ in 0..4 {
-        round(&mut v0, &mut v1, &mut v2, &mut v3);
-    }
-    v0 ^ v1 ^ v2 ^ v3
+    let mut hasher = siphasher::sip::SipHasher24::new_with_keys(k0, k1);
+    hasher.write(data);
+    hasher.finish()
 }
 
 /// `[privacy]`.
