@@ -4,8 +4,7 @@
 
 use std::net::SocketAddr;
 
-use super::abort::{self, AbortFinding, ClientAbort, TokenCountMethod};
-use super::join::JoinRule;
+use super::settle::KernelAbort;
 use super::tables::{Head, HeadKey, KernelAbortFacts};
 use super::{Correlator, Output};
 use crate::model::{CloseHow, UnixNanos};
@@ -146,47 +145,20 @@ impl Correlator {
         if !in_flight {
             return;
         }
-        let stop = t_s.or(t_g).unwrap_or(t_c);
-        let lag_ns = stop - t_c;
-        let abort = ClientAbort {
+        let abort = KernelAbort {
             conn: hk.1.id,
             how,
-            model: None,
             t_c,
             t_g,
             t_s,
             tokens_after,
-            finding: abort::makes_finding(tokens_after, lag_ns, self.config.abort_lag_finding()),
+            through_gateway: true,
         };
-        self.stats.findings.record_client_abort(abort.finding);
-        let finding = abort.finding.then(|| {
-            let tp = head.head.traceparent;
-            AbortFinding {
-                trace_id: tp.map(|tp| tp.trace_id),
-                parent_span_id: tp.map(|tp| tp.parent_id),
-                request_id: head.head.request_id.or(head.response_ids.first().cloned()),
-                tokens_after,
-                tokens_total: None,
-                method: TokenCountMethod::KernelWrites,
-                lag_ns,
-                how,
-                t_c,
-                t_s: stop,
-                t_s_from_span: false,
-                conn: hk.1.id,
-                tenant: head.head.tenant,
-                model: None,
-                join: JoinRule::Unjoined,
-                t_g,
-                stalled_at: Some(abort::stalled_at(t_c, t_g, stop)),
-            }
-        });
-        out.push(Output::ClientAbort(abort));
-        if let Some(finding) = finding {
-            self.stats
-                .findings
-                .record_abort(how, finding.tokens_after, false);
-            out.push(Output::Abort(finding));
-        }
+        let request_id = head
+            .head
+            .request_id
+            .clone()
+            .or(head.response_ids.first().cloned());
+        self.publish_kernel_abort(abort, head, request_id, out);
     }
 }

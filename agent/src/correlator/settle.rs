@@ -6,9 +6,9 @@
 use super::abort::{self, AbortFinding, ClientAbort, TokenCountMethod};
 use super::join::{Claims, ConnectionFacts, JoinRule, JoinedRequest};
 use super::lost::LostInFlightFinding;
-use super::tables::{ConnKey, HeadKey, PeerClose};
+use super::tables::{ConnKey, Head, HeadKey, PeerClose};
 use super::{Correlator, Output};
-use crate::model::{RuntimeRequest, UnixNanos};
+use crate::model::{CloseHow, ConnId, RuntimeRequest, UnixNanos};
 
 impl Correlator {
     /// Emits a settled span: joined to the head `matched` names, else as `unjoined`
@@ -330,56 +330,92 @@ impl Correlator {
                 .last_write
                 .map(|w| w.max(t_c))
                 .or(facts.server_closed.filter(|c| *c >= t_c));
-            let lag_ns = t_s.map_or(0, |t_s| t_s - t_c);
             let tokens_after = if facts.not_started {
                 0
             } else {
                 facts.token_writes
             };
-            let abort = ClientAbort {
+            let abort = KernelAbort {
                 conn: hk.1.id,
                 how,
-                model: None,
                 t_c,
                 t_g: None,
                 t_s,
                 tokens_after,
-                finding: abort::makes_finding(
-                    tokens_after,
-                    lag_ns,
-                    self.config.abort_lag_finding(),
-                ),
+                through_gateway: false,
             };
-            self.stats.findings.record_client_abort(abort.finding);
-            let finding = abort.finding.then(|| {
-                let tp = head.head.traceparent;
-                AbortFinding {
-                    trace_id: tp.map(|tp| tp.trace_id),
-                    parent_span_id: tp.map(|tp| tp.parent_id),
-                    request_id: head.head.request_id,
-                    tokens_after,
-                    tokens_total: None,
-                    method: TokenCountMethod::KernelWrites,
-                    lag_ns,
-                    how,
-                    t_c,
-                    t_s: t_s.unwrap_or(t_c),
-                    t_s_from_span: false,
-                    conn: hk.1.id,
-                    tenant: head.head.tenant,
-                    model: None,
-                    join: JoinRule::Unjoined,
-                    t_g: None,
-                    stalled_at: None,
-                }
-            });
-            out.push(Output::ClientAbort(abort));
-            if let Some(finding) = finding {
-                self.stats
-                    .findings
-                    .record_abort(how, finding.tokens_after, false);
-                out.push(Output::Abort(finding));
-            }
+            let request_id = head.head.request_id.clone();
+            self.publish_kernel_abort(abort, head, request_id, out);
         }
     }
+
+    /// Counts a client abort the kernel alone measured (no runtime span for it) and, when it
+    /// makes one, its `kernel_writes` finding in the client's trace (its `traceparent`).
+    pub(super) fn publish_kernel_abort(
+        &mut self,
+        a: KernelAbort,
+        head: Head,
+        request_id: Option<String>,
+        out: &mut Vec<Output>,
+    ) {
+        let stop = a.t_s.or(a.t_g).unwrap_or(a.t_c);
+        let lag_ns = stop.saturating_sub(a.t_c);
+        let abort = ClientAbort {
+            conn: a.conn,
+            how: a.how,
+            model: None,
+            t_c: a.t_c,
+            t_g: a.t_g,
+            t_s: a.t_s,
+            tokens_after: a.tokens_after,
+            finding: abort::makes_finding(a.tokens_after, lag_ns, self.config.abort_lag_finding()),
+        };
+        self.stats.findings.record_client_abort(abort.finding);
+        let finding = abort.finding.then(|| {
+            let tp = head.head.traceparent;
+            AbortFinding {
+                trace_id: tp.map(|tp| tp.trace_id),
+                parent_span_id: tp.map(|tp| tp.parent_id),
+                request_id,
+                tokens_after: a.tokens_after,
+                tokens_total: None,
+                method: TokenCountMethod::KernelWrites,
+                lag_ns,
+                how: a.how,
+                t_c: a.t_c,
+                t_s: stop,
+                t_s_from_span: false,
+                conn: a.conn,
+                tenant: head.head.tenant,
+                model: None,
+                join: JoinRule::Unjoined,
+                t_g: a.t_g,
+                stalled_at: a
+                    .through_gateway
+                    .then(|| abort::stalled_at(a.t_c, a.t_g, stop)),
+            }
+        });
+        out.push(Output::ClientAbort(abort));
+        if let Some(finding) = finding {
+            self.stats
+                .findings
+                .record_abort(a.how, finding.tokens_after, false);
+            out.push(Output::Abort(finding));
+        }
+    }
+}
+
+/// A client abort as the kernel alone measured it.
+pub(super) struct KernelAbort {
+    pub(super) conn: ConnId,
+    pub(super) how: CloseHow,
+    /// The client's close.
+    pub(super) t_c: UnixNanos,
+    /// The gateway's close of its upstream, through a watched gateway.
+    pub(super) t_g: Option<UnixNanos>,
+    /// The runtime's stop: its last write after the peer left, else its close.
+    pub(super) t_s: Option<UnixNanos>,
+    pub(super) tokens_after: u64,
+    /// Through a watched gateway: the finding names the boundary that held the cancel.
+    pub(super) through_gateway: bool,
 }

@@ -87,16 +87,14 @@ fn gpu_contention(finding: &GpuContentionFinding, out: &mut Vec<Span>) {
         ));
     }
     if finding.affected.is_empty() {
-        let mut span = finding_span(
+        out.push(in_trace_or_own(
             "inferwatch.gpu_contention",
-            new_trace_id(),
-            [0; 8],
+            None,
+            None,
             finding.start,
             finding.end,
             attributes,
-        );
-        span.parent_span_id.clear();
-        out.push(span);
+        ));
     }
 }
 
@@ -127,15 +125,12 @@ fn kv_eviction(finding: &KvEvictionFinding) -> Span {
     if let Some(n) = &finding.neighbour_tenant {
         attributes.push(kv_str("inferwatch.noisy_neighbour.tenant", n));
     }
-    if let Some(t) = &finding.victim_tenant {
-        attributes.push(kv_str("tenant.id", t));
-    }
-    if let Some(id) = &finding.victim_request_id {
-        attributes.push(kv_str("gen_ai.request.id", id));
-    }
-    if let Some(m) = &finding.model {
-        attributes.push(kv_str("gen_ai.request.model", m));
-    }
+    request_attributes(
+        &mut attributes,
+        finding.victim_request_id.as_deref(),
+        finding.victim_tenant.as_deref(),
+        finding.model.as_deref(),
+    );
     if let Some(p) = finding.ttft_penalty_ns {
         attributes.push(kv_f64(
             "inferwatch.kv_eviction.ttft_penalty_ms",
@@ -242,28 +237,20 @@ fn lost_in_flight(finding: &LostInFlightFinding) -> Span {
     if let Some(tokens) = finding.tokens_delivered {
         attributes.push(kv_i64("inferwatch.lost.tokens_delivered", tokens as i64));
     }
-    if let Some(id) = &finding.request_id {
-        attributes.push(kv_str("gen_ai.request.id", id));
-    }
-    if let Some(tenant) = &finding.tenant {
-        attributes.push(kv_str("tenant.id", tenant));
-    }
-    if let Some(model) = &finding.model {
-        attributes.push(kv_str("gen_ai.request.model", model));
-    }
-    let trace_id = finding.trace_id.unwrap_or_else(new_trace_id);
-    let mut span = finding_span(
+    request_attributes(
+        &mut attributes,
+        finding.request_id.as_deref(),
+        finding.tenant.as_deref(),
+        finding.model.as_deref(),
+    );
+    in_trace_or_own(
         "inferwatch.lost_in_flight",
-        trace_id,
-        finding.parent_span_id.unwrap_or([0; 8]),
+        finding.trace_id,
+        finding.parent_span_id,
         finding.started,
         finding.lost_at,
         attributes,
-    );
-    if finding.parent_span_id.is_none() {
-        span.parent_span_id.clear();
-    }
-    span
+    )
 }
 
 fn abort(finding: &AbortFinding) -> Span {
@@ -287,30 +274,21 @@ fn abort(finding: &AbortFinding) -> Span {
     if let Some(stalled) = finding.stalled_at {
         attributes.push(kv_str("inferwatch.abort.stalled_at", stalled.as_str()));
     }
-    if let Some(id) = &finding.request_id {
-        attributes.push(kv_str("gen_ai.request.id", id));
-    }
-    if let Some(tenant) = &finding.tenant {
-        attributes.push(kv_str("tenant.id", tenant));
-    }
-    if let Some(model) = &finding.model {
-        attributes.push(kv_str("gen_ai.request.model", model));
-    }
+    request_attributes(
+        &mut attributes,
+        finding.request_id.as_deref(),
+        finding.tenant.as_deref(),
+        finding.model.as_deref(),
+    );
     // With neither a span nor a traceparent the finding starts its own trace.
-    let trace_id = finding.trace_id.unwrap_or_else(new_trace_id);
-    let parent = finding.parent_span_id.unwrap_or([0; 8]);
-    let mut span = finding_span(
+    in_trace_or_own(
         "inferwatch.abort",
-        trace_id,
-        parent,
+        finding.trace_id,
+        finding.parent_span_id,
         finding.t_c,
         finding.t_s,
         attributes,
-    );
-    if finding.parent_span_id.is_none() {
-        span.parent_span_id.clear();
-    }
-    span
+    )
 }
 
 /// The attributes of one `inferwatch.cold_start.<phase>` span.
@@ -346,6 +324,51 @@ fn neighbour_attributes(n: &NoisyNeighbour) -> Vec<KeyValue> {
         out.push(kv_str("inferwatch.noisy_neighbour.pod_uid", uid));
     }
     out
+}
+
+/// `gen_ai.request.id`, `tenant.id` and `gen_ai.request.model` of the request a finding is
+/// about, those known.
+fn request_attributes(
+    attributes: &mut Vec<KeyValue>,
+    request_id: Option<&str>,
+    tenant: Option<&str>,
+    model: Option<&str>,
+) {
+    let known = [
+        ("gen_ai.request.id", request_id),
+        ("tenant.id", tenant),
+        ("gen_ai.request.model", model),
+    ];
+    attributes.extend(
+        known
+            .into_iter()
+            .filter_map(|(key, value)| value.map(|v| kv_str(key, v))),
+    );
+}
+
+/// A finding span in the request's trace under `parent` when they are known; else a root span
+/// (no parent) in `trace_id`, or in a trace of its own.
+fn in_trace_or_own(
+    name: &str,
+    trace_id: Option<[u8; 16]>,
+    parent: Option<[u8; 8]>,
+    start: u64,
+    end: u64,
+    attributes: Vec<KeyValue>,
+) -> Span {
+    let trace_id = trace_id.unwrap_or_else(new_trace_id);
+    let mut span = finding_span(
+        name,
+        trace_id,
+        parent.unwrap_or([0; 8]),
+        start,
+        end,
+        attributes,
+    );
+    if parent.is_none() {
+        span.parent_span_id.clear();
+    }
+    span
 }
 
 /// A random, non-zero trace id for findings that have no trace of their own.
