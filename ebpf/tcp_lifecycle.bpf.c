@@ -389,6 +389,63 @@ int BPF_PROG(iw_tcp_receive_reset, struct sock *sock)
 	return 0;
 }
 
+#define TCPHDR_SYN 0x02
+#define TCPHDR_ACK 0x10
+
+/*
+ * A reset the kernel sent. Without a socket (`sock` NULL; kernels >= 6.10 trace those, reason
+ * NO_SOCKET) it answers a segment to a port nothing holds, and a SYN there is a refused
+ * connection attempt: a client, or a gateway retrying, that came before the server listened
+ * (a cold start) or after it went away. Softirq context, no process: tgid and conn are 0.
+ * The SYN's headers are read from the packet: `head` plus the offsets the IP layer set.
+ */
+SEC("tp_btf/tcp_send_reset")
+int BPF_PROG(iw_tcp_send_reset, const struct sock *sock, const struct sk_buff *skb)
+{
+	IW_DIAG_RETURN;
+	if (sock || !skb)
+		return 0;
+	unsigned char *head = skb->head;
+	__u16 th_at = skb->transport_header, nh_at = skb->network_header;
+	/* Ports (0..3) and flags (13) of the TCP header. */
+	__u8 th[14];
+	if (bpf_probe_read_kernel(th, sizeof(th), head + th_at))
+		return 0;
+	if (!(th[13] & TCPHDR_SYN) || (th[13] & TCPHDR_ACK))
+		return 0;
+	__u16 dport = ((__u16)th[2] << 8) | th[3];
+	if (!port_watched(dport))
+		return 0;
+	__u8 version = 0;
+	if (bpf_probe_read_kernel(&version, 1, head + nh_at))
+		return 0;
+	version >>= 4;
+	if (version != 4 && version != 6)
+		return 0;
+	struct iw_refused_event *ev = reserve(sizeof(*ev));
+	if (!ev)
+		return 0;
+	fill_header(&ev->hdr, IW_EVENT_REFUSED, sizeof(*ev), 0, 0);
+	ev->local_port = dport;
+	ev->peer_port = ((__u16)th[0] << 8) | th[1];
+	ev->_pad = 0;
+	__builtin_memset(ev->local_addr, 0, sizeof(ev->local_addr));
+	__builtin_memset(ev->peer_addr, 0, sizeof(ev->peer_addr));
+	if (version == 6) {
+		/* struct ipv6hdr: saddr at 8, daddr at 24. */
+		ev->family = AF_INET6;
+		bpf_probe_read_kernel(ev->peer_addr, 16, head + nh_at + 8);
+		bpf_probe_read_kernel(ev->local_addr, 16, head + nh_at + 24);
+	} else {
+		/* struct iphdr: saddr at 12, daddr at 16. */
+		ev->family = AF_INET;
+		bpf_probe_read_kernel(ev->peer_addr, 4, head + nh_at + 12);
+		bpf_probe_read_kernel(ev->local_addr, 4, head + nh_at + 16);
+	}
+	submit(ev);
+	return 0;
+}
+
 /* True when `b` starts like an HTTP/1.x request line. */
 static __always_inline int looks_like_request(const __u8 *b)
 {

@@ -110,6 +110,15 @@ pub enum KernelEventKind {
         /// The client's address.
         peer: SocketAddr,
     },
+    /// A connection attempt to a watched port that no socket took: the kernel answered the
+    /// client's SYN with a reset (nothing listened there yet, or any more). Softirq: `pid` is
+    /// `None`; there is no connection: [`KernelEventKind::conn`] is `ConnId(0)`.
+    Refused {
+        /// The watched address the client tried.
+        local: SocketAddr,
+        /// The client's address.
+        peer: SocketAddr,
+    },
     /// An HTTP/1.1 request arrived on a watched connection and the server read it (the time and
     /// pid are those of the server's first read of it).
     RequestHead {
@@ -191,7 +200,9 @@ impl KernelEventKind {
             | KernelEventKind::ResponseId { conn, .. }
             | KernelEventKind::LocalClosed { conn }
             | KernelEventKind::Closed { conn } => *conn,
-            KernelEventKind::ProcessExit { .. } | KernelEventKind::OomVictim => ConnId(0),
+            KernelEventKind::Refused { .. }
+            | KernelEventKind::ProcessExit { .. }
+            | KernelEventKind::OomVictim => ConnId(0),
         }
     }
 }

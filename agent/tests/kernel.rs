@@ -330,6 +330,7 @@ fn shape(e: &KernelEvent) -> String {
     match &e.kind {
         KernelEventKind::Listen { .. } => "listen".into(),
         KernelEventKind::Accepted { .. } => "accepted".into(),
+        KernelEventKind::Refused { .. } => "refused".into(),
         KernelEventKind::RequestHead { head, .. } => {
             format!("head:{}", head.request_id.as_deref().unwrap_or("?"))
         }
@@ -872,4 +873,91 @@ fn response_id_is_read_from_the_first_response_bytes() {
         "only the first {} sends after a head are captured",
         2
     );
+}
+
+/// The `Refused` events for `port`, as (local, peer).
+fn refused_on(events: &[KernelEvent], port: u16) -> Vec<(SocketAddr, SocketAddr)> {
+    events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            KernelEventKind::Refused { local, peer } if local.port() == port => {
+                assert_eq!(e.pid, None, "softirq: no process");
+                assert_eq!(e.kind.conn(), ConnId(0), "no socket");
+                Some((*local, *peer))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn connections_refused_before_listen_are_reported() {
+    if !kernel_tests_enabled("connections_refused_before_listen_are_reported") {
+        return;
+    }
+    let free_port = |addr: &str| {
+        TcpListener::bind(addr)
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port()
+    };
+    let (watched, unwatched) = (free_port("127.0.0.1:0"), free_port("127.0.0.1:0"));
+    let capture = start_capture(vec![watched]);
+    // Three attempts over IPv4 and one over IPv6 before anything listens (a gateway retrying
+    // while the runtime starts), and two to a port nobody watches.
+    for target in [
+        format!("127.0.0.1:{watched}"),
+        format!("127.0.0.1:{watched}"),
+        format!("127.0.0.1:{watched}"),
+        format!("[::1]:{watched}"),
+        format!("127.0.0.1:{unwatched}"),
+        format!("127.0.0.1:{unwatched}"),
+    ] {
+        let err = TcpStream::connect(&target).expect_err("nothing listens");
+        assert_eq!(
+            err.kind(),
+            std::io::ErrorKind::ConnectionRefused,
+            "{target}"
+        );
+    }
+    let listener = TcpListener::bind(("127.0.0.1", watched)).expect("bind watched");
+    let client = TcpStream::connect(("127.0.0.1", watched)).expect("connect after listen");
+    let events = capture.wait_for("4 refused, the listen and the accept", |evs| {
+        refused_on(evs, watched).len() >= 4
+            && evs.iter().any(|e| {
+                matches!(&e.kind, KernelEventKind::Accepted { peer, .. }
+                    if Some(*peer) == client.local_addr().ok())
+            })
+    });
+    capture.stop();
+    let refused = refused_on(&events, watched);
+    assert_eq!(refused.len(), 4, "{refused:?}");
+    let v4: Vec<_> = refused.iter().filter(|(l, _)| l.is_ipv4()).collect();
+    assert_eq!(v4.len(), 3, "{refused:?}");
+    for (local, peer) in &v4 {
+        assert_eq!(local.to_string(), format!("127.0.0.1:{watched}"));
+        assert_eq!(peer.ip().to_string(), "127.0.0.1");
+        assert_ne!(peer.port(), 0);
+    }
+    let v6: Vec<_> = refused.iter().filter(|(l, _)| l.is_ipv6()).collect();
+    assert_eq!(v6.len(), 1, "{refused:?}");
+    assert_eq!(v6[0].0.to_string(), format!("[::1]:{watched}"));
+    // Each attempt comes from its own client port.
+    let mut peers: Vec<u16> = refused.iter().map(|(_, p)| p.port()).collect();
+    peers.dedup();
+    assert_eq!(peers.len(), 4, "{refused:?}");
+    assert!(refused_on(&events, unwatched).is_empty(), "unwatched port");
+    // Once it listens, the port refuses nothing: the accepted connection makes no Refused.
+    let listen = events
+        .iter()
+        .position(|e| matches!(e.kind, KernelEventKind::Listen { port, .. } if port == watched))
+        .expect("listen event");
+    assert!(
+        events[listen..]
+            .iter()
+            .all(|e| !matches!(e.kind, KernelEventKind::Refused { .. })),
+        "no refused attempt after the listen"
+    );
+    drop((client, listener));
 }

@@ -45,6 +45,7 @@ enum iw_event_type {
 	IW_EVENT_PEER_CLOSED = 102,
 	IW_EVENT_LOCAL_CLOSED = 103,
 	IW_EVENT_CLOSED = 104,
+	IW_EVENT_REFUSED = 105,
 
 	IW_EVENT_REQUEST_HEAD = 200,
 	IW_EVENT_WRITE_AFTER_PEER_CLOSE = 201,
@@ -146,6 +147,20 @@ struct iw_local_closed_event {
 /* The socket reached TCP_CLOSE: the kernel forgets the connection. */
 struct iw_closed_event {
 	struct iw_event_header hdr;
+};
+
+/* A connection attempt to a watched port that no socket took: the kernel answered its SYN with
+ * a reset (tcp_send_reset without a socket, reason NO_SOCKET: nothing listened there yet, or
+ * any more). Softirq context: tgid 0; hdr.conn is 0 (there is no socket). Same address layout
+ * as iw_accepted_event. */
+struct iw_refused_event {
+	struct iw_event_header hdr;
+	__u16 family;
+	__u16 local_port; /* host byte order: the watched port */
+	__u16 peer_port;  /* host byte order */
+	__u16 _pad;
+	__u8 local_addr[16];
+	__u8 peer_addr[16];
 };
 
 /* ---- 300..=399: process lifecycle (ebpf/process_exit.bpf.c, sched and oom tracepoints) ----

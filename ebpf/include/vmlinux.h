@@ -107,6 +107,14 @@ struct sock {
 	void *sk_bpf_storage;
 };
 
+/* A packet: the SYN a reset answers (tcp_send_reset without a socket). `head` plus the two
+ * offsets locate its IP and TCP headers, read with a helper. */
+struct sk_buff {
+	unsigned char *head;
+	__u16 transport_header;
+	__u16 network_header;
+};
+
 /* Past struct sock: read with a helper (inet_sport) or through bpf_skc_to_tcp_sock(). */
 struct inet_sock {
 	__be16 inet_sport; /* the local port, kept after the kernel releases skc_num */

@@ -11,11 +11,13 @@
 
 use std::collections::HashMap;
 
-use inferwatch_testbed::truth::{ColdStartTruth, ContentionTruth, RequestTruth, TruthRecord};
+use inferwatch_testbed::truth::{
+    ClientTruth, ColdStartTruth, ContentionTruth, RequestTruth, TruthRecord,
+};
 
 use crate::harness::{
     Agent, Collector, Received, Truth, attr, fake_nvml_lib, free_port, kernel_tests_enabled,
-    now_ns, reset_nvml_script, run_testbed, scratch, serial, testbed_bin,
+    metric_sum, now_ns, reset_nvml_script, run_testbed, scratch, serial, testbed_bin,
 };
 
 /// The NVML poll period the agent runs with.
@@ -560,6 +562,44 @@ async fn cold_start_phases_match_the_truth() {
             |l| l.starts_with("inferwatch_cold_start_floor_seconds_count") && !l.ends_with(" 0")
         ),
         "cold-start: the floor histogram has an observation"
+    );
+
+    // The clients came before the runtime listened and retried like a gateway: every attempt
+    // the port refused counts as having waited for this start, and the earliest waited from
+    // its first attempt to the listen.
+    let waiting: Vec<&ClientTruth> = run
+        .truth
+        .client
+        .iter()
+        .filter(|c| c.refused_attempts > 0)
+        .collect();
+    let refused_truth: u64 = waiting.iter().map(|c| u64::from(c.refused_attempts)).sum();
+    assert!(
+        refused_truth > 0,
+        "cold-start: clients came before the listen"
+    );
+    let refused: u64 = attr(&root.span, "inferwatch.cold_start.refused_connections")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let earliest = waiting.iter().map(|c| c.start_ns).min().unwrap_or(0);
+    let wait: f64 = attr(&root.span, "inferwatch.cold_start.refused_wait_ms")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(-1.0);
+    println!(
+        "   refused before listen: truth {refused_truth} attempts by {} requests, agent {refused}; \
+         earliest waited {:.1} ms, agent {wait:.1} ms",
+        waiting.len(),
+        ms(cs.listen_ns, earliest)
+    );
+    assert_eq!(refused, refused_truth, "cold-start: refused attempts");
+    assert!(
+        (wait - ms(cs.listen_ns, earliest)).abs() <= PERIOD_MS as f64,
+        "cold-start: the earliest refused attempt waited {wait} ms"
+    );
+    assert_eq!(
+        metric_sum(&run.metrics, "inferwatch_refused_connections_total", ""),
+        refused_truth as f64,
+        "cold-start: inferwatch_refused_connections_total"
     );
 }
 

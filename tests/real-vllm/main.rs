@@ -939,6 +939,21 @@ fn cold_start_phases_from_vllms_own_start_up_spans() {
         ] {
             assert!(names.contains(&phase), "{phase} in {names:?}");
         }
+        // The rig's `/health` polls before vLLM listened were refused by the kernel: each
+        // waited for this start (a gateway retrying does the same).
+        let refused: u32 = attr(&root.span, "inferwatch.cold_start.refused_connections")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        eprintln!(
+            "  refused before listen: the rig's polls {}, agent {refused}; earliest waited {} ms",
+            rig.vllm.refused_before_listen,
+            attr(&root.span, "inferwatch.cold_start.refused_wait_ms").unwrap_or_default()
+        );
+        assert!(
+            rig.vllm.refused_before_listen > 0,
+            "vLLM took a while to listen"
+        );
+        assert_eq!(refused, rig.vllm.refused_before_listen);
     });
 }
 

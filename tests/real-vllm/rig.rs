@@ -52,6 +52,18 @@ pub struct VllmInfo {
     pub spawned_ns: u64,
     /// Wall clock when `/health` first answered (unix ns).
     pub ready_ns: u64,
+    /// `/health` polls whose connection the port refused (vLLM not listening yet): the truth
+    /// of the attempts that waited for its start.
+    pub refused_before_listen: u32,
+}
+
+/// When a vLLM answered `/health`, and how many polls before it the port refused.
+#[derive(Debug, Clone, Copy)]
+pub struct Ready {
+    /// Wall clock (unix ns).
+    pub at_ns: u64,
+    /// Polls refused (nothing listened on the port).
+    pub refused: u32,
 }
 
 /// The environment `cargo xtask setup` installed.
@@ -167,7 +179,7 @@ fn start() -> Option<Rig> {
                 Some(kv_port),
                 &log,
             );
-            let ready_ns = wait_ready(&mut child, vllm_port, &log);
+            let ready = wait_ready(&mut child, vllm_port, &log);
             let rig = Rig {
                 runtime: runtime.handle().clone(),
                 lock: Mutex::new(()),
@@ -181,7 +193,8 @@ fn start() -> Option<Rig> {
                     port: vllm_port,
                     log,
                     spawned_ns,
-                    ready_ns,
+                    ready_ns: ready.at_ns,
+                    refused_before_listen: ready.refused,
                 },
                 install,
             };
@@ -291,8 +304,9 @@ pub fn spawn_vllm_env(
 
 /// Waits until vLLM's `/health` answers; returns that time (unix ns). Panics with the log's
 /// tail when vLLM exits or takes over five minutes.
-pub fn wait_ready(child: &mut Child, port: u16, log: &Path) -> u64 {
+pub fn wait_ready(child: &mut Child, port: u16, log: &Path) -> Ready {
     let deadline = Instant::now() + Duration::from_secs(300);
+    let mut refused = 0;
     loop {
         if let Ok(Some(status)) = child.try_wait() {
             panic!(
@@ -301,8 +315,11 @@ pub fn wait_ready(child: &mut Child, port: u16, log: &Path) -> u64 {
                 tail(log)
             );
         }
-        if health(port) {
-            return now_ns();
+        if health(port, &mut refused) {
+            return Ready {
+                at_ns: now_ns(),
+                refused,
+            };
         }
         if Instant::now() > deadline {
             panic!(
@@ -315,10 +332,17 @@ pub fn wait_ready(child: &mut Child, port: u16, log: &Path) -> u64 {
     }
 }
 
-fn health(port: u16) -> bool {
+/// Whether `/health` answers 200; a connection the port refused is counted in `refused`.
+fn health(port: u16, refused: &mut u32) -> bool {
     use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
+    let mut s = match std::net::TcpStream::connect(("127.0.0.1", port)) {
+        Ok(s) => s,
+        Err(e) => {
+            if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                *refused += 1;
+            }
+            return false;
+        }
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
     if s.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")

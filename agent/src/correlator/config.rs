@@ -146,6 +146,9 @@ pub struct GpuDetectionConfig {
     pub startup_span_wait_ms: u64,
     /// Cold start: GPU memory samples kept per process until its first token.
     pub max_memory_samples: usize,
+    /// Cold start: how long a connection attempt refused on a watched port (nothing listened)
+    /// waits for a process to listen there and count it as having waited for the start.
+    pub refused_keep_ms: u64,
     /// Most (GPU, neighbour) series in the contention-seconds counter; the rest count under
     /// `other`.
     pub max_contention_series: usize,
@@ -172,6 +175,7 @@ impl Default for GpuDetectionConfig {
             plateau_tolerance_pct: 2,
             startup_span_wait_ms: 10_000,
             max_memory_samples: 4096,
+            refused_keep_ms: 30 * 60 * 1000,
             max_contention_series: 256,
         }
     }

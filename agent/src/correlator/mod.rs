@@ -261,10 +261,14 @@ impl Correlator {
     pub fn on_event(&mut self, input: Input) -> Vec<Output> {
         match input {
             Input::Kernel(event) => {
+                if let KernelEventKind::Refused { local, .. } = &event.kind {
+                    self.gpu
+                        .on_refused(local.port(), event.ts, &self.config.gpu);
+                }
                 if let Some(pid) = event.pid {
                     match event.kind {
-                        KernelEventKind::Listen { .. } => {
-                            self.gpu.on_listen(pid, event.ts, &self.config.gpu)
+                        KernelEventKind::Listen { port, .. } => {
+                            self.gpu.on_listen(pid, port, event.ts, &self.config.gpu)
                         }
                         KernelEventKind::RequestHead { .. } => {
                             self.gpu.on_head(pid, event.ts, &self.config.gpu)

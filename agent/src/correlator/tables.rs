@@ -309,7 +309,9 @@ impl Tables {
                     c.last_write = Some(c.last_write.map_or(ts, |last| last.max(ts)));
                 }
             }
-            KernelEventKind::ProcessExit { .. } | KernelEventKind::OomVictim => {}
+            KernelEventKind::Refused { .. }
+            | KernelEventKind::ProcessExit { .. }
+            | KernelEventKind::OomVictim => {}
             KernelEventKind::ResponseId { conn, id } => {
                 let key = self.conn_for(conn, ts, evictions);
                 self.add_response_id(key, ts, id);

@@ -407,15 +407,17 @@ async fn run_conversation(
     out
 }
 
-async fn connect(target: &str, timeout: Duration) -> std::io::Result<TcpStream> {
+/// Connects, retrying refused attempts until `timeout`; counts every refused one in `refused`.
+async fn connect(target: &str, timeout: Duration, refused: &mut u32) -> std::io::Result<TcpStream> {
     let deadline = Instant::now() + timeout;
     loop {
         match TcpStream::connect(target).await {
             Ok(s) => return Ok(s),
-            Err(e)
-                if Instant::now() < deadline
-                    && e.kind() == std::io::ErrorKind::ConnectionRefused =>
-            {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                *refused += 1;
+                if Instant::now() >= deadline {
+                    return Err(e);
+                }
                 // The runtime may still be loading weights (cold start): retry like a gateway.
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -480,6 +482,7 @@ pub async fn one_request(
         stream: turn.stream,
         local_port: 0,
         start_ns: now_ns(),
+        refused_attempts: 0,
         sent_ns: 0,
         first_token_ns: None,
         close_ns: 0,
@@ -521,9 +524,13 @@ async fn drive(
     rec: &mut ClientTruth,
     text: &mut String,
 ) -> Result<(), String> {
-    let mut sock = connect(&opts.target, opts.connect_timeout)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+    let mut sock = connect(
+        &opts.target,
+        opts.connect_timeout,
+        &mut rec.refused_attempts,
+    )
+    .await
+    .map_err(|e| format!("connect: {e}"))?;
     let _ = sock.set_nodelay(true);
     rec.local_port = sock.local_addr().map(|a| a.port()).unwrap_or(0);
     let path = if conv.completions {

@@ -192,6 +192,10 @@ pub struct ClientTruth {
     pub local_port: u16,
     /// First connect attempt.
     pub start_ns: u64,
+    /// Connect attempts the server's port refused before one was accepted (the runtime was not
+    /// listening yet: a cold start), each retried like a gateway would.
+    #[serde(default)]
+    pub refused_attempts: u32,
     /// Request fully written.
     pub sent_ns: u64,
     /// First content token received.

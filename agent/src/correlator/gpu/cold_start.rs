@@ -10,6 +10,8 @@
 //!   tolerance; the latest over the instance's pids (every rank loaded). A ramp ending at `T`
 //!   is thus placed at the first sample at or after `T`: within one NVML period;
 //! - `t_listen`: the first `Listen` by the instance's pid;
+//! - connection attempts refused on that port before it (no socket held it; [`super::refused`]):
+//!   clients that waited for the start, counted from `t_exec`;
 //! - `t_first_request`: the first request head read by the pid, or the earliest span arrival;
 //! - `t_first_token`: the first token of the first settled span of the instance that has one.
 //!
@@ -23,6 +25,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+use super::refused::{self, RefusedAttempts};
 use crate::correlator::config::GpuDetectionConfig;
 use crate::model::{GpuSample, ProcessIdentity, RuntimeRequest, StartupSpan, UnixNanos};
 
@@ -137,6 +140,14 @@ pub struct ColdStartFinding {
     /// The runtime's start-up spans the phases came from (0: NVML and kernel only).
     #[serde(default)]
     pub runtime_spans: usize,
+    /// Connection attempts to its port that the kernel refused between its process start
+    /// and its `Listen` (clients that waited for the start; a retried request counts once
+    /// per attempt).
+    #[serde(default)]
+    pub refused_connections: u64,
+    /// How long the earliest of them had waited when the port opened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused_wait_ns: Option<u64>,
     /// The trace of the request that got the first token.
     pub trace_id: [u8; 16],
     /// Its runtime span.
@@ -165,6 +176,8 @@ struct Runtime {
     last_seen: UnixNanos,
     t_listen: Option<UnixNanos>,
     t_first_request: Option<UnixNanos>,
+    /// The ports it listens on (the attempts refused there before its `Listen` waited for it).
+    ports: Vec<u16>,
     /// Set once decided: (first token, cold start seen).
     decided: Option<(UnixNanos, bool)>,
 }
@@ -181,6 +194,9 @@ struct StartupTrace {
     root_seen: bool,
     last_seen: UnixNanos,
 }
+
+/// Most listening ports remembered per runtime instance.
+const MAX_PORTS_PER_RUNTIME: usize = 8;
 
 /// Most start-up spans held per start (vLLM 0.32 sends 12 per worker).
 const MAX_STARTUP_SPANS: usize = 256;
@@ -205,6 +221,8 @@ pub(crate) struct ColdStarts {
     /// Whether any runtime sent start-up spans: then a decided cold start waits for its own.
     startup_seen: bool,
     pending: BTreeMap<u32, PendingColdStart>,
+    /// Attempts refused on watched ports, until a process listens there.
+    pub(crate) refused: RefusedAttempts,
     /// Start-up spans dropped because a table was full.
     pub(crate) startup_dropped: u64,
 }
@@ -235,10 +253,26 @@ impl ColdStarts {
         r
     }
 
-    pub(crate) fn on_listen(&mut self, pid: u32, ts: UnixNanos, cfg: &GpuDetectionConfig) {
+    pub(crate) fn on_listen(
+        &mut self,
+        pid: u32,
+        port: u16,
+        ts: UnixNanos,
+        cfg: &GpuDetectionConfig,
+    ) {
         self.observe(ts);
         let r = self.runtime(pid, ts, cfg);
         r.t_listen = min_opt(r.t_listen, ts);
+        // A server listens on a port or two (API, metrics); the bound only guards the table.
+        if !r.ports.contains(&port) && r.ports.len() < MAX_PORTS_PER_RUNTIME {
+            r.ports.push(port);
+        }
+    }
+
+    /// A connection attempt on the watched `port` that no socket took.
+    pub(crate) fn on_refused(&mut self, port: u16, ts: UnixNanos, cfg: &GpuDetectionConfig) {
+        self.observe(ts);
+        self.refused.on_refused(port, ts, cfg);
     }
 
     pub(crate) fn on_head(&mut self, pid: u32, ts: UnixNanos, cfg: &GpuDetectionConfig) {
@@ -344,8 +378,20 @@ impl ColdStarts {
         }
         let first_token = span.first_token?;
         let (t_listen, t_first_request) = (r.t_listen, r.t_first_request);
-
+        let ports = std::mem::take(&mut r.ports);
         let t_exec = identity.and_then(|i| i.start_time);
+        // Decided here, when the events up to the first token have arrived, not at the
+        // `Listen`: the attempts and the listen may come in either order.
+        let attempts: Vec<UnixNanos> = t_listen
+            .map(|listen| {
+                ports
+                    .iter()
+                    .flat_map(|port| self.refused.take_until(*port, listen))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let (refused_connections, refused_wait_ns) = refused::waited(&attempts, t_exec, t_listen);
+
         let t_gpu_first = self.gpu_first(pids, first_token);
         let plateaus: Vec<(UnixNanos, u64)> = pids
             .iter()
@@ -379,6 +425,8 @@ impl ColdStarts {
             floor_from: String::new(),
             phases: Vec::new(),
             runtime_spans: 0,
+            refused_connections,
+            refused_wait_ns,
             trace_id: span.trace_id,
             span_id: span.span_id,
         };
@@ -589,6 +637,7 @@ impl ColdStarts {
             .retain(|_, r| now < r.last_seen.saturating_add(idle));
         self.startup
             .retain(|_, t| now < t.last_seen.saturating_add(idle));
+        self.refused.on_tick(now, cfg);
     }
 
     pub(crate) fn sizes(&self) -> (usize, usize) {

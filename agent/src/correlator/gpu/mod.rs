@@ -6,6 +6,7 @@
 pub(crate) mod cold_start;
 pub(crate) mod contention;
 pub(crate) mod processes;
+pub(crate) mod refused;
 pub(crate) mod samples;
 
 use std::collections::BTreeMap;
@@ -81,6 +82,9 @@ pub struct GpuMetrics {
     pub contention_findings: u64,
     /// Cold-start findings emitted.
     pub cold_start_findings: u64,
+    /// Connection attempts refused on watched ports (no socket listened there).
+    #[serde(default)]
+    pub refused_connections: u64,
     /// State dropped because a GPU table was full (samples, GPUs, instances, processes).
     pub evictions: u64,
     /// Settled requests whose instance was not found: no connection joined and no pid alias
@@ -118,6 +122,8 @@ impl GpuView {
         let mut m = self.metrics.clone();
         m.contention_seconds = self.contention.seconds.clone();
         m.contention_findings = self.contention.findings;
+        m.refused_connections = self.cold.refused.seen;
+        m.evictions += self.cold.refused.dropped;
         if let Some(latest) = &self.samples.latest {
             m.gpus = latest.gpus.clone();
             m.processes = latest
@@ -161,12 +167,23 @@ impl GpuView {
             .on_sample(sample, cfg, &mut self.metrics.evictions);
     }
 
-    /// A `Listen` by `pid`: a runtime instance.
-    pub(crate) fn on_listen(&mut self, pid: u32, ts: UnixNanos, cfg: &GpuDetectionConfig) {
+    /// A `Listen` by `pid` on `port`: a runtime instance.
+    pub(crate) fn on_listen(
+        &mut self,
+        pid: u32,
+        port: u16,
+        ts: UnixNanos,
+        cfg: &GpuDetectionConfig,
+    ) {
         self.procs
             .on_front(pid, ts, cfg, &mut self.metrics.evictions);
         self.on_runtime(pid, ts, cfg);
-        self.cold.on_listen(pid, ts, cfg);
+        self.cold.on_listen(pid, port, ts, cfg);
+    }
+
+    /// A connection attempt on the watched `port` that no socket took.
+    pub(crate) fn on_refused(&mut self, port: u16, ts: UnixNanos, cfg: &GpuDetectionConfig) {
+        self.cold.on_refused(port, ts, cfg);
     }
 
     /// A request head read by `pid`: a front process.

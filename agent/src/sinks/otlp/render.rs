@@ -197,6 +197,18 @@ fn cold_start(finding: &ColdStartFinding, out: &mut Vec<Span>) {
     if let Some(bytes) = finding.weights_bytes {
         attributes.push(kv_i64("inferwatch.cold_start.weights_bytes", bytes as i64));
     }
+    if finding.refused_connections > 0 {
+        attributes.push(kv_i64(
+            "inferwatch.cold_start.refused_connections",
+            finding.refused_connections as i64,
+        ));
+    }
+    if let Some(wait) = finding.refused_wait_ns {
+        attributes.push(kv_f64(
+            "inferwatch.cold_start.refused_wait_ms",
+            wait as f64 / 1e6,
+        ));
+    }
     let start = finding
         .t_exec
         .unwrap_or(finding.t_first_token.saturating_sub(finding.floor_ns));

@@ -159,6 +159,9 @@ pub struct FindingMetrics {
     /// `inferwatch_gpu_requests_without_instance_total`: settled requests no runtime instance
     /// could be found for (no connection joined, no pid alias): no GPU facts, no contention.
     pub gpu_requests_without_instance: Counter,
+    /// `inferwatch_refused_connections_total`: connection attempts to watched ports that no
+    /// socket took (the kernel reset their SYN): clients that came while no runtime listened.
+    pub refused_connections: Counter,
     /// Bounds the `model` label.
     pub models: BoundedLabel,
     /// The counters [`FindingMetrics::record`] bumps for every span, resolved once.
@@ -203,6 +206,7 @@ impl FindingMetrics {
             gpu_process_sm_util: Family::default(),
             gpu_process_memory: Family::default(),
             gpu_requests_without_instance: Counter::default(),
+            refused_connections: Counter::default(),
             models: BoundedLabel::new(32),
             cached: Mutex::default(),
         };
@@ -280,6 +284,11 @@ impl FindingMetrics {
             "inferwatch_gpu_requests_without_instance",
             "Settled runtime requests whose instance was not found (no joined connection, no pid alias): no GPU facts",
             metrics.gpu_requests_without_instance.clone(),
+        );
+        registry.register(
+            "inferwatch_refused_connections",
+            "Connection attempts to a watched port that no socket took (its SYN got a reset): clients that came before a runtime listened, or after it left",
+            metrics.refused_connections.clone(),
         );
         registry.register(
             "inferwatch_gpu_sm_utilization_percent",

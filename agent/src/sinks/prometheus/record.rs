@@ -182,6 +182,15 @@ impl FindingMetrics {
             &m.gpu_requests_without_instance,
             gpu.requests_without_instance,
         );
+        advance_to(&m.refused_connections, gpu.refused_connections);
+        // The GPU tables' drops (samples, GPUs, instances, processes, start-up spans, refused
+        // attempts), with the correlator's other tables.
+        advance_to(
+            &m.correlator_evictions.get_or_create(&TableLabels {
+                table: "gpu".to_owned(),
+            }),
+            gpu.evictions,
+        );
         for g in &gpu.gpus {
             let labels = GpuLabels {
                 gpu: g.uuid.clone(),

@@ -29,6 +29,8 @@ const _: () = {
     assert!(size_of::<iw_listen_event>() == 32);
     assert!(size_of::<iw_accepted_event>() == 64);
     assert!(offset_of!(iw_accepted_event, local_addr) == 32);
+    assert!(size_of::<iw_refused_event>() == 64);
+    assert!(offset_of!(iw_refused_event, local_addr) == 32);
     assert!(offset_of!(iw_request_head_event, data) == 40);
     assert!(size_of::<iw_request_head_event>() == 40 + IW_HEAD_MAX as usize);
     assert!(size_of::<iw_peer_closed_event>() == 32);
@@ -116,6 +118,13 @@ pub enum RawBody<'a> {
         /// Server address.
         local: SocketAddr,
         /// Client address.
+        peer: SocketAddr,
+    },
+    /// `IW_EVENT_REFUSED`: a SYN to a watched port that no socket took.
+    Refused {
+        /// The watched address the client tried.
+        local: SocketAddr,
+        /// The client's address.
         peer: SocketAddr,
     },
     /// `IW_EVENT_REQUEST_HEAD`: the first bytes of the request (borrowed from the ring).
@@ -208,6 +217,13 @@ pub fn decode(bytes: &[u8]) -> Result<RawEvent<'_>, DecodeError> {
         IW_EVENT_ACCEPTED => {
             let ev: iw_accepted_event = read(bytes, ty)?;
             RawBody::Accepted {
+                local: socket_addr(ev.family, &ev.local_addr, ev.local_port),
+                peer: socket_addr(ev.family, &ev.peer_addr, ev.peer_port),
+            }
+        }
+        IW_EVENT_REFUSED => {
+            let ev: iw_refused_event = read(bytes, ty)?;
+            RawBody::Refused {
                 local: socket_addr(ev.family, &ev.local_addr, ev.local_port),
                 peer: socket_addr(ev.family, &ev.peer_addr, ev.peer_port),
             }

@@ -179,6 +179,10 @@ impl EventConverter {
                 local: *local,
                 peer: *peer,
             },
+            RawBody::Refused { local, peer } => KernelEventKind::Refused {
+                local: *local,
+                peer: *peer,
+            },
             RawBody::RequestHead { fd, send_seq, data } => KernelEventKind::RequestHead {
                 conn,
                 fd: *fd,

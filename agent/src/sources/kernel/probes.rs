@@ -18,11 +18,13 @@ static TCP_LIFECYCLE: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcp_lifecycle.bpf.o"));
 
 /// The BTF tracepoint (tp_btf) programs with the tracepoint they attach to: TCP state changes
-/// and resets, every socket send and receive of the node, and the release of TCP sockets. They
+/// and resets (received, and sent for a SYN no socket took), every socket send and receive of
+/// the node, and the release of TCP sockets. They
 /// get the tracepoint's typed arguments without a trace record built first, and need no tracefs.
 pub const TRACEPOINTS: &[(&str, &str)] = &[
     ("iw_inet_sock_set_state", "inet_sock_set_state"),
     ("iw_tcp_receive_reset", "tcp_receive_reset"),
+    ("iw_tcp_send_reset", "tcp_send_reset"),
     ("iw_sock_recv_length", "sock_recv_length"),
     ("iw_sock_send_length", "sock_send_length"),
     ("iw_tcp_destroy_sock", "tcp_destroy_sock"),
