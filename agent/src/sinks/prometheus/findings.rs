@@ -159,6 +159,9 @@ pub struct FindingMetrics {
     /// `inferwatch_gpu_requests_without_instance_total`: settled requests no runtime instance
     /// could be found for (no connection joined, no pid alias): no GPU facts, no contention.
     pub gpu_requests_without_instance: Counter,
+    /// `inferwatch_cold_start_runtime_traces_unattributed_total`: runtime start-up traces that
+    /// name no process and that more than one instance could own (no phase made of them).
+    pub cold_start_traces_unattributed: Counter,
     /// Bounds the `model` label.
     pub models: BoundedLabel,
     /// The counters [`FindingMetrics::record`] bumps for every span, resolved once.
@@ -203,6 +206,7 @@ impl FindingMetrics {
             gpu_process_sm_util: Family::default(),
             gpu_process_memory: Family::default(),
             gpu_requests_without_instance: Counter::default(),
+            cold_start_traces_unattributed: Counter::default(),
             models: BoundedLabel::new(32),
             cached: Mutex::default(),
         };
@@ -280,6 +284,11 @@ impl FindingMetrics {
             "inferwatch_gpu_requests_without_instance",
             "Settled runtime requests whose instance was not found (no joined connection, no pid alias): no GPU facts",
             metrics.gpu_requests_without_instance.clone(),
+        );
+        registry.register(
+            "inferwatch_cold_start_runtime_traces_unattributed",
+            "Runtime start-up traces naming no process that more than one instance could own: no phase made of them",
+            metrics.cold_start_traces_unattributed.clone(),
         );
         registry.register(
             "inferwatch_gpu_sm_utilization_percent",

@@ -182,6 +182,10 @@ impl FindingMetrics {
             &m.gpu_requests_without_instance,
             gpu.requests_without_instance,
         );
+        advance_to(
+            &m.cold_start_traces_unattributed,
+            gpu.startup_traces_unattributed,
+        );
         for g in &gpu.gpus {
             let labels = GpuLabels {
                 gpu: g.uuid.clone(),
