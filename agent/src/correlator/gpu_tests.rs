@@ -2,7 +2,7 @@
 //! heads and spans fed in time order with ticks, as the pipeline would.
 
 use super::*;
-use crate::model::{ConnId, GpuProcessStat, GpuStat, InstanceIdentity, RuntimeKind};
+use crate::model::{ConnId, GpuProcessStat, GpuStat, InstanceIdentity, RuntimeKind, StartupSpan};
 
 const MS: u64 = 1_000_000;
 const S: u64 = 1_000 * MS;
@@ -596,4 +596,138 @@ fn without_gpu_inputs_outputs_are_unchanged() {
     let out = c.on_tick(T0 + 10 * S);
     assert_eq!(out.len(), 1, "one Joined, no GPU facts: {out:?}");
     assert!(matches!(out[0], Output::Joined(_)));
+}
+
+/// A TGI start-up span as its router (`warmup`, the root) or a shard (`shard_warmup`) sends
+/// it: no pid anywhere (TGI's resources carry only `service.name`).
+fn tgi_startup(id: u8, parent: Option<u8>, phase: &str, from: u64, to: u64) -> StartupSpan {
+    StartupSpan {
+        runtime: RuntimeKind::Tgi,
+        trace_id: [9; 16],
+        span_id: [id; 8],
+        parent_span_id: parent.map(|p| [p; 8]),
+        name: if phase == "warmup" {
+            "warmup".into()
+        } else {
+            "/generate.v3.TextGenerationService/Warmup".into()
+        },
+        phase: phase.into(),
+        code_function: None,
+        start: from,
+        end: to,
+        process_pid: None,
+        process_kind: None,
+    }
+}
+
+/// Replays `inputs` and returns the outputs with the GPU metrics at the end.
+fn run_with_metrics(inputs: Vec<(u64, Input)>) -> (Vec<Output>, GpuMetrics) {
+    let mut inputs = inputs;
+    inputs.sort_by_key(|(t, _)| *t);
+    let end = inputs.last().map_or(T0, |(t, _)| *t);
+    let mut c = Correlator::new(CorrelatorConfig::default());
+    let mut out = Vec::new();
+    let mut next_tick = T0;
+    for (t, input) in inputs {
+        while next_tick <= t {
+            out.extend(c.on_tick(next_tick));
+            next_tick += 250 * MS;
+        }
+        out.extend(c.on_event(input));
+    }
+    out.extend(c.on_tick(end + 120 * S));
+    (out, c.gpu_metrics())
+}
+
+/// The runtime of `cold_start_inputs` (exec 1 s, listen 30 s, first token 42 s), as TGI: its
+/// router's `warmup` (22 s -> 29 s, over the shard's `Warmup`) arrives at 31 s with no pid.
+/// The only instance that began to listen after the warmup ended owns it.
+#[test]
+fn tgi_start_up_spans_without_a_pid_are_tied_by_the_listen_that_follows() {
+    let mut inputs = cold_start_inputs(500 * MS);
+    let at = T0 + 31 * S;
+    inputs.push((
+        at,
+        Input::Startup(tgi_startup(
+            2,
+            Some(1),
+            "shard_warmup",
+            T0 + 22_100 * MS,
+            T0 + 28_900 * MS,
+        )),
+    ));
+    inputs.push((
+        at,
+        Input::Startup(tgi_startup(1, None, "warmup", T0 + 22 * S, T0 + 29 * S)),
+    ));
+    let (out, metrics) = run_with_metrics(inputs);
+    let found = cold_findings(&out);
+    assert_eq!(found.len(), 1, "{found:#?}");
+    let f = found[0];
+    assert_eq!(f.runtime_spans, 2);
+    let phases: Vec<(&str, PhaseSource, u64, u64)> = f
+        .phases
+        .iter()
+        .map(|p| {
+            (
+                p.name.as_str(),
+                p.source,
+                (p.start - T0) / MS,
+                (p.end - T0) / MS,
+            )
+        })
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            ("process_start", PhaseSource::Kernel, 1_000, 22_000),
+            ("warmup", PhaseSource::RuntimeSpans, 22_000, 29_000),
+            ("shard_warmup", PhaseSource::RuntimeSpans, 22_100, 28_900),
+            ("server_start", PhaseSource::Kernel, 29_000, 30_000),
+            ("wait_first_request", PhaseSource::Kernel, 30_000, 40_000),
+            ("first_token", PhaseSource::Kernel, 40_000, 42_000),
+        ]
+    );
+    assert_eq!(metrics.startup_traces_unattributed, 0);
+}
+
+/// Two instances began to listen after a TGI warmup that names no pid: either could own it,
+/// so it makes no phase (the floor keeps its NVML and kernel phases) and is counted.
+#[test]
+fn a_start_up_trace_two_instances_could_own_makes_no_phase_and_is_counted() {
+    let mut inputs = cold_start_inputs(500 * MS);
+    inputs.push((T0 + 30_500 * MS, listen(T0 + 30_500 * MS, 600)));
+    inputs.push((
+        T0 + 31 * S,
+        Input::Startup(tgi_startup(1, None, "warmup", T0 + 22 * S, T0 + 29 * S)),
+    ));
+    let (out, metrics) = run_with_metrics(inputs);
+    let found = cold_findings(&out);
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert_eq!(found[0].runtime_spans, 0);
+    assert!(
+        found[0]
+            .phases
+            .iter()
+            .all(|p| p.source != PhaseSource::RuntimeSpans),
+        "{:#?}",
+        found[0].phases
+    );
+    assert_eq!(metrics.startup_traces_unattributed, 1);
+}
+
+/// A start-up trace that names no pid and began before the instance's process started is
+/// not its own (a runtime the agent does not watch, exporting here), though it listened
+/// after it.
+#[test]
+fn a_start_up_trace_from_before_the_exec_is_not_the_instances() {
+    let mut inputs = cold_start_inputs(500 * MS);
+    inputs.push((
+        T0 + 31 * S,
+        Input::Startup(tgi_startup(1, None, "warmup", T0, T0 + 29 * S)),
+    ));
+    let (out, _) = run_with_metrics(inputs);
+    let found = cold_findings(&out);
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert_eq!(found[0].runtime_spans, 0);
 }

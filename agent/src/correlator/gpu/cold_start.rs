@@ -192,6 +192,10 @@ struct StartupTrace {
     spans: Vec<StartupSpan>,
     /// The root arrived: it ends last, so the start is complete.
     root_seen: bool,
+    /// It names no process, and more than one instance could be its own: tied to none.
+    ambiguous: bool,
+    /// It names no process and was tied to the one instance that listened after it.
+    tied_by_listen: bool,
     last_seen: UnixNanos,
 }
 
@@ -225,6 +229,9 @@ pub(crate) struct ColdStarts {
     pub(crate) refused: RefusedAttempts,
     /// Start-up spans dropped because a table was full.
     pub(crate) startup_dropped: u64,
+    /// Start-up traces that name no process and that more than one instance could own: they
+    /// make no phase.
+    pub(crate) startup_unattributed: u64,
 }
 
 fn min_opt(a: Option<UnixNanos>, b: UnixNanos) -> Option<UnixNanos> {
@@ -430,11 +437,12 @@ impl ColdStarts {
             trace_id: span.trace_id,
             span_id: span.span_id,
         };
+        self.tie_unnamed();
         let complete = self
-            .startup_of(pid, pids, first_token)
+            .startup_of(pid, pids, t_exec, first_token)
             .is_some_and(|t| t.root_seen);
         if complete || !self.startup_seen {
-            let spans = self.startup_spans(pid, pids, first_token);
+            let spans = self.startup_spans(pid, pids, t_exec, first_token);
             fill_phases(&mut finding, &spans);
             return Some(finding);
         }
@@ -488,11 +496,17 @@ impl ColdStarts {
             }
         }
         trace.root_seen |= span.parent_span_id.is_none();
+        let trace_id = span.trace_id;
         trace.spans.push(span);
-        let (complete, trace_pids) = (trace.root_seen, trace.pids.clone());
-        if !complete {
+        if !trace.root_seen {
             return None;
         }
+        self.tie_unnamed();
+        let trace_pids = self
+            .startup
+            .get(&trace_id)
+            .map(|t| t.pids.clone())
+            .unwrap_or_default();
         let pid = self
             .pending
             .iter()
@@ -501,17 +515,59 @@ impl ColdStarts {
             })
             .map(|(pid, _)| *pid)?;
         let mut pending = self.pending.remove(&pid)?;
-        let spans = self.startup_spans(pid, &pending.pids, pending.finding.t_first_token);
+        let spans = self.startup_spans(
+            pid,
+            &pending.pids,
+            pending.finding.t_exec,
+            pending.finding.t_first_token,
+        );
         fill_phases(&mut pending.finding, &spans);
         Some(pending.finding)
     }
 
+    /// Ties each complete start-up trace that names no process (TGI sends no pid) to the one
+    /// instance the agent saw begin to listen after the trace ended: a runtime listens once its
+    /// start-up is over (TGI's router after its `warmup`, vLLM's API server after
+    /// `Overall Loading`). The runtime's word is not needed, only the kernel's `Listen`. With
+    /// more than one such instance the trace is tied to none and counted; with none yet (its
+    /// `Listen` not seen) it waits for the next look.
+    fn tie_unnamed(&mut self) {
+        for trace in self.startup.values_mut() {
+            if !trace.root_seen || trace.ambiguous || !trace.pids.is_empty() {
+                continue;
+            }
+            let Some(end) = trace.spans.iter().map(|s| s.end).max() else {
+                continue;
+            };
+            let mut listened = self
+                .runtimes
+                .iter()
+                .filter(|(_, r)| r.t_listen.is_some_and(|l| l >= end))
+                .map(|(pid, _)| *pid);
+            match (listened.next(), listened.next()) {
+                (Some(pid), None) => {
+                    trace.pid = Some(pid);
+                    trace.pids.insert(pid);
+                    trace.tied_by_listen = true;
+                }
+                (Some(_), Some(_)) => {
+                    trace.ambiguous = true;
+                    self.startup_unattributed += 1;
+                }
+                (None, _) => {}
+            }
+        }
+    }
+
     /// The start (trace) of instance `pid` (or one of its `pids`) that began last before
-    /// `first_token`.
+    /// `first_token`. A start tied by its `Listen` alone must also have begun after the
+    /// process started (`t_exec`, when known): a stale trace of a runtime the agent does not
+    /// watch is not taken for the next instance's.
     fn startup_of(
         &self,
         pid: u32,
         pids: &BTreeSet<u32>,
+        t_exec: Option<UnixNanos>,
         first_token: UnixNanos,
     ) -> Option<&StartupTrace> {
         self.startup
@@ -522,7 +578,8 @@ impl ColdStarts {
             })
             .filter_map(|t| {
                 let start = t.spans.iter().map(|s| s.start).min()?;
-                (start <= first_token).then_some((start, t))
+                let after_exec = !t.tied_by_listen || t_exec.is_none_or(|exec| exec <= start);
+                (start <= first_token && after_exec).then_some((start, t))
             })
             .max_by_key(|(start, _)| *start)
             .map(|(_, t)| t)
@@ -533,10 +590,11 @@ impl ColdStarts {
         &self,
         pid: u32,
         pids: &BTreeSet<u32>,
+        t_exec: Option<UnixNanos>,
         first_token: UnixNanos,
     ) -> Vec<StartupSpan> {
         let mut spans: Vec<StartupSpan> = self
-            .startup_of(pid, pids, first_token)
+            .startup_of(pid, pids, t_exec, first_token)
             .map(|t| {
                 t.spans
                     .iter()
@@ -559,9 +617,17 @@ impl ColdStarts {
             .map(|(pid, _)| *pid)
             .collect();
         let mut out = Vec::new();
+        if !due.is_empty() {
+            self.tie_unnamed();
+        }
         for pid in due {
             if let Some(mut pending) = self.pending.remove(&pid) {
-                let spans = self.startup_spans(pid, &pending.pids, pending.finding.t_first_token);
+                let spans = self.startup_spans(
+                    pid,
+                    &pending.pids,
+                    pending.finding.t_exec,
+                    pending.finding.t_first_token,
+                );
                 fill_phases(&mut pending.finding, &spans);
                 out.push(pending.finding);
             }

@@ -90,6 +90,10 @@ pub struct GpuMetrics {
     /// Settled requests whose instance was not found: no connection joined and no pid alias
     /// (`inferwatch_gpu_requests_without_instance_total`).
     pub requests_without_instance: u64,
+    /// Runtime start-up traces that name no process (TGI's) and that more than one instance
+    /// could own: they make no phase
+    /// (`inferwatch_cold_start_runtime_traces_unattributed_total`).
+    pub startup_traces_unattributed: u64,
 }
 
 /// A finding of the GPU detections, in the order they were made.
@@ -124,6 +128,7 @@ impl GpuView {
         m.contention_findings = self.contention.findings;
         m.refused_connections = self.cold.refused.seen;
         m.evictions += self.cold.refused.dropped;
+        m.startup_traces_unattributed = self.cold.startup_unattributed;
         if let Some(latest) = &self.samples.latest {
             m.gpus = latest.gpus.clone();
             m.processes = latest

@@ -162,6 +162,9 @@ pub struct FindingMetrics {
     /// `inferwatch_refused_connections_total`: connection attempts to watched ports that no
     /// socket took (the kernel reset their SYN): clients that came while no runtime listened.
     pub refused_connections: Counter,
+    /// `inferwatch_cold_start_runtime_traces_unattributed_total`: runtime start-up traces that
+    /// name no process and that more than one instance could own (no phase made of them).
+    pub cold_start_traces_unattributed: Counter,
     /// Bounds the `model` label.
     pub models: BoundedLabel,
     /// The counters [`FindingMetrics::record`] bumps for every span, resolved once.
@@ -207,6 +210,7 @@ impl FindingMetrics {
             gpu_process_memory: Family::default(),
             gpu_requests_without_instance: Counter::default(),
             refused_connections: Counter::default(),
+            cold_start_traces_unattributed: Counter::default(),
             models: BoundedLabel::new(32),
             cached: Mutex::default(),
         };
@@ -289,6 +293,11 @@ impl FindingMetrics {
             "inferwatch_refused_connections",
             "Connection attempts to a watched port that no socket took (its SYN got a reset): clients that came before a runtime listened, or after it left",
             metrics.refused_connections.clone(),
+        );
+        registry.register(
+            "inferwatch_cold_start_runtime_traces_unattributed",
+            "Runtime start-up traces naming no process that more than one instance could own: no phase made of them",
+            metrics.cold_start_traces_unattributed.clone(),
         );
         registry.register(
             "inferwatch_gpu_sm_utilization_percent",

@@ -191,6 +191,10 @@ impl FindingMetrics {
             }),
             gpu.evictions,
         );
+        advance_to(
+            &m.cold_start_traces_unattributed,
+            gpu.startup_traces_unattributed,
+        );
         for g in &gpu.gpus {
             let labels = GpuLabels {
                 gpu: g.uuid.clone(),

@@ -11,6 +11,29 @@
 //!
 //! A span is recognised by its name together with a `code.function` attribute, so that an
 //! application's own span that happens to be called `Load model` is not taken for vLLM's.
+//!
+//! TGI (read from its source, 3.3.6-dev0, January 2026; `--otlp-endpoint`): the router
+//! (`text-generation-router`, started by the launcher once every shard has loaded its weights)
+//! calls the shards before it listens (`backends/v3/src/lib.rs`, `connect_backend`) through
+//! `#[instrument]`ed methods, each call the root of its own trace: `service_discovery` (the
+//! master shard's `Client`), then `clear_cache`, `info` and `warmup` (its `ShardedClient`,
+//! each over one per-shard `Client` span of the same name). `tracing-opentelemetry` 0.21 names a span after the function and adds
+//! `code.namespace` (the module path: `text_generation_router_v3::client::sharded_client`;
+//! `text_generation_client::sharded_client` before 2.1), `code.filepath`, `code.lineno`,
+//! `thread.id`, `thread.name`, and at its end `busy_ns` / `idle_ns`; `target` and `level` go
+//! on events only. The shard (Python) answers over gRPC on a unix socket, and its server
+//! interceptor (`server/text_generation_server/tracing.py`) makes a SERVER span per call,
+//! parented on the router's (its context is injected): `/generate.v3.TextGenerationService/
+//! Warmup` with `rpc.system = grpc`, `rpc.service`, `rpc.method = Warmup`,
+//! `net.transport = unix`. Both resources carry only `service.name` (the launcher passes its
+//! `--otlp-service-name`, `text-generation-inference.router`, to the router and the shards
+//! alike): no pid. Weight loading happens before the shard's gRPC server starts and has no
+//! span. The router's `warmup` (the critical path over all shards) and the shard's `Warmup`
+//! are recognised: by name with the router crate's `code.namespace`, and by name with the
+//! gRPC attributes that TGI's interceptor sets.
+//!
+//! SGLang exports no start-up span: every span it makes belongs to a request (or to a HiCache
+//! operation); its start-up phase durations go to Prometheus only.
 
 use opentelemetry_proto::tonic::resource::v1::Resource;
 
@@ -73,7 +96,14 @@ pub fn process(resource: Option<&Resource>) -> StartupProcess {
     }
 }
 
-/// The phase a start-up span name stands for, when it is one.
+/// TGI's router: its `ShardedClient::warmup` span, and the phase it stands for.
+pub const TGI_ROUTER_WARMUP: (&str, &str) = ("warmup", "warmup");
+
+/// TGI's shard: its gRPC server span for the `Warmup` call (`/generate.v3.TextGenerationService/
+/// Warmup`, `v2` in older versions), and the phase it stands for.
+pub const TGI_SHARD_WARMUP: (&str, &str) = ("Warmup", "shard_warmup");
+
+/// The phase a vLLM start-up span name stands for, when it is one.
 pub fn phase_of(name: &str) -> Option<&'static str> {
     VLLM_STARTUP_SPANS
         .iter()
@@ -87,26 +117,57 @@ pub fn phase_of(name: &str) -> Option<&'static str> {
         })
 }
 
+/// The phase of a TGI start-up span, when `span` is one (see the module's documentation).
+fn tgi_phase(span: &SpanView<'_>) -> Option<&'static str> {
+    let attribute = |key: &str| {
+        span.attributes()
+            .find(|a| a.key == key)
+            .and_then(|a| str_of(&a.value))
+    };
+    if span.name == TGI_ROUTER_WARMUP.0 {
+        // The router's `ShardedClient`, whatever the crate's name in this version: an
+        // application's `warmup` has its own module path.
+        let namespace = attribute("code.namespace")?;
+        return (namespace.starts_with("text_generation_")
+            && namespace.ends_with("::sharded_client"))
+        .then_some(TGI_ROUTER_WARMUP.1);
+    }
+    let (service, method) = span.name.strip_prefix('/')?.split_once('/')?;
+    let tgi_service =
+        service.starts_with("generate.v") && service.ends_with(".TextGenerationService");
+    // Only TGI's own interceptor names the transport `unix` next to the call: a gRPC client
+    // of TGI's protocol instrumented by OpenTelemetry has the same name but a peer address.
+    let from_interceptor = attribute("rpc.system") == Some("grpc")
+        && attribute("rpc.service") == Some(service)
+        && attribute("rpc.method") == Some(method)
+        && attribute("net.transport") == Some("unix");
+    (tgi_service && method == TGI_SHARD_WARMUP.0 && from_interceptor).then_some(TGI_SHARD_WARMUP.1)
+}
+
 /// The start-up span `span` is, or `None` when it is not one.
 pub fn recognise(span: &SpanView<'_>, process: &StartupProcess) -> Option<StartupSpan> {
-    let phase = phase_of(span.name)?;
-    let code_function = span
-        .attributes()
-        .find(|a| a.key == "code.function")
-        .and_then(|a| str_of(&a.value).map(str::to_owned))?;
+    let vllm = phase_of(span.name).and_then(|phase| {
+        let code_function = span
+            .attributes()
+            .find(|a| a.key == "code.function")
+            .and_then(|a| str_of(&a.value).map(str::to_owned))?;
+        Some((RuntimeKind::Vllm, phase, Some(code_function)))
+    });
+    let (runtime, phase, code_function) =
+        vllm.or_else(|| tgi_phase(span).map(|phase| (RuntimeKind::Tgi, phase, None)))?;
     let trace_id: [u8; 16] = span.trace_id.try_into().ok()?;
     let span_id: [u8; 8] = span.span_id.try_into().ok()?;
     let parent_span_id = <[u8; 8]>::try_from(span.parent_span_id)
         .ok()
         .filter(|p| p != &[0; 8]);
     Some(StartupSpan {
-        runtime: RuntimeKind::Vllm,
+        runtime,
         trace_id,
         span_id,
         parent_span_id,
         name: span.name.to_owned(),
         phase: phase.to_owned(),
-        code_function: Some(code_function),
+        code_function,
         start: span.start_time_unix_nano,
         end: span.end_time_unix_nano.max(span.start_time_unix_nano),
         process_pid: process.pid,
@@ -186,6 +247,112 @@ mod tests {
         let code = vec![kv_str("code.function", "f")];
         assert!(recognised(&span("Warmup", vec![3; 8], code.clone()), &api).is_none());
         assert!(recognised(&span("llm_request", vec![3; 8], code), &api).is_none());
+    }
+
+    /// TGI 3.3.6's router span for `ShardedClient::warmup` (`backends/v3/src/client/
+    /// sharded_client.rs`, `#[instrument(skip(self))]`) as `tracing-opentelemetry` 0.21 makes
+    /// it: named after the function, the location and thread attributes, the arguments as
+    /// fields, `busy_ns` / `idle_ns` at its end; the resource names the service only.
+    fn tgi_router_warmup(namespace: &str) -> Span {
+        span(
+            "warmup",
+            Vec::new(),
+            vec![
+                kv_str("code.filepath", "backends/v3/src/client/sharded_client.rs"),
+                kv_str("code.namespace", namespace),
+                kv_i64("code.lineno", 102),
+                kv_i64("thread.id", 3),
+                kv_str("thread.name", "tokio-runtime-worker"),
+                kv_str("max_input_length", "None"),
+                kv_i64("max_prefill_tokens", 4096),
+                kv_str("max_total_tokens", "None"),
+                kv_str("max_batch_size", "None"),
+                kv_i64("busy_ns", 2_100_000),
+                kv_i64("idle_ns", 21_000_000_000),
+            ],
+        )
+    }
+
+    /// TGI's shard span for the `Warmup` call, as its `UDSOpenTelemetryAioServerInterceptor`
+    /// (`server/text_generation_server/tracing.py`) makes it, parented on the router's
+    /// per-shard `warmup` span through the injected context.
+    fn tgi_shard_warmup(transport: KeyValue) -> Span {
+        span(
+            "/generate.v3.TextGenerationService/Warmup",
+            vec![4; 8],
+            vec![
+                kv_str("rpc.system", "grpc"),
+                kv_i64("rpc.grpc.status_code", 0),
+                kv_str("rpc.method", "Warmup"),
+                kv_str("rpc.service", "generate.v3.TextGenerationService"),
+                kv_str("rpc.user_agent", "tonic/0.10.2"),
+                transport,
+            ],
+        )
+    }
+
+    #[test]
+    fn tgi_start_up_spans_are_recognised_without_a_pid() {
+        let router = resource(vec![kv_str(
+            "service.name",
+            "text-generation-inference.router",
+        )]);
+        let s = recognised(
+            &tgi_router_warmup("text_generation_router_v3::client::sharded_client"),
+            &router,
+        )
+        .expect("the router's warmup is a start-up span");
+        assert_eq!((s.runtime, s.phase.as_str()), (RuntimeKind::Tgi, "warmup"));
+        assert_eq!(s.name, "warmup");
+        assert_eq!((s.parent_span_id, s.process_pid), (None, None));
+        assert_eq!(s.code_function, None);
+        // Before TGI 2.1 the client was its own crate.
+        let old = recognised(
+            &tgi_router_warmup("text_generation_client::sharded_client"),
+            &router,
+        )
+        .expect("an older router's warmup");
+        assert_eq!(old.phase, "warmup");
+        let shard = recognised(&tgi_shard_warmup(kv_str("net.transport", "unix")), &router)
+            .expect("the shard's Warmup is a start-up span");
+        assert_eq!(
+            (shard.runtime, shard.phase.as_str()),
+            (RuntimeKind::Tgi, "shard_warmup")
+        );
+        assert_eq!(shard.parent_span_id, Some([4; 8]));
+    }
+
+    #[test]
+    fn spans_named_like_tgi_start_up_spans_are_not_taken() {
+        let app = resource(vec![kv_str("service.name", "my-app")]);
+        // An application's own `warmup`: another module, or no location at all.
+        assert!(recognised(&tgi_router_warmup("my_app::model"), &app).is_none());
+        assert!(recognised(&span("warmup", Vec::new(), Vec::new()), &app).is_none());
+        // The router's per-shard client span is nested in the sharded one: not a phase.
+        let per_shard = tgi_router_warmup("text_generation_router_v3::client::grpc_client");
+        assert!(recognised(&per_shard, &app).is_none());
+        // A gRPC client of TGI's protocol, instrumented by OpenTelemetry: a peer, no `unix`.
+        let client = tgi_shard_warmup(kv_str("net.peer.name", "tgi.internal"));
+        assert!(recognised(&client, &app).is_none());
+        // Another call of the shard is not the warmup.
+        let mut info = tgi_shard_warmup(kv_str("net.transport", "unix"));
+        info.name = "/generate.v3.TextGenerationService/Info".into();
+        assert!(recognised(&info, &app).is_none());
+    }
+
+    /// SGLang's spans (`python/sglang/srt/observability/trace.py`) all belong to a request:
+    /// its root `" Req <rid[:8]>"`, a thread span and stage slices. None is a start-up span.
+    #[test]
+    fn sglang_request_spans_are_not_start_up_spans() {
+        let sglang = resource(vec![kv_str("service.name", "sglang")]);
+        for name in [
+            " Req 0123abcd",
+            "Scheduler [TP 0] (host:abcdef01 | pid:77)",
+            "tokenize",
+        ] {
+            let s = span(name, Vec::new(), vec![kv_str("rid", "0123abcd")]);
+            assert!(recognised(&s, &sglang).is_none(), "{name}");
+        }
     }
 
     #[test]
