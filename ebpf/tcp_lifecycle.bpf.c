@@ -82,26 +82,34 @@ struct {
 
 /* Watched connections that reached TCP_CLOSE without our FIN (a reset, either way), awaiting
  * their release, which is then the server's close (LocalClosed). An entry's presence is the
- * mark; its byte is unused. Socket-local storage: the kernel frees it with the socket, so none
- * can leak and none needs deleting. */
+ * mark; its value is the response's sends at the reset (IW_SENDS_UNKNOWN when not counted),
+ * which the LocalClosed carries. Socket-local storage: the kernel frees it with the socket, so
+ * none can leak and none needs deleting. */
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, int);
-	__type(value, __u8);
+	__type(value, __u32);
 } release_marks SEC(".maps");
 
-/* Watched connections whose next sends are the start of a response, by socket address: the
- * count of sends still to capture (IW_RESPONSE_WRITES after each request head). An entry lives
- * from a request head to its response's second send, when it is deleted; one whose response
- * never comes is evicted (LRU). A hash rather than socket storage: no allocation per
- * connection, and sockets without an entry (nearly every send: the chunks of a stream) cost
- * one failed lookup. */
+/* The response under way on a watched connection: its sends so far, and how many of its first
+ * sends are still to capture (IW_RESPONSE_WRITES after each request head). */
+struct iw_response_state {
+	__u32 sends;
+	__u8 captures_left;
+	__u8 _pad[3];
+};
+
+/* The response under way on each watched connection, by socket address. An entry lives from a
+ * request head (the next head starts it again) to the server's close (our FIN, or the reset),
+ * when its count goes out with the LocalClosed and it is deleted; beyond
+ * IW_RESPONSE_PENDING_MAX connections the least recently used is evicted (its response's count
+ * is then unknown). A hash rather than socket storage: no allocation per connection. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, IW_RESPONSE_PENDING_MAX);
 	__type(key, __u64);
-	__type(value, __u8);
+	__type(value, struct iw_response_state);
 } response_pending SEC(".maps");
 
 struct {
@@ -282,18 +290,44 @@ static __always_inline __u16 closing_local_port(struct sock *sock)
 
 /* A reset connection of a watched server, still held by the server. Sockets without any BPF
  * storage (nearly all) are answered by one load, without the storage helper. */
-static __always_inline int release_marked(struct sock *sock)
+static __always_inline __u32 *release_mark(struct sock *sock)
 {
-	return sock->sk_bpf_storage && bpf_sk_storage_get(&release_marks, sock, 0, 0);
+	if (!sock->sk_bpf_storage)
+		return 0;
+	return bpf_sk_storage_get(&release_marks, sock, 0, 0);
 }
 
-/* A request head was read: the server's next sends on this connection start its response. */
+/* A request head was read: the server's next sends on this connection are its response. */
 static __always_inline void expect_response(struct sock *sock)
 {
 	__u64 sk = (__u64)sock;
-	__u8 writes = IW_RESPONSE_WRITES;
-	if (bpf_map_update_elem(&response_pending, &sk, &writes, BPF_ANY))
+	struct iw_response_state state = { .sends = 0, .captures_left = IW_RESPONSE_WRITES };
+	if (bpf_map_update_elem(&response_pending, &sk, &state, BPF_ANY))
 		count(IW_COUNTER_CONN_STATE_ALLOC);
+}
+
+/* The sends of the response under way on `sock` (IW_SENDS_UNKNOWN without one); the entry is
+ * deleted: the server closed the connection. */
+static __always_inline __u32 take_response_sends(struct sock *sock)
+{
+	__u64 sk = (__u64)sock;
+	struct iw_response_state *state = bpf_map_lookup_elem(&response_pending, &sk);
+	if (!state)
+		return IW_SENDS_UNKNOWN;
+	__u32 sends = state->sends;
+	bpf_map_delete_elem(&response_pending, &sk);
+	return sends;
+}
+
+static __always_inline void emit_local_closed(struct sock *sock, __u32 response_sends)
+{
+	struct iw_local_closed_event *ev = reserve(sizeof(*ev));
+	if (!ev)
+		return;
+	fill_header(&ev->hdr, IW_EVENT_LOCAL_CLOSED, sizeof(*ev), current_tgid(), (__u64)sock);
+	ev->response_sends = response_sends;
+	ev->_pad = 0;
+	submit(ev);
 }
 
 /* Our FIN went out in these states: a close from them is not a reset. */
@@ -356,7 +390,7 @@ int BPF_PROG(iw_inet_sock_set_state, struct sock *sock, int oldstate, int newsta
 	case TCP_FIN_WAIT1:
 	case TCP_LAST_ACK:
 		/* Our FIN: close() or shutdown() by the server, in its process context. */
-		emit_simple(IW_EVENT_LOCAL_CLOSED, current_tgid(), sk);
+		emit_local_closed(sock, take_response_sends(sock));
 		break;
 	case TCP_CLOSE:
 		emit_simple(IW_EVENT_CLOSED, 0, sk);
@@ -364,9 +398,10 @@ int BPF_PROG(iw_inet_sock_set_state, struct sock *sock, int oldstate, int newsta
 		 * socket (its sends to it, EPIPE, are writes after the peer left, and count), and
 		 * its close will send nothing: mark the socket so that its release reports it. */
 		if (!after_our_fin(oldstate)) {
-			__u8 mark = 1;
-			if (!bpf_sk_storage_get(&release_marks, sock, &mark,
-						BPF_SK_STORAGE_GET_F_CREATE))
+			__u32 sends = take_response_sends(sock);
+			__u32 *mark = bpf_sk_storage_get(&release_marks, sock, &sends,
+							 BPF_SK_STORAGE_GET_F_CREATE);
+			if (!mark)
 				count(IW_COUNTER_CONN_STATE_ALLOC);
 		}
 		break;
@@ -507,9 +542,11 @@ int BPF_PROG(iw_sock_recv_length, struct sock *sock, int ret, int flags)
 		buf_len = first.iov_len;
 		break;
 	case NR_RECVMSG: {
-		struct user_msghdr msg = {};
-		if (bpf_probe_read_user(&msg, sizeof(msg), (void *)regs->si) ||
-		    bpf_probe_read_user(&first, sizeof(first), msg.msg_iov))
+		/* msg_iov where the kernel's BTF places it (see capture_response). */
+		struct user_msghdr *msg = (struct user_msghdr *)regs->si;
+		__u64 iov = 0;
+		if (bpf_core_read_user(&iov, sizeof(iov), &msg->msg_iov) ||
+		    bpf_probe_read_user(&first, sizeof(first), (void *)iov))
 			return 0;
 		buf = (__u64)first.iov_base;
 		buf_len = first.iov_len;
@@ -580,19 +617,12 @@ static __always_inline __u32 read_piece(struct iw_response_head_event *ev, __u32
 /*
  * One of the first sends of a response on a watched connection: its first bytes, found through
  * the syscall's arguments like the request head's, go to the agent, which keeps only the
- * response's id. Sends that are not one of the four syscalls (sendfile, io_uring) use up a
- * capture and report nothing.
+ * response's id and whether the send carried a token. Sends that are not one of the four
+ * syscalls (sendfile, io_uring) use up a capture and report nothing.
  */
 static __always_inline void capture_response(struct sock *sock, int ret)
 {
 	__u64 sk = (__u64)sock;
-	__u8 *left = bpf_map_lookup_elem(&response_pending, &sk);
-	if (!left)
-		return;
-	if (*left <= 1)
-		bpf_map_delete_elem(&response_pending, &sk);
-	else
-		*left -= 1;
 	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
 	if (!regs)
 		return;
@@ -614,11 +644,13 @@ static __always_inline void capture_response(struct sock *sock, int ret)
 		iovcnt = regs->dx;
 		break;
 	case NR_SENDMSG: {
-		struct user_msghdr msg = {};
-		if (bpf_probe_read_user(&msg, sizeof(msg), (void *)regs->si))
+		/* The two fields, each read where the kernel's BTF places it (msg_iov at 16, after
+		 * msg_name and msg_namelen): a local copy of the struct has the local, shorter
+		 * layout, which the relocated offsets overrun. */
+		struct user_msghdr *msg = (struct user_msghdr *)regs->si;
+		if (bpf_core_read_user(&iov, sizeof(iov), &msg->msg_iov) ||
+		    bpf_core_read_user(&iovcnt, sizeof(iovcnt), &msg->msg_iovlen))
 			return;
-		iov = (__u64)msg.msg_iov;
-		iovcnt = msg.msg_iovlen;
 		break;
 	}
 	default:
@@ -677,15 +709,27 @@ int BPF_PROG(iw_sock_send_length, struct sock *sock, int ret, int flags)
 	IW_DIAG_RETURN;
 	__u64 sk = (__u64)sock;
 	if (watched(sock)) {
-		/* While the peer is there, only the start of each response is of interest;
-		 * writes count once the peer has left: RCV_SHUTDOWN is set by its FIN (tcp_fin) or
-		 * a reset (tcp_done). */
+		/* While the peer is there, the response's sends are counted (a lost request's
+		 * LocalClosed carries how far it got) and its first ones captured; once the peer
+		 * has left each send is an event: RCV_SHUTDOWN is set by its FIN (tcp_fin) or a
+		 * reset (tcp_done). */
 		if (!(sock->sk_shutdown & RCV_SHUTDOWN)) {
-			if (ret > 0)
+			if (ret <= 0)
+				return 0;
+			/* Sockets without a response under way (no head read since the agent
+			 * started) cost one failed lookup. */
+			struct iw_response_state *state =
+				bpf_map_lookup_elem(&response_pending, &sk);
+			if (!state)
+				return 0;
+			__sync_fetch_and_add(&state->sends, 1);
+			if (state->captures_left) {
+				state->captures_left -= 1;
 				capture_response(sock, ret);
+			}
 			return 0;
 		}
-	} else if (!release_marked(sock)) {
+	} else if (!release_mark(sock)) {
 		/* Neither a watched connection nor a reset one the server still holds (after
 		 * TCP_CLOSE the port test no longer works: the kernel has released the port). */
 		return 0;
@@ -709,7 +753,8 @@ int BPF_PROG(iw_tcp_destroy_sock, struct sock *sock)
 	/* Released without our FIN (the peer had reset it, or the server closed with unread data
 	 * and the kernel sent a RST): the release is then the server's close(), in its context.
 	 * The mark is not deleted: the kernel frees it with the socket (__sk_destruct). */
-	if (release_marked(sock))
-		emit_simple(IW_EVENT_LOCAL_CLOSED, current_tgid(), (__u64)sock);
+	__u32 *mark = release_mark(sock);
+	if (mark)
+		emit_local_closed(sock, *mark);
 	return 0;
 }

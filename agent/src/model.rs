@@ -155,19 +155,28 @@ pub enum KernelEventKind {
         /// The write's errno (0 when it succeeded).
         errno: i32,
     },
-    /// The response's own id, read from the server's first response bytes after a request
-    /// head on a watched connection (the first SSE chunk's or the JSON body's `"id"`, or an
-    /// `x-request-id` response header); every other response byte was dropped.
+    /// One of the server's first sends after a request head on a watched connection, as read
+    /// from its first bytes: the response's own id when it held one (the first SSE chunk's or
+    /// the JSON body's `"id"`, or an `x-request-id` response header), and whether it carried
+    /// no token (a bare response head, a role-only SSE chunk); every other byte was dropped.
     ResponseId {
         /// The connection.
         conn: ConnId,
         /// The id.
-        id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+        /// The send carried no output token.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        tokenless: bool,
     },
     /// The server closed its side of the connection (sent FIN, or released a reset socket).
     LocalClosed {
         /// The connection.
         conn: ConnId,
+        /// The server's sends of the response under way (since the connection's last request
+        /// head, while the peer was there), when the kernel counted them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        response_sends: Option<u32>,
     },
     /// The socket reached TCP_CLOSE.
     Closed {
@@ -198,7 +207,7 @@ impl KernelEventKind {
             | KernelEventKind::PeerClosed { conn, .. }
             | KernelEventKind::WriteAfterPeerClose { conn, .. }
             | KernelEventKind::ResponseId { conn, .. }
-            | KernelEventKind::LocalClosed { conn }
+            | KernelEventKind::LocalClosed { conn, .. }
             | KernelEventKind::Closed { conn } => *conn,
             KernelEventKind::Refused { .. }
             | KernelEventKind::ProcessExit { .. }

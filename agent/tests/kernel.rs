@@ -336,7 +336,9 @@ fn shape(e: &KernelEvent) -> String {
         }
         KernelEventKind::PeerClosed { how, .. } => format!("peer_closed:{}", how.as_str()),
         KernelEventKind::WriteAfterPeerClose { .. } => "write_after".into(),
-        KernelEventKind::ResponseId { id, .. } => format!("response_id:{id}"),
+        KernelEventKind::ResponseId { id, .. } => {
+            format!("response_id:{}", id.as_deref().unwrap_or("-"))
+        }
         KernelEventKind::LocalClosed { .. } => "local_closed".into(),
         KernelEventKind::Closed { .. } => "closed".into(),
         KernelEventKind::ProcessExit { .. } => "process_exit".into(),
@@ -344,24 +346,23 @@ fn shape(e: &KernelEvent) -> String {
     }
 }
 
-/// Whether the connection accepted at `events[start]` has closed.
-/// The send sequences of a lifetime's first head and the peer's close (its 2nd and 3rd events).
+/// The send sequences of a lifetime's first head and the peer's close.
 fn head_and_close_seqs(evs: &[KernelEvent]) -> (u32, u32) {
-    match (&evs[1].kind, &evs[2].kind) {
-        (
-            KernelEventKind::RequestHead {
-                send_seq: Some(at_head),
-                ..
-            },
-            KernelEventKind::PeerClosed {
-                send_seq: Some(at_close),
-                ..
-            },
-        ) => (*at_head, *at_close),
+    let at_head = evs.iter().find_map(|e| match e.kind {
+        KernelEventKind::RequestHead { send_seq, .. } => send_seq,
+        _ => None,
+    });
+    let at_close = evs.iter().find_map(|e| match e.kind {
+        KernelEventKind::PeerClosed { send_seq, .. } => send_seq,
+        _ => None,
+    });
+    match (at_head, at_close) {
+        (Some(h), Some(c)) => (h, c),
         _ => panic!("no head and close with send sequences: {evs:#?}"),
     }
 }
 
+/// Whether the connection accepted at `events[start]` has closed.
 fn closed(events: &[KernelEvent], (start, conn): (usize, ConnId)) -> bool {
     events[start..]
         .iter()
@@ -451,7 +452,13 @@ fn lifecycle(loopback: &str, io: Io) {
     capture.stop();
 
     let seq = |client: SocketAddr| lifetime_of(&events, client);
-    let shapes = |evs: &[KernelEvent]| evs.iter().map(shape).collect::<Vec<_>>();
+    // The sends that carried no token are checked on their own below.
+    let shapes = |evs: &[KernelEvent]| {
+        evs.iter()
+            .map(shape)
+            .filter(|s| s != "response_id:-")
+            .collect::<Vec<_>>()
+    };
 
     // Every event of every connection: right 4-tuple, monotonic timestamps, pid where the
     // event ran in process context.
@@ -501,6 +508,34 @@ fn lifecycle(loopback: &str, io: Io) {
             "local_closed",
             "closed"
         ],
+        "{complete_seq:#?}"
+    );
+    // The response's first send, its head alone, carried no token (this server's chunks are
+    // not OpenAI-shaped, so they count as tokens); the server's close carries the response's
+    // sends while the client was there: the head, every chunk and the last chunk.
+    let tokenless = |evs: &[KernelEvent]| {
+        evs.iter()
+            .filter(|e| {
+                matches!(
+                    e.kind,
+                    KernelEventKind::ResponseId {
+                        tokenless: true,
+                        ..
+                    }
+                )
+            })
+            .count()
+    };
+    let response_sends = |evs: &[KernelEvent]| {
+        evs.iter().find_map(|e| match e.kind {
+            KernelEventKind::LocalClosed { response_sends, .. } => Some(response_sends),
+            _ => None,
+        })
+    };
+    assert_eq!(tokenless(&complete_seq), 1, "{complete_seq:#?}");
+    assert_eq!(
+        response_sends(&complete_seq),
+        Some(Some(CHUNKS as u32 + 2)),
         "{complete_seq:#?}"
     );
     let KernelEventKind::RequestHead { head, .. } = &complete_seq[1].kind else {
@@ -588,6 +623,11 @@ fn lifecycle(loopback: &str, io: Io) {
     let (at_head, at_close) = head_and_close_seqs(&early_seq);
     assert_eq!(at_close, at_head, "{early_seq:#?}");
     assert_eq!(
+        response_sends(&early_seq),
+        Some(Some(0)),
+        "no send while the client was there: {early_seq:#?}"
+    );
+    assert_eq!(
         writes_after(&early_seq),
         server["early-1"],
         "{early_shapes:?}"
@@ -604,6 +644,13 @@ fn lifecycle(loopback: &str, io: Io) {
             "local_closed",
             "closed"
         ],
+        "{ka_seq:#?}"
+    );
+    // Each response's head carried no token; the count at the close is the second response's.
+    assert_eq!(tokenless(&ka_seq), 2, "{ka_seq:#?}");
+    assert_eq!(
+        response_sends(&ka_seq),
+        Some(Some(CHUNKS as u32 + 2)),
         "{ka_seq:#?}"
     );
     // The second head comes after the whole first response, and the client's FIN after the
@@ -756,7 +803,11 @@ fn response_ids_of(events: &[KernelEvent], client: SocketAddr) -> Vec<String> {
     events
         .iter()
         .filter_map(|e| match &e.kind {
-            KernelEventKind::ResponseId { conn: c, id } if *c == conn => Some(id.clone()),
+            KernelEventKind::ResponseId {
+                conn: c,
+                id: Some(id),
+                ..
+            } if *c == conn => Some(id.clone()),
             _ => None,
         })
         .collect()

@@ -30,7 +30,7 @@
 #define IW_RESPONSE_PART 256
 #define IW_RESPONSE_PARTS 4
 #define IW_RESPONSE_WRITES 2
-/* Most connections waiting for the start of their response at once (LRU beyond it). */
+/* Most watched connections with a response under way at once (LRU beyond it). */
 #define IW_RESPONSE_PENDING_MAX 16384
 
 /* Upper bound on watched local ports (a configuration limit). */
@@ -138,10 +138,17 @@ struct iw_write_after_peer_close_event {
 	__u64 bytes; /* bytes the send accepted (0 when it failed) */
 };
 
+/* A count the kernel did not keep (no request head noted on the connection, or its entry was
+ * evicted). */
+#define IW_SENDS_UNKNOWN 0xffffffffu
+
 /* The server closed its side: it sent FIN (close() or shutdown()), or released a socket the peer
  * had already reset (its close()). Process context in both: the closing task's tgid. */
 struct iw_local_closed_event {
 	struct iw_event_header hdr;
+	__u32 response_sends; /* successful sends since the last request head while the peer was
+			       * there (the response so far), or IW_SENDS_UNKNOWN */
+	__u32 _pad;
 };
 
 /* The socket reached TCP_CLOSE: the kernel forgets the connection. */

@@ -13,31 +13,36 @@ use tokio::net::TcpStream;
 use crate::harness::{
     Agent, Collector, Received, attr, free_port, kernel_tests_enabled, now_ns, scratch, serial,
 };
-use crate::peers::{Runtime, open_stream_of, wait_until};
+use crate::peers::{Runtime, open_stream_of, open_stream_read, wait_until};
 
 const STREAMS: usize = 8;
 
 /// Reads a stream to its end; whether it ended with the stream terminator (`[DONE]`).
-async fn read_to_end(mut s: TcpStream) -> bool {
-    let mut tail = Vec::new();
+async fn read_to_end(s: TcpStream) -> bool {
+    read_all(s, Vec::new()).await.0
+}
+
+/// Reads a stream to its end after `seen`: whether it ended with the stream terminator
+/// (`[DONE]`), and the output tokens the client received (chunks whose delta has text; the
+/// testbed writes one token per chunk).
+async fn read_all(mut s: TcpStream, mut seen: Vec<u8>) -> (bool, u64) {
     let mut buf = [0u8; 8192];
     let done = tokio::time::timeout(Duration::from_secs(60), async {
         loop {
+            if seen.windows(6).any(|w| w == b"[DONE]") {
+                return true;
+            }
             match s.read(&mut buf).await {
                 Ok(0) | Err(_) => return false,
-                Ok(n) => {
-                    tail.extend_from_slice(&buf[..n]);
-                    if tail.windows(6).any(|w| w == b"[DONE]") {
-                        return true;
-                    }
-                    let keep = tail.len().saturating_sub(16);
-                    tail.drain(..keep);
-                }
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
             }
         }
     })
-    .await;
-    done.unwrap_or(false)
+    .await
+    .unwrap_or(false);
+    let count = |needle: &[u8]| seen.windows(needle.len()).filter(|w| *w == needle).count();
+    let tokens = count(b"\"content\":\"") - count(b"\"content\":\"\"");
+    (done, tokens as u64)
 }
 
 fn lost_findings(spans: &[Received]) -> Vec<&Received> {
@@ -65,15 +70,19 @@ async fn cut_streams(name: &str, cause: &str, signal: Option<i64>, cut: impl FnO
     let ids: Vec<String> = (0..STREAMS).map(|i| format!("{name}-{i}")).collect();
     let mut open = Vec::new();
     for id in &ids {
-        open.push(open_stream_of(port, id, "", "tell me a long story", 4000, 2).await);
+        open.push(open_stream_read(port, id, "", "tell me a long story", 4000, 2).await);
     }
     cut(pid);
     runtime.wait(Duration::from_secs(20)).await;
     let mut cut_short = 0;
-    for s in open {
-        if !read_to_end(s).await {
+    // Truth: the tokens each client received before the runtime went away.
+    let mut received = std::collections::HashMap::new();
+    for (id, (s, seen)) in ids.iter().zip(open) {
+        let (done, tokens) = read_all(s, seen).await;
+        if !done {
             cut_short += 1;
         }
+        received.insert(id.clone(), tokens);
     }
     assert_eq!(cut_short, STREAMS, "every stream was cut mid-response");
     let complete = wait_until(Duration::from_secs(30), || {
@@ -115,6 +124,12 @@ async fn cut_streams(name: &str, cause: &str, signal: Option<i64>, cut: impl FnO
             .and_then(|v| v.parse().ok())
             .expect("ran_ms");
         assert!(ran_ms > 0.0, "the request had run");
+        // The runtime's sends while the client was there, less its response head: what the
+        // client received (the kernel delivers what was sent before the close's FIN).
+        let id = attr(&r.span, "gen_ai.request.id").unwrap_or_default();
+        let delivered: Option<u64> =
+            attr(&r.span, "inferwatch.lost.tokens_delivered").and_then(|v| v.parse().ok());
+        assert_eq!(delivered, received.get(&id).copied(), "{name}: {id}");
     }
     let counted = metrics
         .lines()
@@ -129,8 +144,10 @@ async fn cut_streams(name: &str, cause: &str, signal: Option<i64>, cut: impl FnO
         "inferwatch_lost_in_flight_total{{cause={cause}}}"
     );
     eprintln!(
-        "{name}: {STREAMS} streams cut, {} lost requests found, cause {cause}",
-        found.len()
+        "{name}: {STREAMS} streams cut, {} lost requests found, cause {cause}; tokens the \
+         clients received {:?}",
+        found.len(),
+        received.values().collect::<Vec<_>>()
     );
 }
 

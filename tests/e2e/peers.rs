@@ -120,6 +120,20 @@ pub async fn open_stream_of(
     max_tokens: u32,
     chunks: usize,
 ) -> TcpStream {
+    open_stream_read(port, id, extra_headers, content, max_tokens, chunks)
+        .await
+        .0
+}
+
+/// As [`open_stream_of`], also returning the bytes read so far.
+pub async fn open_stream_read(
+    port: u16,
+    id: &str,
+    extra_headers: &str,
+    content: &str,
+    max_tokens: u32,
+    chunks: usize,
+) -> (TcpStream, Vec<u8>) {
     let body = serde_json::json!({
         "model": "m",
         "messages": [{"role": "user", "content": content}],
@@ -152,7 +166,7 @@ pub async fn open_stream_of(
     tokio::time::timeout(Duration::from_secs(15), read)
         .await
         .expect("first chunks within 15 s");
-    stream
+    (stream, seen)
 }
 
 fn count(hay: &[u8], needle: &[u8]) -> usize {

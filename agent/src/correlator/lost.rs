@@ -103,8 +103,11 @@ pub struct LostInFlightFinding {
     pub started: UnixNanos,
     /// When it was lost: the exit, else the server's close.
     pub lost_at: UnixNanos,
-    /// Output tokens the client had received, when known (a span never comes for a lost
-    /// request; the kernel does not count response chunks yet).
+    /// Output tokens the server had sent the client, when the kernel counted the response's
+    /// sends (a span never comes for a lost request): its sends while the client was there,
+    /// less those of its first ones that carried no token (the response head, a role-only
+    /// chunk); one SSE write per token after them. A runtime that puts several tokens in one
+    /// chunk makes this a lower bound.
     pub tokens_delivered: Option<u64>,
     /// The model (request body), when read.
     pub model: Option<String>,

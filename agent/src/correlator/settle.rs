@@ -255,21 +255,22 @@ impl Correlator {
                 continue;
             };
             let facts = conn.abort_facts(hk.0);
-            let server_close = conn.server_closed.filter(|(t, _)| {
-                *t >= hk.0
+            let server_close = conn.server_closed.filter(|close| {
+                close.ts >= hk.0
                     && conn
                         .requests
                         .next_key_after(&hk.0)
-                        .is_none_or(|next| *t < next)
-                    && conn.peer_closed.is_none_or(|p| p.ts > *t)
+                        .is_none_or(|next| close.ts < next)
+                    && conn.peer_closed.is_none_or(|p| p.ts > close.ts)
             });
             let (mut local, mut conn_pid) = (conn.local, conn.pid);
             let Some(head) = self.tables.take_head(hk) else {
                 continue;
             };
             self.stats.unjoined_heads += 1;
-            if let Some((t_close, pid)) = server_close {
-                match self.procs.cause(pid, t_close, &self.config.lost_in_flight) {
+            if let Some(close) = server_close {
+                let pid = close.pid;
+                match self.procs.cause(pid, close.ts, &self.config.lost_in_flight) {
                     Some((cause, exit_code, signal, lost_at)) => {
                         let tp = head.head.traceparent;
                         self.stats.lost_in_flight.findings += 1;
@@ -284,7 +285,11 @@ impl Correlator {
                             signal,
                             started: hk.0,
                             lost_at: lost_at.max(hk.0),
-                            tokens_delivered: None,
+                            // The response's sends less those that carried no token: one
+                            // SSE write per token after them (the kernel_writes convention).
+                            tokens_delivered: close
+                                .response_sends
+                                .map(|sends| u64::from(sends.saturating_sub(head.tokenless_sends))),
                             model: head.head.model,
                             tenant: head.head.tenant,
                         }));

@@ -92,6 +92,16 @@ pub(crate) struct KernelAbortFacts {
     pub server_closed: Option<UnixNanos>,
 }
 
+/// The server closing a connection before its peer left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct ServerClose {
+    pub(super) ts: UnixNanos,
+    /// The closing process.
+    pub(super) pid: u32,
+    /// Its sends of the response under way, when the kernel counted them.
+    pub(super) response_sends: Option<u32>,
+}
+
 #[derive(Debug)]
 pub(super) struct Head {
     pub(super) pid: Option<u32>,
@@ -99,6 +109,9 @@ pub(super) struct Head {
     /// The response's own ids read from the server's first response bytes (at most
     /// [`MAX_RESPONSE_IDS`]: a response header and a body id).
     pub(super) response_ids: Vec<String>,
+    /// Of the response's first sends the kernel read, those that carried no token (its head,
+    /// a role-only chunk).
+    pub(super) tokenless_sends: u32,
 }
 
 /// Response ids kept per request: an `x-request-id` response header and the body's `"id"`.
@@ -116,9 +129,9 @@ pub(super) struct Conn {
     /// entries stay while an older request still needs them as its end.
     pub(super) requests: SortedVecMap<UnixNanos, Option<Head>>,
     pub(super) peer_closed: Option<PeerClose>,
-    /// The server's own close (its FIN, or its release of a socket it reset) and the closing
-    /// process, when it came before the peer left.
-    pub(super) server_closed: Option<(UnixNanos, u32)>,
+    /// The server's own close (its FIN, or its release of a socket it reset), when it came
+    /// before the peer left.
+    pub(super) server_closed: Option<ServerClose>,
     /// The time and send sequence of the latest request head that carried one.
     pub(super) head_send_seq: Option<(UnixNanos, u32)>,
     /// `false` when the kernel said the response had not started when the peer left: the
@@ -312,20 +325,31 @@ impl Tables {
             KernelEventKind::Refused { .. }
             | KernelEventKind::ProcessExit { .. }
             | KernelEventKind::OomVictim => {}
-            KernelEventKind::ResponseId { conn, id } => {
+            KernelEventKind::ResponseId {
+                conn,
+                id,
+                tokenless,
+            } => {
                 let key = self.conn_for(conn, ts, evictions);
-                self.add_response_id(key, ts, id);
+                self.on_response_send(key, ts, id, tokenless);
             }
-            KernelEventKind::LocalClosed { conn } | KernelEventKind::Closed { conn } => {
+            KernelEventKind::LocalClosed { conn, .. } | KernelEventKind::Closed { conn } => {
                 let key = self.conn_for(conn, ts, evictions);
-                let local = matches!(event.kind, KernelEventKind::LocalClosed { .. });
+                let response_sends = match event.kind {
+                    KernelEventKind::LocalClosed { response_sends, .. } => Some(response_sends),
+                    _ => None,
+                };
                 if let Some(c) = self.conns.get_mut(&key) {
-                    if local
+                    if let Some(response_sends) = response_sends
                         && let Some(pid) = event.pid
                         && c.peer_closed.is_none_or(|p| p.ts > ts)
-                        && c.server_closed.is_none_or(|(at, _)| ts < at)
+                        && c.server_closed.is_none_or(|close| ts < close.ts)
                     {
-                        c.server_closed = Some((ts, pid));
+                        c.server_closed = Some(ServerClose {
+                            ts,
+                            pid,
+                            response_sends,
+                        });
                     }
                     let earlier = c.closed;
                     if earlier.is_none_or(|earlier| ts < earlier) {
@@ -507,6 +531,7 @@ impl Tables {
                 pid,
                 head,
                 response_ids: Vec::new(),
+                tokenless_sends: 0,
             }),
         );
         self.heads.insert(hk);
@@ -514,7 +539,15 @@ impl Tables {
 
     /// Gives the request current on `key` at `ts` (the last head read before it) the response
     /// id the server sent, while it waits to settle.
-    pub(super) fn add_response_id(&mut self, key: ConnKey, ts: UnixNanos, id: String) {
+    /// One of the first sends of the response to the request current on `key` at `ts`: its
+    /// id, and whether it carried no token.
+    pub(super) fn on_response_send(
+        &mut self,
+        key: ConnKey,
+        ts: UnixNanos,
+        id: Option<String>,
+        tokenless: bool,
+    ) {
         let Some(conn) = self.conns.get_mut(&key) else {
             return;
         };
@@ -528,6 +561,10 @@ impl Tables {
             return;
         };
         let Some(Some(head)) = conn.requests.get_mut(&head_ts) else {
+            return;
+        };
+        head.tokenless_sends += u32::from(tokenless);
+        let Some(id) = id else {
             return;
         };
         if head.response_ids.len() >= MAX_RESPONSE_IDS || head.response_ids.contains(&id) {

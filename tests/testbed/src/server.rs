@@ -439,13 +439,22 @@ impl Server {
                     token_times.push(time_ns);
                     let piece = format!(" {word}");
                     if stream {
-                        let data = if chat {
-                            let mut delta = json!({"content": piece});
-                            if index == 0 {
-                                delta["role"] = json!("assistant");
+                        if chat && index == 0 && !write_failed {
+                            // vLLM's first chat chunk, in its own write before the first
+                            // token's: the role with empty content (no token).
+                            let role = json!({"id": runtime_id, "object": object, "created": created, "model": self.model,
+                                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]});
+                            let began = now_ns();
+                            let result = wr.write_all(&sse_chunk(&role.to_string())).await;
+                            body_writes.push((began, now_ns()));
+                            if let Err(e) = result {
+                                write_failed = true;
+                                self.note_gone(&mut gone, sub.id, CloseHow::from_io(&e));
                             }
+                        }
+                        let data = if chat {
                             json!({"id": runtime_id, "object": object, "created": created, "model": self.model,
-                                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": null}]})
+                                "choices": [{"index": 0, "delta": {"content": piece}, "logprobs": null, "finish_reason": null}]})
                         } else {
                             json!({"id": runtime_id, "object": object, "created": created, "model": self.model,
                                 "choices": [{"index": 0, "text": piece, "logprobs": null, "finish_reason": null}]})

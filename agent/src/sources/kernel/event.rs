@@ -35,7 +35,7 @@ const _: () = {
     assert!(size_of::<iw_request_head_event>() == 40 + IW_HEAD_MAX as usize);
     assert!(size_of::<iw_peer_closed_event>() == 32);
     assert!(size_of::<iw_write_after_peer_close_event>() == 40);
-    assert!(size_of::<iw_local_closed_event>() == 24);
+    assert!(size_of::<iw_local_closed_event>() == 32);
     assert!(size_of::<iw_closed_event>() == 24);
     assert!(size_of::<iw_process_exit_event>() == 32);
     assert!(size_of::<iw_oom_victim_event>() == 24);
@@ -156,9 +156,15 @@ pub enum RawBody<'a> {
     ResponseHead {
         /// The pieces, in order.
         pieces: Vec<&'a [u8]>,
+        /// What the send returned (its whole length; the pieces may hold less).
+        send_len: u32,
     },
     /// `IW_EVENT_LOCAL_CLOSED`.
-    LocalClosed,
+    LocalClosed {
+        /// Sends of the response under way when the server closed (since the connection's
+        /// last request head, while the peer was there); `None` when the kernel kept no count.
+        response_sends: Option<u32>,
+    },
     /// `IW_EVENT_CLOSED`.
     Closed,
     /// `IW_EVENT_PROCESS_EXIT` (`tgid` is the process).
@@ -281,8 +287,11 @@ pub fn decode(bytes: &[u8]) -> Result<RawEvent<'_>, DecodeError> {
         }
         IW_EVENT_RESPONSE_HEAD => decode_response_head(bytes, ty)?,
         IW_EVENT_LOCAL_CLOSED => {
-            read::<iw_local_closed_event>(bytes, ty)?;
-            RawBody::LocalClosed
+            let ev: iw_local_closed_event = read(bytes, ty)?;
+            RawBody::LocalClosed {
+                response_sends: (ev.response_sends != IW_SENDS_UNKNOWN)
+                    .then_some(ev.response_sends),
+            }
         }
         IW_EVENT_CLOSED => RawBody::Closed,
         IW_EVENT_PROCESS_EXIT => {
@@ -335,7 +344,8 @@ fn decode_response_head(bytes: &[u8], ty: u16) -> Result<RawBody<'_>, DecodeErro
         }
         pieces.push(&bytes[start..start + len]);
     }
-    Ok(RawBody::ResponseHead { pieces })
+    let send_len: u32 = read(&bytes[offset_of!(iw_response_head_event, send_len)..], ty)?;
+    Ok(RawBody::ResponseHead { pieces, send_len })
 }
 
 #[cfg(test)]
@@ -360,7 +370,8 @@ mod tests {
         assert_eq!(
             decode(record).expect("decodes").body,
             RawBody::ResponseHead {
-                pieces: vec![&b"1f\r"[..], &b"data"[..]]
+                pieces: vec![&b"1f\r"[..], &b"data"[..]],
+                send_len: 7,
             }
         );
         for cut in 0..record.len() {

@@ -202,11 +202,22 @@ impl EventConverter {
                 bytes: *bytes,
                 errno: *errno,
             },
-            RawBody::ResponseHead { pieces } => KernelEventKind::ResponseId {
+            RawBody::ResponseHead { pieces, send_len } => {
+                let id = response::response_id(pieces);
+                let tokenless = response::carries_no_token(pieces, *send_len);
+                if id.is_none() && !tokenless {
+                    return None;
+                }
+                KernelEventKind::ResponseId {
+                    conn,
+                    id,
+                    tokenless,
+                }
+            }
+            RawBody::LocalClosed { response_sends } => KernelEventKind::LocalClosed {
                 conn,
-                id: response::response_id(pieces)?,
+                response_sends: *response_sends,
             },
-            RawBody::LocalClosed => KernelEventKind::LocalClosed { conn },
             RawBody::Closed => KernelEventKind::Closed { conn },
             RawBody::ProcessExit { exit_code, ppid } => KernelEventKind::ProcessExit {
                 exit_code: *exit_code,

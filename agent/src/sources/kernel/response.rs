@@ -1,6 +1,8 @@
-//! The response's own id (SPEC §2, rule 3) from the first bytes of a server's response that the
-//! kernel captured: an `x-request-id` response header, else the `"id"` of the first SSE chunk or
-//! of the JSON body. Only the id is kept; every other byte is dropped here.
+//! What the first bytes of a server's response that the kernel captured say: the response's own
+//! id (SPEC §2, rule 3: an `x-request-id` response header, else the `"id"` of the first SSE
+//! chunk or of the JSON body), and whether the send carried no token (a bare response head, or
+//! an SSE chunk with no text, such as the role-only chunk an OpenAI-compatible server sends
+//! first). Only these are kept; every other byte is dropped here.
 
 /// Longest id kept (OpenAI-style ids are ~40 bytes; anything longer is not an id).
 const MAX_ID_LEN: usize = 128;
@@ -23,6 +25,56 @@ pub fn response_id(pieces: &[&[u8]]) -> Option<String> {
         &bytes[..]
     };
     body_id(skip_chunk_size(body))
+}
+
+/// Whether one send of a response (its captured `pieces`; `send_len` bytes in all) carried no
+/// output token: a response head with no body after it, or an SSE event without text (the
+/// role-only first chunk, a usage chunk, `[DONE]`). Sends it cannot judge (cut by the capture,
+/// not SSE) count as carrying one.
+pub fn carries_no_token(pieces: &[&[u8]], send_len: u32) -> bool {
+    let bytes: Vec<u8> = pieces.concat();
+    let whole = bytes.len() == send_len as usize;
+    let body = if bytes.starts_with(b"HTTP/1.") {
+        match header_request_id(&bytes).1 {
+            Some(at) if at == bytes.len() => return whole,
+            Some(at) => &bytes[at..],
+            None => return false,
+        }
+    } else {
+        &bytes[..]
+    };
+    let body = skip_chunk_size(body);
+    let Some(data) = body.strip_prefix(b"data:") else {
+        return false;
+    };
+    // The event's line must be all there to judge it.
+    let Some(end) = data.iter().position(|b| *b == b'\n') else {
+        return false;
+    };
+    let line = trim_start(&data[..end]);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line == b"[DONE]" {
+        return true;
+    }
+    let Ok(event) = serde_json::from_slice::<serde_json::Value>(line) else {
+        return false;
+    };
+    let Some(choices) = event.get("choices").and_then(|c| c.as_array()) else {
+        return false;
+    };
+    let has_text = |v: Option<&serde_json::Value>| {
+        v.and_then(serde_json::Value::as_str)
+            .is_some_and(|s| !s.is_empty())
+    };
+    !choices.iter().any(|c| {
+        let delta = c.get("delta");
+        has_text(c.get("text"))
+            || has_text(delta.and_then(|d| d.get("content")))
+            || has_text(delta.and_then(|d| d.get("reasoning_content")))
+            || delta
+                .and_then(|d| d.get("tool_calls"))
+                .is_some_and(|t| !t.is_null())
+    })
 }
 
 /// The `x-request-id` header of a response head, and where its body starts when the head is
@@ -131,6 +183,37 @@ mod tests {
         // A head cut by the capture still gives its complete header lines.
         let cut = b"HTTP/1.1 200 OK\r\nx-request-id: r1\r\ncontent-ty";
         assert_eq!(response_id(&[cut]).as_deref(), Some("r1"));
+    }
+
+    #[test]
+    fn sends_without_a_token_are_told_from_token_chunks() {
+        let len = |b: &[u8]| b.len() as u32;
+        // uvicorn (vLLM, SGLang): the head alone, then vLLM's role-only first chunk.
+        let head = b"HTTP/1.1 200 OK\r\ndate: x\r\nserver: uvicorn\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+        assert!(carries_no_token(&[head], len(head)));
+        let role = b"a5\r\ndata: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"logprobs\":null,\"finish_reason\":null}]}\n\n\r\n";
+        assert!(carries_no_token(&[role], len(role)));
+        let token = b"9a\r\ndata: {\"id\":\"chatcmpl-1\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" Hello\"}}]}\n\n\r\n";
+        assert!(!carries_no_token(&[token], len(token)));
+        let completion =
+            b"data: {\"id\":\"cmpl-1\",\"choices\":[{\"index\":0,\"text\":\" Hi\"}]}\n\n";
+        assert!(!carries_no_token(&[completion], len(completion)));
+        // The role and the first token in one chunk (the testbed before, some servers).
+        let both =
+            b"data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\" Hi\"}}]}\n\n";
+        assert!(!carries_no_token(&[both], len(both)));
+        // hyper (TGI): the head and the first chunk in one send carry that chunk's token.
+        let joined = [&head[..], &token[..]].concat();
+        assert!(!carries_no_token(&[&joined], len(&joined)));
+        // A usage chunk and the end of the stream carry none.
+        let usage = b"data: {\"id\":\"x\",\"choices\":[],\"usage\":{\"completion_tokens\":3}}\n\n";
+        assert!(carries_no_token(&[usage], len(usage)));
+        assert!(carries_no_token(&[b"data: [DONE]\n\n"], 14));
+        // What cannot be judged counts as a token: a head cut by the capture, a line cut by
+        // it, a non-SSE body.
+        assert!(!carries_no_token(&[head], len(head) + 200));
+        assert!(!carries_no_token(&[&role[..40]], len(role)));
+        assert!(!carries_no_token(&[b"{\"id\":\"cmpl-9\"}"], 15));
     }
 
     #[test]
