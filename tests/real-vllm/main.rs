@@ -959,6 +959,10 @@ fn cold_start_phases_from_vllms_own_start_up_spans() {
 
 /// The service name of the KV-eviction test's vLLM without KV events.
 const NO_KV_SERVICE: &str = "vllm-no-kv-events";
+/// Victims' conversations per evidence kind (each with a noisy burst before its turn 2), and
+/// conversations that keep their prefix.
+const KV_VICTIMS: u32 = 5;
+const KV_KEPT: u32 = 5;
 
 /// One turn or burst request of the eviction plan: non-streaming, so that vLLM reports its
 /// own `usage.prompt_tokens_details.cached_tokens` (the truth).
@@ -995,7 +999,7 @@ fn eviction_plan(tag: &str) -> (Vec<serde_json::Value>, Vec<(String, String, Str
         .map(|w| kv_step(&format!("{tag}-warm-{w}"), "quiet", None, 520, 900 + w))
         .collect();
     let mut turns = Vec::new();
-    for v in 0..3u32 {
+    for v in 0..KV_VICTIMS {
         let conv = format!("{tag}-victim-{v}");
         let (t1, t2) = (format!("{conv}-t1"), format!("{conv}-t2"));
         plan.push(kv_step(&t1, "victim", Some(&conv), 500, 10 + v));
@@ -1020,7 +1024,7 @@ fn eviction_plan(tag: &str) -> (Vec<serde_json::Value>, Vec<(String, String, Str
         plan.push(kv_step(&t2, "victim", Some(&conv), 560, 10 + v));
         turns.push((conv, t1, t2));
     }
-    for k in 0..3u32 {
+    for k in 0..KV_KEPT {
         let conv = format!("{tag}-kept-{k}");
         let (t1, t2) = (format!("{conv}-t1"), format!("{conv}-t2"));
         plan.push(kv_step(&t1, "victim", Some(&conv), 500, 50 + k));
@@ -1063,7 +1067,9 @@ fn assert_benign(
     turns: &[(String, String, String)],
     evidence: &str,
 ) {
-    let (evicted, _, _, fp, notes) = score_evictions(spans, clients, turns, evidence);
+    let Score {
+        evicted, fp, notes, ..
+    } = score_evictions(spans, clients, turns, evidence);
     eprintln!(
         "{evidence}, benign run: {} turns, {evicted} evicted, {fp} findings\n{}",
         turns.len(),
@@ -1090,6 +1096,50 @@ fn assert_benign(
     assert_eq!(fp, 0, "no finding on a benign run\n{}", notes.join("\n"));
 }
 
+/// The agent's `inferwatch_kv_eviction_undecided_total` series, by their labels.
+fn undecided(metrics: &str) -> HashMap<String, f64> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("inferwatch_kv_eviction_undecided_total"))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// What `after` counts beyond `before`, per series (those that grew).
+fn grown(before: &HashMap<String, f64>, after: &HashMap<String, f64>) -> Vec<String> {
+    let mut out: Vec<String> = after
+        .iter()
+        .filter_map(|(k, v)| {
+            let d = v - before.get(k).copied().unwrap_or(0.0);
+            (d > 0.0).then(|| format!("{k} +{d}"))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// One evidence kind's score on a plan.
+struct Score {
+    /// Turns 2 that lost their prefix by vLLM's own count.
+    evicted: usize,
+    /// Of those, found with this evidence.
+    found: usize,
+    /// Findings naming the noisy tenant.
+    top1: usize,
+    /// Findings on turns that kept their prefix.
+    fp: usize,
+    /// Evicted turns not found whose own timings, by vLLM, show the engine slowed by more than
+    /// a miss (contention): prefill over 1.5 times the whole prompt's at the turns 1's median
+    /// per-token prefill time (a miss recomputes the whole prompt, no more), or decode (end to
+    /// end less TTFT) over 3 times the median. The prefill time cannot tell a miss from a
+    /// slowed hit there, and the detection leaves them undecided by design.
+    slowed: usize,
+    notes: Vec<String>,
+}
+
 /// Per evidence kind: the evicted turns vLLM reported (cached < half of turn 1's prompt),
 /// found or not, the noisy tenant named top-1, and findings on turns that kept their prefix.
 fn score_evictions(
@@ -1097,7 +1147,7 @@ fn score_evictions(
     clients: &HashMap<String, ClientRecord>,
     turns: &[(String, String, String)],
     evidence: &str,
-) -> (usize, usize, usize, usize, Vec<String>) {
+) -> Score {
     let prompt = |id: &str| {
         clients[id]
             .usage
@@ -1111,7 +1161,47 @@ fn score_evictions(
             .as_ref()
             .and_then(|u| u["prompt_tokens_details"]["cached_tokens"].as_u64())
     };
-    let (mut evicted, mut found, mut top1, mut false_pos) = (0, 0, 0, 0);
+    let latency = |id: &str, key: &str| {
+        request_spans(spans, id)
+            .first()
+            .and_then(|r| attr(&r.span, key))
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    let prefill = |id: &str| latency(id, "gen_ai.latency.time_in_model_prefill");
+    let decode = |id: &str| {
+        Some(
+            latency(id, "gen_ai.latency.e2e")? - latency(id, "gen_ai.latency.time_to_first_token")?,
+        )
+    };
+    let sorted = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let per_token = sorted(
+        turns
+            .iter()
+            .filter_map(|(_, t1, _)| Some(prefill(t1)? / prompt(t1) as f64))
+            .collect(),
+    );
+    let usual = per_token.get(per_token.len() / 2).copied();
+    let decodes = sorted(
+        turns
+            .iter()
+            .flat_map(|(_, t1, t2)| [decode(t1), decode(t2)])
+            .flatten()
+            .collect(),
+    );
+    let median_decode = decodes.get(decodes.len() / 2).copied();
+    let slowed_turn = |id: &str| {
+        let by_prefill = usual
+            .zip(prefill(id))
+            .is_some_and(|(usual, observed)| observed > 1.5 * prompt(id) as f64 * usual);
+        let by_decode = median_decode
+            .zip(decode(id))
+            .is_some_and(|(median, observed)| observed > 3.0 * median);
+        by_prefill || by_decode
+    };
+    let (mut evicted, mut found, mut top1, mut false_pos, mut slowed) = (0, 0, 0, 0, 0);
     let mut notes = Vec::new();
     for (conv, t1, t2) in turns {
         let Some(c) = cached(t2) else {
@@ -1131,15 +1221,20 @@ fn score_evictions(
             })
             .collect();
         let truth_evicted = c * 2 < prompt(t1);
-        // vLLM's own timings (seconds): queue, prefill, TTFT of each turn.
+        // vLLM's own timings (seconds): prefill, TTFT and end to end of each turn.
         let timing = |id: &str| {
             request_spans(spans, id).first().map(|r| {
                 [
-                    "gen_ai.latency.time_in_queue",
                     "gen_ai.latency.time_in_model_prefill",
                     "gen_ai.latency.time_to_first_token",
+                    "gen_ai.latency.e2e",
                 ]
-                .map(|k| attr(&r.span, k).unwrap_or_default())
+                .map(|k| {
+                    attr(&r.span, k)
+                        .and_then(|v| v.parse::<f64>().ok())
+                        .map(|v| format!("{v:.3}"))
+                        .unwrap_or_default()
+                })
             })
         };
         notes.push(format!(
@@ -1167,20 +1262,34 @@ fn score_evictions(
                 if attr(&f.span, "inferwatch.noisy_neighbour.tenant").as_deref() == Some("noisy") {
                     top1 += 1;
                 }
+            } else if slowed_turn(t2) {
+                slowed += 1;
+                notes.push(format!(
+                    "{t2}: not found, slowed by contention (vLLM's timings)"
+                ));
             }
         } else {
             false_pos += findings.len();
         }
     }
-    (evicted, found, top1, false_pos, notes)
+    Score {
+        evicted,
+        found,
+        top1,
+        fp: false_pos,
+        slowed,
+        notes,
+    }
 }
 
 #[test]
 fn kv_eviction_on_a_real_vllm_with_and_without_kv_events() {
     let Some(rig) = rig() else { return };
+    let started = std::time::Instant::now();
     // 1. The shared vLLM publishes KV events; the agent found its endpoint on its command line
     //    (the rig configures none).
     let (spans_kv, clients_kv, turns_kv) = rig.run(async {
+        let before = undecided(&rig.scrape().await);
         let dir = scratch("real-vllm-kv-eviction");
         let (plan, turns) = eviction_plan("rv-kve");
         // The agent subscribes within its discovery interval of vLLM's start: wait until its
@@ -1206,7 +1315,7 @@ fn kv_eviction_on_a_real_vllm_with_and_without_kv_events() {
             s.iter()
                 .filter(|r| r.span.name == "inferwatch.kv_eviction")
                 .count()
-                >= 3
+                >= KV_VICTIMS as usize
         })
         .await;
         tokio::time::sleep(Duration::from_secs(6)).await;
@@ -1215,24 +1324,26 @@ fn kv_eviction_on_a_real_vllm_with_and_without_kv_events() {
         } else {
             rig.collector.spans()
         };
-        let metrics = rig.scrape().await;
-        let undecided: Vec<&str> = metrics
-            .lines()
-            .filter(|l| l.starts_with("inferwatch_kv_eviction_undecided_total"))
-            .collect();
-        eprintln!("{undecided:?}");
+        let after = undecided(&rig.scrape().await);
+        eprintln!("kv_events, undecided: {:?}", grown(&before, &after));
         (spans, clients, (benign_turns, turns))
     });
     let (benign_kv, turns_kv) = turns_kv;
     assert_benign(&spans_kv, &clients_kv, &benign_kv, "kv_events");
-    let (evicted, found, top1, fp, notes) =
-        score_evictions(&spans_kv, &clients_kv, &turns_kv, "kv_events");
+    let Score {
+        evicted,
+        found,
+        top1,
+        fp,
+        notes,
+        ..
+    } = score_evictions(&spans_kv, &clients_kv, &turns_kv, "kv_events");
     eprintln!(
         "kv_events: evicted {evicted}, found {found}, noisy top-1 {top1}, false positives {fp}\n{}",
         notes.join("\n")
     );
     assert!(
-        evicted >= 3,
+        evicted >= KV_VICTIMS as usize,
         "the burst evicted the victims' prefixes (vLLM's own count)\n{}",
         notes.join("\n")
     );
@@ -1255,6 +1366,7 @@ fn kv_eviction_on_a_real_vllm_with_and_without_kv_events() {
     // Started, used and stopped while this test holds the rig: its start-up load never
     // overlaps another test's measurements.
     let (spans_pt, clients_pt, turns_pt) = rig.run(async {
+        let before = undecided(&rig.scrape().await);
         let mut child = rig::spawn_vllm_env(
             &rig.install,
             rig.no_kv_port,
@@ -1274,40 +1386,60 @@ fn kv_eviction_on_a_real_vllm_with_and_without_kv_events() {
         clients.extend(run_client(&rig.install, &base, &benign, &dir).await);
         clients.extend(run_client(&rig.install, &base, rest, &dir).await);
         tokio::time::sleep(Duration::from_secs(12)).await;
-        let metrics = rig.scrape().await;
-        let undecided: Vec<&str> = metrics
-            .lines()
-            .filter(|l| l.starts_with("inferwatch_kv_eviction_undecided_total"))
-            .collect();
-        eprintln!("{undecided:?}");
+        let after = undecided(&rig.scrape().await);
+        eprintln!("prefill_time, undecided: {:?}", grown(&before, &after));
         let spans = rig.collector.spans();
         rig::stop_vllm(child);
         (spans, clients, (benign_turns, turns))
     });
     let (benign_pt, turns_pt) = turns_pt;
     assert_benign(&spans_pt, &clients_pt, &benign_pt, "prefill_time");
-    let (evicted, found, top1, fp, notes) =
-        score_evictions(&spans_pt, &clients_pt, &turns_pt, "prefill_time");
+    let Score {
+        evicted,
+        found,
+        top1,
+        fp,
+        slowed,
+        notes,
+    } = score_evictions(&spans_pt, &clients_pt, &turns_pt, "prefill_time");
     eprintln!(
-        "prefill_time: evicted {evicted}, found {found}, noisy top-1 {top1}, false positives {fp}\n{}",
+        "prefill_time: evicted {evicted}, found {found}, noisy top-1 {top1}, false positives {fp}, \
+         not found and slowed by contention {slowed}\n{}",
         notes.join("\n")
     );
-    assert!(evicted >= 3, "{}", notes.join("\n"));
+    assert!(
+        evicted >= KV_VICTIMS as usize,
+        "the burst evicted the victims' prefixes (vLLM's own count)\n{}",
+        notes.join("\n")
+    );
+    // Sequential requests: every evicted turn's prefill ran alone, so none is left undecided
+    // by an overlap, and each is slower than a hit by far more than the rule's margins. A
+    // turn that vLLM's own timings show slowed by contention (a CPU burst on a shared
+    // machine) is undecided by design: the timing cannot tell a miss from a slowed hit. Such
+    // a turn is left out of the recall, at most one per run: more, and the run measured
+    // too little to say anything.
+    assert!(
+        slowed <= 1,
+        "{slowed} evicted turns slowed by contention\n{}",
+        notes.join("\n")
+    );
+    assert!(
+        found as f64 >= 0.95 * (evicted - slowed) as f64,
+        "recall {found}/{evicted} ({slowed} slowed by contention)\n{}",
+        notes.join("\n")
+    );
+    assert!(
+        top1 as f64 >= 0.9 * found as f64,
+        "top-1 {top1}/{found}\n{}",
+        notes.join("\n")
+    );
     assert_eq!(
         fp,
         0,
         "the prefill time never fires on a kept prefix\n{}",
         notes.join("\n")
     );
-    // The prefill-time recall is not asserted (issue 23 stays open for it): the rule is
-    // conservative by design, and a run whose first turns met contention decides less (see
-    // docs/detections/kv-eviction.md for the runs measured). A miss it does name must name
-    // the noisy tenant.
-    assert!(
-        top1 as f64 >= 0.9 * found as f64,
-        "top-1 {top1}/{found}\n{}",
-        notes.join("\n")
-    );
+    eprintln!("kv_eviction test: {:.0} s", started.elapsed().as_secs_f64());
 }
 
 /// The forwarded `llm_request` spans whose `gen_ai.request.id` is `id` (vLLM's own id, which

@@ -5,7 +5,9 @@
 use std::collections::{HashMap, HashSet};
 
 use super::finding::{KvEvictionStats, MissEvidence};
-use super::log::{InstanceLog, KvLogged, LoggedRequest, PREFILL_MIN_SAMPLES, in_prefill};
+use super::log::{
+    InstanceLog, KvLogged, LoggedRequest, PREFILL_MIN_SAMPLES, decode_per_token, in_prefill,
+};
 use super::{KvTracker, NANOS_PER_MILLI, Pending, Undecided};
 use crate::model::UnixNanos;
 
@@ -20,6 +22,12 @@ pub(super) struct KvMiss {
     /// Timestamps of the batches that removed them, sorted.
     pub(super) evictor_batches: Vec<UnixNanos>,
 }
+
+/// A prefill longer than this many times the whole prompt's at the instance's rate was slowed
+/// by more than a miss.
+const SLOWED: f64 = 1.5;
+/// A decode slower per token than this many times the instance's median: slowed around the turn.
+const SLOWED_DECODE: f64 = 3.0;
 
 impl KvTracker {
     /// The TTFT penalty of `expected - cached` lost tokens at the instance's recent rate.
@@ -227,6 +235,25 @@ impl KvTracker {
             return None;
         }
         let observed_s = (first - u.prefill_start) as f64 / 1e9;
+        // Slowed by something else than a miss: the timing cannot tell a miss from a hit.
+        // A prefill far longer than the whole prompt's at the instance's rate (a miss
+        // recomputes the prompt, no more), or a decode far slower than the instance's usual
+        // one (the CPU or GPU was busy around the turn, and a slowed hit looks like a miss).
+        let slowed_prefill = observed_s > SLOWED * u.prompt as f64 / rate;
+        let slowed_decode = decode_per_token(u.first_token, u.end, u.output).is_some_and(|d| {
+            let mut usual: Vec<f64> = log
+                .requests
+                .iter()
+                .filter(|r| r.span_id != p.finding.parent_span_id)
+                .filter_map(LoggedRequest::decode_per_token)
+                .collect();
+            usual.sort_by(f64::total_cmp);
+            usual.len() >= PREFILL_MIN_SAMPLES && d > SLOWED_DECODE * usual[usual.len() / 2]
+        });
+        if slowed_prefill || slowed_decode {
+            stats.prefill_time_undecided += 1;
+            return None;
+        }
         let beyond_prefix = u.prompt.saturating_sub(expected) as f64;
         // Tokens the prefill had time for beyond the part past the prefix.
         let lost = observed_s * rate - beyond_prefix;

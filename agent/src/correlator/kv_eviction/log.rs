@@ -27,6 +27,12 @@ impl LoggedRequest {
         self.prompt.saturating_sub(self.cached)
     }
 
+    /// Nanoseconds per output token after the first (first token to end), when it decoded
+    /// at least two.
+    pub(super) fn decode_per_token(&self) -> Option<f64> {
+        decode_per_token(self.first_token, self.end, self.output)
+    }
+
     /// KV tokens this request allocated in `[w0, w1)`.
     pub(super) fn demand(&self, w0: UnixNanos, w1: UnixNanos) -> f64 {
         let mut d = 0.0;
@@ -86,6 +92,16 @@ impl KvLogged {
 pub(super) const PREFILL_MIN_SAMPLES: usize = 3;
 /// Clean prefills kept per instance.
 pub(super) const CLEAN_SAMPLES: usize = 64;
+
+/// Nanoseconds per output token after the first, from the first token to the end.
+pub(super) fn decode_per_token(
+    first_token: Option<UnixNanos>,
+    end: UnixNanos,
+    output: u64,
+) -> Option<f64> {
+    let first = first_token?;
+    (output >= 2 && end > first).then(|| (end - first) as f64 / (output - 1) as f64)
+}
 
 /// Whether `ts` falls in the request's prefill (from its start to its first token, plus the
 /// store slack).

@@ -134,6 +134,9 @@ struct Undecided {
     prompt: u64,
     prefill_start: UnixNanos,
     first_token: Option<UnixNanos>,
+    /// The turn's end and output tokens: its decode, a probe of the instance's speed then.
+    end: UnixNanos,
+    output: u64,
 }
 
 /// The KV-eviction state inside the correlator.
@@ -474,6 +477,8 @@ impl KvTracker {
                 prompt: logged.prompt,
                 prefill_start: logged.prefill_start,
                 first_token: req.first_token,
+                end: logged.end,
+                output: logged.output,
             }),
         };
         let cached = req.cached_tokens.unwrap_or(0);

@@ -399,6 +399,8 @@ struct PrefillPlan {
     frontend_ms: Vec<u64>,
     /// The runtime's own prefill time on every span (`gen_ai.latency.time_in_model_prefill`).
     runtime_prefill: bool,
+    /// Turn 2's decode, first token to end (16 tokens; 50 ms unless this says), per turn.
+    decode_ms: Vec<u64>,
 }
 
 impl PrefillPlan {
@@ -420,13 +422,12 @@ impl PrefillPlan {
             self.first_ms.clone()
         };
         // One request: prefill from `now` for `prefill_ms`, its span's first token
-        // `frontend_ms` later, its end 50 ms after that.
+        // `frontend_ms` later, its end `decode_ms` after that.
         let span = |trace: u8,
                     tenant: &str,
                     conversation: Option<&str>,
                     now: u64,
-                    prefill_ms: u64,
-                    frontend_ms: u64,
+                    (prefill_ms, frontend_ms, decode_ms): (u64, u64, u64),
                     prompt: u64| {
             let first = now + (prefill_ms + frontend_ms) * MS;
             let mut r = request(
@@ -434,7 +435,7 @@ impl PrefillPlan {
                 tenant,
                 conversation,
                 (now, first),
-                first + 50 * MS,
+                first + decode_ms * MS,
                 prompt,
             );
             if self.runtime_prefill {
@@ -445,7 +446,7 @@ impl PrefillPlan {
         for (i, ms) in first_ms.iter().enumerate() {
             let c = format!("c{i}");
             t.on_request(
-                &span(i as u8, "victim", Some(&c), now, *ms, 0, 1000),
+                &span(i as u8, "victim", Some(&c), now, (*ms, 0, 50), 1000),
                 None,
                 &mut stats,
             );
@@ -454,15 +455,23 @@ impl PrefillPlan {
         for (i, ms) in self.turn2_ms.iter().enumerate() {
             if self.overlap {
                 t.on_request(
-                    &span(200, "noisy", None, now, 100, 0, 1000),
+                    &span(200, "noisy", None, now, (100, 0, 50), 1000),
                     None,
                     &mut stats,
                 );
             }
             let c = format!("c{i}");
             let frontend = self.frontend_ms.get(i).copied().unwrap_or(0);
+            let decode = self.decode_ms.get(i).copied().unwrap_or(50);
             t.on_request(
-                &span(100 + i as u8, "victim", Some(&c), now, *ms, frontend, 1100),
+                &span(
+                    100 + i as u8,
+                    "victim",
+                    Some(&c),
+                    now,
+                    (*ms, frontend, decode),
+                    1100,
+                ),
                 None,
                 &mut stats,
             );
@@ -539,6 +548,32 @@ fn the_runtimes_own_prefill_time_leaves_out_a_slow_frontend() {
         vec![100, 101],
         "without it, the frontend decides: {out:?}"
     );
+}
+
+#[test]
+fn a_prefill_far_slower_than_the_whole_prompt_is_undecided() {
+    // Turn 2 of c0 missed (110 ms: its 1100 tokens at the first turns' rate). c1 and c2 hit,
+    // but a CPU burst slowed their prefills to 250 and 400 ms: more than 1.5 times the whole
+    // prompt at the instance's rate, which a miss alone does not explain (on the real vLLM
+    // under a CPU burner: hits of 88 new tokens took 0.30 s where a whole 568-token prompt
+    // takes 0.13 s, and were reported as misses). Undecided, counted.
+    let (out, stats) = PrefillPlan::turns(&[110, 250, 400]).run();
+    assert_eq!(missed(&out), vec![100], "{out:?}");
+    assert_eq!(stats.prefill_time_undecided, 2);
+}
+
+#[test]
+fn a_turn_whose_decode_was_slowed_is_undecided() {
+    // Turn 2 of c0 and c1 both took as long as their whole prompt, but c1's decode (first
+    // token to end) took 500 ms where the instance's requests take 50: the instance was slowed
+    // around c1's turn, and a hit slowed as much would look the same. Undecided, counted.
+    let plan = PrefillPlan {
+        decode_ms: vec![50, 500],
+        ..PrefillPlan::turns(&[110, 110])
+    };
+    let (out, stats) = plan.run();
+    assert_eq!(missed(&out), vec![100], "{out:?}");
+    assert_eq!(stats.prefill_time_undecided, 1);
 }
 
 #[test]
