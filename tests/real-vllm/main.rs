@@ -320,8 +320,11 @@ fn kv_events_of_a_real_vllm_decode() {
 #[test]
 fn startup_spans_and_the_http_exporter() {
     let Some(rig) = rig() else { return };
-    // The shared vLLM's start-up, exported while the agent ran, passed through it.
-    let startup = rig.collector.spans();
+    // The shared vLLM's start-up, exported while the agent ran, passed through it. Its API
+    // server's exporter batches: the root may still be on its way when this test runs first.
+    let startup = rig.run(spans_until(&rig.collector, 30, |s| {
+        s.iter().any(|r| r.span.name == "Overall Loading")
+    }));
     let names: Vec<&str> = startup.iter().map(|r| r.span.name.as_str()).collect();
     for phase in [
         "Overall Loading",
@@ -377,11 +380,15 @@ fn startup_spans_and_the_http_exporter() {
             attr(&found[0].span, "gen_ai.usage.completion_tokens"),
             Some(clients["rv-http-1"].chunks.to_string())
         );
-        // Those of the shared vLLM and of this one (the KV-eviction test starts another, under
-        // its own service name).
+        // Those of the shared vLLM and of this one (the KV-eviction and lost-in-flight tests
+        // start others, under their own service names).
         let loading = spans
             .iter()
-            .filter(|r| r.span.name == "Overall Loading" && r.service != NO_KV_SERVICE)
+            .filter(|r| {
+                r.span.name == "Overall Loading"
+                    && r.service != NO_KV_SERVICE
+                    && r.service != LOST_SERVICE
+            })
             .count();
         assert_eq!(loading, 2, "both starts' Overall Loading spans");
     });
@@ -1722,5 +1729,177 @@ fn litellm_in_front_of_the_real_vllm() {
                 .expect("tokens_after");
             assert!(after <= 2, "vLLM stops within ms: {described:?}");
         }
+    });
+}
+
+/// The service name of the lost-in-flight test's vLLM.
+const LOST_SERVICE: &str = "vllm-lost-in-flight";
+
+/// Opens a streaming chat completion on the vLLM at `port` with `x-request-id: id`, asking for
+/// far more tokens than it will live to send.
+async fn open_vllm_stream(port: u16, id: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let body = json!({
+        "model": "m",
+        "messages": [{"role": "user", "content": "tell me a long story"}],
+        "max_tokens": 1500,
+        "ignore_eos": true,
+        "stream": true,
+    })
+    .to_string();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nx-request-id: {id}\r\n\
+         x-tenant-id: acme\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect vLLM");
+    stream
+        .write_all(format!("{head}{body}").as_bytes())
+        .await
+        .expect("send the request");
+    stream
+}
+
+/// vLLM's token chunks in `bytes`: every `delta` that carries `content` without the role (a
+/// token that decoded to nothing is sent with empty content; the first chunk, the role, has
+/// none).
+fn token_chunks(bytes: &[u8]) -> u64 {
+    let needle = b"\"delta\":{\"content\":\"";
+    bytes.windows(needle.len()).filter(|w| *w == needle).count() as u64
+}
+
+/// Reads `stream` into `seen` until `done` holds for it, EOF, or `secs` pass.
+async fn read_until(
+    stream: &mut tokio::net::TcpStream,
+    seen: &mut Vec<u8>,
+    secs: u64,
+    done: impl Fn(&[u8]) -> bool,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 16 * 1024];
+    let _ = tokio::time::timeout(Duration::from_secs(secs), async {
+        while !done(seen) {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+}
+
+/// Requests lost in flight on the real vLLM (contract §3.5): four chat streams are
+/// mid-response when vLLM's API server is killed with SIGKILL (a pod reaped mid-decode). vLLM
+/// makes no span for them; the agent finds each from the kernel: the server's close right
+/// after its exit by signal 9, with the tokens each client had received.
+#[test]
+fn requests_lost_when_vllm_is_killed_mid_stream() {
+    let Some(rig) = rig() else { return };
+    let log = rig::log_path("lost-in-flight");
+    let endpoint = format!("http://{}/v1/traces", rig.agent_otlp_http);
+    // Started, used and killed while this test holds the rig.
+    rig.run(async {
+        let mut child = rig::spawn_vllm_env(
+            &rig.install,
+            rig.no_kv_port,
+            &endpoint,
+            Exporter::HttpProtobuf,
+            None,
+            &log,
+            &[("OTEL_SERVICE_NAME", LOST_SERVICE)],
+        );
+        rig::wait_ready(&mut child, rig.no_kv_port, &log);
+        let api_server = child.id();
+        let ids: Vec<String> = (0..4).map(|i| format!("rv-lost-{i}")).collect();
+        let mut open = Vec::new();
+        for id in &ids {
+            open.push((open_vllm_stream(rig.no_kv_port, id).await, Vec::new()));
+        }
+        for (stream, seen) in &mut open {
+            read_until(stream, seen, 60, |b| token_chunks(b) >= 3).await;
+            assert!(token_chunks(seen) >= 3, "vLLM streams tokens");
+        }
+        // SIGKILL to the API server alone: the kernel closes its sockets as it dies; its
+        // engine core follows it.
+        let killed_ns = now_ns();
+        // SAFETY: kill(2) on our own child, not reaped yet.
+        unsafe { libc::kill(api_server as libc::pid_t, libc::SIGKILL) };
+        let mut received = HashMap::new();
+        for (id, (mut stream, mut seen)) in ids.iter().zip(open) {
+            read_until(&mut stream, &mut seen, 30, |_| false).await;
+            assert!(
+                !seen.windows(6).any(|w| w == b"[DONE]"),
+                "{id}: cut mid-response"
+            );
+            received.insert(id.clone(), token_chunks(&seen));
+        }
+        rig::stop_vllm(child);
+        // A lost request is reported `span_wait_ms` (30 s) after the close: that long the agent
+        // waits for a span that would say vLLM finished it.
+        let lost = |s: &[Received]| -> Vec<Received> {
+            s.iter()
+                .filter(|r| r.span.name == "inferwatch.lost_in_flight")
+                .filter(|r| attr(&r.span, "gen_ai.request.id").is_some_and(|id| ids.contains(&id)))
+                .cloned()
+                .collect()
+        };
+        let spans = spans_until(&rig.collector, 90, |s| lost(s).len() >= ids.len()).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let found = lost(&rig.collector.spans());
+        let metrics = rig.scrape().await;
+        eprintln!(
+            "real vLLM, SIGKILL mid-stream: {} streams, {} lost requests found; tokens the \
+             clients received {received:?}",
+            ids.len(),
+            found.len()
+        );
+        for r in &found {
+            let id = attr(&r.span, "gen_ai.request.id").unwrap_or_default();
+            eprintln!(
+                "  {id}: cause {:?}, signal {:?}, ran {:?} ms, tokens delivered {:?}",
+                attr(&r.span, "inferwatch.lost.cause"),
+                attr(&r.span, "inferwatch.lost.signal"),
+                attr(&r.span, "inferwatch.lost.ran_ms"),
+                attr(&r.span, "inferwatch.lost.tokens_delivered"),
+            );
+        }
+        assert_eq!(found.len(), ids.len(), "one finding per cut stream");
+        for r in &found {
+            let id = attr(&r.span, "gen_ai.request.id").unwrap_or_default();
+            assert_eq!(
+                attr(&r.span, "inferwatch.lost.cause").as_deref(),
+                Some("signal")
+            );
+            assert_eq!(
+                attr(&r.span, "inferwatch.lost.signal").as_deref(),
+                Some("9")
+            );
+            assert_eq!(
+                attr(&r.span, "process.pid"),
+                Some(api_server.to_string()),
+                "the API server, whose sockets closed"
+            );
+            // Lost at the exit, which came right after the kill.
+            assert!(r.span.end_time_unix_nano >= killed_ns, "{id}");
+            // One token per chunk after vLLM's role chunk, as the kernel counted the sends.
+            let delivered: Option<u64> =
+                attr(&r.span, "inferwatch.lost.tokens_delivered").and_then(|v| v.parse().ok());
+            assert_eq!(delivered, received.get(&id).copied(), "{id}");
+        }
+        assert!(
+            spans.iter().all(|r| r.span.name != "llm_request"
+                || attr(&r.span, "gen_ai.request.id")
+                    .is_none_or(|id| !ids.iter().any(|i| id.ends_with(i.as_str())))),
+            "vLLM made no span for the requests it lost"
+        );
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("inferwatch_lost_in_flight_total{")
+                    && l.contains("cause=\"signal\"")),
+            "inferwatch_lost_in_flight_total{{cause=\"signal\"}}"
+        );
     });
 }

@@ -68,12 +68,18 @@ pub fn carries_no_token(pieces: &[&[u8]], send_len: u32) -> bool {
     };
     !choices.iter().any(|c| {
         let delta = c.get("delta");
-        has_text(c.get("text"))
-            || has_text(delta.and_then(|d| d.get("content")))
+        let text = c
+            .get("text")
+            .or_else(|| delta.and_then(|d| d.get("content")));
+        let role = delta.and_then(|d| d.get("role")).is_some();
+        has_text(text)
             || has_text(delta.and_then(|d| d.get("reasoning_content")))
             || delta
                 .and_then(|d| d.get("tool_calls"))
                 .is_some_and(|t| !t.is_null())
+            // Empty text without a role is a token that decoded to nothing (vLLM sends
+            // `<unk>` so); with the role it is the role-only first chunk.
+            || (text.is_some_and(serde_json::Value::is_string) && !role)
     })
 }
 
@@ -198,7 +204,13 @@ mod tests {
         let completion =
             b"data: {\"id\":\"cmpl-1\",\"choices\":[{\"index\":0,\"text\":\" Hi\"}]}\n\n";
         assert!(!carries_no_token(&[completion], len(completion)));
-        // The role and the first token in one chunk (the testbed before, some servers).
+        // A token that decoded to nothing is still a token.
+        let empty = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"\"}}]}\n\n";
+        assert!(!carries_no_token(&[empty], len(empty)));
+        let finish =
+            b"data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n";
+        assert!(carries_no_token(&[finish], len(finish)));
+        // The role and the first token in one chunk (TGI, some servers).
         let both =
             b"data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\" Hi\"}}]}\n\n";
         assert!(!carries_no_token(&[both], len(both)));
