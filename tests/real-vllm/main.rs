@@ -1367,23 +1367,12 @@ fn kv_eviction_on_a_real_vllm_with_and_without_kv_events() {
     assert_eq!(fp, 0, "{}", notes.join("\n"));
 
     // 2. A vLLM without KV events (and spans without cached tokens): the prefill time.
-    let log = rig::log_path("no-kv-events");
-    let endpoint = format!("http://{}/v1/traces", rig.agent_otlp_http);
     let base = format!("http://127.0.0.1:{}/v1", rig.no_kv_port);
     // Started, used and stopped while this test holds the rig: its start-up load never
     // overlaps another test's measurements.
     let (spans_pt, clients_pt, turns_pt) = rig.run(async {
         let before = undecided(&rig.scrape().await);
-        let mut child = rig::spawn_vllm_env(
-            &rig.install,
-            rig.no_kv_port,
-            &endpoint,
-            Exporter::HttpProtobuf,
-            None,
-            &log,
-            &[("OTEL_SERVICE_NAME", NO_KV_SERVICE)],
-        );
-        rig::wait_ready(&mut child, rig.no_kv_port, &log);
+        let child = rig.spawn_own_vllm("no-kv-events", NO_KV_SERVICE);
         let dir = scratch("real-vllm-kv-eviction-prefill");
         let (plan, turns) = eviction_plan("rv-kvp");
         // The benign run after the eviction plan's warm-up prompts (the rate needs them).
@@ -1797,20 +1786,9 @@ async fn read_until(
 #[test]
 fn requests_lost_when_vllm_is_killed_mid_stream() {
     let Some(rig) = rig() else { return };
-    let log = rig::log_path("lost-in-flight");
-    let endpoint = format!("http://{}/v1/traces", rig.agent_otlp_http);
     // Started, used and killed while this test holds the rig.
     rig.run(async {
-        let mut child = rig::spawn_vllm_env(
-            &rig.install,
-            rig.no_kv_port,
-            &endpoint,
-            Exporter::HttpProtobuf,
-            None,
-            &log,
-            &[("OTEL_SERVICE_NAME", LOST_SERVICE)],
-        );
-        rig::wait_ready(&mut child, rig.no_kv_port, &log);
+        let child = rig.spawn_own_vllm("lost-in-flight", LOST_SERVICE);
         let api_server = child.id();
         let ids: Vec<String> = (0..4).map(|i| format!("rv-lost-{i}")).collect();
         let mut open = Vec::new();

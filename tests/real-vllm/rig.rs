@@ -78,6 +78,26 @@ pub struct Install {
 }
 
 impl Rig {
+    /// Starts a vLLM of a test's own on the spare watched port `no_kv_port` (no KV events, its
+    /// spans to the agent over OTLP/HTTP under `service`), logging to `name`'s log, and waits
+    /// until it answers. Call it while holding the rig ([`Rig::run`]): its start-up load then
+    /// never overlaps another test's measurements.
+    pub fn spawn_own_vllm(&self, name: &str, service: &str) -> Child {
+        let log = log_path(name);
+        let endpoint = format!("http://{}/v1/traces", self.agent_otlp_http);
+        let mut child = spawn_vllm_env(
+            &self.install,
+            self.no_kv_port,
+            &endpoint,
+            Exporter::HttpProtobuf,
+            None,
+            &log,
+            &[("OTEL_SERVICE_NAME", service)],
+        );
+        wait_ready(&mut child, self.no_kv_port, &log);
+        child
+    }
+
     /// Runs `f` on the rig's runtime, holding the rig for this test alone.
     pub fn run<T>(&self, f: impl std::future::Future<Output = T>) -> T {
         let _one_at_a_time = self.lock();
