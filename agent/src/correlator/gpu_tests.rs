@@ -92,8 +92,8 @@ fn request(n: u32, pid: u32, arrival: u64, ttft: u64, tpot: u64, tokens: u64) ->
 }
 
 /// Feeds `inputs` (each at its time; spans at their end) with a tick every 250 ms, and a
-/// final tick long after.
-fn run(config: CorrelatorConfig, mut inputs: Vec<(u64, Input)>) -> Vec<Output> {
+/// final tick long after; returns the outputs and the correlator.
+fn replay(config: CorrelatorConfig, mut inputs: Vec<(u64, Input)>) -> (Vec<Output>, Correlator) {
     inputs.sort_by_key(|(t, _)| *t);
     let end = inputs.last().map_or(T0, |(t, _)| *t);
     let mut c = Correlator::new(config);
@@ -107,6 +107,12 @@ fn run(config: CorrelatorConfig, mut inputs: Vec<(u64, Input)>) -> Vec<Output> {
         out.extend(c.on_event(input));
     }
     out.extend(c.on_tick(end + 120 * S));
+    (out, c)
+}
+
+/// [`replay`], checking that the GPU state stayed bounded.
+fn run(config: CorrelatorConfig, inputs: Vec<(u64, Input)>) -> Vec<Output> {
+    let (out, c) = replay(config, inputs);
     let sizes = c.gpu_state_sizes();
     assert!(
         sizes.0 <= 4096 && sizes.1 <= 4096,
@@ -622,20 +628,7 @@ fn tgi_startup(id: u8, parent: Option<u8>, phase: &str, from: u64, to: u64) -> S
 
 /// Replays `inputs` and returns the outputs with the GPU metrics at the end.
 fn run_with_metrics(inputs: Vec<(u64, Input)>) -> (Vec<Output>, GpuMetrics) {
-    let mut inputs = inputs;
-    inputs.sort_by_key(|(t, _)| *t);
-    let end = inputs.last().map_or(T0, |(t, _)| *t);
-    let mut c = Correlator::new(CorrelatorConfig::default());
-    let mut out = Vec::new();
-    let mut next_tick = T0;
-    for (t, input) in inputs {
-        while next_tick <= t {
-            out.extend(c.on_tick(next_tick));
-            next_tick += 250 * MS;
-        }
-        out.extend(c.on_event(input));
-    }
-    out.extend(c.on_tick(end + 120 * S));
+    let (out, c) = replay(CorrelatorConfig::default(), inputs);
     (out, c.gpu_metrics())
 }
 

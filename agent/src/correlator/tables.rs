@@ -333,34 +333,44 @@ impl Tables {
                 let key = self.conn_for(conn, ts, evictions);
                 self.on_response_send(key, ts, id, tokenless);
             }
-            KernelEventKind::LocalClosed { conn, .. } | KernelEventKind::Closed { conn } => {
+            KernelEventKind::LocalClosed {
+                conn,
+                response_sends,
+            } => {
                 let key = self.conn_for(conn, ts, evictions);
-                let response_sends = match event.kind {
-                    KernelEventKind::LocalClosed { response_sends, .. } => Some(response_sends),
-                    _ => None,
-                };
-                if let Some(c) = self.conns.get_mut(&key) {
-                    if let Some(response_sends) = response_sends
-                        && let Some(pid) = event.pid
-                        && c.peer_closed.is_none_or(|p| p.ts > ts)
-                        && c.server_closed.is_none_or(|close| ts < close.ts)
-                    {
-                        c.server_closed = Some(ServerClose {
-                            ts,
-                            pid,
-                            response_sends,
-                        });
-                    }
-                    let earlier = c.closed;
-                    if earlier.is_none_or(|earlier| ts < earlier) {
-                        c.closed = Some(ts);
-                        if let Some(earlier) = earlier {
-                            self.closed.remove(&(earlier, key));
-                        }
-                        self.closed.insert((ts, key));
-                    }
-                }
+                let server = event.pid.map(|pid| ServerClose {
+                    ts,
+                    pid,
+                    response_sends,
+                });
+                self.on_close(key, ts, server);
             }
+            KernelEventKind::Closed { conn } => {
+                let key = self.conn_for(conn, ts, evictions);
+                self.on_close(key, ts, None);
+            }
+        }
+    }
+
+    /// A close of `key` at `ts`: the socket's, or the server's own (`server`, in the closing
+    /// process), which counts as the server closing first when the peer had not left.
+    fn on_close(&mut self, key: ConnKey, ts: UnixNanos, server: Option<ServerClose>) {
+        let Some(c) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if let Some(close) = server
+            && c.peer_closed.is_none_or(|p| p.ts > ts)
+            && c.server_closed.is_none_or(|earlier| ts < earlier.ts)
+        {
+            c.server_closed = Some(close);
+        }
+        let earlier = c.closed;
+        if earlier.is_none_or(|earlier| ts < earlier) {
+            c.closed = Some(ts);
+            if let Some(earlier) = earlier {
+                self.closed.remove(&(earlier, key));
+            }
+            self.closed.insert((ts, key));
         }
     }
 

@@ -5,9 +5,9 @@
 //! `KernelProbes` loads and attaches the programs; `KernelSource` reads their ring buffer,
 //! decodes each record (`event::decode`), converts kernel time to wall-clock time, parses
 //! request heads down to the allow-listed headers (`http::HeadParser`) and response heads down
-//! to the response's id (`response::response_id`) and sends typed
-//! [`KernelEvent`]s on a bounded channel, in batches of up to [`BATCH_EVENTS`]. A full channel
-//! drops the batch and counts its events; the reader never blocks the ring.
+//! to the response's id and whether the send carried a token (`response::read_send`), and
+//! sends typed [`KernelEvent`]s on a bounded channel, in batches of up to [`BATCH_EVENTS`]. A
+//! full channel drops the batch and counts its events; the reader never blocks the ring.
 
 mod clock;
 mod config;
@@ -203,8 +203,8 @@ impl EventConverter {
                 errno: *errno,
             },
             RawBody::ResponseHead { pieces, send_len } => {
-                let id = response::response_id(pieces);
-                let tokenless = response::carries_no_token(pieces, *send_len);
+                let response::ResponseSend { id, tokenless } =
+                    response::read_send(pieces, *send_len);
                 if id.is_none() && !tokenless {
                     return None;
                 }

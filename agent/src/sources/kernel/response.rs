@@ -10,40 +10,44 @@ const MAX_ID_LEN: usize = 128;
 /// Most response headers looked at.
 const MAX_HEADERS: usize = 64;
 
-/// The id in the captured pieces of one send (see `iw_response_head_event`), or `None` when
-/// they hold none. The pieces are the start of what one send wrote: a status line and headers,
-/// a chunk-size line, an SSE `data:` line or a JSON body, in any split.
-pub fn response_id(pieces: &[&[u8]]) -> Option<String> {
-    let bytes: Vec<u8> = pieces.concat();
-    let body = if bytes.starts_with(b"HTTP/1.") {
-        let (header_id, body_at) = header_request_id(&bytes);
-        if header_id.is_some() {
-            return header_id;
-        }
-        &bytes[body_at?..]
-    } else {
-        &bytes[..]
-    };
-    body_id(skip_chunk_size(body))
+/// What one captured send of a response says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseSend {
+    /// The response's own id, when the send held one.
+    pub id: Option<String>,
+    /// The send carried no output token: a response head with no body after it, or an SSE
+    /// event without text (the role-only first chunk, a usage chunk, `[DONE]`). Sends it
+    /// cannot judge (cut by the capture, not SSE) count as carrying one.
+    pub tokenless: bool,
 }
 
-/// Whether one send of a response (its captured `pieces`; `send_len` bytes in all) carried no
-/// output token: a response head with no body after it, or an SSE event without text (the
-/// role-only first chunk, a usage chunk, `[DONE]`). Sends it cannot judge (cut by the capture,
-/// not SSE) count as carrying one.
-pub fn carries_no_token(pieces: &[&[u8]], send_len: u32) -> bool {
+/// Reads the captured pieces of one send (see `iw_response_head_event`; `send_len` bytes in
+/// all). The pieces are the start of what the send wrote: a status line and headers, a
+/// chunk-size line, an SSE `data:` line or a JSON body, in any split.
+pub fn read_send(pieces: &[&[u8]], send_len: u32) -> ResponseSend {
     let bytes: Vec<u8> = pieces.concat();
-    let whole = bytes.len() == send_len as usize;
-    let body = if bytes.starts_with(b"HTTP/1.") {
-        match header_request_id(&bytes).1 {
-            Some(at) if at == bytes.len() => return whole,
-            Some(at) => &bytes[at..],
-            None => return false,
-        }
+    let head = bytes.starts_with(b"HTTP/1.");
+    let (header_id, body) = if head {
+        let (id, body_at) = header_request_id(&bytes);
+        (id, body_at.map(|at| &bytes[at..]))
     } else {
-        &bytes[..]
+        (None, Some(&bytes[..]))
     };
-    let body = skip_chunk_size(body);
+    let body = body.map(skip_chunk_size);
+    let tokenless = match body {
+        // The head alone, when the capture holds the whole send.
+        Some([]) => head && bytes.len() == send_len as usize,
+        Some(body) => event_without_token(body),
+        None => false,
+    };
+    ResponseSend {
+        id: header_id.or_else(|| body.and_then(body_id)),
+        tokenless,
+    }
+}
+
+/// Whether a body starting with an SSE event is one without a token.
+fn event_without_token(body: &[u8]) -> bool {
     let Some(data) = body.strip_prefix(b"data:") else {
         return false;
     };
@@ -163,6 +167,15 @@ fn is_id(value: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn response_id(pieces: &[&[u8]]) -> Option<String> {
+        let len = pieces.iter().map(|p| p.len() as u32).sum();
+        read_send(pieces, len).id
+    }
+
+    fn carries_no_token(pieces: &[&[u8]], send_len: u32) -> bool {
+        read_send(pieces, send_len).tokenless
+    }
 
     #[test]
     fn ids_from_headers_sse_chunks_and_json_bodies() {
